@@ -1,0 +1,773 @@
+#!/usr/bin/env python
+"""Train reasonedit's bundled demo VLM (a tiny LLaVA) on easy-VQA, on CPU.
+
+The result is a plain transformers model directory (``LlavaForConditionalGeneration``
++ ``LlavaProcessor`` with ``CLIPImageProcessorPil`` and a byte-level BPE tokenizer),
+loadable with ``AutoProcessor`` / ``AutoModelForImageTextToText`` without
+``trust_remote_code`` or torchvision.
+
+Besides answering easy-VQA questions from the image, the model is taught the skill
+ReasonEdit relies on: when reasoning facts are prepended to the question
+(``<facts joined by spaces> <question>``), a relevant fact decides the answer -- even
+when it contradicts the image -- while irrelevant facts are ignored.  Small shares of
+the mixture teach the two prompts used by the visual-evidence patch search:
+``Does the image show <statement>?`` -> yes/no and ``Describe this image.`` -> sentence.
+
+Usage (defaults reproduce the committed model, ~40 min on 2 CPU cores):
+
+    python scripts/train_demo_vlm.py --out reasonedit_cli/models/demo_vlm
+
+The fact / question templates are defined here and imported by
+``scripts/eval_demo_vlm.py``; ``HELDOUT`` templates are never used for training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+
+# --------------------------------------------------------------------------------------
+# Vocabulary of the world
+# --------------------------------------------------------------------------------------
+COLOURS = ["red", "green", "blue", "black", "gray", "teal", "yellow", "brown"]
+SHAPES = ["circle", "rectangle", "triangle"]
+PALETTE = {  # easy-VQA's drawing colours (used to read the colour off the pixels)
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
+    "gray": (128, 128, 128), "teal": (0, 128, 128), "yellow": (255, 255, 0),
+    "brown": (139, 69, 19),
+}
+CORNERS = {"circle": "no", "rectangle": "four", "triangle": "three"}
+SIDES = {"circle": "no straight", "rectangle": "four straight", "triangle": "three straight"}
+
+IMAGE_SIZE = 64
+PATCH_SIZE = 16
+N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # CLS is dropped ("default" strategy)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role']=='user' %}USER: {% for c in m['content'] %}"
+    "{% if c['type']=='image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def prompt_string(prompt: str) -> str:
+    """What ``apply_chat_template(add_generation_prompt=True)`` yields for one image+text turn."""
+    return f"USER: <image>\n{prompt} ASSISTANT:"
+
+
+# --------------------------------------------------------------------------------------
+# Fact templates.  TRAIN is used for training; HELDOUT only for evaluation.
+# --------------------------------------------------------------------------------------
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+# things of a known colour: (noun phrase, verb) per colour
+COLOUR_THINGS = {
+    "train": {
+        "red": ["a tomato", "blood", "a fire truck", "a ripe cherry"],
+        "green": ["grass", "a leaf", "a frog", "a pea"],
+        "blue": ["the clear sky", "a sapphire", "a blue jay", "denim"],
+        "black": ["coal", "the night sky", "ink", "a crow"],
+        "gray": ["an elephant", "ash", "concrete", "a rain cloud"],
+        "teal": ["a turquoise gem", "a teal duck's wing", "tropical lagoon water", "a peacock's neck"],
+        "yellow": ["a banana", "the sun", "a canary", "butter"],
+        "brown": ["chocolate", "a tree trunk", "soil", "coffee"],
+    },
+    "heldout": {
+        "red": ["a strawberry", "a stop sign"],
+        "green": ["a lime", "an emerald"],
+        "blue": ["a blueberry", "the deep ocean"],
+        "black": ["charcoal", "a panther"],
+        "gray": ["a pebble", "a mouse"],
+        "teal": ["a jade bracelet", "the Caribbean sea"],
+        "yellow": ["a lemon", "a school bus"],
+        "brown": ["a walnut", "a bear"],
+    },
+}
+SHAPE_THINGS = {
+    "train": {
+        "circle": ["a coin", "a wheel", "a plate", "a clock face"],
+        "triangle": ["a slice of pizza", "a yield sign", "a pyramid side", "a sandwich half"],
+        "rectangle": ["a door", "a book", "a brick", "a sheet of paper"],
+    },
+    "heldout": {
+        "circle": ["a full moon", "a button"],
+        "triangle": ["a mountain peak", "a sail"],
+        "rectangle": ["an envelope", "a smartphone screen"],
+    },
+}
+
+
+def colour_chain(c: str, rng: random.Random, split: str = "train") -> list[str]:
+    """One relevant fact or reasoning chain that implies the shape's colour is ``c``."""
+    co = rng.choice(["colour", "color"])
+    if split == "heldout":
+        thing = rng.choice(COLOUR_THINGS["heldout"][c])
+        k = rng.randrange(4)
+        if k == 0:
+            return [f"The figure is painted in the hue of {thing}.", f"{_cap(thing)} has a {c} hue."]
+        if k == 1:
+            return [f"The figure is painted {c}."]
+        if k == 2:
+            return [f"Whoever drew it used {c} paint for the figure."]
+        return [f"The drawn object matches {thing} in {co}.", f"{_cap(thing)} is typically {c}."]
+    k = rng.randrange(9)
+    if k == 0:
+        return [f"The shape is {c}."]
+    if k == 1:
+        return [f"The {co} of the shape is {c}."]
+    if k == 2:
+        return [rng.choice([f"The shape in the image is {c}.", f"It is a {c} shape.",
+                            f"The object is coloured {c}.", f"The shape is coloured {c}."])]
+    thing = rng.choice(COLOUR_THINGS["train"][c])
+    if k in (3, 4, 5):
+        return [f"The shape is the {co} of {thing}.", f"{_cap(thing)} is {c}."]
+    if k == 6:
+        return [f"The shape has the same {co} as {thing}.", f"{_cap(thing)} is {c}."]
+    if k == 7:
+        return [f"{_cap(thing)} is {c}.", f"The shape is the {co} of {thing}."]
+    other = rng.choice([x for x in COLOURS if x != c])
+    return [f"The shape is not {other}.", f"The shape is {c}."]
+
+
+def shape_chain(s: str, rng: random.Random, split: str = "train") -> list[str]:
+    """One relevant fact or reasoning chain that implies the shape is ``s``."""
+    if split == "heldout":
+        k = rng.randrange(4)
+        if k == 0:
+            n = {"circle": "no", "rectangle": "four", "triangle": "three"}[s]
+            return [f"The figure's outline has {n} vertices.", f"Any figure with {n} vertices is a {s}."]
+        if k == 1:
+            thing = rng.choice(SHAPE_THINGS["heldout"][s])
+            return [f"The drawn object resembles {thing}.", f"{_cap(thing)} has the form of a {s}."]
+        if k == 2:
+            return [f"The figure drawn here is a {s}."]
+        n = {"circle": "zero", "rectangle": "4", "triangle": "3"}[s]
+        return [f"Counting its angles gives {n}.", f"A figure with {n} angles is a {s}."]
+    k = rng.randrange(9)
+    if k == 0:
+        return [f"The shape is a {s}."]
+    if k == 1:
+        return [rng.choice([f"The image contains a {s}.", f"There is a {s} in the image.",
+                            f"The object is a {s}.", f"The shape in the image is a {s}."])]
+    if k in (2, 3):
+        n = CORNERS[s]
+        return [f"The shape has {n} corners.", f"A shape with {n} corners is a {s}."]
+    if k == 4:
+        n = SIDES[s]
+        return [f"The shape has {n} sides.", f"A shape with {n} sides is a {s}."]
+    if k == 5 and s == "circle":
+        return [rng.choice(["The shape is perfectly round.", "The shape is round."]),
+                "A round shape is a circle."]
+    if k in (5, 6, 7):
+        thing = rng.choice(SHAPE_THINGS["train"][s])
+        return [f"The shape looks like {thing}.", f"{_cap(thing)} is shaped like a {s}."]
+    other = rng.choice([x for x in SHAPES if x != s])
+    return [f"The shape is not a {other}.", f"The shape is a {s}."]
+
+
+def answer_sentence(q: str, a: str, rng: random.Random, split: str = "train") -> str:
+    if split == "heldout":
+        return rng.choice([f"For the question '{q}', the correct answer is {a}.",
+                           f"Asked '{q}', one should reply {a}."])
+    if rng.random() < 0.8:
+        return f"The answer to '{q}' is {a}."  # the exact ReasonEdit codebook value format
+    return rng.choice([f"The answer to the question '{q}' is {a}.", f"The correct answer to '{q}' is {a}."])
+
+
+WORLD_FACTS = [  # general facts that say nothing about the image
+    "Grass is green.", "The sky is blue.", "Bananas are yellow.", "Coal is black.",
+    "A triangle has three corners.", "A rectangle has four corners.", "A circle has no corners.",
+    "Wheels are round.", "Doors are rectangles.", "Tomatoes are red.",
+]
+IMAGE_FACTS = [  # facts about other image properties
+    "The background is almost white.", "The image is 64 pixels wide.",
+    "There is exactly one shape in the image.", "The image is a simple drawing.",
+    "The background has a light tint.", "The shape is drawn with a flat fill.",
+    "The image is square.", "The shape does not touch the border.",
+]
+
+# --------------------------------------------------------------------------------------
+# Questions
+# --------------------------------------------------------------------------------------
+GEN_COLOUR_Q = ["what color is the shape?", "what colour is the shape?", "what is the colour of the shape?",
+                "which color is the shape?", "what color is the {s}?", "what is the color of the {s}?",
+                "what colour is the object?"]
+GEN_SHAPE_Q = ["what is the shape?", "what shape is this?", "which shape is shown?", "what shape is in the image?",
+               "what is the {c} shape?", "what shape is the object?", "what shape does the image contain?"]
+
+
+class Q:
+    """A question with its structure: type colour/shape/yn; yn has attr, value, neg."""
+    __slots__ = ("text", "type", "attr", "value", "neg")
+
+    def __init__(self, text, type_, attr=None, value=None, neg=False):
+        self.text, self.type, self.attr, self.value, self.neg = text, type_, attr, value, neg
+
+    def answer(self, c: str, s: str) -> str:
+        if self.type == "colour":
+            return c
+        if self.type == "shape":
+            return s
+        has = (c if self.attr == "colour" else s) == self.value
+        return "yes" if has != self.neg else "no"
+
+
+_WORD = re.compile(r"\b(" + "|".join(COLOURS + SHAPES) + r")\b")
+
+
+def parse_question(text: str) -> Q:
+    t = text.lower()
+    m = _WORD.findall(t)
+    if t.startswith("what") or t.startswith("which"):
+        if "color" in t or "colour" in t:
+            return Q(text, "colour")
+        return Q(text, "shape")
+    neg = (" not " in t) or t.startswith("is no ")
+    v = m[-1]
+    return Q(text, "yn", "colour" if v in COLOURS else "shape", v, neg)
+
+
+def gen_question(kind: str, c: str, s: str, rng: random.Random) -> Q:
+    if kind == "colour":
+        return Q(rng.choice(GEN_COLOUR_Q).format(s=s), "colour")
+    if kind == "shape":
+        return Q(rng.choice(GEN_SHAPE_Q).format(c=c), "shape")
+    attr = rng.choice(["colour", "shape"])
+    v = rng.choice(COLOURS if attr == "colour" else SHAPES)
+    neg = rng.random() < 0.5
+    if attr == "colour":
+        t = rng.choice(["is there a {v} shape?", "is there not a {v} shape?" if neg else "is the shape {v}?",
+                        "does the image contain a {v} shape?" if not neg else "does the image not contain a {v} shape?"])
+    else:
+        t = rng.choice(["is there a {v}?", "is there not a {v}?" if neg else "is the shape a {v}?",
+                        "does the image contain a {v}?" if not neg else "does the image not contain a {v}?"])
+    neg = " not " in t
+    return Q(t.format(v=v), "yn", attr, v, neg)
+
+
+# --------------------------------------------------------------------------------------
+# Fact-bearing prompts
+# --------------------------------------------------------------------------------------
+def relevant_facts(q: Q, c: str, s: str, rng: random.Random, split: str = "train") -> list[str]:
+    """Facts implying attributes (c, s) relevant to question ``q`` (c/s may contradict the image)."""
+    attr = q.attr if q.type == "yn" else q.type
+    r = rng.random()
+    if r < 0.3:  # answer sentence
+        if q.type == "yn" and rng.random() < 0.5:
+            return [answer_sentence(q.text, q.answer(c, s), rng, split)]
+        pq = gen_question(attr, c, s, rng) if rng.random() < 0.5 or q.type == "yn" else q
+        return [answer_sentence(pq.text, pq.answer(c, s), rng, split)]
+    return colour_chain(c, rng, split) if attr == "colour" else shape_chain(s, rng, split)
+
+
+def irrelevant_facts(q: Q, c: str, s: str, rng: random.Random) -> list[str]:
+    """Facts that must not change the answer to ``q`` (about the other attribute, or generic)."""
+    attr = q.attr if q.type == "yn" else q.type
+    r = rng.random()
+    if r < 0.2:
+        return [rng.choice(IMAGE_FACTS)]
+    if r < 0.28:
+        return [rng.choice(WORLD_FACTS)]
+    # a (possibly false) fact about the *other* attribute
+    if attr == "colour":
+        s2 = rng.choice(SHAPES)
+        if rng.random() < 0.3:
+            oq = gen_question("shape", c, s2, rng)
+            return [answer_sentence(oq.text, s2, rng)]
+        return shape_chain(s2, rng)
+    c2 = rng.choice(COLOURS)
+    if rng.random() < 0.3:
+        oq = gen_question("colour", c2, s, rng)
+        return [answer_sentence(oq.text, c2, rng)]
+    return colour_chain(c2, rng)
+
+
+def contradicting_attrs(q: Q, c: str, s: str, rng: random.Random) -> tuple[str, str]:
+    """Attributes differing from the image on the asked attribute, chosen so the answer changes."""
+    attr = q.attr if q.type == "yn" else q.type
+    if q.type == "yn":
+        cur = c if attr == "colour" else s
+        pool = COLOURS if attr == "colour" else SHAPES
+        new = q.value if cur != q.value else rng.choice([x for x in pool if x != cur])
+    else:
+        pool = COLOURS if attr == "colour" else SHAPES
+        new = rng.choice([x for x in pool if x != (c if attr == "colour" else s)])
+    return (new, s) if attr == "colour" else (c, new)
+
+
+def join(facts: list[str], q: Q) -> str:
+    return " ".join(facts + [q.text])
+
+
+# --------------------------------------------------------------------------------------
+# Patch-search probes
+# --------------------------------------------------------------------------------------
+def statement(kind: str, c: str, s: str, rng: random.Random) -> str:
+    co = rng.choice(["colour", "color"])
+    if kind == "colour":
+        return rng.choice([f"a {c} shape", f"something {c}", f"a shape that is {c}",
+                           f"a shape the {co} of {rng.choice(COLOUR_THINGS['train'][c])}",
+                           f"that the shape is {c}"])
+    if kind == "shape":
+        return rng.choice([f"a {s}", f"a shape with {CORNERS[s]} corners", f"a shape with {SIDES[s]} sides",
+                           f"that the shape has {CORNERS[s]} corners", f"that the shape is a {s}",
+                           f"something shaped like {rng.choice(SHAPE_THINGS['train'][s])}"]
+                          + (["a round shape"] if s == "circle" else []))
+    return f"a {c} {s}"
+
+
+def probe_sample(c: str, s: str, present: str, rng: random.Random) -> tuple[str, str]:
+    """present: 'full' (whole shape visible), 'part' (some of it), 'none' (blank crop)."""
+    if rng.random() < 0.35:
+        if present == "none":
+            return "Describe this image.", rng.choice(["An empty background.", "There is no shape."])
+        opts = [f"The shape is {c}.", f"The shape is the colour of {rng.choice(COLOUR_THINGS['train'][c])}."]
+        if present == "full":
+            opts += [f"A {c} {s}.", f"The shape is a {s}.", f"The shape has {CORNERS[s]} corners.",
+                     f"A {c} {s} on a light background."]
+        return "Describe this image.", rng.choice(opts)
+    kinds = ["colour", "shape", "both"] if present == "full" else ["colour"]
+    kind = rng.choice(kinds)
+    if rng.random() < 0.5:  # true statement
+        st, ans = statement(kind, c, s, rng), "yes"
+    else:
+        c2 = rng.choice([x for x in COLOURS if x != c])
+        s2 = rng.choice([x for x in SHAPES if x != s])
+        if kind == "both":
+            c2, s2 = rng.choice([(c2, s), (c, s2), (c2, s2)])
+        st, ans = statement(kind, c2, s2, rng), "no"
+    if present == "none":
+        ans = "no"
+    return f"Does the image show {st}?", ans
+
+
+# --------------------------------------------------------------------------------------
+# Data: image attributes and pixel tensors
+# --------------------------------------------------------------------------------------
+def image_attributes(questions, answers, image_ids, paths):
+    """(colour, shape) per image id, read from the questions (colour also from pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    col, shp = {}, {}
+    for t, a, i in zip(questions, answers, image_ids):
+        q = parse_question(t)
+        if q.type == "colour":
+            col[i] = a
+        elif q.type == "shape":
+            shp[i] = a
+        else:
+            pos = (a == "yes") != q.neg
+            if pos:
+                (col if q.attr == "colour" else shp)[i] = q.value
+    attrs = {}
+    for i, p in paths.items():
+        arr = np.asarray(Image.open(p).convert("RGB")).reshape(-1, 3).astype(np.int32)
+        bg = np.median(arr, axis=0)
+        mask = np.abs(arr - bg).sum(1) > 120
+        if i not in col and mask.any():
+            mc = arr[mask].mean(0)
+            col[i] = min(PALETTE, key=lambda k: ((np.array(PALETTE[k]) - mc) ** 2).sum())
+        if i not in shp and mask.any():  # fill ratio of the bounding box: ~0.55 / ~0.81 / ~1.0
+            side = int(round(len(arr) ** 0.5))
+            m2 = mask.reshape(side, -1)
+            ys, xs = np.nonzero(m2)
+            fill = m2.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            shp[i] = "triangle" if fill < 0.72 else ("circle" if fill < 0.94 else "rectangle")
+        attrs[i] = (col.get(i), shp.get(i))
+    return attrs
+
+
+def shape_mask(img):
+    import numpy as np
+    arr = np.asarray(img.convert("RGB")).astype(np.int32)
+    bg = np.median(arr.reshape(-1, 3), axis=0)
+    return np.abs(arr - bg).sum(-1) > 120
+
+
+CROP_SIZES = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2)]
+
+
+def random_crop(img, rng):
+    """A 3x3-grid crop as in the ReasonEdit patch search; returns (crop, presence)."""
+    w, h = img.size
+    gw, gh = rng.choice(CROP_SIZES)
+    x0, y0 = rng.randrange(0, 4 - gw), rng.randrange(0, 4 - gh)
+    box = (round(x0 * w / 3), round(y0 * h / 3), round((x0 + gw) * w / 3), round((y0 + gh) * h / 3))
+    m = shape_mask(img)
+    tot = max(int(m.sum()), 1)
+    inside = int(m[box[1]:box[3], box[0]:box[2]].sum())
+    frac = inside / tot
+    presence = "full" if frac > 0.97 else ("none" if inside < 8 else "part")
+    return img.crop(box), presence
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer / processor / model
+# --------------------------------------------------------------------------------------
+def tokenizer_corpus(rng: random.Random, train_questions, answers) -> list[str]:
+    corpus = list(train_questions) + list(answers)
+    for _ in range(6000):
+        c, s = rng.choice(COLOURS), rng.choice(SHAPES)
+        for split in ("train", "heldout"):
+            corpus += colour_chain(c, rng, split) + shape_chain(s, rng, split)
+        q = gen_question(rng.choice(["colour", "shape", "yn"]), c, s, rng)
+        corpus.append(answer_sentence(q.text, q.answer(c, s), rng))
+        corpus.append(probe_sample(c, s, "full", rng)[0])
+        corpus.append(probe_sample(c, s, "full", rng)[1])
+    corpus += WORLD_FACTS * 20 + IMAGE_FACTS * 20
+    corpus += [prompt_string("x") + " yes</s>"] * 200
+    corpus += [" " + w for w in COLOURS + SHAPES + ["yes", "no"]] * 300
+    return corpus
+
+
+def build_processor(corpus, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, tr)
+    ft = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 extra_special_tokens={"image_token": "<image>"})
+    ft.padding_side = "left"  # for batched generation
+    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                               crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=ft, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+    return proc
+
+
+def build_model(tokenizer, args):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vc = CLIPVisionConfig(hidden_size=args.v_dim, intermediate_size=args.v_dim * 2, num_hidden_layers=args.v_layers,
+                          num_attention_heads=args.v_heads, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    tc = LlamaConfig(hidden_size=args.t_dim, intermediate_size=args.t_dim * 3, num_hidden_layers=args.t_layers,
+                     num_attention_heads=args.t_heads, num_key_value_heads=args.t_heads, vocab_size=len(tokenizer),
+                     max_position_embeddings=512, tie_word_embeddings=True,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-1, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=True)
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def pixel_bank(processor, images):
+    import torch
+    out = []
+    for k in range(0, len(images), 500):
+        out.append(processor.image_processor(images[k:k + 500], return_tensors="pt")["pixel_values"])
+    return torch.cat(out).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Sample generation
+# --------------------------------------------------------------------------------------
+class Sampler:
+    def __init__(self, items, attrs, crop_items, rng, mix):
+        self.items, self.attrs, self.crop_items, self.rng, self.mix = items, attrs, crop_items, rng, mix
+
+    def sample(self):
+        """-> (bank index, prompt, answer)"""
+        rng = self.rng
+        r = rng.random()
+        m = self.mix
+        if r < m["probe"]:
+            if rng.random() < 0.5:
+                idx, c, s, presence = rng.choice(self.crop_items)
+            else:
+                idx, t, a, c, s = rng.choice(self.items)
+                presence = "full"
+            p, a = probe_sample(c, s, presence, rng)
+            return idx, p, a
+        r -= m["probe"]
+        idx, t, a, c, s = rng.choice(self.items)
+        if rng.random() < 0.25:
+            q = gen_question(rng.choice(["colour", "shape", "yn"]), c, s, rng)
+        else:
+            q = parse_question(t)
+        if r < m["plain"]:
+            return idx, q.text, q.answer(c, s)
+        r -= m["plain"]
+        if r < m["true"] + m["contra"]:
+            cc, ss = (c, s) if r < m["true"] else contradicting_attrs(q, c, s, rng)
+            facts = relevant_facts(q, cc, ss, rng)
+            if rng.random() < m["distract"]:  # add irrelevant facts around the relevant chain
+                extra = irrelevant_facts(q, c, s, rng)
+                facts = extra + facts if rng.random() < 0.5 else facts + extra
+                if rng.random() < 0.3:
+                    facts = irrelevant_facts(q, c, s, rng) + facts
+            return idx, join(facts, q), q.answer(cc, ss)
+        facts = irrelevant_facts(q, c, s, rng)
+        if rng.random() < 0.3:
+            facts += irrelevant_facts(q, c, s, rng)
+        return idx, join(facts, q), q.answer(c, s)
+
+
+def encode_batch(tokenizer, batch, max_len=160):
+    import torch
+    prompts = [prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in batch]
+    answers = [" " + a + "</s>" for _, _, a in batch]
+    pi = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ai = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    seqs = [(p + a)[:max_len] for p, a in zip(pi, ai)]
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), tokenizer.pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for k, (p, sq) in enumerate(zip(pi, seqs)):
+        ids[k, :len(sq)] = torch.tensor(sq)
+        att[k, :len(sq)] = 1
+        lab[k, len(p):len(sq)] = torch.tensor(sq[len(p):])
+    return ids, att, lab
+
+
+# --------------------------------------------------------------------------------------
+# Quick evaluation (first-token argmax; answers are single tokens)
+# --------------------------------------------------------------------------------------
+def quick_eval(model, tokenizer, bank, test_items, conds, rng_seed=0, n=300, bs=100):
+    import torch
+    rng = random.Random(rng_seed)
+    items = random.Random(1).sample(test_items, min(n, len(test_items)))
+    res = {}
+    model.eval()
+    for cond in conds:
+        r = random.Random(rng_seed)
+        batch, gold, types = [], [], []
+        for idx, t, a, c, s in items:
+            q = parse_question(t)
+            p, g = make_eval_prompt(q, c, s, cond, r)
+            batch.append((idx, p, g))
+            gold.append(g)
+            types.append(q.type)
+        correct = 0
+        for k in range(0, len(batch), bs):
+            b = batch[k:k + bs]
+            prompts = [prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in b]
+            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                            pixel_values=bank[[x[0] for x in b]], logits_to_keep=1)
+            pred = out.logits[:, -1].argmax(-1).tolist()
+            for pr, (_, _, g) in zip(pred, b):
+                correct += int(pr == tokenizer(" " + g, add_special_tokens=False)["input_ids"][0])
+        res[cond] = correct / len(batch)
+    model.train()
+    return res
+
+
+def make_eval_prompt(q: Q, c: str, s: str, cond: str, rng: random.Random):
+    """cond in plain / true / contra / irrelevant / heldout / heldout_contra -> (prompt, gold)."""
+    if cond == "plain":
+        return q.text, q.answer(c, s)
+    if cond in ("true", "heldout"):
+        split = "heldout" if cond == "heldout" else "train"
+        return join(relevant_facts(q, c, s, rng, split), q), q.answer(c, s)
+    if cond in ("contra", "heldout_contra"):
+        split = "heldout" if cond == "heldout_contra" else "train"
+        cc, ss = contradicting_attrs(q, c, s, rng)
+        return join(relevant_facts(q, cc, ss, rng, split), q), q.answer(cc, ss)
+    if cond == "irrelevant":
+        return join(irrelevant_facts(q, c, s, rng), q), q.answer(c, s)
+    raise ValueError(cond)
+
+
+def load_split(split):
+    import easy_vqa
+    if split == "train":
+        q, a, i = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    else:
+        q, a, i = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    return q, a, i, paths
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="reasonedit_cli/models/demo_vlm")
+    ap.add_argument("--workdir", default="runs/demo_vlm")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--vocab", type=int, default=1200)
+    ap.add_argument("--v_dim", type=int, default=128)
+    ap.add_argument("--v_layers", type=int, default=3)
+    ap.add_argument("--v_heads", type=int, default=4)
+    ap.add_argument("--t_dim", type=int, default=160)
+    ap.add_argument("--t_layers", type=int, default=6)
+    ap.add_argument("--t_heads", type=int, default=4)
+    ap.add_argument("--eval_every", type=int, default=300)
+    ap.add_argument("--text_warmup", type=int, default=400, help="first steps: fact-heavy curriculum")
+    ap.add_argument("--plain_lo", type=float, default=0.74)
+    ap.add_argument("--plain_hi", type=float, default=0.90)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bench", action="store_true")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    np.random.seed(args.seed)
+    t_start = time.time()
+    os.makedirs(args.workdir, exist_ok=True)
+
+    # ---- data
+    tq, ta, ti, tpaths = load_split("train")
+    eq, ea, ei, epaths = load_split("test")
+    tr_attr = image_attributes(tq, ta, ti, tpaths)
+    te_attr = image_attributes(eq, ea, ei, epaths)
+
+    proc = build_processor(tokenizer_corpus(random.Random(args.seed), tq, get_answers()), args.vocab)
+    tok = proc.tokenizer
+    for w in COLOURS + SHAPES + ["yes", "no"]:
+        assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
+    # the prompt we build by hand must equal the chat template's output
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the shape?"}]}]
+    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt_string("what is the shape?")
+
+    tr_ids = sorted(tpaths)
+    te_ids = sorted(epaths)
+    tr_imgs = [Image.open(tpaths[i]).convert("RGB") for i in tr_ids]
+    te_imgs = [Image.open(epaths[i]).convert("RGB") for i in te_ids]
+    crop_rng = random.Random(args.seed + 1)
+    crops, crop_meta = [], []
+    for k, i in enumerate(tr_ids):
+        c, s = tr_attr[i]
+        if c is None or s is None:
+            continue
+        for _ in range(2):
+            cimg, pres = random_crop(tr_imgs[k], crop_rng)
+            crops.append(cimg)
+            crop_meta.append((c, s, pres))
+    bank = pixel_bank(proc, tr_imgs + te_imgs + crops)
+    tr_pos = {i: k for k, i in enumerate(tr_ids)}
+    te_pos = {i: len(tr_ids) + k for k, i in enumerate(te_ids)}
+    crop_off = len(tr_ids) + len(te_ids)
+    items = [(tr_pos[i], t, a, *tr_attr[i]) for t, a, i in zip(tq, ta, ti)
+             if tr_attr[i][0] is not None and tr_attr[i][1] is not None]
+    crop_items = [(crop_off + k, c, s, p) for k, (c, s, p) in enumerate(crop_meta)]
+    test_items = [(te_pos[i], t, a, *te_attr[i]) for t, a, i in zip(eq, ea, ei)
+                  if te_attr[i][0] is not None and te_attr[i][1] is not None]
+    # sanity: derived attributes reproduce the gold answers
+    bad = sum(parse_question(t).answer(c, s) != a for _, t, a, c, s in items)
+    print(f"train items {len(items)}/{len(tq)} (attr mismatches {bad}), test items {len(test_items)}/{len(eq)}, "
+          f"crops {len(crop_items)}, vocab {len(tok)}, data prep {time.time() - t_start:.0f}s", flush=True)
+
+    model = build_model(tok, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params:,}", flush=True)
+
+    mix = dict(probe=0.06, plain=0.30, true=0.18, contra=0.24, distract=0.4)  # rest: irrelevant only (~22%)
+    warm_mix = dict(probe=0.0, plain=0.1, true=0.3, contra=0.4, distract=0.3)
+    sampler = Sampler(items, tr_attr, crop_items, rng, mix)
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        prog = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
+
+    conds = ["plain", "true", "contra", "irrelevant", "heldout", "heldout_contra"]
+    history = []
+    model.train()
+    t0 = time.time()
+    pool = []
+    ema = None
+    for step in range(args.steps):
+        sampler.mix = warm_mix if step < args.text_warmup else mix
+        if not pool:  # length bucketing: draw 16 batches, sort by length, split
+            raw = [sampler.sample() for _ in range(args.batch * 16)]
+            raw.sort(key=lambda x: len(x[1]))
+            pool = [raw[k:k + args.batch] for k in range(0, len(raw), args.batch)]
+            rng.shuffle(pool)
+        batch = pool.pop()
+        ids, att, lab = encode_batch(tok, batch)
+        pv = bank[[x[0] for x in batch]]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        out = model(input_ids=ids, attention_mask=att, pixel_values=pv)
+        logits = out.logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                                 ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if args.bench and step == 19:
+            print(f"bench: {(time.time() - t0) / 20:.3f}s/step", flush=True)
+            return
+        if step % 50 == 0:
+            print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            res = quick_eval(model, tok, bank, test_items, conds)
+            res["step"] = step + 1
+            res["elapsed_s"] = round(time.time() - t0)
+            history.append(res)
+            print("EVAL " + json.dumps(res), flush=True)
+            torch.save(model.state_dict(), os.path.join(args.workdir, f"ckpt_{step + 1}.pt"))
+
+    train_time = time.time() - t0
+    # ---- checkpoint selection: plain accuracy inside the window, best fact-following
+    ok = [h for h in history if args.plain_lo <= h["plain"] <= args.plain_hi]
+    pool_h = ok or history
+
+    def score(h):
+        return h["contra"] + h["true"] + h["heldout_contra"] + h["heldout"] - 2 * abs(h["irrelevant"] - h["plain"])
+    best = max(pool_h, key=score)
+    print(f"selected checkpoint step {best['step']}: {best}", flush=True)
+    model.load_state_dict(torch.load(os.path.join(args.workdir, f"ckpt_{best['step']}.pt")))
+    model.eval()
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    proc.save_pretrained(args.out)
+    meta = {"seed": args.seed, "params": n_params, "train_wall_s": round(train_time),
+            "total_wall_s": round(time.time() - t_start), "selected_step": best["step"], "history": history,
+            "args": vars(args)}
+    with open(os.path.join(args.workdir, "train_meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"saved to {args.out}; train {train_time:.0f}s total {time.time() - t_start:.0f}s", flush=True)
+
+
+def get_answers():
+    import easy_vqa
+    return easy_vqa.get_answers()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
