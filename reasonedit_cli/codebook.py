@@ -1,0 +1,1423 @@
+"""The codebook directory: Parquet segments, a manifest commit point, a derived index.
+
+Layout and protocol are documented byte for byte in docs/codebook-format.md. In short:
+
+- Parquet segments (keys, edits) are the source of truth and never rewritten.
+- `manifest.json` is the single commit point; writers publish a version by atomically
+  replacing it, readers trust only what it lists and verify every checksum first.
+- Everything in `index/` (hnswlib graph, neighbour lists, sigma) is a cache rebuildable
+  from Parquet; it is verified before loading because a damaged hnswlib file can crash
+  the process instead of raising.
+- One writer at a time (`LOCK`); readers never take the lock.
+- No pickle: numpy files load with allow_pickle=False, and nothing here imports torch.
+
+The CLI imports this module lazily, so pyarrow and hnswlib are imported at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import retrieval as R
+from .errors import CodebookError, CodebookLockedError
+
+FORMAT = "reasonedit-codebook"
+FORMAT_VERSION = 1  # bump when old readers could misread new codebooks
+SCHEMA_VERSION = "1"  # Parquet segment schema version, stored in file metadata
+MANIFEST = "manifest.json"
+LOCK = "LOCK"
+HNSW_SPACE = "l2"
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_SEED = 100
+HNSW_MIN_KEYS = 2000  # below this, exact numpy search is as fast and simpler
+TAU_SEED = 0
+KINDS = ("answer", "sentence", "patch")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_EXT_RE = re.compile(r"[a-z0-9]{1,8}")
+_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions"}
+_REPAIR_HINT = "run `reasonedit doctor` to check the codebook"
+
+
+# ---------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class KeyRecord:
+    """One key to insert: an (image, text) embedding and the fact it retrieves."""
+
+    edit_id: str
+    kind: str  # "answer" | "sentence" | "patch"
+    value: str  # the fact prepended at inference
+    key_text: str  # the text half of the key
+    image_sha256: str
+    box: tuple[int, int, int, int] | None  # crop in original image pixels; None = whole
+    vector: np.ndarray
+    radius: float | None = None
+
+    @property
+    def key_id(self) -> str:
+        """Stable id: re-adding the same edit yields the same key ids."""
+        return key_id_for(
+            self.edit_id, self.kind, self.value, self.key_text, self.box, self.image_sha256
+        )
+
+
+@dataclass
+class EditRecord:
+    """One user edit as stored (the image itself lives in images/, by hash)."""
+
+    edit_id: str
+    image_sha256: str
+    question: str
+    answer: str
+    reasoning: list[str]
+    boxes: list[list[int] | None] | None
+    source: str
+    added: dt.datetime | None = None  # set by the writer
+
+
+@dataclass
+class AddResult:
+    """What one `CodebookWriter.add` call stored."""
+
+    version: int
+    added_edits: list[str] = field(default_factory=list)
+    skipped_edits: list[str] = field(default_factory=list)  # already present
+    added_keys: int = 0
+    skipped_keys: int = 0
+
+
+@dataclass
+class CheckReport:
+    """Result of `Codebook.check`: one line per problem, and what repair rebuilt."""
+
+    path: Path
+    version: int
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def key_id_for(
+    edit_id: str,
+    kind: str,
+    value: str,
+    key_text: str,
+    box: Sequence[int] | None,
+    image_sha256: str,
+) -> str:
+    """sha256 hex of the canonical JSON array [edit_id, kind, value, key_text, box, image]."""
+    payload = [
+        edit_id,
+        kind,
+        value,
+        key_text,
+        list(map(int, box)) if box is not None else None,
+        image_sha256,
+    ]
+    return hashlib.sha256(_canonical(payload)).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Parquet schemas
+
+
+def keys_schema(dim: int) -> pa.Schema:
+    """Schema of keys segments; the vector width is fixed per codebook (config["dim"])."""
+    return pa.schema(
+        [
+            pa.field("key_id", pa.string(), nullable=False),
+            pa.field("edit_id", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),
+            pa.field("value", pa.string(), nullable=False),
+            pa.field("key_text", pa.string(), nullable=False),
+            pa.field("box", pa.list_(pa.int32())),
+            pa.field("image_sha256", pa.string(), nullable=False),
+            pa.field("radius", pa.float32()),
+            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        ],
+        metadata={
+            b"reasonedit.segment": b"keys",
+            b"reasonedit.schema_version": SCHEMA_VERSION.encode(),
+            b"reasonedit.dim": str(dim).encode(),
+        },
+    )
+
+
+EDITS_SCHEMA = pa.schema(
+    [
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("reasoning", pa.list_(pa.string())),
+        pa.field("boxes", pa.list_(pa.list_(pa.int32()))),
+        pa.field("source", pa.string()),
+        pa.field("added", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={
+        b"reasonedit.segment": b"edits",
+        b"reasonedit.schema_version": SCHEMA_VERSION.encode(),
+    },
+)
+
+_KEY_COLUMNS = [f.name for f in keys_schema(1)]
+
+
+# ---------------------------------------------------------------------------
+# small file helpers
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename durable; some platforms cannot open directories, which is fine.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    full = dict(body, checksum="sha256:" + _sha256(_canonical(body)))
+    return (
+        json.dumps(full, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+    ).encode("utf-8")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True
+    return True
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, table.num_rows))
+    return sink.getvalue().to_pybytes()
+
+
+def _vectors_of(table: pa.Table, dim: int) -> np.ndarray:
+    col = table.column("vector")
+    if table.num_rows == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    arr = pa.concat_arrays(col.chunks) if col.num_chunks != 1 else col.chunk(0)
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+        -1, dim
+    )
+
+
+# ---------------------------------------------------------------------------
+# derived data held in memory
+
+
+@dataclass
+class _Derived:
+    knn_idx: np.ndarray | None  # (n, SIGMA_K) int64, -1 padded
+    knn_dist: np.ndarray | None  # (n, SIGMA_K) float64, inf padded
+    sigma: np.ndarray  # (n,) float64
+
+    @classmethod
+    def compute(cls, vectors: np.ndarray) -> _Derived:
+        idx, dist = R.knn_lists(vectors, R.SIGMA_K)
+        return cls(idx, dist, R.sigma_from_knn(dist))
+
+
+# ---------------------------------------------------------------------------
+# the reader
+
+
+class Codebook:
+    """A read-only snapshot of one committed codebook version.
+
+    Cheap to open (reads the manifest only); segments, sigma and the index load lazily
+    and are verified against the manifest's checksums. Call `refresh()` to move to the
+    newest version. Writes go through `writer()`.
+    """
+
+    def __init__(self, path: Path, manifest: dict, *, hnsw_min_keys: int = HNSW_MIN_KEYS):
+        self.path = path
+        self.hnsw_min_keys = hnsw_min_keys
+        self._hnsw_lock = threading.Lock()  # hnswlib: no concurrent add and query
+        self._set_manifest(manifest)
+
+    # -- opening ----------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, *, create: bool = False, hnsw_min_keys: int = HNSW_MIN_KEYS
+    ) -> Codebook:
+        """Open the codebook at path; create=True makes an empty one if missing or empty."""
+        p = Path(path).expanduser().absolute()
+        if (p / MANIFEST).exists():
+            return cls(p, _read_manifest(p), hnsw_min_keys=hnsw_min_keys)
+        if p.exists() and not p.is_dir():
+            raise CodebookError(f"codebook {p}: not a directory")
+        foreign = (
+            sorted(x.name for x in p.iterdir() if not _is_own_name(x.name)) if p.exists() else []
+        )
+        if foreign:
+            raise CodebookError(
+                f"{p} is not a reasonedit codebook (no {MANIFEST}; it contains "
+                f"{', '.join(foreign[:3])}{'...' if len(foreign) > 3 else ''})"
+            )
+        if not create:
+            raise CodebookError(f"no codebook at {p} (no {MANIFEST}); add an edit to create one")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CodebookError(f"cannot create codebook {p}: {e.strerror or e}") from e
+        with _Lock(p, 10.0):
+            if not (p / MANIFEST).exists():  # another creator may have won the race
+                now = _now()
+                manifest = {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "version": 0,
+                    "created": now,
+                    "updated": now,
+                    "config": {},
+                    "segments": [],
+                    "removed_edits": [],
+                    "derived": None,
+                }
+                for sub in ("segments", "images", "index", "versions"):
+                    (p / sub).mkdir(exist_ok=True)
+                data = _manifest_bytes(manifest)
+                _atomic_write(p / "versions" / "v000000.json", data)
+                _atomic_write(p / MANIFEST, data)
+        return cls(p, _read_manifest(p), hnsw_min_keys=hnsw_min_keys)
+
+    def refresh(self) -> bool:
+        """Reload the manifest; True when a newer version was committed since."""
+        m = _read_manifest(self.path)
+        if m["version"] == self.version and m.get("checksum") == self.manifest.get("checksum"):
+            return False
+        self._set_manifest(m)
+        return True
+
+    def _set_manifest(self, manifest: dict) -> None:
+        self.manifest = manifest
+        self._keys: pa.Table | None = None  # live keys with vectors
+        self._edits: pa.Table | None = None
+        self._vectors: np.ndarray | None = None
+        self._derived: _Derived | None = None
+        self._hnsw: Any = None
+        self._pair_sample: np.ndarray | None = None
+
+    # -- manifest views ---------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def config(self) -> dict:
+        """The embedding layer's settings (models, layer, w, dim, percentile ...)."""
+        return self.manifest["config"]
+
+    @property
+    def dim(self) -> int | None:
+        d = self.config.get("dim")
+        return int(d) if d is not None else None
+
+    @property
+    def n_keys(self) -> int:
+        return self.keys_table().num_rows
+
+    @property
+    def percentile(self) -> float:
+        return float(self.config.get("percentile", R.DEFAULT_PERCENTILE))
+
+    @property
+    def tau(self) -> float | None:
+        """Rejection threshold in corrected-distance units; None with fewer than 2 keys."""
+        d = self.manifest.get("derived")
+        if d is not None and "tau" in d and d.get("keys") == self.n_keys:
+            return None if d["tau"] is None else float(d["tau"])
+        return self.tau_for(self.percentile)
+
+    def tau_for(self, p: float) -> float | None:
+        """tau for another percentile p (sweeps); reuses one sample of pair distances."""
+        if self._pair_sample is None:
+            self._pair_sample = R.corrected_pair_sample(self.vectors(), self.sigma(), seed=TAU_SEED)
+        return R.rejection_threshold(None, None, p, len(self.edit_ids()), sample=self._pair_sample)
+
+    # -- Parquet ----------------------------------------------------------
+
+    def _read_segment(self, entry: dict) -> pa.Table:
+        """Read one segment listed in the manifest, verifying checksum and schema."""
+        rel = entry["path"]
+        f = self.path / rel
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
+            raise CodebookError(
+                f"codebook {self.path}: {rel} is missing; {_REPAIR_HINT} "
+                f"or restore an older version"
+            ) from None
+        except OSError as e:
+            raise CodebookError(
+                f"codebook {self.path}: cannot read {rel}: {e.strerror or e}"
+            ) from e
+        if _sha256(data) != entry["sha256"]:
+            raise CodebookError(
+                f"codebook {self.path}: {rel} is damaged (checksum mismatch); "
+                f"{_REPAIR_HINT} or restore an older version"
+            )
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({e})") from e
+        meta = table.schema.metadata or {}
+        kind = entry["kind"]
+        if meta.get(b"reasonedit.segment") != kind.encode():
+            raise CodebookError(f"codebook {self.path}: {rel} is not a {kind} segment")
+        sv = meta.get(b"reasonedit.schema_version", b"?").decode(errors="replace")
+        if sv != SCHEMA_VERSION:
+            raise CodebookError(
+                f"codebook {self.path}: {rel} has schema version {sv}, "
+                f"this reasonedit reads {SCHEMA_VERSION}; upgrade reasonedit"
+            )
+        expected = keys_schema(self.dim or 0) if kind == "keys" else EDITS_SCHEMA
+        got = table.schema.remove_metadata()
+        if kind == "keys" and self.dim is None:
+            raise CodebookError(f"codebook {self.path}: config has no dim but {rel} holds keys")
+        if not got.equals(expected.remove_metadata()):
+            raise CodebookError(
+                f"codebook {self.path}: {rel} has an unexpected schema "
+                f"(vector width or columns differ from config)"
+            )
+        if table.num_rows != entry.get("rows", table.num_rows):
+            raise CodebookError(
+                f"codebook {self.path}: {rel} has {table.num_rows} rows, "
+                f"manifest says {entry['rows']}"
+            )
+        return table
+
+    def _live_table(self, kind: str) -> pa.Table:
+        tomb = {t["edit_id"]: int(t["version"]) for t in self.manifest["removed_edits"]}
+        parts = []
+        for entry in self.manifest["segments"]:
+            if entry["kind"] != kind:
+                continue
+            t = self._read_segment(entry)
+            hidden = [e for e, v in tomb.items() if int(entry["version"]) <= v]
+            if hidden and t.num_rows:
+                t = t.filter(
+                    pc.invert(
+                        pc.is_in(t.column("edit_id"), value_set=pa.array(hidden, pa.string()))
+                    )
+                )
+            parts.append(t.replace_schema_metadata(None))
+        schema = keys_schema(self.dim or 1) if kind == "keys" else EDITS_SCHEMA
+        if not parts:
+            return schema.remove_metadata().empty_table()
+        return pa.concat_tables(parts).combine_chunks()
+
+    def keys_table(self) -> pa.Table:
+        """Live keys (removed edits hidden) in index order, including the vector column."""
+        if self._keys is None:
+            self._keys = self._live_table("keys")
+        return self._keys
+
+    def edits_table(self) -> pa.Table:
+        if self._edits is None:
+            self._edits = self._live_table("edits")
+        return self._edits
+
+    def vectors(self) -> np.ndarray:
+        """float32 (n, dim) key vectors in keys_table() order (row i = index label i)."""
+        if self._vectors is None:
+            self._vectors = _vectors_of(self.keys_table(), self.dim or 0)
+        return self._vectors
+
+    def edit_ids(self) -> set[str]:
+        return set(self.edits_table().column("edit_id").to_pylist())
+
+    def edits(self) -> list[EditRecord]:
+        """Live edits in insertion order."""
+        out = []
+        for r in self.edits_table().to_pylist():
+            out.append(
+                EditRecord(
+                    edit_id=r["edit_id"],
+                    image_sha256=r["image_sha256"],
+                    question=r["question"],
+                    answer=r["answer"],
+                    reasoning=list(r["reasoning"] or []),
+                    boxes=r["boxes"],
+                    source=r["source"] or "",
+                    added=r["added"],
+                )
+            )
+        return out
+
+    # -- images -----------------------------------------------------------
+
+    def image_path(self, sha: str) -> Path:
+        """Path of a stored image (content-addressed: images/<sha[:2]>/<sha>.<ext>)."""
+        if not _SHA_RE.fullmatch(sha or ""):
+            raise CodebookError(f"codebook {self.path}: invalid image hash {sha!r}")
+        d = self.path / "images" / sha[:2]
+        found = sorted(p for p in d.glob(sha + ".*") if ".tmp-" not in p.name) if d.is_dir() else []
+        if not found:
+            raise CodebookError(f"codebook {self.path}: image images/{sha[:2]}/{sha}.* is missing")
+        return found[0]
+
+    def read_image_bytes(self, sha: str) -> bytes:
+        """The stored image bytes, verified against their hash name."""
+        p = self.image_path(sha)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise CodebookError(
+                f"codebook {self.path}: cannot read {p.relative_to(self.path)}: {e.strerror or e}"
+            ) from e
+        if _sha256(data) != sha:
+            raise CodebookError(
+                f"codebook {self.path}: {p.relative_to(self.path)} is damaged (checksum mismatch)"
+            )
+        return data
+
+    # -- derived data -----------------------------------------------------
+
+    def _load_npy(
+        self, entry: dict | None, shape: tuple[int, ...], dtype: Any
+    ) -> np.ndarray | None:
+        """A derived .npy file if it exists, matches its checksum, dtype and shape; else None."""
+        if not entry:
+            return None
+        try:
+            data = (self.path / entry["path"]).read_bytes()
+            if _sha256(data) != entry["sha256"]:
+                return None
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+        if arr.dtype != dtype or arr.shape != shape:
+            return None
+        return arr
+
+    def _derived_entries(self) -> dict:
+        d = self.manifest.get("derived") or {}
+        return d if d.get("keys") == self.n_keys else {}
+
+    def _get_derived(self, need_knn: bool = False) -> _Derived:
+        """sigma (and for writers the neighbour lists): from index/ if valid, else rebuilt."""
+        n = self.n_keys
+        if self._derived is not None and (self._derived.knn_idx is not None or not need_knn):
+            return self._derived
+        d = self._derived_entries()
+        files = d.get("files", {})
+        k = R.SIGMA_K
+        if need_knn:
+            idx = self._load_npy(files.get("knn_idx"), (n, k), np.dtype(np.int64))
+            dist = self._load_npy(files.get("knn_dist"), (n, k), np.dtype(np.float64))
+            if idx is not None and dist is not None and (n == 0 or idx.max() < n):
+                self._derived = _Derived(idx, dist, R.sigma_from_knn(dist))
+                return self._derived
+        else:
+            sigma = self._load_npy(files.get("sigma"), (n,), np.dtype(np.float64))
+            if sigma is not None and np.isfinite(sigma).all() and (sigma > 0).all():
+                self._derived = _Derived(None, None, sigma)
+                return self._derived
+        self._derived = _Derived.compute(self.vectors())
+        return self._derived
+
+    def sigma(self) -> np.ndarray:
+        """Per-key hubness scale sigma_k (float64), in keys_table() order."""
+        return self._get_derived().sigma
+
+    def _load_hnsw(self) -> Any:
+        """The hnswlib index from index/ after verifying its checksum, else None."""
+        n, dim = self.n_keys, self.dim
+        entry = self._derived_entries().get("files", {}).get("hnsw")
+        if not entry or not dim:
+            return None
+        try:
+            data = (self.path / entry["path"]).read_bytes()
+        except OSError:
+            return None
+        if _sha256(data) != entry["sha256"]:
+            return None
+        # Load from a private copy of the verified bytes: the codebook file could change
+        # between the check and the load, and hnswlib trusts what it reads.
+        fd, tmp = tempfile.mkstemp(prefix="reasonedit-hnsw-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
+            index.load_index(tmp, max_elements=max(n, 1))
+        except (RuntimeError, OSError, ValueError):
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if index.get_current_count() != n:
+            return None
+        return index
+
+    def _hnsw_index(self) -> Any:
+        if self._hnsw is None:
+            self._hnsw = self._load_hnsw() or _build_hnsw(self.vectors())
+        return self._hnsw
+
+    # -- search -----------------------------------------------------------
+
+    def search(
+        self, queries: np.ndarray, k: int = 5, *, method: str = "auto"
+    ) -> list[list[tuple[int, float, float]]]:
+        """k nearest keys per query by hubness-corrected distance.
+
+        Returns per query a list of (row, raw L2 distance, corrected distance), best
+        first. method: "exact" (numpy brute force), "hnsw", or "auto" (hnsw from
+        `hnsw_min_keys` keys on). The hnsw path over-fetches candidates by raw distance
+        and re-ranks them exactly, since the correction can reorder neighbours.
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        n = self.n_keys
+        if n == 0 or k <= 0:
+            return [[] for _ in range(len(q))]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise CodebookError(
+                f"codebook {self.path}: query has dimension {q.shape[-1]}, "
+                f"keys have {self.dim} (was the codebook recalibrated?)"
+            )
+        if method not in ("auto", "exact", "hnsw"):
+            raise ValueError(f"unknown search method {method!r}")
+        sigma = self.sigma()
+        v = self.vectors()
+        k = min(k, n)
+        use_hnsw = method == "hnsw" or (method == "auto" and n >= self.hnsw_min_keys)
+        if use_hnsw:
+            fetch = min(n, max(8 * k, 64))
+            index = self._hnsw_index()
+            with self._hnsw_lock:
+                index.set_ef(max(64, 2 * fetch))
+                cand, _ = index.knn_query(q, k=fetch)
+            cand = cand.astype(np.int64)
+        out = []
+        for i in range(len(q)):
+            if use_hnsw:
+                rows = cand[i]
+                diff = v[rows].astype(np.float64) - q[i]
+                raw = np.sqrt((diff * diff).sum(1))
+            else:
+                rows = np.arange(n)
+                raw = R.pairwise_l2(q[i : i + 1], v)[0]
+            corr = raw / sigma[rows]
+            order = np.lexsort((rows, corr))[:k]
+            out.append([(int(rows[j]), float(raw[j]), float(corr[j])) for j in order])
+        return out
+
+    # -- writing ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, lock_timeout: float = 10.0) -> Iterator[CodebookWriter]:
+        """Take the writer lock (waiting up to lock_timeout s) and yield a writer.
+
+        On entry the newest manifest is reloaded and leftovers of crashed writers are
+        removed; on exit pending config changes are committed and the lock released.
+        """
+        with _Lock(self.path, lock_timeout):
+            self.refresh()
+            w = CodebookWriter(self)
+            w._cleanup()
+            yield w
+            if w._pending_config:
+                w.commit()
+
+    # -- checking ---------------------------------------------------------
+
+    def check(
+        self, repair: bool = False, *, lock_timeout: float = 10.0, images: bool = True
+    ) -> CheckReport:
+        """Verify every file the manifest lists (for `reasonedit doctor`).
+
+        Problems with Parquet segments or images are only reported (they are the source
+        of truth; restore an older version instead). With repair=True, damaged or missing
+        derived files are rebuilt and committed as a new version.
+        """
+        self.refresh()
+        rep = CheckReport(self.path, self.version)
+        vfile = self.path / "versions" / f"v{self.version:06d}.json"
+        try:
+            if _canonical(json.loads(vfile.read_bytes())) != _canonical(self.manifest):
+                rep.problems.append(f"versions/{vfile.name} differs from {MANIFEST}")
+        except (OSError, ValueError):
+            rep.problems.append(f"versions/{vfile.name} is missing or damaged")
+        segments_ok = True
+        for entry in self.manifest["segments"]:
+            try:
+                self._read_segment(entry)
+            except CodebookError as e:
+                segments_ok = False
+                rep.problems.append(str(e))
+        if not segments_ok:
+            return rep
+        n = self.n_keys
+        derived_bad = []
+        d = self.manifest.get("derived")
+        if n and (not d or d.get("keys") != n):
+            derived_bad.append("derived section is missing or out of date")
+        files = (d or {}).get("files", {})
+        checks = {
+            "sigma": ((n,), np.float64),
+            "knn_idx": ((n, R.SIGMA_K), np.int64),
+            "knn_dist": ((n, R.SIGMA_K), np.float64),
+        }
+        for name, (shape, dtype) in checks.items():
+            if n and self._load_npy(files.get(name), shape, np.dtype(dtype)) is None:
+                derived_bad.append(
+                    f"{(files.get(name) or {}).get('path', name)} is missing or damaged"
+                )
+        if files.get("hnsw") and self._load_hnsw() is None:
+            derived_bad.append(f"{files['hnsw']['path']} is missing or damaged")
+        if n >= self.hnsw_min_keys and not files.get("hnsw"):
+            derived_bad.append("hnsw index is not persisted")
+        if images:
+            shas = set(self.edits_table().column("image_sha256").to_pylist())
+            shas |= set(self.keys_table().column("image_sha256").to_pylist())
+            for sha in sorted(shas):
+                try:
+                    self.read_image_bytes(sha)
+                except CodebookError as e:
+                    rep.problems.append(str(e))
+        leftovers = [str(p.relative_to(self.path)) for p in _tmp_files(self.path)]
+        if leftovers:
+            rep.notes.append(
+                f"{len(leftovers)} temp files of an interrupted writer (removed by the next writer)"
+            )
+        if (self.path / LOCK).exists():
+            rep.notes.append(f"{LOCK} is present: {_lock_owner(self.path / LOCK)}")
+        if derived_bad and repair:
+            with self.writer(lock_timeout) as w:
+                w._commit(self.manifest["segments"], self.manifest["removed_edits"], state=None)
+            rep.repaired.extend(derived_bad)
+            rep.version = self.version
+        else:
+            rep.problems.extend(f"derived cache: {x}" for x in derived_bad)
+        return rep
+
+    verify = check
+
+
+def _is_own_name(name: str) -> bool:
+    return (
+        name in _KNOWN_NAMES or name.startswith(MANIFEST + ".tmp-") or name.startswith(LOCK + ".")
+    )
+
+
+def _read_manifest(path: Path) -> dict:
+    """Parse and validate manifest.json (format, version, self-checksum, safe paths)."""
+    f = path / MANIFEST
+    where = f"codebook {path}: {MANIFEST}"
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        raise CodebookError(f"{where} cannot be read: {e.strerror or e}") from e
+    try:
+        m = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CodebookError(
+            f"{where} is damaged (not valid JSON); restore it from versions/ or a backup"
+        ) from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CodebookError(
+            f"{path} is not a reasonedit codebook ({MANIFEST} has format "
+            f"{m.get('format') if isinstance(m, dict) else None!r})"
+        )
+    fv = m.get("format_version")
+    if not isinstance(fv, int):
+        raise CodebookError(f"{where} is damaged (format_version missing)")
+    if fv > FORMAT_VERSION:
+        raise CodebookError(
+            f"codebook {path} has format_version {fv}; this reasonedit reads "
+            f"up to {FORMAT_VERSION}: upgrade reasonedit"
+        )
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    try:
+        ok = m.get("checksum") == "sha256:" + _sha256(_canonical(body))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CodebookError(
+            f"{where} is damaged (checksum mismatch); restore it from versions/ or a backup"
+        )
+    try:
+        assert isinstance(m["version"], int) and m["version"] >= 0
+        assert isinstance(m["config"], dict)
+        for s in m["segments"]:
+            assert s["kind"] in ("keys", "edits") and isinstance(s["rows"], int)
+            assert _SHA_RE.fullmatch(s["sha256"]) and isinstance(s["version"], int)
+            _check_rel(s["path"])
+        for t in m["removed_edits"]:
+            assert isinstance(t["edit_id"], str) and isinstance(t["version"], int)
+        d = m.get("derived")
+        if d is not None:
+            for e in d.get("files", {}).values():
+                _check_rel(e["path"])
+    except (AssertionError, KeyError, TypeError) as e:
+        raise CodebookError(f"{where} is malformed ({type(e).__name__} {e})") from None
+    return m
+
+
+def _check_rel(rel: str) -> None:
+    # A shared codebook must not point outside its own directory.
+    p = Path(rel)
+    assert isinstance(rel, str) and not p.is_absolute() and ".." not in p.parts, rel
+
+
+def _tmp_files(path: Path) -> list[Path]:
+    out = list(path.glob("*.tmp-*"))
+    for sub in ("segments", "index", "versions"):
+        out += (path / sub).glob("*.tmp-*")
+    out += (path / "images").glob("*/*.tmp-*")
+    return out
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        info = json.loads(lock.read_bytes())
+        return f"pid {info['pid']} on host {info['host']} since {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown writer"
+
+
+def _build_hnsw(vectors: np.ndarray) -> Any:
+    n, dim = vectors.shape
+    index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
+    index.init_index(
+        max_elements=max(n, 1),
+        M=HNSW_M,
+        ef_construction=HNSW_EF_CONSTRUCTION,
+        random_seed=HNSW_SEED,
+    )
+    if n:
+        index.add_items(vectors, np.arange(n))
+    return index
+
+
+# ---------------------------------------------------------------------------
+# the lock
+
+
+class _Lock:
+    """Exclusive writer lock: `LOCK` created with O_CREAT|O_EXCL holding {pid, host, started}.
+
+    Waits up to `timeout` seconds. A lock left by a dead process on this host is broken;
+    locks from other hosts are never broken automatically (the pid means nothing here).
+    """
+
+    def __init__(self, path: Path, timeout: float):
+        self.dir = path
+        self.file = path / LOCK
+        self.timeout = timeout
+        self.content: bytes = b""
+
+    def __enter__(self) -> _Lock:
+        deadline = time.monotonic() + self.timeout
+        self.content = _canonical(
+            {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        )
+        delay = 0.02
+        while True:
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._break_if_stale():
+                    continue
+                if time.monotonic() >= deadline:
+                    raise CodebookLockedError(
+                        f"codebook {self.dir} is locked by {_lock_owner(self.file)}; "
+                        f"retry later or raise --lock-timeout"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                continue
+            except OSError as e:
+                raise CodebookError(
+                    f"codebook {self.dir}: cannot create {LOCK}: {e.strerror or e}"
+                ) from e
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.content)
+                f.flush()
+                os.fsync(f.fileno())
+            return self
+
+    def _break_if_stale(self) -> bool:
+        try:
+            raw = self.file.read_bytes()
+            age = time.time() - self.file.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile: retry at once
+        except OSError:
+            return False
+        try:
+            info = json.loads(raw)
+            stale = info["host"] == socket.gethostname() and not _pid_alive(int(info["pid"]))
+        except (ValueError, KeyError, TypeError):
+            stale = age > 10.0  # unreadable: a writer died while creating it, or is now
+        if not stale:
+            return False
+        # Move it aside, then check we moved the lock we judged (not a fresh one).
+        aside = self.dir / f"{LOCK}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.file, aside)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        try:
+            if aside.read_bytes() != raw:
+                with contextlib.suppress(OSError):
+                    os.link(aside, self.file)  # put the fresh lock back
+        finally:
+            with contextlib.suppress(OSError):
+                aside.unlink()
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.file.read_bytes() == self.content:
+                self.file.unlink()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# the writer
+
+
+class CodebookWriter:
+    """Changes a codebook while holding its lock; each change commits one new version."""
+
+    def __init__(self, codebook: Codebook):
+        self.cb = codebook
+        self._pending_config: dict = {}
+
+    @property
+    def path(self) -> Path:
+        return self.cb.path
+
+    # -- housekeeping -----------------------------------------------------
+
+    def _cleanup(self) -> None:
+        """Delete leftovers of crashed writers: temp files, unreferenced newer segments."""
+        for p in _tmp_files(self.path):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        cur = self.cb.version
+        referenced = {s["path"] for s in self.cb.manifest["segments"]}
+        for v in (self.path / "versions").glob("v*.json"):
+            try:
+                num = int(v.stem[1:])
+            except ValueError:
+                continue
+            if num > cur:  # written by a writer that died before replacing the manifest
+                with contextlib.suppress(OSError):
+                    v.unlink()
+                continue
+            try:
+                referenced |= {s["path"] for s in json.loads(v.read_bytes())["segments"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        try:
+            mtime = (self.path / MANIFEST).stat().st_mtime
+        except OSError:
+            return
+        for seg in (self.path / "segments").glob("*.parquet"):
+            rel = f"segments/{seg.name}"
+            try:
+                if rel not in referenced and seg.stat().st_mtime >= mtime:
+                    seg.unlink()
+            except OSError:
+                pass
+
+    # -- images -----------------------------------------------------------
+
+    def store_image(self, data: bytes, ext: str) -> str:
+        """Store image bytes content-addressed; returns their sha256 (idempotent)."""
+        ext = ext.lower().lstrip(".")
+        if not _EXT_RE.fullmatch(ext):
+            raise CodebookError(f"codebook {self.path}: bad image extension {ext!r}")
+        sha = _sha256(data)
+        d = self.path / "images" / sha[:2]
+        for existing in d.glob(sha + ".*") if d.is_dir() else []:
+            if ".tmp-" in existing.name:
+                continue
+            try:
+                if _sha256(existing.read_bytes()) == sha:
+                    return sha
+            except OSError:
+                pass
+        try:
+            _atomic_write(d / f"{sha}.{ext}", data)
+        except OSError as e:
+            raise CodebookError(
+                f"codebook {self.path}: cannot store image: {e.strerror or e}"
+            ) from e
+        return sha
+
+    # -- changes ----------------------------------------------------------
+
+    def set_config(self, **changes: Any) -> None:
+        """Stage config changes; committed with the next change or when the writer closes."""
+        _canonical(changes)  # must be plain JSON
+        self._pending_config.update(changes)
+
+    def add(self, edits: Sequence[EditRecord], keys: Sequence[KeyRecord]) -> AddResult:
+        """Append new edits and their keys as one version; edits already present are skipped.
+
+        Keys must belong to edits of this call; keys of skipped edits are skipped too.
+        """
+        cb = self.cb
+        present = cb.edit_ids()
+        res = AddResult(version=cb.version)
+        new_edits: dict[str, EditRecord] = {}
+        for e in edits:
+            if e.edit_id in present or e.edit_id in new_edits:
+                res.skipped_edits.append(e.edit_id)
+            else:
+                new_edits[e.edit_id] = e
+        new_keys: dict[str, KeyRecord] = {}
+        skipped = set(res.skipped_edits)
+        for k in keys:
+            if k.edit_id not in new_edits:
+                if k.edit_id in present or k.edit_id in skipped:
+                    res.skipped_keys += 1
+                    continue
+                raise CodebookError(f"key for edit {k.edit_id!r} has no edit record")
+            kid = k.key_id
+            if kid in new_keys:
+                res.skipped_keys += 1
+            else:
+                new_keys[kid] = k
+        if not new_edits:
+            if self._pending_config:
+                res.version = self.commit()
+            return res
+        dim = self._check_dim([k.vector for k in new_keys.values()])
+        now = dt.datetime.now(dt.timezone.utc)
+        version = cb.version + 1
+        segs = list(cb.manifest["segments"])
+        edits_table = _edits_to_table(list(new_edits.values()), now)
+        segs.append(self._write_segment("edits", edits_table, version))
+        keys_table = _keys_to_table(list(new_keys.items()), dim)
+        if keys_table.num_rows:
+            segs.append(self._write_segment("keys", keys_table, version))
+        # The live tables after this commit, so the derived data updates incrementally.
+        old_keys = cb.keys_table()
+        kt = keys_table.replace_schema_metadata(None)
+        live_keys = pa.concat_tables([old_keys, kt]).combine_chunks() if old_keys.num_rows else kt
+        live_edits = pa.concat_tables(
+            [cb.edits_table(), edits_table.replace_schema_metadata(None)]
+        ).combine_chunks()
+        state = ("append", live_keys, live_edits)
+        res.version = self._commit(segs, cb.manifest["removed_edits"], state=state)
+        res.added_edits = list(new_edits)
+        res.added_keys = len(new_keys)
+        return res
+
+    def remove_edits(self, edit_ids: Iterable[str]) -> int:
+        """Tombstone edits (their keys stop being retrieved); returns the new version."""
+        cb = self.cb
+        ids = set(edit_ids) & cb.edit_ids()
+        if not ids:
+            return self.commit()
+        version = cb.version + 1
+        tomb = [t for t in cb.manifest["removed_edits"] if t["edit_id"] not in ids]
+        tomb += [{"edit_id": e, "version": version} for e in sorted(ids)]
+        keys = cb.keys_table()
+        keep = np.asarray(
+            pc.invert(
+                pc.is_in(keys.column("edit_id"), value_set=pa.array(sorted(ids), pa.string()))
+            ).to_numpy(zero_copy_only=False),
+            dtype=bool,
+        )
+        edits = cb.edits_table()
+        edits = edits.filter(
+            pc.invert(
+                pc.is_in(edits.column("edit_id"), value_set=pa.array(sorted(ids), pa.string()))
+            )
+        )
+        state = ("remove", keys.filter(pa.array(keep)).combine_chunks(), edits, keep)
+        return self._commit(cb.manifest["segments"], tomb, state=state)
+
+    def replace_all_keys(self, keys: Sequence[KeyRecord]) -> int:
+        """Recalibration: one new keys segment replaces all key segments (new dim allowed).
+
+        Old segments stay on disk for older versions; keys of edits that are not live
+        are dropped. Config changes staged with set_config (layer, w, dim) land in the
+        same version.
+        """
+        cb = self.cb
+        live = cb.edit_ids()
+        recs: dict[str, KeyRecord] = {}
+        for k in keys:
+            if k.edit_id in live:
+                recs.setdefault(k.key_id, k)
+        dim = self._check_dim([k.vector for k in recs.values()], replacing=True)
+        version = cb.version + 1
+        segs = [s for s in cb.manifest["segments"] if s["kind"] != "keys"]
+        table = _keys_to_table(list(recs.items()), dim)
+        if table.num_rows:
+            segs.append(self._write_segment("keys", table, version))
+        return self._commit(
+            segs, cb.manifest["removed_edits"], state=("full", table, cb.edits_table())
+        )
+
+    def restore(self, version: int) -> int:
+        """Commit a new version whose content (segments, removals, config) equals `version`."""
+        f = self.path / "versions" / f"v{version:06d}.json"
+        if not f.exists():
+            raise CodebookError(
+                f"codebook {self.path}: version {version} is not kept (no versions/{f.name})"
+            )
+        try:
+            old = json.loads(f.read_bytes())
+            body = {k: v for k, v in old.items() if k != "checksum"}
+            ok = old.get("checksum") == "sha256:" + _sha256(_canonical(body))
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise CodebookError(f"codebook {self.path}: versions/{f.name} is damaged")
+        self._pending_config = {}
+        return self._commit(
+            old["segments"], old["removed_edits"], state=None, config=dict(old["config"])
+        )
+
+    def commit(self) -> int:
+        """Commit staged config changes (if any); returns the current version."""
+        if not self._pending_config:
+            return self.cb.version
+        cb = self.cb
+        return self._commit(cb.manifest["segments"], cb.manifest["removed_edits"], state=("same",))
+
+    # -- internals --------------------------------------------------------
+
+    def _check_dim(self, vectors: list[np.ndarray], replacing: bool = False) -> int:
+        """Validate key vectors; the dimension is fixed per codebook (config["dim"]).
+
+        The first keys set it; `replace_all_keys` (recalibration) may change it.
+        """
+        for v in vectors:
+            a = np.asarray(v)
+            if a.ndim != 1:
+                raise CodebookError(f"key vectors must be 1-D, got shape {a.shape}")
+            if not np.isfinite(a).all():
+                raise CodebookError("key vector contains NaN or infinity")
+        dims = {int(np.asarray(v).size) for v in vectors}
+        if len(dims) > 1:
+            raise CodebookError(f"key vectors have different dimensions {sorted(dims)}")
+        pending = self._pending_config.get("dim")
+        if replacing or self.cb.n_keys == 0:
+            want = pending  # recalibration or an empty codebook may change the dimension
+        else:
+            want = self.cb.dim
+            if pending is not None and int(pending) != want:
+                raise CodebookError(
+                    f"codebook {self.path} holds {want}-d keys; cannot set "
+                    f"dim={pending} without re-embedding every key"
+                )
+        if not dims:
+            return int(want or self.cb.dim or 1)
+        (dim,) = dims
+        if want is not None and int(want) != dim:
+            raise CodebookError(
+                f"codebook {self.path} holds {want}-d keys; got {dim}-d "
+                f"vectors (recalibrate to change the embedding)"
+            )
+        if self.cb.dim != dim:
+            self._pending_config["dim"] = dim
+        return dim
+
+    def _write_segment(self, kind: str, table: pa.Table, version: int) -> dict:
+        rel = f"segments/{kind}-{version:06d}-{uuid.uuid4().hex}.parquet"
+        data = _table_bytes(table)
+        try:
+            _atomic_write(self.path / rel, data)
+        except OSError as e:
+            raise CodebookError(
+                f"codebook {self.path}: cannot write {rel}: {e.strerror or e}"
+            ) from e
+        return {
+            "kind": kind,
+            "path": rel,
+            "sha256": _sha256(data),
+            "rows": table.num_rows,
+            "bytes": len(data),
+            "version": version,
+        }
+
+    def _commit(
+        self,
+        segments: list[dict],
+        removed: list[dict],
+        *,
+        state: tuple | None,
+        config: dict | None = None,
+    ) -> int:
+        """Compute derived data, write it and the manifest; the rename is the commit.
+
+        state describes how live keys changed, so derived data updates incrementally:
+        ("append", keys, edits), ("remove", keys, edits, keep_mask), ("full", keys,
+        edits), ("same",), or None (reload everything from the listed segments).
+        """
+        cb = self.cb
+        old = cb.manifest
+        version = cb.version + 1
+        cfg = dict(old["config"] if config is None else config)
+        cfg.update(self._pending_config)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "created": old["created"],
+            "updated": _now(),
+            "config": cfg,
+            "segments": segments,
+            "removed_edits": removed,
+            "derived": None,
+        }
+        # A scratch reader over the new content computes the derived data.
+        new = Codebook(cb.path, manifest, hnsw_min_keys=cb.hnsw_min_keys)
+        kind = state[0] if state else None
+        if kind in ("append", "remove", "full"):
+            new._keys, new._edits = state[1], state[2]
+        if kind == "same":
+            new._keys, new._edits = cb.keys_table(), cb.edits_table()
+        try:
+            derived = self._derive(new, kind, state)
+            manifest["derived"] = derived
+            data = _manifest_bytes(manifest)
+            _atomic_write(self.path / "versions" / f"v{version:06d}.json", data)
+            _atomic_write(self.path / MANIFEST, data)
+        except OSError as e:
+            raise CodebookError(
+                f"codebook {self.path}: commit of version {version} failed: {e.strerror or e}"
+            ) from e
+        self._pending_config = {}
+        # Hand the computed state to the caller's Codebook instead of rereading it.
+        keys, edits, d, h = new._keys, new._edits, new._derived, new._hnsw
+        cb._set_manifest(json.loads(data))
+        cb._keys, cb._edits, cb._derived, cb._hnsw = keys, edits, d, h
+        self._gc_derived(old)
+        return version
+
+    def _derive(self, new: Codebook, kind: str | None, state: tuple | None) -> dict:
+        cb = self.cb
+        n = new.n_keys
+        vecs = new.vectors()
+        version = new.version
+        old_n = cb.n_keys if kind in ("append", "remove", "same") else 0
+        derived: _Derived
+        index = None
+        if kind == "append" and old_n:
+            od = cb._get_derived(need_knn=True)
+            idx, dist = R.update_knn_lists(
+                cb.vectors(), od.knn_idx, od.knn_dist, vecs[old_n:], R.SIGMA_K
+            )
+            derived = _Derived(idx, dist, R.sigma_from_knn(dist))
+            if n >= new.hnsw_min_keys:
+                index = cb._load_hnsw() if cb._hnsw is None else cb._hnsw
+                if index is not None:
+                    with cb._hnsw_lock:
+                        index.resize_index(n)
+                        index.add_items(vecs[old_n:], np.arange(old_n, n))
+                    cb._hnsw = None  # it now holds the new keys: not the old snapshot's
+        elif kind == "remove" and n:
+            od = cb._get_derived(need_knn=True)
+            idx, dist = R.remove_from_knn_lists(vecs, od.knn_idx, od.knn_dist, state[3], R.SIGMA_K)
+            derived = _Derived(idx, dist, R.sigma_from_knn(dist))
+        elif kind == "same":
+            derived = cb._get_derived(need_knn=True)
+            index = cb._hnsw if cb._hnsw is not None else cb._load_hnsw()
+        else:
+            derived = _Derived.compute(vecs)
+        new._derived = derived
+        if n >= new.hnsw_min_keys:
+            new._hnsw = index if index is not None else _build_hnsw(vecs)
+        files = {}
+        tag = f"{version:06d}"
+        for name, arr in (
+            ("sigma", derived.sigma),
+            ("knn_idx", derived.knn_idx),
+            ("knn_dist", derived.knn_dist),
+        ):
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            files[name] = self._write_derived(f"index/{name}-{tag}.npy", buf.getvalue())
+        if new._hnsw is not None:
+            rel = f"index/hnsw-{tag}.bin"
+            tmp = _tmp_name(self.path / rel)
+            with new._hnsw_lock:
+                new._hnsw.save_index(str(tmp))
+            try:
+                data = tmp.read_bytes()
+            finally:
+                tmp.unlink()
+            files["hnsw"] = dict(
+                self._write_derived(rel, data),
+                space=HNSW_SPACE,
+                M=HNSW_M,
+                ef_construction=HNSW_EF_CONSTRUCTION,
+            )
+        n_edits = len(new.edit_ids())
+        p = new.percentile
+        tau = new.tau_for(p) if n >= 2 else None
+        return {
+            "keys": n,
+            "edits": n_edits,
+            "sigma_k": R.SIGMA_K,
+            "percentile": p,
+            "effective_percentile": R.effective_percentile(p, n_edits),
+            "tau": tau,
+            "tau_seed": TAU_SEED,
+            "tau_pairs": "all" if n <= R.EXACT_PAIRS_MAX_KEYS else R.SAMPLE_PAIRS,
+            "files": files,
+        }
+
+    def _write_derived(self, rel: str, data: bytes) -> dict:
+        _atomic_write(self.path / rel, data)
+        return {"path": rel, "sha256": _sha256(data), "bytes": len(data)}
+
+    def _gc_derived(self, previous: dict) -> None:
+        """Drop derived files not listed by the current or the previous manifest.
+
+        The previous version's files stay so that readers still on it keep their cache.
+        """
+        keep = set()
+        for m in (previous, self.cb.manifest):
+            for e in ((m.get("derived") or {}).get("files") or {}).values():
+                keep.add(e["path"])
+        for f in (self.path / "index").glob("*"):
+            if f"index/{f.name}" not in keep and ".tmp-" not in f.name:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+
+def _edits_to_table(edits: list[EditRecord], now: dt.datetime) -> pa.Table:
+    for e in edits:
+        if not _SHA_RE.fullmatch(e.image_sha256 or ""):
+            raise CodebookError(f"edit {e.edit_id!r}: invalid image hash {e.image_sha256!r}")
+    return pa.Table.from_pydict(
+        {
+            "edit_id": [e.edit_id for e in edits],
+            "image_sha256": [e.image_sha256 for e in edits],
+            "question": [e.question for e in edits],
+            "answer": [e.answer for e in edits],
+            "reasoning": [list(e.reasoning) for e in edits],
+            "boxes": [
+                None
+                if e.boxes is None
+                else [None if b is None else [int(x) for x in b] for b in e.boxes]
+                for e in edits
+            ],
+            "source": [e.source for e in edits],
+            "added": [e.added or now for e in edits],
+        },
+        schema=EDITS_SCHEMA,
+    )
+
+
+def _keys_to_table(items: list[tuple[str, KeyRecord]], dim: int) -> pa.Table:
+    for _, k in items:
+        if k.kind not in KINDS:
+            raise CodebookError(f"key of edit {k.edit_id!r}: kind {k.kind!r} not in {KINDS}")
+        if k.box is not None and len(k.box) != 4:
+            raise CodebookError(f"key of edit {k.edit_id!r}: box must have 4 numbers")
+    vecs = (
+        np.stack([np.asarray(k.vector, dtype=np.float32).reshape(-1) for _, k in items])
+        if items
+        else np.zeros((0, dim), dtype=np.float32)
+    )
+    schema = keys_schema(dim)
+    cols = {
+        "key_id": pa.array([kid for kid, _ in items], pa.string()),
+        "edit_id": pa.array([k.edit_id for _, k in items], pa.string()),
+        "kind": pa.array([k.kind for _, k in items], pa.string()),
+        "value": pa.array([k.value for _, k in items], pa.string()),
+        "key_text": pa.array([k.key_text for _, k in items], pa.string()),
+        "box": pa.array(
+            [None if k.box is None else [int(x) for x in k.box] for _, k in items],
+            pa.list_(pa.int32()),
+        ),
+        "image_sha256": pa.array([k.image_sha256 for _, k in items], pa.string()),
+        "radius": pa.array(
+            [None if k.radius is None else float(k.radius) for _, k in items], pa.float32()
+        ),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim),
+    }
+    return pa.Table.from_arrays(list(cols.values()), schema=schema)

@@ -1,0 +1,424 @@
+"""Hubness-corrected retrieval over codebook keys (DESIGN 1.7, 1.8).
+
+Pure numpy functions shared by the codebook (which caches their results as derived data)
+and by evaluation (which sweeps the threshold). Distances are Euclidean (L2, not squared).
+
+Hubness correction: some keys ("hubs") sit close to everything in high-dimensional spaces
+and would win most queries. Dividing the distance to key k by sigma_k, the median distance
+from k to its nearest other keys, puts every key on its own local scale. A query is
+rejected (no edit applies) when even the best corrected distance exceeds tau, the p-th
+percentile of key-to-key corrected distances, so locality holds for unrelated inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SIGMA_K = 30  # neighbours used for sigma (DESIGN 1.7)
+DEFAULT_PERCENTILE = 25.0
+EXACT_PAIRS_MAX_KEYS = 2000  # above this many keys tau uses a seeded sample of pairs
+SAMPLE_PAIRS = 1_000_000
+_CHUNK_ELEMS = 8_000_000  # float64 elements per distance block (~64 MB)
+
+
+# ---------------------------------------------------------------------------
+# exact distances and kNN
+
+
+def _as_2d_f32(x: np.ndarray) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D array of vectors, got shape {a.shape}")
+    return a
+
+
+def pairwise_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact L2 distances between rows of a and rows of b, shape (len(a), len(b)), float64.
+
+    Uses float64 for the |a|^2 + |b|^2 - 2ab expansion: in float32 near-duplicate keys
+    lose all precision and sigma (a median of small distances) would be noise.
+    """
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    sq = (a64 * a64).sum(1)[:, None] + (b64 * b64).sum(1)[None, :] - 2.0 * (a64 @ b64.T)
+    np.maximum(sq, 0.0, out=sq)
+    return np.sqrt(sq, out=sq)
+
+
+def _row_chunk(n_cols: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(1, n_cols))
+
+
+def brute_force_knn(
+    vectors: np.ndarray, queries: np.ndarray, k: int, *, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows of `vectors` for each query: (indices int64, distances float64).
+
+    The reference search for tests and benchmarks. With exclude_self, queries must be
+    `vectors` itself and row i never returns i (by position, so exact duplicates of a key
+    still count as its neighbours). Rows with fewer than k candidates are padded with
+    index -1 and distance inf.
+    """
+    v = _as_2d_f32(vectors)
+    q = _as_2d_f32(queries)
+    n, m = len(v), len(q)
+    idx_out = np.full((m, k), -1, dtype=np.int64)
+    dist_out = np.full((m, k), np.inf, dtype=np.float64)
+    if n == 0 or k == 0 or m == 0:
+        return idx_out, dist_out
+    kk = min(k, n - 1 if exclude_self else n)
+    if kk <= 0:
+        return idx_out, dist_out
+    step = _row_chunk(n)
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        d = pairwise_l2(q[start:stop], v)
+        if exclude_self:
+            d[np.arange(stop - start), np.arange(start, stop)] = np.inf
+        part = (
+            np.argpartition(d, kk - 1, axis=1)[:, :kk]
+            if kk < n
+            else np.tile(np.arange(n), (stop - start, 1))
+        )
+        pd = np.take_along_axis(d, part, axis=1)
+        order = np.argsort(pd, axis=1, kind="stable")
+        idx_out[start:stop, :kk] = np.take_along_axis(part, order, axis=1)
+        dist_out[start:stop, :kk] = np.take_along_axis(pd, order, axis=1)
+    return idx_out, dist_out
+
+
+# ---------------------------------------------------------------------------
+# neighbour lists and sigma (kept by the codebook as derived data)
+
+
+def knn_lists(vectors: np.ndarray, k: int = SIGMA_K) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's k nearest OTHER keys from scratch: (idx (n,k) int64, dist (n,k) float64).
+
+    Padded with -1 / inf while the codebook has fewer than k+1 keys.
+    """
+    v = _as_2d_f32(vectors)
+    return brute_force_knn(v, v, k, exclude_self=True)
+
+
+def _merge_lists(
+    idx_a: np.ndarray, dist_a: np.ndarray, idx_b: np.ndarray, dist_b: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.concatenate([idx_a, idx_b], axis=1)
+    dist = np.concatenate([dist_a, dist_b], axis=1)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
+
+
+def update_knn_lists(
+    old_vectors: np.ndarray,
+    old_idx: np.ndarray,
+    old_dist: np.ndarray,
+    new_vectors: np.ndarray,
+    k: int = SIGMA_K,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists after appending new_vectors (rows n_old..) to old_vectors.
+
+    Exact, like `knn_lists` on the concatenation, at O(n_old * n_new) instead of
+    O(n^2): new keys get their neighbours among all keys; an existing key's list changes
+    only when a new key is closer than its current k-th neighbour, which the merge with
+    its distances to the new keys decides.
+    """
+    old = _as_2d_f32(old_vectors).reshape(-1, np.asarray(new_vectors).shape[-1])
+    new = _as_2d_f32(new_vectors)
+    n_old, n_new = len(old), len(new)
+    if n_new == 0:
+        return old_idx.copy(), old_dist.copy()
+    if n_old == 0:
+        return knn_lists(new, k)
+    allv = np.concatenate([old, new])
+    # new keys: their neighbours among all keys, excluding themselves by position
+    kk = min(k, len(allv) - 1)
+    new_idx = np.full((n_new, k), -1, dtype=np.int64)
+    new_dist = np.full((n_new, k), np.inf, dtype=np.float64)
+    step = _row_chunk(len(allv))
+    for start in range(0, n_new, step):
+        stop = min(n_new, start + step)
+        d = pairwise_l2(new[start:stop], allv)
+        d[np.arange(stop - start), n_old + np.arange(start, stop)] = np.inf
+        part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
+        pd = np.take_along_axis(d, part, axis=1)
+        order = np.argsort(pd, axis=1, kind="stable")
+        new_idx[start:stop, :kk] = np.take_along_axis(part, order, axis=1)
+        new_dist[start:stop, :kk] = np.take_along_axis(pd, order, axis=1)
+    # existing keys: merge their lists with distances to the new keys
+    upd_idx = np.empty((n_old, k), dtype=np.int64)
+    upd_dist = np.empty((n_old, k), dtype=np.float64)
+    kb = min(k, n_new)
+    step = _row_chunk(n_new)
+    for start in range(0, n_old, step):
+        stop = min(n_old, start + step)
+        d = pairwise_l2(old[start:stop], new)
+        part = (
+            np.argpartition(d, kb - 1, axis=1)[:, :kb]
+            if kb < n_new
+            else np.tile(np.arange(n_new), (stop - start, 1))
+        )
+        pd = np.take_along_axis(d, part, axis=1)
+        ui, ud = _merge_lists(old_idx[start:stop], old_dist[start:stop], part + n_old, pd, k)
+        upd_idx[start:stop], upd_dist[start:stop] = ui, ud
+    return np.concatenate([upd_idx, new_idx]), np.concatenate([upd_dist, new_dist])
+
+
+def remove_from_knn_lists(
+    vectors_kept: np.ndarray,
+    old_idx: np.ndarray,
+    old_dist: np.ndarray,
+    keep: np.ndarray,
+    k: int = SIGMA_K,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists after deleting the rows where `keep` is False.
+
+    `vectors_kept` are the surviving rows in order. Lists that never mentioned a removed
+    key stay valid (only renumbered); the others, and every list while the codebook has
+    at most k keys, are recomputed exactly against the survivors.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    v = _as_2d_f32(vectors_kept)
+    n = len(v)
+    if n <= k + 1:
+        return knn_lists(v, k)
+    remap = np.full(len(keep) + 1, -1, dtype=np.int64)  # extra slot maps padding (-1)
+    remap[:-1][keep] = np.arange(n)
+    idx = remap[old_idx[keep]]
+    dist = old_dist[keep].copy()
+    dirty = np.flatnonzero((idx < 0).any(axis=1))
+    if len(dirty):
+        step = _row_chunk(n)
+        for start in range(0, len(dirty), step):
+            rows = dirty[start : start + step]
+            d = pairwise_l2(v[rows], v)
+            d[np.arange(len(rows)), rows] = np.inf
+            part = np.argpartition(d, k - 1, axis=1)[:, :k]
+            pd = np.take_along_axis(d, part, axis=1)
+            order = np.argsort(pd, axis=1, kind="stable")
+            idx[rows] = np.take_along_axis(part, order, axis=1)
+            dist[rows] = np.take_along_axis(pd, order, axis=1)
+    return idx, dist
+
+
+def sigma_from_knn(knn_dist: np.ndarray) -> np.ndarray:
+    """sigma_k = median of the finite neighbour distances of each key (float64).
+
+    A key with no neighbour (a one-key codebook) gets sigma 1, i.e. no correction. Zero
+    sigmas (exact duplicate keys) are floored at a tiny fraction of the typical sigma so
+    corrected distances stay finite.
+    """
+    d = np.asarray(knn_dist, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    if d.shape[1] == 0:
+        return np.ones(n, dtype=np.float64)
+    finite = np.isfinite(d)
+    with np.errstate(all="ignore"):
+        sigma = (
+            np.nanmedian(np.where(finite, d, np.nan), axis=1)
+            if not finite.all()
+            else np.median(d, axis=1)
+        )
+    sigma = np.where(finite.any(axis=1), sigma, 1.0)
+    positive = sigma[sigma > 0]
+    floor = 1e-6 * (float(np.median(positive)) if len(positive) else 1.0)
+    return np.maximum(sigma, floor)
+
+
+def hubness_sigma(vectors: np.ndarray, k: int = SIGMA_K) -> np.ndarray:
+    """sigma_k for every key: median L2 distance to its min(k, n-1) nearest other keys."""
+    return sigma_from_knn(knn_lists(vectors, k)[1])
+
+
+def corrected_distances(
+    raw: np.ndarray, sigma: np.ndarray, key_rows: np.ndarray | None = None
+) -> np.ndarray:
+    """Hubness-corrected distances raw / sigma of the key each distance points at.
+
+    raw is (m, n) against all keys in order, or (m, j) against `key_rows` (same shape).
+    """
+    s = np.asarray(sigma, dtype=np.float64)
+    r = np.asarray(raw, dtype=np.float64)
+    if key_rows is None:
+        return r / s[None, :] if r.ndim == 2 else r / s
+    return r / s[np.asarray(key_rows)]
+
+
+# ---------------------------------------------------------------------------
+# rejection threshold
+
+
+def effective_percentile(p: float, n_edits: int) -> float:
+    """max(p, 100 / n_edits), capped at 100 (DESIGN 1.7: few edits need a looser tau)."""
+    if n_edits <= 0:
+        return float(min(100.0, p))
+    return float(min(100.0, max(p, 100.0 / n_edits)))
+
+
+def corrected_pair_sample(
+    vectors: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    seed: int = 0,
+    max_exact_keys: int = EXACT_PAIRS_MAX_KEYS,
+    n_pairs: int = SAMPLE_PAIRS,
+) -> np.ndarray:
+    """Corrected key-key distances d(a, b) / sigma_a over ordered pairs a != b.
+
+    All pairs up to `max_exact_keys` keys; above that a fixed seeded sample of `n_pairs`
+    pairs, so tau is reproducible from the Parquet data alone. Evaluation sweeps p over
+    one sample instead of recomputing distances per p.
+    """
+    v = _as_2d_f32(vectors)
+    s = np.asarray(sigma, dtype=np.float64)
+    n = len(v)
+    if n < 2:
+        return np.zeros(0, dtype=np.float64)
+    if n <= max_exact_keys:
+        out = []
+        step = _row_chunk(n)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            d = pairwise_l2(v[start:stop], v) / s[start:stop, None]
+            mask = np.ones(d.shape, dtype=bool)
+            mask[np.arange(stop - start), np.arange(start, stop)] = False
+            out.append(d[mask])
+        return np.concatenate(out)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n, size=n_pairs)
+    b = rng.integers(0, n - 1, size=n_pairs)
+    b = b + (b >= a)  # uniform over b != a
+    out = np.empty(n_pairs, dtype=np.float64)
+    step = max(1, _CHUNK_ELEMS // max(1, v.shape[1]))
+    for start in range(0, n_pairs, step):
+        stop = min(n_pairs, start + step)
+        diff = v[a[start:stop]].astype(np.float64) - v[b[start:stop]]
+        out[start:stop] = np.sqrt((diff * diff).sum(1)) / s[a[start:stop]]
+    return out
+
+
+def rejection_threshold(
+    vectors: np.ndarray | None,
+    sigma: np.ndarray | None,
+    p: float = DEFAULT_PERCENTILE,
+    n_edits: int = 0,
+    *,
+    seed: int = 0,
+    sample: np.ndarray | None = None,
+) -> float | None:
+    """tau = the max(p, 100/n_edits)-th percentile of corrected key-key distances.
+
+    None with fewer than two keys (no pair to measure). Pass `sample` (from
+    `corrected_pair_sample`) to reuse the pair distances across several p.
+    """
+    if sample is None:
+        if vectors is None or sigma is None:
+            raise ValueError("rejection_threshold needs vectors and sigma, or a sample")
+        sample = corrected_pair_sample(vectors, sigma, seed=seed)
+    if len(sample) == 0:
+        return None
+    return float(np.percentile(sample, effective_percentile(p, n_edits)))
+
+
+# ---------------------------------------------------------------------------
+# retrieval and prompt
+
+
+@dataclass
+class Hit:
+    """One retrieved key: its fact (value) and where it came from."""
+
+    value: str
+    distance: float  # hubness-corrected
+    raw_distance: float  # plain L2
+    kind: str
+    edit_id: str
+    key_id: str
+    box: tuple[int, int, int, int] | None
+    row: int = -1  # position in the codebook's live key order
+
+
+@dataclass
+class Retrieval:
+    """Outcome of one query: rejected (no edit applies) or the hits under tau."""
+
+    rejected: bool
+    hits: list[Hit] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+    tau: float | None = None
+    nearest: float | None = None  # best corrected distance, also when rejected
+
+
+def distinct_values(hits: Sequence[Hit]) -> list[str]:
+    """Distinct hit values in hit order: the facts to prepend."""
+    seen: dict[str, None] = {}
+    for h in hits:
+        seen.setdefault(h.value, None)
+    return list(seen)
+
+
+def retrieve(
+    codebook: Any, query_vector: np.ndarray, k: int = 5, p: float | None = None
+) -> Retrieval:
+    """Retrieve the facts that apply to one query embedding (DESIGN 1.7).
+
+    Reject when the nearest corrected distance exceeds tau; otherwise return the k
+    nearest keys whose corrected distance is within tau and their distinct values.
+    p=None uses the codebook's stored tau; another p recomputes tau (for sweeps).
+
+    A codebook with a single key has no tau; then the key applies only within its
+    deferral radius (raw distance <= radius), and never when it has no radius.
+    """
+    q = np.asarray(query_vector, dtype=np.float32).reshape(1, -1)
+    tau = codebook.tau if p is None else codebook.tau_for(p)
+    results = codebook.search(q, k=k)[0]
+    if not results:
+        return Retrieval(rejected=True, tau=tau)
+    table = codebook.keys_table()
+    nearest = results[0][2]
+    if tau is None:
+        radius = table.column("radius")[results[0][0]].as_py()
+        ok = [r for r in results[:1] if radius is not None and r[1] <= radius]
+    else:
+        ok = [r for r in results if r[2] <= tau]
+    if not ok:
+        return Retrieval(rejected=True, tau=tau, nearest=nearest)
+    cols = {name: table.column(name) for name in ("value", "kind", "edit_id", "key_id", "box")}
+    hits = []
+    for row, raw, corr in ok:
+        box = cols["box"][row].as_py()
+        hits.append(
+            Hit(
+                value=cols["value"][row].as_py(),
+                distance=float(corr),
+                raw_distance=float(raw),
+                kind=cols["kind"][row].as_py(),
+                edit_id=cols["edit_id"][row].as_py(),
+                key_id=cols["key_id"][row].as_py(),
+                box=tuple(box) if box is not None else None,
+                row=int(row),
+            )
+        )
+    return Retrieval(
+        rejected=False, hits=hits, facts=distinct_values(hits), tau=tau, nearest=nearest
+    )
+
+
+def build_prompt(facts: Sequence[str], prompt: str) -> str:
+    """`<facts joined by spaces> <prompt>`; the prompt unchanged when there are no facts.
+
+    Unchanged means byte-identical, so an unedited query runs exactly as the base model
+    (locality, DESIGN 1.8).
+    """
+    facts = [f for f in facts if f]
+    if not facts:
+        return prompt
+    return " ".join(facts) + " " + prompt
