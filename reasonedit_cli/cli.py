@@ -1,0 +1,431 @@
+"""The `reasonedit` command line: parse options, call the core, render the result.
+
+No method logic lives here. Every command takes `--json` (machine-readable stdout) and
+exits 0 on success, 1 on an expected failure (one line on stderr, no traceback) and 2 on
+a usage error. Heavy libraries are imported inside commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from reasonedit_cli import __version__
+from reasonedit_cli.errors import InputError, ReasonEditError, UsageError
+
+app = typer.Typer(
+    name="reasonedit",
+    help=(
+        "Correct vision-language models with human reasoning, without retraining.\n\n"
+        "Add edits (image, question, answer, reasoning) to a codebook; `ask` retrieves the "
+        "relevant reasoning facts and prepends them to the model's prompt."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ----------------------------------------------------------------- options
+CodebookOpt = Annotated[
+    Path,
+    typer.Option(
+        "--codebook",
+        "-c",
+        envvar="REASONEDIT_CODEBOOK",
+        help="Codebook directory (env REASONEDIT_CODEBOOK).",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="VLM: a local directory or a Hugging Face id. Default: the codebook's model, "
+        "else the bundled demo VLM.",
+    ),
+]
+TextModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-model", help="Sentence-transformers model (default all-MiniLM-L6-v2, bundled)."
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow model code from the checkpoint (off by default)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+LockOpt = Annotated[
+    float, typer.Option("--lock-timeout", help="Seconds to wait for another writer to finish.")
+]
+DEFAULT_CODEBOOK = Path("codebook")
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def handle_errors(func: F) -> F:
+    """Turn expected failures into one line on stderr and a meaningful exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ReasonEditError as exc:
+            message = str(exc).replace("\n", " ")
+            typer.echo(f"Error: {message}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted; the codebook is unchanged.", err=True)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            raise typer.Exit(0) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; a no-op callback when disabled."""
+    if not enabled or total <= 1:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=_stderr(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _editor(
+    codebook: Path, model, text_model, device, dtype, trust, *, create=False, lock_timeout=10.0
+):
+    from reasonedit_cli.editor import Editor
+
+    return Editor(
+        codebook,
+        model=model,
+        text_model=text_model,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust,
+        create=create,
+        lock_timeout=lock_timeout,
+    )
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"reasonedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+) -> None:
+    """Correct vision-language models with human reasoning, without retraining."""
+
+
+# ---------------------------------------------------------------- add-edit
+@app.command("add-edit")
+@handle_errors
+def add_edit(
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image of the edit.")] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question.")] = None,
+    answer: Annotated[
+        str | None, typer.Option("--answer", "-a", help="The correct answer.")
+    ] = None,
+    reason: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reason", "-r", help="Reasoning: sentences (repeat the flag or write several)."
+        ),
+    ] = None,
+    box: Annotated[
+        list[str] | None,
+        typer.Option("--box", help="x0,y0,x1,y1 (or 'none') per reasoning sentence, in order."),
+    ] = None,
+    edit_id: Annotated[
+        str | None, typer.Option("--id", help="Edit id (default: a content hash).")
+    ] = None,
+    from_file: Annotated[
+        str | None,
+        typer.Option("--from", "-f", help="Edits from a file: JSONL path, or - for stdin."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Layout of --from: jsonl | aokvqa | rationalevqa")
+    ] = "jsonl",
+    images_root: Annotated[
+        Path | None, typer.Option("--images-root", help="Image folder for aokvqa / rationalevqa.")
+    ] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Add the valid records and report the others.")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Edits per VLM batch.")
+    ] = 16,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    model: ModelOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    lock_timeout: LockOpt = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add edits to the codebook: from flags, or many from JSONL (idempotent).
+
+    Example: reasonedit add-edit -i cat.png -q "what shape is in the image?" -a circle
+    -r "The shape has no corners. A shape with no corners is a circle."
+    """
+    from reasonedit_cli import edits as edits_mod
+
+    errors: list[str] = []
+    if from_file is not None:
+        if any(v is not None for v in (image, question, answer, reason, box, edit_id)):
+            raise UsageError(
+                "--from cannot be combined with --image/--question/--answer/--reason/--box/--id"
+            )
+        from reasonedit_cli.datasets import read_edits
+
+        edits, errors = read_edits(
+            from_file, fmt, images_root=images_root, skip_invalid=skip_invalid
+        )
+    else:
+        missing = [
+            n
+            for n, v in (
+                ("--image", image),
+                ("--question", question),
+                ("--answer", answer),
+                ("--reason", reason),
+            )
+            if not v
+        ]
+        if missing:
+            raise UsageError(f"missing {', '.join(missing)} (or use --from FILE)")
+        record: dict[str, Any] = {
+            "image": str(image),
+            "question": question,
+            "answer": answer,
+            "reasoning": list(reason or []),
+        }
+        if edit_id:
+            record["id"] = edit_id
+        if box:
+            record["boxes"] = [_parse_box_flag(b) for b in box]
+        edits = [edits_mod.edit_from_record(record, Path.cwd(), "command line", "cli")]
+    if not edits:
+        if errors:
+            raise InputError(f"no valid edits ({len(errors)} invalid); first: {errors[0]}")
+        raise InputError(f"{from_file}: no edits found")
+    editor = _editor(
+        codebook,
+        model,
+        text_model,
+        device,
+        dtype,
+        trust_remote_code,
+        create=True,
+        lock_timeout=lock_timeout,
+    )
+    with _progress(len(edits), "Adding edits", not as_json) as advance:
+        report = editor.add_edits(edits, batch_size=batch_size, progress=advance)
+    if as_json:
+        _print_json(
+            {
+                "added": report.added,
+                "skipped": report.skipped,
+                "invalid": errors,
+                "keys": report.keys,
+                "version": report.version,
+                "codebook": str(codebook),
+                "boxes": report.boxes,
+            }
+        )
+    else:
+        out = _stdout()
+        out.print(
+            f"Added {len(report.added)} edit(s) ({report.keys} keys) to {codebook}; "
+            f"{len(report.skipped)} already present; version {report.version}."
+        )
+        for err in errors:
+            _stderr().print(f"skipped invalid record: {err}", markup=False)
+    if errors:
+        raise typer.Exit(1)
+
+
+def _parse_box_flag(text: str) -> list[float] | None:
+    if text.strip().lower() in ("none", "null", "-"):
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--box {text!r}: expected x0,y0,x1,y1 or none") from None
+
+
+# --------------------------------------------------------------------- ask
+@app.command()
+@handle_errors
+def ask(
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image to ask about.")] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question.")] = None,
+    from_file: Annotated[
+        str | None,
+        typer.Option(
+            "--from", "-f", help="Questions from JSONL ({image, question[, id]}), - for stdin."
+        ),
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show retrieved facts, distances and patches.")
+    ] = False,
+    no_edit: Annotated[
+        bool, typer.Option("--no-edit", help="Answer with the unedited model.")
+    ] = False,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Keys to retrieve (default 5).")
+    ] = None,
+    percentile: Annotated[
+        float | None,
+        typer.Option(
+            "--percentile", min=0, max=100, help="Rejection percentile p (default: codebook's)."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    model: ModelOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a question about an image with the edited model.
+
+    Example: reasonedit ask -i photo.png -q "what color is the shape?" --explain
+    """
+    from reasonedit_cli.datasets import read_questions
+    from reasonedit_cli.edits import read_image_file
+
+    if from_file is not None:
+        if image is not None or question is not None:
+            raise UsageError("--from cannot be combined with --image/--question")
+        items = read_questions(from_file)
+    else:
+        if image is None or not question:
+            raise UsageError("give --image and --question (or --from FILE)")
+        data, _ = read_image_file(image, "--image")
+        items = [{"image_bytes": data, "question": question, "where": "command line"}]
+    from reasonedit_cli.edits import decode_image
+
+    images = [decode_image(it["image_bytes"], it["where"]) for it in items]
+    # --no-edit needs no codebook; one that exists still names the model
+    use_codebook = None if no_edit and not Path(codebook).exists() else codebook
+    editor = _editor(use_codebook, model, text_model, device, dtype, trust_remote_code)
+    answers = editor.ask(
+        images,
+        [it["question"] for it in items],
+        no_edit=no_edit,
+        k=top_k,
+        percentile=percentile,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    for it, ans in zip(items, answers):
+        record = ans.to_dict()
+        if "id" in it:
+            record = {"id": it["id"], **record}
+        if as_json:
+            _print_json(record)
+        else:
+            _render_answer(record, explain)
+
+
+def _render_answer(record: dict[str, Any], explain: bool) -> None:
+    out = _stdout()
+    if not explain:
+        out.print(record["answer"], markup=False)
+        return
+    from rich.table import Table
+
+    out.print(f"[bold]Q:[/bold] {_esc(record['question'])}")
+    out.print(f"[bold]A:[/bold] {_esc(record['answer'])}")
+    if not record["edited"]:
+        out.print("[dim]unedited model (--no-edit)[/dim]")
+        return
+    if record["rejected"]:
+        near = record["nearest_distance"]
+        tau = record["threshold"]
+        detail = f" (nearest {near:.3f} > threshold {tau:.3f})" if near is not None and tau else ""
+        out.print(f"[dim]no edit applies{detail}; the model ran unedited[/dim]")
+        return
+    table = Table(title="Retrieved keys", show_lines=False)
+    for col in ("distance", "kind", "edit", "box", "fact"):
+        table.add_column(col)
+    for hit in record["retrieved"]:
+        table.add_row(
+            f"{hit['distance']:.3f}",
+            hit["kind"],
+            hit["edit_id"],
+            "" if hit["box"] is None else ",".join(map(str, hit["box"])),
+            _esc(hit["value"]),
+        )
+    out.print(table)
+    out.print(f"[bold]Prompt:[/bold] {_esc(record['prompt'])}")
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    app()

@@ -1,0 +1,440 @@
+"""The VLM backend: a thin, batched layer over transformers image-text-to-text models.
+
+Everything ReasonEdit needs from a VLM goes through `VLM`:
+
+* `generate` — answer prompts about images (greedy, batched, left padding);
+* `pooled_inputs` — the mean-pooled *input* of any named layers, captured with forward
+  pre-hooks in ONE forward pass (the vision half of the dual key, DESIGN 1.4);
+* `yes_probability` — P(yes) / (P(yes) + P(no)) of the next token (patch verification);
+* `answer_loss` — the mean token loss of an answer text (patch scoring);
+* `candidate_layers` — vision blocks, projector and language blocks, named by role.
+
+torch and transformers are imported inside functions so that importing this module
+(and `reasonedit --help`) stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from reasonedit_cli.errors import ReasonEditError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+#: The model used when `--model` is not given: the demo LLaVA trained on easy-vqa.
+DEFAULT_MODEL = str(Path(__file__).parent / "models" / "demo_vlm")
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Module-name patterns that identify layer roles across families. The first group of a
+# block pattern is the block index. Order matters: the first matching role wins.
+_ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    (
+        "vision",
+        re.compile(
+            r"^(?:model\.)?(?:vision_tower|vision_model|visual)(?:\.vision_model)?"
+            r"\.(?:encoder\.)?(?:layers|blocks|layer)\.(\d+)$"
+        ),
+    ),
+    (
+        "projector",
+        re.compile(
+            r"^(?:model\.)?(?:multi_modal_projector|visual\.merger|connector"
+            r"|qformer|language_projection)$"
+        ),
+    ),
+    (
+        "language",
+        re.compile(
+            r"^(?:model\.)?(?:language_model|text_model)(?:\.model)?"
+            r"\.layers\.(\d+)$"
+        ),
+    ),
+]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer whose input can serve as the VLM half of a key."""
+
+    name: str  # the module path inside the model, e.g. model.language_model.layers.2
+    role: str  # "vision" | "projector" | "language"
+    index: int  # position within its role (0 for the projector)
+
+    @property
+    def label(self) -> str:
+        """Short human name such as `language.2`, accepted wherever a layer is named."""
+        return self.role if self.role == "projector" else f"{self.role}.{self.index}"
+
+
+def resolve_device(device: str) -> str:
+    """Map `auto` to the best available device; reject devices that are not there."""
+    import torch
+
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps was asked for but MPS is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """float32 on CPU (fast and exact there); bfloat16 on GPUs that support it."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def model_revision(path: str) -> str:
+    """A stable identifier of the weights: the hub snapshot hash, or a hash of the files.
+
+    Recorded in the codebook manifest so a codebook built with other weights is noticed.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return "hub:" + path
+    if p.parent.name == "snapshots":  # a Hugging Face cache snapshot directory
+        return p.name
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.is_file() and f.suffix in {".json", ".safetensors", ".jinja"}:
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix != ".safetensors":
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class VLM:
+    """A loaded image-text-to-text model with its processor."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        self.name = model
+        self.device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(dtype, self.device)
+        path = Path(model)
+        if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+            raise UsageError(f"model directory {model} does not exist")
+        try:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
+        self.family = config.model_type
+        try:
+            self.processor = AutoProcessor.from_pretrained(
+                model, trust_remote_code=trust_remote_code
+            )
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model,
+                dtype=self.torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+            )
+        except ValueError as exc:
+            msg = _first_line(exc)
+            if "Unrecognized configuration class" in msg or "does not recognize" in msg:
+                raise ReasonEditError(
+                    f"model {model} ({config.model_type}) is not an image-text-to-text model "
+                    "supported by transformers' AutoModelForImageTextToText"
+                ) from None
+            raise ReasonEditError(f"cannot load model {model}: {msg}") from None
+        except OSError as exc:
+            raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
+        self.model.to(self.device).eval()
+        torch.set_grad_enabled(False)
+        self.revision = model_revision(model)
+        self.tokenizer = self.processor.tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._yes_ids = self._word_token_ids(["yes", "Yes", " yes", " Yes"])
+        self._no_ids = self._word_token_ids(["no", "No", " no", " No"])
+        self.forward_calls = 0  # counted for benchmarks (patch search, batching)
+
+    # ------------------------------------------------------------------ layers
+    def candidate_layers(self) -> list[LayerInfo]:
+        """Vision blocks, the projector and language blocks, in model order."""
+        found: list[LayerInfo] = []
+        for name, _module in self.model.named_modules():
+            for role, pattern in _ROLE_PATTERNS:
+                m = pattern.match(name)
+                if m:
+                    idx = int(m.group(1)) if m.groups() else 0
+                    found.append(LayerInfo(name=name, role=role, index=idx))
+                    break
+        order = {"vision": 0, "projector": 1, "language": 2}
+        found.sort(key=lambda li: (order[li.role], li.index))
+        return found
+
+    def resolve_layer(self, layer: str) -> LayerInfo:
+        """Accept a short label (`language.2`, `vision.0`, `projector`) or a module path."""
+        layers = self.candidate_layers()
+        for li in layers:
+            if layer in (li.label, li.name):
+                return li
+        if layer == "language.mid":
+            lang = [li for li in layers if li.role == "language"]
+            return lang[len(lang) // 2]
+        labels = ", ".join(li.label for li in layers)
+        raise UsageError(f"unknown layer {layer!r}; this model has: {labels}")
+
+    # ----------------------------------------------------------------- prompts
+    def chat_text(self, prompt: str) -> str:
+        """The model's own chat template around one image and one user prompt."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        template = getattr(self.processor, "chat_template", None)
+        if template:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        image_token = getattr(self.processor, "image_token", "<image>")
+        return f"USER: {image_token}\n{prompt} ASSISTANT:"
+
+    def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str):
+        texts = [self.chat_text(p) for p in prompts]
+        self.tokenizer.padding_side = padding_side
+        batch = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        return batch.to(self.device)
+
+    def _forward(self, batch: dict) -> Any:
+        self.forward_calls += 1
+        out = self.model(**batch, use_cache=False)
+        return out
+
+    # --------------------------------------------------------------- generate
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 16,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """Greedy answers, one per (image, prompt), batched with left padding."""
+        answers: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            imgs = images[start : start + batch_size]
+            prs = prompts[start : start + batch_size]
+            batch = self._inputs(imgs, prs, "left")
+            self.forward_calls += 1
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            for seq in self.tokenizer.batch_decode(new, skip_special_tokens=True):
+                answers.append(seq.strip())
+        return answers
+
+    # ------------------------------------------------------- hooked embeddings
+    def pooled_inputs(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        layers: Sequence[str],
+        *,
+        batch_size: int = 16,
+    ) -> dict[str, np.ndarray]:
+        """Mean-pooled float32 inputs of `layers`, all captured in one forward per batch.
+
+        Language layers are pooled over real tokens only (the attention mask), so padding
+        never changes a key: a batched embedding equals the one computed alone.
+        """
+        infos = [self.resolve_layer(name) for name in layers]
+        result: dict[str, list[np.ndarray]] = {li.label: [] for li in infos}
+        modules = dict(self.model.named_modules())
+        for start in range(0, len(prompts), batch_size):
+            imgs = images[start : start + batch_size]
+            prs = prompts[start : start + batch_size]
+            batch = self._inputs(imgs, prs, "right")
+            mask = batch["attention_mask"]
+            captured: dict[str, Any] = {}
+            handles = []
+            for li in infos:
+                handles.append(
+                    modules[li.name].register_forward_pre_hook(
+                        _capture(captured, li.label), with_kwargs=True
+                    )
+                )
+            try:
+                self._forward(batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            for li in infos:
+                if li.label not in captured:
+                    raise ReasonEditError(f"layer {li.label} was not run by the model's forward")
+                result[li.label].append(_pool(captured[li.label], mask, len(prs)))
+        return {k: np.concatenate(v, axis=0) for k, v in result.items()}
+
+    # ---------------------------------------------------------- yes/no, loss
+    def yes_probability(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], *, batch_size: int = 16
+    ) -> np.ndarray:
+        """P(yes) / (P(yes) + P(no)) of the first answer token for each prompt."""
+        import torch
+
+        out: list[np.ndarray] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self._inputs(
+                images[start : start + batch_size], prompts[start : start + batch_size], "right"
+            )
+            logits = self._forward(batch).logits
+            last = batch["attention_mask"].sum(dim=1) - 1
+            nxt = logits[torch.arange(logits.shape[0]), last].float().softmax(-1)
+            p_yes = nxt[:, self._yes_ids].sum(-1)
+            p_no = nxt[:, self._no_ids].sum(-1)
+            out.append((p_yes / (p_yes + p_no).clamp_min(1e-12)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def answer_loss(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        *,
+        batch_size: int = 16,
+    ) -> np.ndarray:
+        """Mean cross-entropy of each answer's tokens given image and prompt (lower = better)."""
+        import torch
+
+        losses: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            imgs = images[start : start + batch_size]
+            prs = prompts[start : start + batch_size]
+            ans = answers[start : start + batch_size]
+            batch = self._inputs(imgs, prs, "right")
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            n_prompt = mask.sum(dim=1)
+            ans_ids = [
+                self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] for a in ans
+            ]
+            total = int((n_prompt + torch.tensor([len(a) for a in ans_ids])).max())
+            pad = self.tokenizer.pad_token_id
+            new_ids = torch.full((len(prs), total), pad, dtype=ids.dtype)
+            new_mask = torch.zeros((len(prs), total), dtype=mask.dtype)
+            labels = torch.full((len(prs), total), -100, dtype=torch.long)
+            for i, a in enumerate(ans_ids):
+                n = int(n_prompt[i])
+                new_ids[i, :n] = ids[i, :n]
+                new_ids[i, n : n + len(a)] = torch.tensor(a, dtype=ids.dtype)
+                new_mask[i, : n + len(a)] = 1
+                labels[i, n : n + len(a)] = torch.tensor(a)
+            batch["input_ids"] = new_ids.to(self.device)
+            batch["attention_mask"] = new_mask.to(self.device)
+            if "token_type_ids" in batch:
+                batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+            if "mm_token_type_ids" in batch:
+                mm = torch.zeros_like(batch["input_ids"])
+                mm[:, : batch["mm_token_type_ids"].shape[1]] = batch["mm_token_type_ids"]
+                batch["mm_token_type_ids"] = mm
+            logits = self._forward(batch).logits.float()
+            labels = labels.to(self.device)
+            shift_logits = logits[:, :-1]
+            shift_labels = labels[:, 1:]
+            ce = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(shift_labels.shape)
+            valid = (shift_labels != -100).float()
+            per = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
+            losses.extend(per.cpu().tolist())
+        return np.asarray(losses, dtype=np.float32)
+
+    # ---------------------------------------------------------------- helpers
+    def _word_token_ids(self, words: list[str]) -> list[int]:
+        """First-token ids of the spellings of a word, for the yes/no probability."""
+        ids: set[int] = set()
+        for w in words:
+            toks = self.tokenizer(w, add_special_tokens=False)["input_ids"]
+            if toks:
+                ids.add(toks[0])
+        return sorted(ids)
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about the model."""
+        return {
+            "model": self.name,
+            "family": self.family,
+            "revision": self.revision,
+            "layers": [li.label for li in self.candidate_layers()],
+        }
+
+
+def _capture(store: dict[str, Any], label: str):
+    """A forward pre-hook that records a layer's input hidden states."""
+
+    def hook(module, args, kwargs):
+        if args and hasattr(args[0], "shape"):
+            store[label] = args[0].detach()
+        else:
+            for key in ("hidden_states", "x", "image_features", "input"):
+                if key in kwargs and hasattr(kwargs[key], "shape"):
+                    store[label] = kwargs[key].detach()
+                    break
+        return None
+
+    return hook
+
+
+def _pool(hidden: Any, mask: Any, batch: int) -> np.ndarray:
+    """Mean over tokens in float32; language layers use the attention mask."""
+    h = hidden.float()
+    if h.dim() == 3 and h.shape[0] == batch and h.shape[1] == mask.shape[1]:
+        m = mask.to(h.device).unsqueeze(-1).float()
+        return ((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
+    if h.dim() == 3 and h.shape[0] == batch:
+        return h.mean(1).cpu().numpy()
+    if h.dim() == 3 and h.shape[0] % batch == 0:  # several crops/tiles per sample
+        return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
+    if h.dim() == 2 and h.shape[0] % batch == 0:  # flattened patches (Qwen2-VL style)
+        return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
+    raise ReasonEditError(f"cannot pool a layer input of shape {tuple(h.shape)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_config_json(path: str) -> dict[str, Any]:
+    """The raw config.json of a local model directory (empty for hub ids)."""
+    p = Path(path) / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else {}

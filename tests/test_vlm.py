@@ -1,0 +1,97 @@
+"""The VLM backend on a tiny random-weight LLaVA: layers, hooks, yes/no, loss, generate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reasonedit_cli.errors import ReasonEditError, UsageError
+from reasonedit_cli.vlm import VLM
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_llava):
+    return VLM(str(tiny_llava), device="cpu")
+
+
+def _imgs():
+    return [Image.new("RGB", (48, 40), c) for c in ("red", "blue", "green")]
+
+
+def test_candidate_layers_cover_all_roles(vlm):
+    layers = vlm.candidate_layers()
+    labels = [li.label for li in layers]
+    assert labels == ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    assert vlm.resolve_layer("language.mid").label == "language.1"
+    assert vlm.resolve_layer("model.language_model.layers.0").label == "language.0"
+    with pytest.raises(UsageError, match="this model has"):
+        vlm.resolve_layer("language.9")
+
+
+def test_pooled_inputs_one_forward_for_all_layers(vlm):
+    before = vlm.forward_calls
+    out = vlm.pooled_inputs(_imgs(), ["a", "what shape is in the image?", "b c"],
+                            ["vision.0", "projector", "language.1"])
+    assert vlm.forward_calls - before == 1
+    assert out["vision.0"].shape == (3, 32)
+    assert out["projector"].shape == (3, 32)
+    assert out["language.1"].shape == (3, 32)
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
+
+
+def test_pooled_inputs_batched_equals_single(vlm):
+    imgs = _imgs()
+    texts = ["short", "a much longer prompt about the shape in the image", "mid size text"]
+    batched = vlm.pooled_inputs(imgs, texts, ["language.0"])["language.0"]
+    single = np.concatenate(
+        [vlm.pooled_inputs([i], [t], ["language.0"])["language.0"] for i, t in zip(imgs, texts)]
+    )
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_yes_probability_is_a_probability_and_batch_invariant(vlm):
+    imgs = _imgs()
+    prompts = ["Does the image show a red shape?", "Does the image show a sky?", "x?"]
+    p = vlm.yes_probability(imgs, prompts)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    single = [vlm.yes_probability([i], [q])[0] for i, q in zip(imgs, prompts)]
+    np.testing.assert_allclose(p, single, atol=1e-5)
+
+
+def test_answer_loss_batched_equals_single(vlm):
+    imgs = _imgs()
+    prompts = ["Describe this image."] * 3
+    answers = ["The shape is red.", "A shape with three corners is a triangle.", "yes"]
+    loss = vlm.answer_loss(imgs, prompts, answers)
+    assert loss.shape == (3,) and (loss > 0).all()
+    single = [vlm.answer_loss([i], [p], [a])[0] for i, p, a in zip(imgs, prompts, answers)]
+    np.testing.assert_allclose(loss, single, rtol=1e-4)
+
+
+def test_generate_batched_equals_single(vlm):
+    imgs = _imgs()
+    prompts = ["what shape is in the image?", "what color?", "The sky is blue. what color?"]
+    batched = vlm.generate(imgs, prompts, max_new_tokens=4)
+    single = [vlm.generate([i], [p], max_new_tokens=4)[0] for i, p in zip(imgs, prompts)]
+    assert batched == single
+    assert all(isinstance(a, str) for a in batched)
+
+
+def test_chat_text_uses_the_model_template(vlm):
+    assert vlm.chat_text("hi?") == "USER: <image>\nhi? ASSISTANT:"
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        VLM(str(tmp_path / "nope"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReasonEditError, match="cannot load model"):
+        VLM(str(tmp_path / "empty"), device="cpu")
+
+
+def test_unknown_device_and_dtype(tiny_llava):
+    with pytest.raises(UsageError, match="unknown device"):
+        VLM(str(tiny_llava), device="tpu")
+    with pytest.raises(UsageError, match="unknown dtype"):
+        VLM(str(tiny_llava), device="cpu", dtype="int3")
