@@ -52,6 +52,7 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_SEED = 100
 HNSW_MIN_KEYS = 2000  # below this, exact numpy search is as fast and simpler
+SEARCH_FETCH = 200  # hnsw candidates re-ranked by corrected distance (recall, see docs)
 TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -661,21 +662,32 @@ class Codebook:
         k = min(k, n)
         use_hnsw = method == "hnsw" or (method == "auto" and n >= self.hnsw_min_keys)
         if use_hnsw:
-            fetch = min(n, max(8 * k, 64))
+            # Candidates by raw distance, generously: the correction reorders neighbours.
+            fetch = min(n, max(SEARCH_FETCH, 40 * k))
             index = self._hnsw_index()
             with self._hnsw_lock:
-                index.set_ef(max(64, 2 * fetch))
-                cand, _ = index.knn_query(q, k=fetch)
-            cand = cand.astype(np.int64)
+                index.set_ef(max(64, 2 * k, 2 * fetch))
+                cand = index.knn_query(q, k=fetch)[0].astype(np.int64)
+        else:
+            # Exact: corrected distances to every key, shortlisted for the exact re-rank.
+            fetch = min(n, 4 * k + 16)
+            v_sq = np.einsum("ij,ij->i", v.astype(np.float64), v.astype(np.float64))
+            cand = np.empty((len(q), fetch), dtype=np.int64)
+            step = max(1, 4_000_000 // n)
+            for start in range(0, len(q), step):
+                corr = R.pairwise_sq_l2(q[start : start + step], v, v_sq)
+                np.sqrt(corr, out=corr)
+                corr /= sigma[None, :]
+                cand[start : start + step] = (
+                    np.argpartition(corr, fetch - 1, axis=1)[:, :fetch]
+                    if fetch < n
+                    else np.arange(n)
+                )
         out = []
         for i in range(len(q)):
-            if use_hnsw:
-                rows = cand[i]
-                diff = v[rows].astype(np.float64) - q[i]
-                raw = np.sqrt((diff * diff).sum(1))
-            else:
-                rows = np.arange(n)
-                raw = R.pairwise_l2(q[i : i + 1], v)[0]
+            # Both paths end in the same exact re-rank, so they return identical numbers.
+            rows = cand[i]
+            raw = R.direct_l2(q[i], v[rows])
             corr = raw / sigma[rows]
             order = np.lexsort((rows, corr))[:k]
             out.append([(int(rows[j]), float(raw[j]), float(corr[j])) for j in order])

@@ -12,6 +12,7 @@ percentile of key-to-key corrected distances, so locality holds for unrelated in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,17 +39,45 @@ def _as_2d_f32(x: np.ndarray) -> np.ndarray:
     return a
 
 
-def pairwise_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact L2 distances between rows of a and rows of b, shape (len(a), len(b)), float64.
+def pairwise_sq_l2(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    """Exact squared L2 distances, shape (len(a), len(b)), float64, computed in place.
 
     Uses float64 for the |a|^2 + |b|^2 - 2ab expansion: in float32 near-duplicate keys
     lose all precision and sigma (a median of small distances) would be noise.
     """
     a64 = np.asarray(a, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
-    sq = (a64 * a64).sum(1)[:, None] + (b64 * b64).sum(1)[None, :] - 2.0 * (a64 @ b64.T)
+    if b_sq is None:
+        b_sq = np.einsum("ij,ij->i", b64, b64)
+    sq = a64 @ b64.T
+    sq *= -2.0
+    sq += np.einsum("ij,ij->i", a64, a64)[:, None]
+    sq += b_sq[None, :]
     np.maximum(sq, 0.0, out=sq)
+    return sq
+
+
+def pairwise_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact L2 distances between rows of a and rows of b, shape (len(a), len(b)), float64."""
+    sq = pairwise_sq_l2(a, b)
     return np.sqrt(sq, out=sq)
+
+
+def direct_l2(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """L2 distances from one query to some rows by explicit differences (no cancellation)."""
+    diff = np.asarray(rows, dtype=np.float64) - np.asarray(query, dtype=np.float64).reshape(-1)
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def _topk_sorted(sq: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the kk smallest squared distances: (columns, distances) ascending, sqrt'ed."""
+    if kk < sq.shape[1]:
+        part = np.argpartition(sq, kk - 1, axis=1)[:, :kk]
+    else:
+        part = np.tile(np.arange(sq.shape[1]), (len(sq), 1))
+    pd = np.take_along_axis(sq, part, axis=1)
+    order = np.argsort(pd, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.sqrt(np.take_along_axis(pd, order, axis=1))
 
 
 def _row_chunk(n_cols: int) -> int:
@@ -75,21 +104,14 @@ def brute_force_knn(
     kk = min(k, n - 1 if exclude_self else n)
     if kk <= 0:
         return idx_out, dist_out
+    v_sq = np.einsum("ij,ij->i", v.astype(np.float64), v.astype(np.float64))
     step = _row_chunk(n)
     for start in range(0, m, step):
         stop = min(m, start + step)
-        d = pairwise_l2(q[start:stop], v)
+        sq = pairwise_sq_l2(q[start:stop], v, v_sq)
         if exclude_self:
-            d[np.arange(stop - start), np.arange(start, stop)] = np.inf
-        part = (
-            np.argpartition(d, kk - 1, axis=1)[:, :kk]
-            if kk < n
-            else np.tile(np.arange(n), (stop - start, 1))
-        )
-        pd = np.take_along_axis(d, part, axis=1)
-        order = np.argsort(pd, axis=1, kind="stable")
-        idx_out[start:stop, :kk] = np.take_along_axis(part, order, axis=1)
-        dist_out[start:stop, :kk] = np.take_along_axis(pd, order, axis=1)
+            sq[np.arange(stop - start), np.arange(start, stop)] = np.inf
+        idx_out[start:stop, :kk], dist_out[start:stop, :kk] = _topk_sorted(sq, kk)
     return idx_out, dist_out
 
 
@@ -144,13 +166,9 @@ def update_knn_lists(
     step = _row_chunk(len(allv))
     for start in range(0, n_new, step):
         stop = min(n_new, start + step)
-        d = pairwise_l2(new[start:stop], allv)
-        d[np.arange(stop - start), n_old + np.arange(start, stop)] = np.inf
-        part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
-        pd = np.take_along_axis(d, part, axis=1)
-        order = np.argsort(pd, axis=1, kind="stable")
-        new_idx[start:stop, :kk] = np.take_along_axis(part, order, axis=1)
-        new_dist[start:stop, :kk] = np.take_along_axis(pd, order, axis=1)
+        sq = pairwise_sq_l2(new[start:stop], allv)
+        sq[np.arange(stop - start), n_old + np.arange(start, stop)] = np.inf
+        new_idx[start:stop, :kk], new_dist[start:stop, :kk] = _topk_sorted(sq, kk)
     # existing keys: merge their lists with distances to the new keys
     upd_idx = np.empty((n_old, k), dtype=np.int64)
     upd_dist = np.empty((n_old, k), dtype=np.float64)
@@ -158,13 +176,7 @@ def update_knn_lists(
     step = _row_chunk(n_new)
     for start in range(0, n_old, step):
         stop = min(n_old, start + step)
-        d = pairwise_l2(old[start:stop], new)
-        part = (
-            np.argpartition(d, kb - 1, axis=1)[:, :kb]
-            if kb < n_new
-            else np.tile(np.arange(n_new), (stop - start, 1))
-        )
-        pd = np.take_along_axis(d, part, axis=1)
+        part, pd = _topk_sorted(pairwise_sq_l2(old[start:stop], new), kb)
         ui, ud = _merge_lists(old_idx[start:stop], old_dist[start:stop], part + n_old, pd, k)
         upd_idx[start:stop], upd_dist[start:stop] = ui, ud
     return np.concatenate([upd_idx, new_idx]), np.concatenate([upd_dist, new_dist])
@@ -197,13 +209,9 @@ def remove_from_knn_lists(
         step = _row_chunk(n)
         for start in range(0, len(dirty), step):
             rows = dirty[start : start + step]
-            d = pairwise_l2(v[rows], v)
-            d[np.arange(len(rows)), rows] = np.inf
-            part = np.argpartition(d, k - 1, axis=1)[:, :k]
-            pd = np.take_along_axis(d, part, axis=1)
-            order = np.argsort(pd, axis=1, kind="stable")
-            idx[rows] = np.take_along_axis(part, order, axis=1)
-            dist[rows] = np.take_along_axis(pd, order, axis=1)
+            sq = pairwise_sq_l2(v[rows], v)
+            sq[np.arange(len(rows)), rows] = np.inf
+            idx[rows], dist[rows] = _topk_sorted(sq, k)
     return idx, dist
 
 
@@ -221,12 +229,12 @@ def sigma_from_knn(knn_dist: np.ndarray) -> np.ndarray:
     if d.shape[1] == 0:
         return np.ones(n, dtype=np.float64)
     finite = np.isfinite(d)
-    with np.errstate(all="ignore"):
-        sigma = (
-            np.nanmedian(np.where(finite, d, np.nan), axis=1)
-            if not finite.all()
-            else np.median(d, axis=1)
-        )
+    if finite.all():
+        sigma = np.median(d, axis=1)
+    else:
+        with warnings.catch_warnings():  # rows with no neighbour at all: handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sigma = np.nanmedian(np.where(finite, d, np.nan), axis=1)
     sigma = np.where(finite.any(axis=1), sigma, 1.0)
     positive = sigma[sigma > 0]
     floor = 1e-6 * (float(np.median(positive)) if len(positive) else 1.0)

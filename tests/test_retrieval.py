@@ -1,0 +1,172 @@
+"""Pure retrieval functions: exact kNN, sigma (incremental == scratch), tau, prompts."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from reasonedit_cli import retrieval as R
+from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+
+
+def _naive_knn(v: np.ndarray, k: int) -> np.ndarray:
+    d = np.linalg.norm(v[:, None, :].astype(np.float64) - v[None, :, :], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return np.sort(d, axis=1)[:, :k]
+
+
+def test_brute_force_knn_matches_naive():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(50, 8)).astype(np.float32)
+    idx, dist = R.knn_lists(v, 5)
+    assert np.allclose(dist, _naive_knn(v, 5))
+    assert (idx != np.arange(50)[:, None]).all()  # never itself
+
+
+def test_knn_pads_small_sets():
+    v = np.eye(3, dtype=np.float32)
+    idx, dist = R.knn_lists(v, 30)
+    assert idx.shape == (3, 30)
+    assert (idx[:, 2:] == -1).all() and np.isinf(dist[:, 2:]).all()
+    assert np.allclose(R.sigma_from_knn(dist), np.sqrt(2))
+
+
+def test_sigma_definition():
+    rng = np.random.default_rng(2)
+    v = rng.normal(size=(80, 6)).astype(np.float32)
+    expected = np.median(_naive_knn(v, 30), axis=1)
+    assert np.allclose(R.hubness_sigma(v, 30), expected)
+    # fewer than 31 keys: min(30, n-1) neighbours
+    small = v[:10]
+    assert np.allclose(R.hubness_sigma(small, 30), np.median(_naive_knn(small, 9), axis=1))
+
+
+def test_single_key_sigma_is_one():
+    assert R.hubness_sigma(np.ones((1, 4), np.float32)).tolist() == [1.0]
+
+
+def test_duplicate_keys_keep_sigma_positive():
+    v = np.zeros((5, 3), np.float32)
+    s = R.hubness_sigma(v)
+    assert (s > 0).all() and np.isfinite(s).all()
+
+
+@pytest.mark.parametrize("n_old,n_new", [(0, 10), (5, 3), (20, 20), (100, 7), (40, 1)])
+def test_incremental_knn_equals_scratch(n_old, n_new):
+    rng = np.random.default_rng(n_old * 100 + n_new)
+    v = rng.normal(size=(n_old + n_new, 12)).astype(np.float32)
+    oi, od = R.knn_lists(v[:n_old], 30)
+    ni, nd = R.update_knn_lists(v[:n_old], oi, od, v[n_old:], 30)
+    si, sd = R.knn_lists(v, 30)
+    assert np.allclose(nd, sd)
+    assert np.allclose(R.sigma_from_knn(nd), R.sigma_from_knn(sd))
+
+
+def test_incremental_removal_equals_scratch():
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=(120, 10)).astype(np.float32)
+    idx, dist = R.knn_lists(v, 30)
+    keep = np.ones(120, bool)
+    keep[rng.choice(120, 25, replace=False)] = False
+    ni, nd = R.remove_from_knn_lists(v[keep], idx, dist, keep, 30)
+    si, sd = R.knn_lists(v[keep], 30)
+    assert np.allclose(nd, sd)
+    assert (ni >= 0).all() and ni.max() < keep.sum()
+
+
+def test_tau_is_percentile_of_corrected_pairs():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(40, 5)).astype(np.float32)
+    sigma = R.hubness_sigma(v)
+    d = np.linalg.norm(v[:, None, :].astype(np.float64) - v[None, :, :], axis=-1) / sigma[:, None]
+    pairs = d[~np.eye(40, dtype=bool)]
+    assert R.rejection_threshold(v, sigma, 25, n_edits=100) == pytest.approx(
+        np.percentile(pairs, 25)
+    )
+    # few edits: p becomes max(p, 100 / n_edits)
+    assert R.effective_percentile(25, 2) == 50
+    assert R.rejection_threshold(v, sigma, 25, n_edits=2) == pytest.approx(np.percentile(pairs, 50))
+    assert R.rejection_threshold(v[:1], sigma[:1], 25, 1) is None
+
+
+def test_tau_sample_is_seeded_for_large_sets():
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(2500, 4)).astype(np.float32)
+    sigma = np.ones(2500)
+    a = R.corrected_pair_sample(v, sigma, seed=7, n_pairs=20000)
+    b = R.corrected_pair_sample(v, sigma, seed=7, n_pairs=20000)
+    assert len(a) == 20000 and np.array_equal(a, b)
+    exact = R.corrected_pair_sample(v[:300], sigma[:300])
+    assert len(exact) == 300 * 299
+
+
+def test_build_prompt():
+    assert R.build_prompt([], "What colour?") == "What colour?"
+    assert R.build_prompt(["A is red.", "B is blue."], "What?") == "A is red. B is blue. What?"
+
+
+def test_distinct_values_keep_order():
+    hits = [R.Hit(v, 0, 0, "sentence", "e", "k", None) for v in ["b", "a", "b", "c"]]
+    assert R.distinct_values(hits) == ["b", "a", "c"]
+
+
+def _clustered_codebook(tmp_path, n_edits=12, dim=16):
+    """Each edit's keys sit in a tight cluster around its own centre."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(n_edits, dim)) * 10
+    edits, keys = [], []
+    for i in range(n_edits):
+        sha = hashlib.sha256(f"img{i}".encode()).hexdigest()
+        edits.append(EditRecord(f"e{i}", sha, f"q{i}", f"a{i}", [f"fact {i}."], None, "t"))
+        for j in range(3):
+            vec = (centres[i] + rng.normal(size=dim) * 0.1).astype(np.float32)
+            keys.append(
+                KeyRecord(f"e{i}", "sentence", f"fact {i}.{j % 2}", f"t{j}", sha, None, vec)
+            )
+    cb = Codebook.open(tmp_path / "cb", create=True)
+    with cb.writer() as w:
+        w.add(edits, keys)
+    return cb, centres
+
+
+def test_retrieve_rejects_far_and_accepts_near(tmp_path):
+    cb, centres = _clustered_codebook(tmp_path)
+    near = centres[4] + 0.05
+    r = R.retrieve(cb, near, k=5)
+    assert not r.rejected
+    assert r.hits[0].edit_id == "e4"
+    assert all(h.distance <= r.tau for h in r.hits)
+    assert r.facts == R.distinct_values(r.hits)
+    assert [h.edit_id for h in r.hits[:3]] == ["e4"] * 3  # its own cluster first
+    assert set(r.facts[:2]) == {"fact 4.0", "fact 4.1"}
+    far = np.full(16, 500.0)
+    r = R.retrieve(cb, far, k=5)
+    assert r.rejected and r.hits == [] and r.facts == [] and r.nearest > r.tau
+    # a sweep value of p gives another tau
+    assert cb.tau_for(90) > cb.tau_for(10)
+
+
+def test_retrieve_single_key_uses_radius(tmp_path):
+    cb = Codebook.open(tmp_path / "one", create=True)
+    sha = "0" * 64
+    with cb.writer() as w:
+        w.add(
+            [EditRecord("e", sha, "q", "a", [], None, "t")],
+            [
+                KeyRecord(
+                    "e",
+                    "answer",
+                    "The answer is a.",
+                    "q",
+                    sha,
+                    None,
+                    np.zeros(4, np.float32),
+                    radius=1.0,
+                )
+            ],
+        )
+    assert cb.tau is None
+    assert not R.retrieve(cb, np.full(4, 0.1)).rejected
+    assert R.retrieve(cb, np.full(4, 5.0)).rejected
