@@ -423,6 +423,241 @@ def _esc(text: str) -> str:
     return escape(text)
 
 
+# --------------------------------------------------------------- calibrate
+@app.command()
+@handle_errors
+def calibrate(
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            "--pairs", help="Calibration JSONL of {image, text}; default: the codebook's edits."
+        ),
+    ] = None,
+    layer_rule: Annotated[
+        str, typer.Option("--layer-rule", help="bimodal (paper) | harmonic (published code)")
+    ] = "bimodal",
+    layers: Annotated[
+        list[str] | None, typer.Option("--layer", help="Candidate layer (repeat); default: all.")
+    ] = None,
+    max_pairs: Annotated[
+        int, typer.Option("--max-pairs", min=4, help="Cap on calibration pairs.")
+    ] = 400,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples.")] = 5,
+    knn: Annotated[
+        int | None, typer.Option("--knn", min=1, help="Mutual-kNN sparsification (e.g. 10).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG of modularity curves.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report only; change nothing.")
+    ] = False,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    model: ModelOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    lock_timeout: LockOpt = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose the layer and w by topology-balanced calibration; re-embed every key.
+
+    Example: reasonedit calibrate --max-pairs 200 --plot calibration.png
+    """
+    from reasonedit_cli.calibration import RULES, calibration_steps, plot_calibration
+
+    if layer_rule not in RULES:
+        raise UsageError(f"--layer-rule must be one of {', '.join(RULES)}")
+    editor = _editor(
+        codebook,
+        model,
+        text_model,
+        device,
+        dtype,
+        trust_remote_code,
+        create=True,
+        lock_timeout=lock_timeout,
+    )
+    n_layers = len(layers) if layers else len(editor.vlm.candidate_layers())
+    with _progress(calibration_steps(n_layers), "Calibrating", not as_json) as advance:
+        result, version = editor.calibrate(
+            pairs,
+            rule=layer_rule,
+            layers=layers,
+            max_pairs=max_pairs,
+            bootstrap=bootstrap,
+            knn=knn,
+            seed=seed,
+            progress=lambda _desc, n: advance(n),
+            dry_run=dry_run,
+        )
+    if plot is not None:
+        plot_calibration(result, plot)
+    summary = result.to_dict() | {"version": version, "dry_run": dry_run}
+    if as_json:
+        _print_json(summary)
+        return
+    from rich.table import Table
+
+    out = _stdout()
+    table = Table(title=f"Layers ({result.n_pairs} pairs, rule {result.rule})")
+    for col in ("layer", "Q_vis", "Q_lang", "Q_bi", "balance"):
+        table.add_column(col, justify="right" if col != "layer" else "left")
+    for row in summary["layer_table"]:
+        mark = " *" if row["layer"] == result.layer else ""
+        table.add_row(
+            row["layer"] + mark,
+            *(_fmt(row.get(k)) for k in ("q_vis", "q_lang", "q_bi", "harmonic")),
+        )
+    out.print(table)
+    wt = Table(title=f"w on {result.layer}")
+    for col in ("w", "Q_vis", "Q_lang", "Q_bi", "balance"):
+        wt.add_column(col, justify="right")
+    rows = summary["w_table"]
+    for row in rows[:: max(1, len(rows) // 10)] + ([r for r in rows if r["w"] == result.w]):
+        wt.add_row(
+            _fmt(row["w"]), *(_fmt(row.get(k)) for k in ("q_vis", "q_lang", "q_bi", "harmonic"))
+        )
+    out.print(wt)
+    verb = "would choose" if dry_run else "chose"
+    out.print(
+        f"Calibration {verb} layer [bold]{result.layer}[/bold], w = {result.w:.4g}"
+        + ("" if dry_run else f"; codebook version {version}.")
+    )
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+# -------------------------------------------------------------- merge-keys
+@app.command("merge-keys")
+@handle_errors
+def merge_keys(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would merge.")] = False,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    lock_timeout: LockOpt = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Consolidate overlapping keys (DESIGN 1.6) and report before/after counts.
+
+    Example: reasonedit merge-keys --dry-run
+    """
+    from reasonedit_cli.editor import Editor
+
+    editor = Editor(codebook, lock_timeout=lock_timeout)
+    plan, version = editor.merge_keys(dry_run=dry_run)
+    record = {
+        "before": plan.n_before,
+        "after": plan.n_after,
+        "merged": len(plan.merged_into),
+        "blocked_different_values": plan.blocked,
+        "dry_run": dry_run,
+        "version": version,
+    }
+    if as_json:
+        _print_json(record)
+    else:
+        verb = "would merge" if dry_run else "merged"
+        _stdout().print(
+            f"Keys: {plan.n_before} -> {plan.n_after} ({verb} {len(plan.merged_into)}); "
+            f"version {version}."
+        )
+
+
+# ---------------------------------------------------------------- evaluate
+@app.command()
+@handle_errors
+def evaluate(
+    edits: Annotated[str, typer.Option("--edits", help="Edit JSONL to apply.")],
+    probes: Annotated[
+        str,
+        typer.Option("--probes", help="Probe JSONL ({image, question, answer, kind, edit_id})."),
+    ],
+    report_dir: Annotated[
+        Path | None, typer.Option("--report", help="Write metrics.json and metrics.md here.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    codebook: Annotated[
+        Path | None,
+        typer.Option("--codebook", "-c", help="Codebook to build (default: a temporary one)."),
+    ] = None,
+    model: ModelOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the protocol: edit, then measure Acc, T/I/R/CoE-Gen and Loc against unedited.
+
+    Example: reasonedit evaluate --edits sample_edits/edits.jsonl --probes sample_edits/probes.jsonl
+    """
+    import tempfile
+
+    from reasonedit_cli.datasets import read_edits
+    from reasonedit_cli.evaluation import evaluate as run_evaluation
+    from reasonedit_cli.evaluation import markdown_table, read_probes, write_report
+
+    edit_list, _ = read_edits(edits)
+    probe_list = read_probes(probes)
+    with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp:
+        target = codebook or Path(tmp) / "codebook"
+        editor = _editor(target, model, text_model, device, dtype, trust_remote_code, create=True)
+        total = 2 * (len(edit_list) + len(probe_list))
+        with _progress(total, "Evaluating", not as_json) as advance:
+            report = run_evaluation(
+                editor, edit_list, probe_list, batch_size=batch_size, progress=advance
+            )
+    if report_dir is not None:
+        write_report(report, report_dir)
+    if as_json:
+        _print_json(report)
+    else:
+        _stdout().print(markdown_table(report), markup=False)
+
+
+# ------------------------------------------------------------------ doctor
+@app.command()
+@handle_errors
+def doctor(
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rebuild damaged derived files.")
+    ] = False,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    lock_timeout: LockOpt = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a codebook's files and checksums; --repair rebuilds the index from Parquet.
+
+    Example: reasonedit doctor --repair
+    """
+    from reasonedit_cli.codebook import Codebook
+
+    report = Codebook.open(codebook).check(repair=repair, lock_timeout=lock_timeout)
+    if as_json:
+        _print_json(
+            {
+                "ok": report.ok,
+                "version": report.version,
+                "problems": report.problems,
+                "repaired": report.repaired,
+                "notes": report.notes,
+            }
+        )
+    else:
+        out = _stdout()
+        for line in report.repaired:
+            out.print(f"repaired: {line}", markup=False)
+        for line in report.problems:
+            out.print(f"problem: {line}", markup=False)
+        out.print("codebook OK" if report.ok else f"{len(report.problems)} problem(s) found")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

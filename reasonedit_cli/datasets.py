@@ -170,3 +170,24 @@ def _question_item(obj: Any, base: Path, where: str) -> dict[str, Any]:
         if extra in obj:
             item[extra] = obj[extra]
     return item
+
+
+def read_calibration_items(path: str) -> list[tuple[Any, str]]:
+    """Calibration anchors: JSONL of `{image, text}` (`question` is accepted for text)."""
+    from reasonedit_cli.edits import decode_image
+
+    items = []
+    for where, base, obj in iter_jsonl(path):
+        if isinstance(obj, InputError):
+            raise obj
+        if isinstance(obj, dict) and "text" not in obj and "question" in obj:
+            obj = {**obj, "text": obj["question"]}
+        if not isinstance(obj, dict) or "image" not in obj or "text" not in obj:
+            raise InputError(f"{where}: expected an object with 'image' and 'text'")
+        image = clean_text(obj["image"], "image", where)
+        p = Path(image) if Path(image).is_absolute() else base / image
+        data, _ = read_image_file(p, where)
+        items.append((decode_image(data, where), clean_text(obj["text"], "text", where)))
+    if not items:
+        raise InputError(f"{path}: no calibration pairs found")
+    return items

@@ -233,9 +233,33 @@ class Editor:
                     specs.append(KeySpec(i, "patch", sentence, sentence, box=list(box)))
         return specs
 
-    def embed_specs(self, edits: Sequence[Edit], specs: Sequence[KeySpec], images: Sequence[Any]):
+    def embed_specs(
+        self, edits: Sequence[Edit], specs: Sequence[KeySpec], images: Sequence[Any]
+    ) -> tuple[Any, Any]:
+        """Key vectors and their deferral radii (DESIGN 1.6) for the specs of `edits`."""
         imgs = [crop(images[s.edit_index], s.box) if s.box else images[s.edit_index] for s in specs]
-        return self.embedder.embed(imgs, [s.key_text for s in specs])
+        texts = [s.key_text for s in specs]
+        seeds = [_seed(edits[s.edit_index].id or "", s.kind, s.key_text, s.box) for s in specs]
+        return self.embed_with_radii(imgs, texts, seeds)
+
+    def embed_with_radii(
+        self, images: Sequence[Any], texts: Sequence[str], seeds: Sequence[int]
+    ) -> tuple[Any, Any]:
+        """Embed keys and one augmented copy of each; the radius is their distance.
+
+        The augmentation (small rotation, colour jitter, crop/pad; a light rewording) is
+        seeded by the key's content, so the same key always gets the same radius.
+        """
+        import numpy as np
+
+        from reasonedit_cli.augment import augment_image, perturb_text
+
+        vectors = self.embedder.embed(images, texts)
+        aug_imgs = [augment_image(img, np.random.default_rng(sd)) for img, sd in zip(images, seeds)]
+        aug_texts = [perturb_text(t, np.random.default_rng(sd)) for t, sd in zip(texts, seeds)]
+        augmented = self.embedder.embed(aug_imgs, aug_texts)
+        radii = np.linalg.norm(vectors - augmented, axis=1)
+        return vectors, radii
 
     def add_edits(
         self,
@@ -272,8 +296,8 @@ class Editor:
             chunk = todo[start : start + batch_size]
             images = [e.load_image() for e in chunk]
             specs = self.key_specs(chunk)
-            vectors = self.embed_specs(chunk, specs, images)
-            for spec, vec in zip(specs, vectors):
+            vectors, radii = self.embed_specs(chunk, specs, images)
+            for spec, vec, radius in zip(specs, vectors, radii):
                 e = chunk[spec.edit_index]
                 key_records.append(
                     KeyRecord(
@@ -284,6 +308,7 @@ class Editor:
                         image_sha256=e.image_sha256,
                         box=tuple(spec.box) if spec.box else None,
                         vector=vec,
+                        radius=float(radius),
                     )
                 )
             for i, e in enumerate(chunk):
@@ -349,3 +374,176 @@ class Editor:
             Answer(question=qu, answer=a, prompt=p, retrieval=r)
             for qu, a, p, r in zip(questions, answers, prompts, retrievals)
         ]
+
+    # ------------------------------------------------------------ merge-keys
+    def merge_keys(self, *, dry_run: bool = False) -> tuple[Any, int]:
+        """Merge overlapping keys (DESIGN 1.6) into a new version; returns (plan, version)."""
+        from reasonedit_cli.merging import plan_merges
+
+        cb = self._require_codebook()
+        rows = cb.keys_table().to_pylist()
+        vectors = cb.vectors()
+        plan = plan_merges(
+            vectors, [r.get("radius") or 0.0 for r in rows], [r["value"] for r in rows]
+        )
+        if dry_run or not plan.merged_into:
+            return plan, cb.version
+        for row, radius in plan.radius.items():
+            rows[row]["radius"] = radius
+        keep = [i for i in range(len(rows)) if i not in plan.merged_into]
+        records = _records_from_rows([rows[i] for i in keep], vectors[keep])
+        with cb.writer(lock_timeout=self.lock_timeout) as w:
+            w.replace_all_keys(records)
+            version = w.commit()
+        self.codebook = Codebook.open(cb.path)
+        return plan, version
+
+    # ------------------------------------------------------------- calibrate
+    def calibration_items(self, pairs_file: str | None) -> list[tuple[Image.Image, str]]:
+        """Anchor (image, text) items: from a JSONL of {image, text} or the codebook's edits."""
+        from reasonedit_cli.edits import decode_image
+
+        items: list[tuple[Image.Image, str]] = []
+        if pairs_file:
+            from reasonedit_cli.datasets import read_calibration_items
+
+            return read_calibration_items(pairs_file)
+        cb = self._require_codebook()
+        for rec in cb.edits():
+            img = decode_image(cb.read_image_bytes(rec.image_sha256), f"edit {rec.edit_id}")
+            items.append((img, rec.question))
+            items.extend((img, s) for s in rec.reasoning)
+        if not items:
+            raise UsageError(
+                "nothing to calibrate on: the codebook has no edits; add edits or pass --pairs FILE"
+            )
+        return items
+
+    def calibrate(
+        self,
+        pairs_file: str | None = None,
+        *,
+        rule: str = "bimodal",
+        layers: Sequence[str] | None = None,
+        max_pairs: int | None = 400,
+        bootstrap: int = 5,
+        knn: int | None = None,
+        seed: int = 0,
+        progress: Callable[[str, int], None] | None = None,
+        dry_run: bool = False,
+    ) -> tuple[Any, int]:
+        """Choose layer and w (DESIGN 1.5), store them, and re-embed every key.
+
+        Returns the CalibrationResult and the new codebook version (the old version when
+        `dry_run`). The new keys and settings are committed as one version, so readers
+        see either the old codebook or the fully re-embedded one.
+        """
+        from reasonedit_cli.calibration import build_pairs, calibrate
+
+        cb = self._require_codebook()
+        items = self.calibration_items(pairs_file)
+        pairs = build_pairs(items, max_pairs=max_pairs, seed=seed)
+        names = list(layers) if layers else [li.label for li in self.vlm.candidate_layers()]
+        names = [self.vlm.resolve_layer(n).label for n in names]
+        result = calibrate(
+            pairs,
+            lambda imgs, texts, ls: self.vlm.pooled_inputs(imgs, texts, ls),
+            self.text.encode,
+            names,
+            rule=rule,
+            bootstrap=bootstrap,
+            knn=knn,
+            seed=seed,
+            progress=progress,
+        )
+        if dry_run:
+            return result, cb.version
+        from reasonedit_cli.embedding import DualEmbedder
+
+        self._embedder = DualEmbedder(self.vlm, self.text, layer=result.layer, w=result.w)
+        summary = result.to_dict()
+        config = {
+            **self.config_for_manifest(),
+            "layer": result.layer,
+            "w": float(result.w),
+            "calibrated": True,
+            "calibration": {
+                k: summary[k] for k in ("rule", "n_pairs", "bootstrap", "seed") if k in summary
+            }
+            | {"chosen": _chosen_row(summary, result.layer)},
+        }
+        keys = self.reembed_keys() if self.codebook_has_keys else []
+        with cb.writer(lock_timeout=self.lock_timeout) as w:
+            if keys:
+                w.set_config(**config, dim=int(keys[0].vector.shape[0]))
+                w.replace_all_keys(keys)
+            else:
+                w.set_config(**config)
+            version = w.commit()
+        self.codebook = Codebook.open(cb.path)
+        return result, version
+
+    def reembed_keys(self, batch_size: int = 64) -> list[KeyRecord]:
+        """Every live key embedded again from its stored image and text (same ids/values)."""
+        from reasonedit_cli.edits import decode_image
+
+        cb = self._require_codebook()
+        rows = cb.keys_table().to_pylist()
+        cache: dict[str, Image.Image] = {}
+        out: list[KeyRecord] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            imgs = []
+            for r in chunk:
+                sha = r["image_sha256"]
+                if sha not in cache:
+                    cache[sha] = decode_image(cb.read_image_bytes(sha), f"image {sha[:12]}")
+                imgs.append(crop(cache[sha], r["box"]) if r["box"] else cache[sha])
+            seeds = [_seed(r["edit_id"], r["kind"], r["key_text"], r["box"]) for r in chunk]
+            vectors, radii = self.embed_with_radii(imgs, [r["key_text"] for r in chunk], seeds)
+            for r, vec, radius in zip(chunk, vectors, radii):
+                out.append(
+                    KeyRecord(
+                        edit_id=r["edit_id"],
+                        kind=r["kind"],
+                        value=r["value"],
+                        key_text=r["key_text"],
+                        image_sha256=r["image_sha256"],
+                        box=tuple(r["box"]) if r["box"] else None,
+                        vector=vec,
+                        radius=float(radius),
+                    )
+                )
+        return out
+
+
+def _seed(edit_id: str, kind: str, key_text: str, box: Any) -> int:
+    """A deterministic augmentation seed from a key's identity."""
+    import hashlib
+
+    h = hashlib.sha256(f"{edit_id}\x00{kind}\x00{key_text}\x00{box}".encode())
+    return int.from_bytes(h.digest()[:8], "little")
+
+
+def _chosen_row(summary: dict[str, Any], layer: str) -> dict[str, Any]:
+    """The layer-table row of the chosen layer: its three modularities, for the manifest."""
+    for row in summary.get("layer_table", []):
+        if row.get("layer") == layer:
+            return {k: row[k] for k in ("q_vis", "q_lang", "q_bi") if k in row}
+    return {}
+
+
+def _records_from_rows(rows: list[dict[str, Any]], vectors: Any) -> list[KeyRecord]:
+    return [
+        KeyRecord(
+            edit_id=r["edit_id"],
+            kind=r["kind"],
+            value=r["value"],
+            key_text=r["key_text"],
+            image_sha256=r["image_sha256"],
+            box=tuple(r["box"]) if r["box"] else None,
+            vector=vectors[i],
+            radius=r.get("radius"),
+        )
+        for i, r in enumerate(rows)
+    ]

@@ -1,0 +1,370 @@
+"""The commands end to end through Typer's CliRunner, on a tiny LLaVA and the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from reasonedit_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("add-edit", "ask", "calibrate", "merge-keys", "evaluate"):
+        assert command in result.output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from reasonedit_cli import cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture
+def codebook(tmp_path, edits_jsonl, model_args):
+    cb = tmp_path / "cb"
+    result = invoke(
+        "add-edit", "--from", str(edits_jsonl), "--codebook", str(cb), *model_args, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["added"] == ["e1", "e2", "e3"]
+    # answer key + one key per sentence (2 each) + one manual box key on e3
+    assert report["keys"] == 3 * 3 + 1
+    return cb
+
+
+def test_add_then_ask_in_a_new_process_returns_the_facts(codebook, images, tiny_llava):
+    cmd = [
+        sys.executable,
+        "-m",
+        "reasonedit_cli",
+        "ask",
+        "--codebook",
+        str(codebook),
+        "--image",
+        str(images["red_circle"]),
+        "--question",
+        "what shape is in the image?",
+        "--model",
+        str(tiny_llava),
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["rejected"] is False
+    assert record["facts"][0] == "The answer to 'what shape is in the image?' is circle."
+    assert record["retrieved"][0]["edit_id"] == "e1"
+    assert record["retrieved"][0]["distance"] == pytest.approx(0.0, abs=1e-4)
+    assert record["prompt"].startswith(record["facts"][0])
+    assert set(record) >= {"answer", "facts", "rejected", "retrieved"}
+
+
+def test_unrelated_question_retrieves_nothing(codebook, images, model_args):
+    result = invoke(
+        "ask",
+        "--codebook",
+        str(codebook),
+        "--image",
+        str(images["yellow_circle"]),
+        "--question",
+        "How many people are sitting on the bench?",
+        *model_args,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["rejected"] is True
+    assert record["facts"] == [] and record["retrieved"] == []
+    assert record["prompt"] == "How many people are sitting on the bench?"
+
+
+def test_same_edits_twice_are_stored_once(codebook, edits_jsonl, model_args):
+    result = invoke(
+        "add-edit", "--from", str(edits_jsonl), "--codebook", str(codebook), *model_args, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["added"] == [] and sorted(report["skipped"]) == ["e1", "e2", "e3"]
+    from reasonedit_cli.codebook import Codebook
+
+    cb = Codebook.open(codebook)
+    assert sorted(cb.edit_ids()) == ["e1", "e2", "e3"]
+    assert cb.keys_table().num_rows == 10
+
+
+def test_add_from_flags_and_stdin(tmp_path, images, model_args):
+    cb = tmp_path / "cb"
+    result = invoke(
+        "add-edit",
+        "--codebook",
+        str(cb),
+        *model_args,
+        "--image",
+        str(images["blue_triangle"]),
+        "--question",
+        "what shape is in the image?",
+        "--answer",
+        "triangle",
+        "--reason",
+        "The shape has three corners. A shape with three corners is a triangle.",
+        "--box",
+        "0,0,64,64",
+        "--box",
+        "none",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)
+    assert len(first["added"]) == 1 and first["keys"] == 4
+    line = json.dumps(
+        {
+            "image": str(images["red_circle"]),
+            "question": "what color is the shape?",
+            "answer": "red",
+            "reasoning": "The shape is the colour of blood.",
+        }
+    )
+    result = invoke(
+        "add-edit", "--codebook", str(cb), *model_args, "--from", "-", "--json", input=line + "\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["added"]) == 1
+
+
+def test_ask_batch_from_jsonl_and_no_edit(codebook, images, model_args, tmp_path):
+    q = tmp_path / "questions.jsonl"
+    q.write_text(
+        json.dumps(
+            {
+                "id": "q1",
+                "image": str(images["red_circle"]),
+                "question": "what shape is in the image?",
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {"id": "q2", "image": str(images["green_rect"]), "question": "is there a triangle?"}
+        )
+        + "\n"
+    )
+    result = invoke("ask", "--codebook", str(codebook), "--from", str(q), *model_args, "--json")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["q1", "q2"]
+    assert all(not r["rejected"] for r in records)
+    plain = invoke(
+        "ask", "--codebook", str(codebook), "--from", str(q), *model_args, "--json", "--no-edit"
+    )
+    assert plain.exit_code == 0, plain.output
+    for r in map(json.loads, plain.stdout.splitlines()):
+        assert (
+            r["edited"] is False
+            and r["facts"] == []
+            and r["prompt"] in ("what shape is in the image?", "is there a triangle?")
+        )
+
+
+def test_ask_explain_renders_a_table(codebook, images, model_args):
+    result = invoke(
+        "ask",
+        "--codebook",
+        str(codebook),
+        "--image",
+        str(images["red_circle"]),
+        "--question",
+        "what shape is in the image?",
+        *model_args,
+        "--explain",
+    )
+    assert result.exit_code == 0, result.output
+    assert "Retrieved keys" in result.output and "circle" in result.output
+
+
+def test_no_edit_without_a_codebook(tmp_path, images, model_args):
+    result = invoke(
+        "ask",
+        "--codebook",
+        str(tmp_path / "none"),
+        "--image",
+        str(images["red_circle"]),
+        "--question",
+        "what?",
+        "--no-edit",
+        *model_args,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["ask", "--question", "q"], 2, "give --image and --question"),
+        (["add-edit", "--question", "q"], 2, "missing --image"),
+        (["ask", "--image", "nope.png", "--question", "q"], 1, "does not exist"),
+    ],
+)
+def test_usage_errors_are_one_line(args, code, message, tmp_path):
+    result = invoke(*args, "--codebook", str(tmp_path / "cb"))
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_path):
+    from reasonedit_cli.codebook import Codebook
+
+    before = Codebook.open(codebook)
+    plot = tmp_path / "cal.png"
+    result = invoke(
+        "calibrate",
+        "--codebook",
+        str(codebook),
+        *model_args,
+        "--max-pairs",
+        "40",
+        "--bootstrap",
+        "2",
+        "--plot",
+        str(plot),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["layer"] in {"vision.0", "vision.1", "projector", "language.0", "language.1"}
+    assert {"q_vis", "q_lang", "q_bi"} <= set(summary["layer_table"][0])
+    after = Codebook.open(codebook)
+    assert after.version > before.version
+    assert after.config["layer"] == summary["layer"] and after.config["w"] == summary["w"]
+    assert after.config["calibrated"] is True
+    assert after.keys_table().num_rows == before.keys_table().num_rows
+    assert plot.stat().st_size > 1000
+    # the edited question still retrieves its own answer after re-embedding
+    result = invoke(
+        "ask",
+        "--codebook",
+        str(codebook),
+        "--image",
+        str(codebook.parent / "images" / "red_circle.png"),
+        "--question",
+        "what shape is in the image?",
+        *model_args,
+        "--json",
+    )
+    assert json.loads(result.stdout)["facts"][0].endswith("is circle.")
+
+
+def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
+    cb = tmp_path / "cb"
+    rows = [
+        {
+            "id": f"dup{i}",
+            "image": str(images["red_circle"]),
+            "question": "what shape is in the image?",
+            "answer": "circle",
+            "reasoning": "The shape has no corners.",
+        }
+        for i in range(3)
+    ]
+    path = tmp_path / "dups.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        invoke("add-edit", "--from", str(path), "--codebook", str(cb), *model_args).exit_code == 0
+    )
+    dry = invoke("merge-keys", "--codebook", str(cb), "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert plan["before"] == 6 and plan["after"] == 2 and plan["dry_run"]
+    done = json.loads(invoke("merge-keys", "--codebook", str(cb), "--json").stdout)
+    assert done["after"] == 2
+    from reasonedit_cli.codebook import Codebook
+
+    assert Codebook.open(cb).keys_table().num_rows == 2
+    result = invoke(
+        "ask",
+        "--codebook",
+        str(cb),
+        "--image",
+        str(images["red_circle"]),
+        "--question",
+        "what shape is in the image?",
+        *model_args,
+        "--json",
+    )
+    assert (
+        json.loads(result.stdout)["facts"][0]
+        == "The answer to 'what shape is in the image?' is circle."
+    )
+
+
+def test_evaluate_reports_every_metric(tmp_path, edits_jsonl, images, model_args):
+    probes = tmp_path / "probes.jsonl"
+    rows = [
+        {
+            "image": "images/red_circle.png",
+            "question": "what is the shape?",
+            "answer": "circle",
+            "kind": "t_gen",
+            "edit_id": "e1",
+        },
+        {
+            "image": "images/yellow_circle.png",
+            "question": "what shape is in the image?",
+            "answer": "circle",
+            "kind": "i_gen",
+            "edit_id": "e1",
+        },
+        {
+            "image": "images/yellow_circle.png",
+            "question": "How many people sit on the bench?",
+            "answer": "two",
+            "kind": "loc",
+        },
+    ]
+    probes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report_dir = tmp_path / "report"
+    result = invoke(
+        "evaluate",
+        "--edits",
+        str(edits_jsonl),
+        "--probes",
+        str(probes),
+        *model_args,
+        "--report",
+        str(report_dir),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["methods"]) == {"unedited", "reasonedit"}
+    assert report["counts"] == {"acc": 3, "t_gen": 1, "i_gen": 1, "loc": 1}
+    assert report["retrieval"]["acc"] == 1.0
+    assert (report_dir / "metrics.md").read_text().startswith("| method |")
+
+
+def test_doctor_reports_ok_and_damage(codebook):
+    ok = invoke("doctor", "--codebook", str(codebook), "--json")
+    assert ok.exit_code == 0, ok.output and json.loads(ok.stdout)["ok"]
+    seg = next((codebook / "segments").glob("keys-*.parquet"))
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    bad = invoke("doctor", "--codebook", str(codebook))
+    assert bad.exit_code == 1
+    assert "Traceback" not in bad.output
