@@ -206,6 +206,12 @@ def add_edit(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Edits per VLM batch.")
     ] = 16,
+    patches: Annotated[
+        str, typer.Option("--patches", help="auto: search evidence crops; none: whole image only.")
+    ] = "auto",
+    top_k_patches: Annotated[
+        int, typer.Option("--top-k-patches", min=0, help="Lowest-loss crops kept per sentence.")
+    ] = 1,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -221,7 +227,10 @@ def add_edit(
     -r "The shape has no corners. A shape with no corners is a circle."
     """
     from reasonedit_cli import edits as edits_mod
+    from reasonedit_cli.editor import PATCH_MODES
 
+    if patches not in PATCH_MODES:
+        raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
     errors: list[str] = []
     if from_file is not None:
         if any(v is not None for v in (image, question, answer, reason, box, edit_id)):
@@ -272,7 +281,13 @@ def add_edit(
         lock_timeout=lock_timeout,
     )
     with _progress(len(edits), "Adding edits", not as_json) as advance:
-        report = editor.add_edits(edits, batch_size=batch_size, progress=advance)
+        report = editor.add_edits(
+            edits,
+            batch_size=batch_size,
+            progress=advance,
+            patches=patches,
+            top_k_patches=top_k_patches,
+        )
     if as_json:
         _print_json(
             {

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BUNDLED_MODEL = "bundled:demo_vlm"
 DEFAULT_PERCENTILE = 25.0
 DEFAULT_TOP_K = 5
+PATCH_MODES = ("auto", "none")
 
 Progress = Callable[[int], None]
 
@@ -219,8 +220,40 @@ class Editor:
         }
 
     # ------------------------------------------------------------- add edits
-    def key_specs(self, edits: Sequence[Edit]) -> list[KeySpec]:
-        """The keys of each edit (DESIGN 1.3): answer, sentences, and sentence patches."""
+    def key_specs(
+        self,
+        edits: Sequence[Edit],
+        images: Sequence[Any] | None = None,
+        *,
+        patches: str = "none",
+        top_k_patches: int = 1,
+        batch_size: int = 64,
+    ) -> list[KeySpec]:
+        """The keys of each edit (DESIGN 1.3): answer, sentences, and sentence patches.
+
+        A sentence with a manual box gets that crop; with `patches="auto"` every other
+        sentence gets the crops chosen by the patch search (DESIGN 1.2), batched over
+        all edits of the call.
+        """
+        if patches not in PATCH_MODES:
+            raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
+        found: dict[tuple[int, int], list[list[int]]] = {}
+        if patches == "auto" and images is not None:
+            from reasonedit_cli.patches import search_patches
+
+            want = [
+                [j for j in range(len(e.reasoning)) if not (e.boxes and e.boxes[j] is not None)]
+                for e in edits
+            ]
+            results = search_patches(
+                self.vlm,
+                [(images[i], [e.reasoning[j] for j in want[i]]) for i, e in enumerate(edits)],
+                top_k=top_k_patches,
+                batch_size=batch_size,
+            )
+            for i, (js, per_sentence) in enumerate(zip(want, results)):
+                for j, boxes in zip(js, per_sentence):
+                    found[(i, j)] = [list(b) for b in boxes]
         specs: list[KeySpec] = []
         for i, edit in enumerate(edits):
             specs.append(
@@ -228,8 +261,8 @@ class Editor:
             )
             for j, sentence in enumerate(edit.reasoning):
                 specs.append(KeySpec(i, "sentence", sentence, sentence))
-                box = edit.boxes[j] if edit.boxes else None
-                if box is not None:
+                manual = edit.boxes[j] if edit.boxes else None
+                for box in [manual] if manual is not None else found.get((i, j), []):
                     specs.append(KeySpec(i, "patch", sentence, sentence, box=list(box)))
         return specs
 
@@ -267,6 +300,8 @@ class Editor:
         *,
         batch_size: int = 32,
         progress: Progress | None = None,
+        patches: str = "auto",
+        top_k_patches: int = 1,
     ) -> AddReport:
         """Embed and store edits; edits already in the codebook are skipped (idempotent).
 
@@ -295,7 +330,7 @@ class Editor:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = [e.load_image() for e in chunk]
-            specs = self.key_specs(chunk)
+            specs = self.key_specs(chunk, images, patches=patches, top_k_patches=top_k_patches)
             vectors, radii = self.embed_specs(chunk, specs, images)
             for spec, vec, radius in zip(specs, vectors, radii):
                 e = chunk[spec.edit_index]
