@@ -1433,3 +1433,31 @@ def _keys_to_table(items: list[tuple[str, KeyRecord]], dim: int) -> pa.Table:
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim),
     }
     return pa.Table.from_arrays(list(cols.values()), schema=schema)
+
+
+def history(path: str | Path) -> list[dict[str, Any]]:
+    """One summary per kept version (oldest first), for `reasonedit history`.
+
+    Row counts are those of the segments a version lists minus nothing: removed edits
+    are reported separately, since tombstones hide rows without rewriting segments.
+    """
+    cb = Codebook.open(path)
+    out = []
+    for f in sorted((cb.path / "versions").glob("v*.json")):
+        try:
+            m = json.loads(f.read_bytes())
+            rows = {"keys": 0, "edits": 0}
+            for seg in m.get("segments", []):
+                rows[seg["kind"]] = rows.get(seg["kind"], 0) + int(seg.get("rows", 0))
+            out.append({
+                "version": int(m["version"]),
+                "updated": m.get("updated") or m.get("created"),
+                "segment_edits": rows["edits"],
+                "segment_keys": rows["keys"],
+                "removed_edits": len(m.get("removed_edits", [])),
+                "layer": m.get("config", {}).get("layer"),
+                "current": int(m["version"]) == cb.version,
+            })
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append({"version": None, "file": f.name, "damaged": True})
+    return out
