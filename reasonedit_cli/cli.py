@@ -673,6 +673,95 @@ def doctor(
         raise typer.Exit(1)
 
 
+# ---------------------------------------------------- remove-edit, history
+@app.command("remove-edit")
+@handle_errors
+def remove_edit(
+    edit_ids: Annotated[list[str], typer.Argument(help="Ids of the edits to remove.")],
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    lock_timeout: LockOpt = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove edits from the live codebook in a new version (undo with `restore`).
+
+    Example: reasonedit remove-edit tri-1 && reasonedit restore 3
+    """
+    from reasonedit_cli.codebook import Codebook
+
+    cb = Codebook.open(codebook)
+    unknown = sorted(set(edit_ids) - cb.edit_ids())
+    if unknown:
+        raise InputError(f"no such edit in {codebook}: {', '.join(unknown)}")
+    previous = cb.version
+    with cb.writer(lock_timeout=lock_timeout) as w:
+        version = w.remove_edits(edit_ids)
+    record = {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+    if as_json:
+        _print_json(record)
+    else:
+        _stdout().print(
+            f"Removed {len(record['removed'])} edit(s); version {version} "
+            f"(undo: reasonedit restore {previous})."
+        )
+
+
+@app.command()
+@handle_errors
+def history(codebook: CodebookOpt = DEFAULT_CODEBOOK, as_json: JsonOpt = False) -> None:
+    """List the kept versions of the codebook.
+
+    Example: reasonedit history
+    """
+    from reasonedit_cli.codebook import history as codebook_history
+
+    rows = codebook_history(codebook)
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Versions of {codebook}")
+    for col in ("version", "updated", "edit rows", "key rows", "removed", "layer"):
+        table.add_column(col)
+    for r in rows:
+        if r.get("damaged"):
+            table.add_row("?", f"{r['file']} is damaged", "", "", "", "")
+            continue
+        mark = " (current)" if r["current"] else ""
+        table.add_row(
+            f"{r['version']}{mark}",
+            str(r["updated"]),
+            str(r["segment_edits"]),
+            str(r["segment_keys"]),
+            str(r["removed_edits"]),
+            str(r["layer"] or "-"),
+        )
+    _stdout().print(table)
+
+
+@app.command()
+@handle_errors
+def restore(
+    version: Annotated[int, typer.Argument(help="The version to bring back.")],
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    lock_timeout: LockOpt = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make an earlier version current again (as a new version; nothing is lost).
+
+    Example: reasonedit restore 3
+    """
+    from reasonedit_cli.codebook import Codebook
+
+    cb = Codebook.open(codebook)
+    with cb.writer(lock_timeout=lock_timeout) as w:
+        new = w.restore(version)
+    if as_json:
+        _print_json({"restored": version, "version": new})
+    else:
+        _stdout().print(f"Restored version {version} as version {new}.")
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

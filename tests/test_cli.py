@@ -368,3 +368,44 @@ def test_doctor_reports_ok_and_damage(codebook):
     bad = invoke("doctor", "--codebook", str(codebook))
     assert bad.exit_code == 1
     assert "Traceback" not in bad.output
+
+
+def test_remove_then_restore_round_trips(codebook, images, model_args):
+    from reasonedit_cli.codebook import Codebook
+
+    before = Codebook.open(codebook)
+    removed = invoke("remove-edit", "e1", "--codebook", str(codebook), "--json")
+    assert removed.exit_code == 0, removed.output
+    info = json.loads(removed.stdout)
+    assert Codebook.open(codebook).edit_ids() == {"e2", "e3"}
+    ask_args = [
+        "ask",
+        "--codebook",
+        str(codebook),
+        "--image",
+        str(images["red_circle"]),
+        "--question",
+        "what shape is in the image?",
+        *model_args,
+        "--json",
+    ]
+    facts = json.loads(invoke(*ask_args).stdout)["facts"]
+    assert "The answer to 'what shape is in the image?' is circle." not in facts
+    restored = invoke("restore", str(info["previous"]), "--codebook", str(codebook), "--json")
+    assert restored.exit_code == 0, restored.output
+    after = Codebook.open(codebook)
+    assert after.edit_ids() == before.edit_ids()
+    assert (
+        after.keys_table().column("key_id").to_pylist()
+        == before.keys_table().column("key_id").to_pylist()
+    )
+    assert json.loads(invoke(*ask_args).stdout)["facts"][0].endswith("is circle.")
+    hist = json.loads(invoke("history", "--codebook", str(codebook), "--json").stdout)
+    assert [h["version"] for h in hist][-3:] == [
+        before.version,
+        before.version + 1,
+        before.version + 2,
+    ]
+    assert hist[-1]["current"] is True
+    missing = invoke("remove-edit", "nope", "--codebook", str(codebook))
+    assert missing.exit_code == 1 and "no such edit" in missing.output

@@ -23,5 +23,7 @@ def test_default_encoder_matches_sentence_transformers():
 
 def test_related_sentences_are_closer():
     enc = TextEncoder()
-    a, b, c = enc.encode(["A triangle has three corners.", "Triangles have 3 corners.", "I like tea."])
+    a, b, c = enc.encode(
+        ["A triangle has three corners.", "Triangles have 3 corners.", "I like tea."]
+    )
     assert np.dot(a, b) > np.dot(a, c)
