@@ -58,7 +58,9 @@ class AddReport:
     skipped: list[str] = field(default_factory=list)  # already in the codebook
     keys: int = 0
     version: int = 0
-    boxes: dict[str, list[list[int] | None]] = field(default_factory=dict)
+    boxes: dict[str, list[list[list[int]]]] = field(
+        default_factory=dict
+    )  # edit -> sentence -> boxes
 
 
 @dataclass
@@ -358,8 +360,14 @@ class Editor:
                         source=e.source,
                     )
                 )
+                # per reasoning sentence: the crops its patch keys use ([] = whole image only)
                 report.boxes[e.id or ""] = [
-                    s.box for s in specs if s.edit_index == i and s.kind == "patch"
+                    [
+                        s.box
+                        for s in specs
+                        if s.edit_index == i and s.kind == "patch" and s.key_text == sentence
+                    ]
+                    for sentence in e.reasoning
                 ]
             if progress:
                 progress(len(chunk))

@@ -42,6 +42,7 @@ def codebook(tmp_path, edits_jsonl, model_args):
     assert report["added"] == ["e1", "e2", "e3"]
     # answer key + one key per sentence (2 each) + one manual box key on e3
     assert report["keys"] == 3 * 3 + 1
+    assert report["boxes"]["e3"] == [[[8, 8, 56, 56]], []]
     return cb
 
 
