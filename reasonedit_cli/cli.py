@@ -372,6 +372,9 @@ def ask(
     else:
         if image is None or not question:
             raise UsageError("give --image and --question (or --from FILE)")
+        from reasonedit_cli.edits import clean_text
+
+        question = clean_text(question, "question", "--question")
         data, _ = read_image_file(image, "--image")
         items = [{"image_bytes": data, "question": question, "where": "command line"}]
     from reasonedit_cli.edits import decode_image

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -120,7 +121,11 @@ def parse_box(value: Any, where: str) -> list[int] | None:
     if (
         not isinstance(value, (list, tuple))
         or len(value) != 4
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+        or any(abs(v) > 1_000_000 for v in value)
     ):
         raise InputError(f"{where}: a box must be [x0, y0, x1, y1] with numbers, got {value!r}")
     x0, y0, x1, y1 = (int(round(v)) for v in value)
@@ -201,7 +206,11 @@ def edit_from_record(record: Any, base: Path, where: str, source: str) -> Edit:
         answer=clean_text(record["answer"], "answer", where),
         reasoning=parse_reasoning(record["reasoning"], where),
         id=edit_id,
-        source=str(record.get("source") or source),
+        source=(
+            clean_text(record["source"], "source", where)
+            if record.get("source") is not None
+            else source
+        ),
         where=where,
     )
     edit.boxes = parse_boxes(record.get("boxes"), len(edit.reasoning), where)
@@ -246,7 +255,7 @@ def iter_jsonl(path: str, *, stdin_base: Path | None = None) -> Iterator[tuple[s
     if not p.is_file():
         raise InputError(f"{path}: not a regular file")
     try:
-        with open(p, encoding="utf-8") as stream:
+        with open(p, encoding="utf-8-sig") as stream:
             yield from _iter_lines(stream, path, p.parent)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason})") from None
@@ -265,6 +274,8 @@ def _iter_lines(stream, name: str, base: Path) -> Iterator[tuple[str, Path, Any]
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             obj = InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+        except (ValueError, RecursionError) as exc:  # nesting too deep, int too long
+            obj = InputError(f"{where}: invalid JSON ({type(exc).__name__})")
         yield where, base, obj
 
 
