@@ -589,13 +589,50 @@ def merge_keys(
 @app.command()
 @handle_errors
 def evaluate(
-    edits: Annotated[str, typer.Option("--edits", help="Edit JSONL to apply.")],
+    edits: Annotated[
+        str | None,
+        typer.Option(
+            "--edits", help="Edit file to apply (with --format for A-OKVQA/RationaleVQA)."
+        ),
+    ] = None,
     probes: Annotated[
-        str,
+        str | None,
         typer.Option("--probes", help="Probe JSONL ({image, question, answer, kind, edit_id})."),
-    ],
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", help="Build edits and probes from a dataset: easy-vqa."),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Layout of --edits: jsonl | aokvqa | rationalevqa.")
+    ] = "jsonl",
+    images_root: Annotated[
+        Path | None, typer.Option("--images-root", help="Image folder for --format.")
+    ] = None,
+    n_edits: Annotated[
+        int, typer.Option("--n-edits", min=1, help="Edits to build from --dataset.")
+    ] = 100,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma list of unedited, reasonedit, ike, grace, vision-only, text-only, "
+            "no-patches, or all.",
+        ),
+    ] = "all",
+    sweep_p: Annotated[
+        bool, typer.Option("--sweep-p/--no-sweep-p", help="Rejection percentile sweep 10..90.")
+    ] = True,
+    sweep_w: Annotated[
+        bool, typer.Option("--sweep-w", help="Key weight w sweep (re-embeds keys 5 times).")
+    ] = False,
+    percentile: Annotated[
+        float | None, typer.Option("--percentile", help="Rejection percentile (default 25).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling edits and probes.")] = 0,
     report_dir: Annotated[
-        Path | None, typer.Option("--report", help="Write metrics.json and metrics.md here.")
+        Path | None,
+        typer.Option("--report", help="Write metrics.json, metrics.md, sweep.md, sweep.png here."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     codebook: Annotated[
@@ -609,32 +646,89 @@ def evaluate(
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the protocol: edit, then measure Acc, T/I/R/CoE-Gen and Loc against unedited.
+    """Run the protocol: edit, then measure Acc, T/I/R/CoE-Gen and Loc for every method.
 
-    Example: reasonedit evaluate --edits sample_edits/edits.jsonl --probes sample_edits/probes.jsonl
+    Example: reasonedit evaluate --dataset easy-vqa --n-edits 100 --report report/
     """
     import tempfile
+    import time
 
-    from reasonedit_cli.datasets import read_edits
+    from reasonedit_cli.evaluation import (
+        METHODS,
+        Generations,
+        markdown_table,
+        read_probes,
+        sweep_markdown,
+        write_report,
+    )
     from reasonedit_cli.evaluation import evaluate as run_evaluation
-    from reasonedit_cli.evaluation import markdown_table, read_probes, write_report
 
-    edit_list, _ = read_edits(edits)
-    probe_list = read_probes(probes)
+    chosen = (
+        list(METHODS)
+        if methods.strip() == "all"
+        else [m.strip() for m in methods.split(",") if m.strip()]
+    )
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or not chosen:
+        raise UsageError(
+            f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
+        )
+    if (dataset is None) == (edits is None):
+        raise UsageError("give either --dataset easy-vqa or --edits FILE [--probes FILE]")
+    if dataset is not None and dataset != "easy-vqa":
+        raise UsageError(f"unknown --dataset {dataset!r}; supported: easy-vqa")
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp:
         target = codebook or Path(tmp) / "codebook"
         editor = _editor(target, model, text_model, device, dtype, trust_remote_code, create=True)
-        total = 2 * (len(edit_list) + len(probe_list))
+        gen = Generations(editor.vlm, batch_size)
+        info: dict[str, Any] = {}
+        if dataset is not None:
+            from reasonedit_cli.easyvqa import build_easyvqa
+            from reasonedit_cli.evaluation import easyvqa_asker
+
+            if not as_json:
+                _stderr().print(f"Finding {n_edits} mistakes of the unedited model on easy-vqa...")
+            edit_list, probe_list, info = build_easyvqa(
+                easyvqa_asker(gen), n_edits=n_edits, seed=seed
+            )
+        else:
+            from reasonedit_cli.datasets import read_edits
+
+            edit_list, _ = read_edits(edits, fmt, images_root=images_root)
+            probe_list = read_probes(probes) if probes else []
+        total = len(chosen) + int(sweep_p) + int(sweep_w)
         with _progress(total, "Evaluating", not as_json) as advance:
             report = run_evaluation(
-                editor, edit_list, probe_list, batch_size=batch_size, progress=advance
+                editor,
+                edit_list,
+                probe_list,
+                methods=chosen,
+                batch_size=batch_size,
+                sweep_p=sweep_p,
+                sweep_w=sweep_w,
+                percentile=percentile,
+                workdir=Path(tmp) / "variants",
+                gen=gen,
+                progress=advance,
             )
+    report["dataset"] = info or {"edits": edits, "probes": probes, "format": fmt}
+    report["seed"] = seed
+    report["runtime_s"]["total"] = round(time.perf_counter() - t0, 3)
     if report_dir is not None:
         write_report(report, report_dir)
     if as_json:
         _print_json(report)
     else:
-        _stdout().print(markdown_table(report), markup=False)
+        out = _stdout()
+        out.print(markdown_table(report), markup=False)
+        sweeps = sweep_markdown(report)
+        if sweeps:
+            out.print(sweeps, markup=False)
+        out.print(
+            f"{len(edit_list)} edits, {len(probe_list)} probes, "
+            f"{report['runtime_s']['total']:.1f} s"
+        )
 
 
 # ------------------------------------------------------------------ doctor

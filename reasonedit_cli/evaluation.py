@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from reasonedit_cli.errors import InputError
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc")
@@ -80,76 +82,469 @@ def read_probes(path: str) -> list[Probe]:
     return probes
 
 
+METHODS = ("unedited", "reasonedit", "ike", "grace", "vision-only", "text-only", "no-patches")
+SWEEP_P = tuple(range(10, 100, 10))
+SWEEP_W_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+IKE_K = 3
+
+
+@dataclass
+class Outcome:
+    """One probe's answer under one method, and which edits its retrieval touched."""
+
+    answer: str
+    edit_ids: list[str]
+    rejected: bool
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+class Generations:
+    """The VLM's greedy answers cached by (image bytes, prompt): nothing is asked twice."""
+
+    def __init__(self, vlm: Any, batch_size: int = 16) -> None:
+        self.vlm = vlm
+        self.batch_size = batch_size
+        self.cache: dict[tuple[str, str], str] = {}
+        self.images: dict[str, Any] = {}
+        self.calls = 0
+
+    def image(self, data: bytes) -> Any:
+        from reasonedit_cli.edits import decode_image
+
+        key = _digest(data)
+        if key not in self.images:
+            self.images[key] = decode_image(data, "image")
+        return self.images[key]
+
+    def answer(self, image_bytes: Sequence[bytes], prompts: Sequence[str]) -> list[str]:
+        keys = [(_digest(b), p) for b, p in zip(image_bytes, prompts)]
+        todo: dict[tuple[str, str], bytes] = {}
+        for k, b in zip(keys, image_bytes):
+            if k not in self.cache:
+                todo.setdefault(k, b)
+        if todo:
+            items = list(todo.items())
+            out = self.vlm.generate(
+                [self.image(b) for _, b in items],
+                [k[1] for k, _ in items],
+                batch_size=self.batch_size,
+            )
+            self.calls += len(items)
+            for (k, _), a in zip(items, out):
+                self.cache[k] = a
+        return [self.cache[k] for k in keys]
+
+
+class HalfCache:
+    """Pooled VLM activations (several layers in one forward) and S(t), cached.
+
+    Embedding variants (dual, vision-only, text-only, other w) share these halves, so a
+    w sweep or a second key layout never runs the VLM again on the same input.
+    """
+
+    def __init__(self, vlm: Any, text: Any, layers: Sequence[str], batch_size: int = 16):
+        self.vlm = vlm
+        self.text = text
+        self.layers = [vlm.resolve_layer(name).label for name in layers]
+        self.batch_size = batch_size
+        self.h: dict[tuple[str, str, str], np.ndarray] = {}
+        self.s: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def _img_key(img: Any) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
+
+    def vlm_half(self, images: Sequence[Any], texts: Sequence[str], layer: str) -> np.ndarray:
+        keys = [(self._img_key(i), t) for i, t in zip(images, texts)]
+        todo: dict[tuple[str, str], int] = {}
+        for j, k in enumerate(keys):
+            if (k[0], k[1], layer) not in self.h:
+                todo.setdefault(k, j)
+        if todo:
+            idx = list(todo.values())
+            out = self.vlm.pooled_inputs(
+                [images[j] for j in idx],
+                [texts[j] for j in idx],
+                self.layers,
+                batch_size=self.batch_size,
+            )
+            for n, j in enumerate(idx):
+                for name in self.layers:
+                    self.h[(keys[j][0], keys[j][1], name)] = out[name][n]
+        return np.stack([self.h[(k[0], k[1], layer)] for k in keys]).astype(np.float32)
+
+    def text_half(self, texts: Sequence[str]) -> np.ndarray:
+        todo = sorted({t for t in texts if t not in self.s})
+        if todo:
+            for t, v in zip(todo, self.text.encode(todo)):
+                self.s[t] = v
+        return np.stack([self.s[t] for t in texts]).astype(np.float32)
+
+
+@dataclass
+class CachedEmbedder:
+    """A DualEmbedder look-alike over a HalfCache: mode dual, vision (h only) or text (S only)."""
+
+    cache: HalfCache
+    layer: str
+    w: float | None = None
+    mode: str = "dual"
+
+    def embed(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
+        from reasonedit_cli.calibration import dual_concat
+
+        if self.mode == "text":
+            return self.cache.text_half(texts)
+        h = self.cache.vlm_half(images, texts, self.layer)
+        if self.mode == "vision":
+            return h
+        if self.w is None:
+            self.w = float(np.linalg.norm(h, axis=1).mean()) or 1.0
+        return dual_concat(h, self.cache.text_half(texts), self.w)
+
+
+def last_vision_layer(vlm: Any) -> str:
+    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision"]
+    if not layers:
+        raise InputError("the model has no vision-encoder blocks for the vision-only baseline")
+    return layers[-1]
+
+
+class Evaluation:
+    """Everything one `evaluate` run shares: models, caches, the edits and the probes."""
+
+    def __init__(
+        self,
+        editor: Any,
+        edits: Sequence[Any],
+        probes: Sequence[Probe],
+        *,
+        workdir: Path,
+        batch_size: int = 16,
+        top_k: int | None = None,
+        percentile: float | None = None,
+        gen: Generations | None = None,
+    ) -> None:
+        self.editor = editor
+        self.edits = list(edits)
+        for e in self.edits:
+            e.ensure_id()
+        self.probes = [
+            Probe(e.image_bytes, e.question, e.answer, "acc", e.id, e.where) for e in self.edits
+        ] + list(probes)
+        self.workdir = workdir
+        self.batch_size = batch_size
+        self.gen = gen or Generations(editor.vlm, batch_size)
+        base = editor.embedder
+        self.halves = HalfCache(
+            editor.vlm, editor.text, [base.layer, last_vision_layer(editor.vlm)], batch_size
+        )
+        self.embedder = CachedEmbedder(self.halves, base.layer, base.w)
+        self.top_k = top_k or int(editor.config.get("top_k", 5))
+        self.percentile = percentile
+        self._specs: dict[str, list[Any]] | None = None
+        self._codebooks: dict[str, tuple[Any, np.ndarray]] = {}
+
+    # -------------------------------------------------------------- pieces
+    def probe_images(self) -> list[Any]:
+        return [self.gen.image(p.image_bytes) for p in self.probes]
+
+    def specs(self) -> dict[str, list[Any]]:
+        """Key specs per edit id, patch search included, computed once for every variant."""
+        if self._specs is None:
+            self._specs = {}
+            for start in range(0, len(self.edits), self.batch_size):
+                chunk = self.edits[start : start + self.batch_size]
+                imgs = [self.gen.image(e.image_bytes) for e in chunk]
+                for spec in self.editor.key_specs(chunk, imgs, patches="auto"):
+                    self._specs.setdefault(chunk[spec.edit_index].id, []).append(spec)
+        return self._specs
+
+    def build(self, name: str, embedder: Any, *, patches: bool = True) -> tuple[Any, np.ndarray]:
+        """A codebook of all edits under `embedder`, and the query embedding of every probe."""
+        if name in self._codebooks:
+            return self._codebooks[name]
+        from dataclasses import replace
+
+        from reasonedit_cli.editor import Editor
+
+        specs = self.specs()
+        ed = Editor(self.workdir / name, model=self.editor.model_name, create=True)
+        ed.text_model_name = self.editor.text_model_name
+        ed._vlm, ed._text, ed._embedder = self.editor.vlm, self.editor.text, embedder
+
+        def key_specs(chunk, images=None, **_: Any) -> list[Any]:
+            return [
+                replace(s, edit_index=i)
+                for i, e in enumerate(chunk)
+                for s in specs[e.id]
+                if patches or s.kind != "patch"
+            ]
+
+        ed.key_specs = key_specs  # type: ignore[method-assign]
+        ed.add_edits(self.edits, batch_size=max(self.batch_size, 32), patches="none")
+        vecs = embedder.embed(self.probe_images(), [p.question for p in self.probes])
+        self._codebooks[name] = (ed.codebook, vecs)
+        return self._codebooks[name]
+
+    def answer_with_facts(self, facts: Sequence[Sequence[str]], prefix: str = "") -> list[str]:
+        from reasonedit_cli.retrieval import build_prompt
+
+        prompts = [
+            build_prompt([prefix + " ".join(f)] if f and prefix else list(f), p.question)
+            for f, p in zip(facts, self.probes)
+        ]
+        return self.gen.answer([p.image_bytes for p in self.probes], prompts)
+
+    def retrieval_method(self, codebook: Any, vecs: np.ndarray, p: float | None) -> list[Outcome]:
+        from reasonedit_cli.retrieval import retrieve
+
+        pp = self.percentile if p is None else p
+        rs = [retrieve(codebook, v, k=self.top_k, p=pp) for v in vecs]
+        answers = self.answer_with_facts([r.facts for r in rs])
+        return [Outcome(a, [h.edit_id for h in r.hits], r.rejected) for a, r in zip(answers, rs)]
+
+    # ------------------------------------------------------------- methods
+    def run(self, method: str) -> list[Outcome]:
+        if method == "unedited":
+            answers = self.answer_with_facts([[] for _ in self.probes])
+            return [Outcome(a, [], True) for a in answers]
+        if method == "reasonedit":
+            return self.retrieval_method(*self.build("reasonedit", self.embedder), None)
+        if method == "no-patches":
+            return self.retrieval_method(
+                *self.build("no-patches", self.embedder, patches=False), None
+            )
+        if method == "vision-only":
+            emb = CachedEmbedder(self.halves, last_vision_layer(self.editor.vlm), 0.0, "vision")
+            return self.retrieval_method(*self.build("vision-only", emb), None)
+        if method == "text-only":
+            emb = CachedEmbedder(self.halves, self.embedder.layer, 1.0, "text")
+            return self.retrieval_method(*self.build("text-only", emb), None)
+        if method == "ike":
+            return self.ike()
+        if method == "grace":
+            return self.grace()
+        raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def ike(self) -> list[Outcome]:
+        """IKE: the 3 nearest edits by S(question) alone, always prepended as `New Fact:`."""
+        from reasonedit_cli.editor import answer_value
+
+        keys = self.halves.text_half([e.question for e in self.edits])
+        queries = self.halves.text_half([p.question for p in self.probes])
+        sims = queries @ keys.T
+        facts, ids = [], []
+        for row in sims:
+            top = np.argsort(-row, kind="stable")[:IKE_K]
+            chosen = [self.edits[j] for j in top]
+            ids.append([e.id for e in chosen])
+            facts.append(
+                [" ".join([answer_value(e.question, e.answer), *e.reasoning]) for e in chosen]
+            )
+        answers = self.answer_with_facts(facts, prefix="New Fact: ")
+        return [Outcome(a, i, False) for a, i in zip(answers, ids)]
+
+    def grace(self) -> list[Outcome]:
+        """GRACE-style: nearest answer key by the dual embedding; inside its radius the
+        stored answer replaces the model's (no reasoning), else the unedited answer."""
+        from reasonedit_cli.retrieval import pairwise_l2
+
+        codebook, vecs = self.build("reasonedit", self.embedder)
+        table = codebook.keys_table()
+        kinds = table.column("kind").to_pylist()
+        rows = [i for i, k in enumerate(kinds) if k == "answer"]
+        keys = codebook.vectors()[rows]
+        radii = np.array([table.column("radius")[i].as_py() or 0.0 for i in rows])
+        edit_of = [table.column("edit_id")[i].as_py() for i in rows]
+        answer_of = {e.id: e.answer for e in self.edits}
+        unedited = self.run("unedited")
+        d = pairwise_l2(vecs, keys)
+        out = []
+        for i, row in enumerate(d):
+            j = int(np.argmin(row))
+            if row[j] <= radii[j]:
+                out.append(Outcome(answer_of[edit_of[j]], [edit_of[j]], False))
+            else:
+                out.append(Outcome(unedited[i].answer, [], True))
+        return out
+
+    # -------------------------------------------------------------- sweeps
+    def sweep_p(self, ps: Sequence[float] = SWEEP_P) -> list[dict[str, Any]]:
+        codebook, vecs = self.build("reasonedit", self.embedder)
+        rows = []
+        for p in ps:
+            m = summarize(self.probes, {"r": self.retrieval_method(codebook, vecs, float(p))})
+            rows.append({"p": p, "tau": codebook.tau_for(float(p)), **_sweep_row(m)})
+        return rows
+
+    def sweep_w(self, factors: Sequence[float] = SWEEP_W_FACTORS) -> list[dict[str, Any]]:
+        self.build("reasonedit", self.embedder)  # fixes w when it was auto
+        base_w = float(self.embedder.w or 1.0)
+        rows = []
+        for f in factors:
+            w = base_w * f
+            emb = CachedEmbedder(self.halves, self.embedder.layer, w)
+            codebook, vecs = self.build(f"w-{f:g}", emb)
+            m = summarize(self.probes, {"r": self.retrieval_method(codebook, vecs, None)})
+            rows.append({"w": w, "factor": f, **_sweep_row(m)})
+        return rows
+
+
+def _sweep_row(m: dict[str, Any]) -> dict[str, Any]:
+    r = m["methods"]["r"]
+    ret = m["retrieval_by_method"]["r"]
+    return {
+        "Acc": r["Acc"],
+        "Gen-mean": r["Gen-mean"],
+        "Loc": r["Loc"],
+        "loc_rejected": (ret.get("loc") or {}).get("recall"),
+    }
+
+
 def evaluate(
     editor: Any,
     edits: Sequence[Any],
     probes: Sequence[Probe],
     *,
+    methods: Sequence[str] = ("unedited", "reasonedit"),
     batch_size: int = 16,
+    sweep_p: bool = False,
+    sweep_w: bool = False,
+    percentile: float | None = None,
+    workdir: Path | None = None,
+    gen: Generations | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Add `edits` to the editor's codebook, ask every probe edited and unedited.
+    """Run `methods` (and the sweeps) on the same edits and probes; one report dict.
 
-    Returns `{"methods": {name: {metric: value}}, "retrieval": {...}, "counts": {...}}`.
+    Returns `{"methods": {name: {metric: value}}, "retrieval": {kind: recall of
+    reasonedit}, "retrieval_by_method": {...}, "counts": {...}, "sweep_p": [...],
+    "sweep_w": [...], "runtime_s": {...}}`.
     """
-    from reasonedit_cli.edits import decode_image
+    import tempfile
+    import time
 
-    editor.add_edits(list(edits), batch_size=batch_size)
-    all_probes = [
-        Probe(e.image_bytes, e.question, e.answer, "acc", e.id, e.where) for e in edits
-    ] + list(probes)
-    images = [decode_image(p.image_bytes, p.where or "probe") for p in all_probes]
-    questions = [p.question for p in all_probes]
-    results: dict[str, list[Any]] = {}
-    for method, no_edit in (("unedited", True), ("reasonedit", False)):
-        answers = []
-        for start in range(0, len(all_probes), batch_size):
-            answers.extend(
-                editor.ask(
-                    images[start : start + batch_size],
-                    questions[start : start + batch_size],
-                    no_edit=no_edit,
-                    batch_size=batch_size,
-                )
-            )
+    for m in methods:
+        if m not in METHODS:
+            raise InputError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if not edits:
+        raise InputError("nothing to evaluate: no edits")
+    with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp:
+        ev = Evaluation(
+            editor,
+            edits,
+            probes,
+            workdir=workdir or Path(tmp),
+            batch_size=batch_size,
+            percentile=percentile,
+            gen=gen,
+        )
+        results: dict[str, list[Outcome]] = {}
+        runtime: dict[str, float] = {}
+        for m in methods:
+            t0 = time.perf_counter()
+            results[m] = ev.run(m)
+            runtime[m] = round(time.perf_counter() - t0, 3)
             if progress:
-                progress(min(batch_size, len(all_probes) - start))
-        results[method] = answers
-    return summarize(all_probes, results)
+                progress(1)
+        report = summarize(ev.probes, results)
+        if sweep_p:
+            t0 = time.perf_counter()
+            report["sweep_p"] = ev.sweep_p()
+            runtime["sweep_p"] = round(time.perf_counter() - t0, 3)
+            if progress:
+                progress(1)
+        if sweep_w:
+            t0 = time.perf_counter()
+            report["sweep_w"] = ev.sweep_w()
+            runtime["sweep_w"] = round(time.perf_counter() - t0, 3)
+            if progress:
+                progress(1)
+        report["runtime_s"] = runtime
+        report["settings"] = {
+            "layer": ev.embedder.layer,
+            "w": ev.embedder.w,
+            "vision_layer": last_vision_layer(editor.vlm),
+            "top_k": ev.top_k,
+            "percentile": percentile if percentile is not None else 25.0,
+            "n_edits": len(ev.edits),
+            "vlm_answers": ev.gen.calls,
+        }
+    return report
 
 
 def summarize(probes: Sequence[Probe], results: dict[str, list[Any]]) -> dict[str, Any]:
-    """Per-method accuracies by probe kind, and retrieval recall/rejection per kind."""
+    """Per-method accuracies by probe kind, and retrieval precision/recall per kind.
+
+    Results are `Outcome`s (or the editor's `Answer`s). Retrieval per method and kind:
+    `recall` = share of probes whose retrieval touched their own edit (for `loc`: share
+    that retrieved nothing); `precision` = among probes that retrieved anything, the mean
+    share of retrieved edits that are the probe's own (none for `loc`).
+    """
     counts: dict[str, int] = defaultdict(int)
     for p in probes:
         counts[p.kind] += 1
     methods: dict[str, dict[str, float | None]] = {}
+    by_method: dict[str, dict[str, dict[str, float | None] | None]] = {}
     for method, answers in results.items():
+        outcomes = [_as_outcome(a) for a in answers]
         correct: dict[str, int] = defaultdict(int)
-        for p, a in zip(probes, answers):
+        for p, a in zip(probes, outcomes):
             correct[p.kind] += exact_match(a.answer, p.answer)
         methods[method] = {
             METRIC_NAMES[k]: (correct[k] / counts[k] if counts.get(k) else None)
             for k in PROBE_KINDS
         }
-        gen = [methods[method][METRIC_NAMES[k]] for k in ("t_gen", "i_gen", "r_gen")]
+        gen = [methods[method][METRIC_NAMES[k]] for k in GEN_KINDS]
         gen = [g for g in gen if g is not None]
         methods[method]["Gen-mean"] = sum(gen) / len(gen) if gen else None
+        by_method[method] = {k: _retrieval_stats(probes, outcomes, k) for k in PROBE_KINDS}
     retrieval: dict[str, float | None] = {}
-    edited = results.get("reasonedit", [])
+    main = "reasonedit" if "reasonedit" in by_method else next(iter(by_method), None)
     for kind in PROBE_KINDS:
-        pairs = [(p, a) for p, a in zip(probes, edited) if p.kind == kind]
-        if not pairs:
-            retrieval[kind] = None
-        elif kind == "loc":
-            retrieval[kind] = sum(a.rejected for _, a in pairs) / len(pairs)
-        else:
-            hit = sum(
-                any(h.edit_id == p.edit_id for h in (a.retrieval.hits if a.retrieval else []))
-                for p, a in pairs
-            )
-            retrieval[kind] = hit / len(pairs)
-    return {"methods": methods, "retrieval": retrieval, "counts": dict(counts)}
+        stats = by_method[main][kind] if main else None
+        retrieval[kind] = stats["recall"] if stats else None
+    return {
+        "methods": methods,
+        "retrieval": retrieval,
+        "retrieval_by_method": by_method,
+        "counts": dict(counts),
+    }
+
+
+GEN_KINDS = ("t_gen", "i_gen", "r_gen")  # Gen-mean: mean of T/I/R-Gen
+
+
+def _as_outcome(a: Any) -> Outcome:
+    if isinstance(a, Outcome):
+        return a
+    hits = a.retrieval.hits if getattr(a, "retrieval", None) else []
+    return Outcome(a.answer, [h.edit_id for h in hits], a.rejected)
+
+
+def _retrieval_stats(
+    probes: Sequence[Probe], outcomes: Sequence[Outcome], kind: str
+) -> dict[str, float | None] | None:
+    pairs = [(p, o) for p, o in zip(probes, outcomes) if p.kind == kind]
+    if not pairs:
+        return None
+    if kind == "loc":
+        return {"recall": sum(not o.edit_ids for _, o in pairs) / len(pairs), "precision": None}
+    recall = sum(p.edit_id in o.edit_ids for p, o in pairs) / len(pairs)
+    shares = [
+        sum(e == p.edit_id for e in set(o.edit_ids)) / len(set(o.edit_ids))
+        for p, o in pairs
+        if o.edit_ids
+    ]
+    return {"recall": recall, "precision": sum(shares) / len(shares) if shares else None}
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -157,17 +552,115 @@ def markdown_table(report: dict[str, Any]) -> str:
     cols = [METRIC_NAMES[k] for k in PROBE_KINDS] + ["Gen-mean"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, metrics in report["methods"].items():
-        cells = ["-" if metrics.get(c) is None else f"{metrics[c]:.3f}" for c in cols]
+        cells = [_cell(metrics.get(c)) for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    by = report.get("retrieval_by_method") or {}
+    if any(m != "unedited" for m in by):
+        kinds = [k for k in PROBE_KINDS if report["counts"].get(k)]
+        lines += [
+            "",
+            "Retrieval recall / precision per probe kind (Loc: share retrieving nothing)",
+            "",
+        ]
+        lines.append("| method | " + " | ".join(METRIC_NAMES[k] for k in kinds) + " |")
+        lines.append("|---" * (len(kinds) + 1) + "|")
+        for method, stats in by.items():
+            if method == "unedited":
+                continue
+            cells = []
+            for k in kinds:
+                st = stats.get(k) or {}
+                cells.append(
+                    _cell(st.get("recall"))
+                    + ("" if st.get("precision") is None else " / " + _cell(st["precision"]))
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _cell(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def sweep_markdown(report: dict[str, Any]) -> str:
+    """The p and w sweeps as Markdown tables (generality vs locality trade-off)."""
+    out = []
+    for key, label in (("sweep_p", "p"), ("sweep_w", "w")):
+        rows = report.get(key)
+        if not rows:
+            continue
+        cols = [label, "Acc", "Gen-mean", "Loc", "loc_rejected"]
+        if key == "sweep_p":
+            cols.insert(1, "tau")
+        out.append(f"### {'rejection percentile p' if key == 'sweep_p' else 'key weight w'}\n")
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|---" * len(cols) + "|")
+        for r in rows:
+            cells = [f"{r[label]:g}"] + [_cell(r.get(c)) for c in cols[1:]]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
+    """Gen-mean vs Loc for the sweeps (and the methods as points) as a PNG."""
+    if not report.get("sweep_p") and not report.get("sweep_w"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for key, label, marker in (("sweep_p", "p", "o-"), ("sweep_w", "w", "s--")):
+        rows = [
+            r for r in report.get(key) or [] if r["Loc"] is not None and r["Gen-mean"] is not None
+        ]
+        if rows:
+            ax.plot(
+                [r["Loc"] for r in rows],
+                [r["Gen-mean"] for r in rows],
+                marker,
+                label=f"sweep {label}",
+            )
+            for r in rows:
+                ax.annotate(f"{r[label]:.3g}", (r["Loc"], r["Gen-mean"]), fontsize=7)
+    for method, m in report["methods"].items():
+        if m.get("Loc") is not None and m.get("Gen-mean") is not None:
+            ax.scatter([m["Loc"]], [m["Gen-mean"]], marker="x")
+            ax.annotate(method, (m["Loc"], m["Gen-mean"]), fontsize=7)
+    ax.set_xlabel("Loc")
+    ax.set_ylabel("Gen-mean (T/I/R-Gen)")
+    ax.set_title("generality vs locality")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
-    """metrics.json and metrics.md in `directory`."""
+    """metrics.json, metrics.md, and with sweeps sweep.md and sweep.png, in `directory`."""
     import json
 
     directory.mkdir(parents=True, exist_ok=True)
     out = [directory / "metrics.json", directory / "metrics.md"]
     out[0].write_text(json.dumps(report, indent=2) + "\n")
     out[1].write_text(markdown_table(report))
+    sweeps = sweep_markdown(report)
+    if sweeps:
+        (directory / "sweep.md").write_text(sweeps)
+        out.append(directory / "sweep.md")
+        png = plot_sweeps(report, directory / "sweep.png")
+        if png:
+            out.append(png)
     return out
+
+
+def easyvqa_asker(gen: Generations) -> Callable[[Sequence[Path], Sequence[str]], list[str]]:
+    """The unedited `ask` for the easy-vqa builder, through the run's answer cache."""
+
+    def ask(paths: Sequence[Path], questions: Sequence[str]) -> list[str]:
+        return gen.answer([Path(p).read_bytes() for p in paths], list(questions))
+
+    return ask
