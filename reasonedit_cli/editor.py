@@ -544,19 +544,9 @@ class Editor:
                 imgs.append(crop(cache[sha], r["box"]) if r["box"] else cache[sha])
             seeds = [_seed(r["edit_id"], r["kind"], r["key_text"], r["box"]) for r in chunk]
             vectors, radii = self.embed_with_radii(imgs, [r["key_text"] for r in chunk], seeds)
-            for r, vec, radius in zip(chunk, vectors, radii):
-                out.append(
-                    KeyRecord(
-                        edit_id=r["edit_id"],
-                        kind=r["kind"],
-                        value=r["value"],
-                        key_text=r["key_text"],
-                        image_sha256=r["image_sha256"],
-                        box=tuple(r["box"]) if r["box"] else None,
-                        vector=vec,
-                        radius=float(radius),
-                    )
-                )
+            for r, radius in zip(chunk, radii):
+                r["radius"] = float(radius)
+            out.extend(_records_from_rows(chunk, vectors))
         return out
 
 
@@ -577,6 +567,7 @@ def _chosen_row(summary: dict[str, Any], layer: str) -> dict[str, Any]:
 
 
 def _records_from_rows(rows: list[dict[str, Any]], vectors: Any) -> list[KeyRecord]:
+    """KeyRecords from `keys_table().to_pylist()` rows and their (new) vectors."""
     return [
         KeyRecord(
             edit_id=r["edit_id"],
