@@ -260,6 +260,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _hash_file(f: Any, chunk: int = 1 << 24) -> tuple[str, int]:
+    """sha256 hex and size of an open binary file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    while block := f.read(chunk):
+        h.update(block)
+        size += len(block)
+    return h.hexdigest(), size
+
+
 def _table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", row_group_size=max(1, table.num_rows))
@@ -287,8 +297,14 @@ class _Derived:
     sigma: np.ndarray  # (n,) float64
 
     @classmethod
-    def compute(cls, vectors: np.ndarray) -> _Derived:
-        idx, dist = R.knn_lists(vectors, R.SIGMA_K)
+    def compute(cls, vectors: np.ndarray, index: Any = None) -> _Derived:
+        """From scratch: exact lists up to KNN_EXACT_MAX_KEYS keys, else from the index."""
+        if len(vectors) > R.KNN_EXACT_MAX_KEYS:
+            if index is None:
+                index = _build_hnsw(vectors)
+            idx, dist = R.knn_lists_ann(index, vectors, R.SIGMA_K)
+        else:
+            idx, dist = R.knn_lists(vectors, R.SIGMA_K)
         return cls(idx, dist, R.sigma_from_knn(dist))
 
 
@@ -591,7 +607,8 @@ class Codebook:
             if sigma is not None and np.isfinite(sigma).all() and (sigma > 0).all():
                 self._derived = _Derived(None, None, sigma)
                 return self._derived
-        self._derived = _Derived.compute(self.vectors())
+        big = n > R.KNN_EXACT_MAX_KEYS
+        self._derived = _Derived.compute(self.vectors(), self._hnsw_index() if big else None)
         return self._derived
 
     def sigma(self) -> np.ndarray:
@@ -604,18 +621,18 @@ class Codebook:
         entry = self._derived_entries().get("files", {}).get("hnsw")
         if not entry or not dim:
             return None
-        try:
-            data = (self.path / entry["path"]).read_bytes()
-        except OSError:
-            return None
-        if _sha256(data) != entry["sha256"]:
-            return None
         # Load from a private copy of the verified bytes: the codebook file could change
-        # between the check and the load, and hnswlib trusts what it reads.
+        # between the check and the load, and hnswlib trusts what it reads. The copy is
+        # hashed while it is written, in chunks (the file is GBs at a million keys).
         fd, tmp = tempfile.mkstemp(prefix="reasonedit-hnsw-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, open(self.path / entry["path"], "rb") as src:
+                while block := src.read(1 << 24):
+                    h.update(block)
+                    out.write(block)
+            if h.hexdigest() != entry["sha256"]:
+                return None
             index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
             index.load_index(tmp, max_elements=max(n, 1))
         except (RuntimeError, OSError, ValueError):
@@ -830,6 +847,9 @@ def _read_manifest(path: Path) -> dict:
     try:
         assert isinstance(m["version"], int) and m["version"] >= 0
         assert isinstance(m["config"], dict)
+        dim = m["config"].get("dim")
+        assert dim is None or (type(dim) is int and 0 < dim <= 1_000_000), "config.dim"
+        assert _is_number(m["config"].get("percentile", 25.0)), "config.percentile"
         for s in m["segments"]:
             assert s["kind"] in ("keys", "edits") and isinstance(s["rows"], int)
             assert _SHA_RE.fullmatch(s["sha256"]) and isinstance(s["version"], int)
@@ -838,11 +858,17 @@ def _read_manifest(path: Path) -> dict:
             assert isinstance(t["edit_id"], str) and isinstance(t["version"], int)
         d = m.get("derived")
         if d is not None:
+            assert isinstance(d, dict) and isinstance(d.get("files", {}), dict), "derived"
+            assert d.get("tau") is None or _is_number(d["tau"]), "derived.tau"
             for e in d.get("files", {}).values():
                 _check_rel(e["path"])
-    except (AssertionError, KeyError, TypeError) as e:
+    except (AssertionError, KeyError, TypeError, AttributeError) as e:
         raise CodebookError(f"{where} is malformed ({type(e).__name__} {e})") from None
     return m
+
+
+def _is_number(x: Any) -> bool:
+    return type(x) in (int, float) and np.isfinite(x)
 
 
 def _check_rel(rel: str) -> None:
@@ -1296,19 +1322,25 @@ class CodebookWriter:
         old_n = cb.n_keys if kind in ("append", "remove", "same") else 0
         derived: _Derived
         index = None
+        big = n > R.KNN_EXACT_MAX_KEYS  # neighbour lists from the index (approximate)
         if kind == "append" and old_n:
             od = cb._get_derived(need_knn=True)
-            idx, dist = R.update_knn_lists(
-                cb.vectors(), od.knn_idx, od.knn_dist, vecs[old_n:], R.SIGMA_K
-            )
-            derived = _Derived(idx, dist, R.sigma_from_knn(dist))
-            if n >= new.hnsw_min_keys:
+            if n >= new.hnsw_min_keys or big:
                 index = cb._load_hnsw() if cb._hnsw is None else cb._hnsw
                 if index is not None:
                     with cb._hnsw_lock:
                         index.resize_index(n)
                         index.add_items(vecs[old_n:], np.arange(old_n, n))
                     cb._hnsw = None  # it now holds the new keys: not the old snapshot's
+                elif big:
+                    index = _build_hnsw(vecs)
+            if big:
+                idx, dist = R.update_knn_lists_ann(index, vecs, od.knn_idx, od.knn_dist, old_n)
+            else:
+                idx, dist = R.update_knn_lists(
+                    cb.vectors(), od.knn_idx, od.knn_dist, vecs[old_n:], R.SIGMA_K
+                )
+            derived = _Derived(idx, dist, R.sigma_from_knn(dist))
         elif kind == "remove" and n:
             od = cb._get_derived(need_knn=True)
             idx, dist = R.remove_from_knn_lists(vecs, od.knn_idx, od.knn_dist, state[3], R.SIGMA_K)
@@ -1317,7 +1349,9 @@ class CodebookWriter:
             derived = cb._get_derived(need_knn=True)
             index = cb._hnsw if cb._hnsw is not None else cb._load_hnsw()
         else:
-            derived = _Derived.compute(vecs)
+            if big:
+                index = _build_hnsw(vecs)
+            derived = _Derived.compute(vecs, index)
         new._derived = derived
         if n >= new.hnsw_min_keys:
             new._hnsw = index if index is not None else _build_hnsw(vecs)
@@ -1334,14 +1368,20 @@ class CodebookWriter:
         if new._hnsw is not None:
             rel = f"index/hnsw-{tag}.bin"
             tmp = _tmp_name(self.path / rel)
-            with new._hnsw_lock:
-                new._hnsw.save_index(str(tmp))
             try:
-                data = tmp.read_bytes()
+                with new._hnsw_lock:
+                    new._hnsw.save_index(str(tmp))
+                # hash and fsync the saved file in place (GBs at a million keys: no copy)
+                with open(tmp, "rb+") as f:
+                    sha, size = _hash_file(f)
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path / rel)
+                _fsync_dir(self.path / "index")
             finally:
-                tmp.unlink()
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
             files["hnsw"] = dict(
-                self._write_derived(rel, data),
+                {"path": rel, "sha256": sha, "bytes": size},
                 space=HNSW_SPACE,
                 M=HNSW_M,
                 ef_construction=HNSW_EF_CONSTRUCTION,
