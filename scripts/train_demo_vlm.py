@@ -609,7 +609,7 @@ def main():
     ap.add_argument("--out", default="reasonedit_cli/models/demo_vlm")
     ap.add_argument("--workdir", default="runs/demo_vlm")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=4500)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
@@ -617,15 +617,20 @@ def main():
     ap.add_argument("--v_dim", type=int, default=128)
     ap.add_argument("--v_layers", type=int, default=3)
     ap.add_argument("--v_heads", type=int, default=4)
-    ap.add_argument("--t_dim", type=int, default=160)
-    ap.add_argument("--t_layers", type=int, default=6)
+    ap.add_argument("--t_dim", type=int, default=128)
+    ap.add_argument("--t_layers", type=int, default=5)
     ap.add_argument("--t_heads", type=int, default=4)
     ap.add_argument("--eval_every", type=int, default=300)
-    ap.add_argument("--text_warmup", type=int, default=400, help="first steps: fact-heavy curriculum")
+    ap.add_argument("--text_warmup", type=int, default=300, help="first steps: fact-heavy curriculum")
     ap.add_argument("--plain_lo", type=float, default=0.74)
     ap.add_argument("--plain_hi", type=float, default=0.90)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vision_steps", type=int, default=300, help="perception pre-stage (vision tower + projector)")
+    ap.add_argument("--aux_weight", type=float, default=0.5, help="auxiliary perception loss weight in main stage")
+    ap.add_argument("--quick_n", type=int, default=150)
+    ap.add_argument("--minutes", type=float, default=36.0, help="wall-clock budget of the main stage (0 = by steps)")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--export", default=None, help="only write --out from this saved state_dict (ckpt_*.pt)")
     args = ap.parse_args()
 
     import numpy as np
@@ -653,6 +658,16 @@ def main():
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the shape?"}]}]
     assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt_string("what is the shape?")
 
+    if args.export:  # rebuild the (deterministic) processor + model, load weights, save
+        model = build_model(tok, args)
+        model.load_state_dict(torch.load(args.export))
+        model.eval()
+        os.makedirs(args.out, exist_ok=True)
+        model.save_pretrained(args.out)
+        proc.save_pretrained(args.out)
+        print(f"exported {args.export} -> {args.out}")
+        return
+
     tr_ids = sorted(tpaths)
     te_ids = sorted(epaths)
     tr_imgs = [Image.open(tpaths[i]).convert("RGB") for i in tr_ids]
@@ -676,6 +691,20 @@ def main():
     crop_items = [(crop_off + k, c, s, p) for k, (c, s, p) in enumerate(crop_meta)]
     test_items = [(te_pos[i], t, a, *te_attr[i]) for t, a, i in zip(eq, ea, ei)
                   if te_attr[i][0] is not None and te_attr[i][1] is not None]
+    # per-image labels for the auxiliary perception loss (-100 = unknown / not applicable)
+    lab_c = torch.full((len(bank),), -100, dtype=torch.long)
+    lab_s = torch.full((len(bank),), -100, dtype=torch.long)
+    for i in tr_ids:
+        c, s = tr_attr[i]
+        if c is not None:
+            lab_c[tr_pos[i]] = COLOURS.index(c)
+        if s is not None:
+            lab_s[tr_pos[i]] = SHAPES.index(s)
+    for idx, c, s, p in crop_items:
+        if p != "none":
+            lab_c[idx] = COLOURS.index(c)
+        if p == "full":
+            lab_s[idx] = SHAPES.index(s)
     # sanity: derived attributes reproduce the gold answers
     bad = sum(parse_question(t).answer(c, s) != a for _, t, a, c, s in items)
     print(f"train items {len(items)}/{len(tq)} (attr mismatches {bad}), test items {len(test_items)}/{len(eq)}, "
@@ -685,6 +714,41 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}", flush=True)
 
+    # Auxiliary perception head (training only, discarded): colour/shape classification from the
+    # mean-pooled projector output.  Bootstraps the vision tower, which the LM loss alone trains slowly.
+    aux_head = torch.nn.Linear(args.t_dim, len(COLOURS) + len(SHAPES))
+    captured = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
+
+    def aux_loss(feats, idx):
+        z = aux_head(feats.mean(1))
+        lc = torch.nn.functional.cross_entropy(z[:, :len(COLOURS)], lab_c[idx], ignore_index=-100)
+        ls = torch.nn.functional.cross_entropy(z[:, len(COLOURS):], lab_s[idx], ignore_index=-100)
+        zc, zs = z[:, :len(COLOURS)].argmax(-1), z[:, len(COLOURS):].argmax(-1)
+        mc, ms = lab_c[idx] >= 0, lab_s[idx] >= 0
+        acc = ((zc[mc] == lab_c[idx][mc]).float().mean().item(), (zs[ms] == lab_s[idx][ms]).float().mean().item())
+        return lc + ls, acc
+
+    if args.vision_steps:
+        vparams = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+        vopt = torch.optim.AdamW(vparams + list(aux_head.parameters()), lr=1e-3, weight_decay=0.01)
+        n_train = len(tr_ids) + len(crop_items)
+        train_idx = torch.tensor(list(range(len(tr_ids))) + [x[0] for x in crop_items])
+        g = torch.Generator().manual_seed(args.seed)
+        tv = time.time()
+        for vs in range(args.vision_steps):
+            idx = train_idx[torch.randint(0, n_train, (128,), generator=g)]
+            for gg in vopt.param_groups:
+                gg["lr"] = 1e-3 * min(1.0, (vs + 1) / 50)
+            hs = model.model.vision_tower(bank[idx], output_hidden_states=True).hidden_states[-1][:, 1:]
+            l, acc = aux_loss(model.model.multi_modal_projector(hs), idx)
+            vopt.zero_grad(set_to_none=True)
+            l.backward()
+            vopt.step()
+            if vs % 50 == 0 or vs == args.vision_steps - 1:
+                print(f"vision step {vs} loss {l.item():.3f} acc colour {acc[0]:.2f} shape {acc[1]:.2f} "
+                      f"{time.time() - tv:.0f}s", flush=True)
+
     mix = dict(probe=0.06, plain=0.30, true=0.18, contra=0.24, distract=0.4)  # rest: irrelevant only (~22%)
     warm_mix = dict(probe=0.0, plain=0.1, true=0.3, contra=0.4, distract=0.3)
     sampler = Sampler(items, tr_attr, crop_items, rng, mix)
@@ -692,13 +756,22 @@ def main():
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
+    decay += list(aux_head.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def progress(step):
+        # fraction of the schedule done: by steps, or by wall-clock when --minutes is set (the machine
+        # may be shared, so a time budget keeps the run inside its wall-time limit)
+        p = step / args.steps
+        if args.minutes:
+            p = max(p, (time.time() - t0) / (60 * args.minutes))
+        return p
 
     def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        prog = (step - args.warmup) / max(1, args.steps - args.warmup)
+        prog = (progress(step) - args.warmup / args.steps) / (1 - args.warmup / args.steps)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
 
     conds = ["plain", "true", "contra", "irrelevant", "heldout", "heldout_contra"]
@@ -708,6 +781,8 @@ def main():
     pool = []
     ema = None
     for step in range(args.steps):
+        if progress(step) >= 1.0:
+            break
         sampler.mix = warm_mix if step < args.text_warmup else mix
         if not pool:  # length bucketing: draw 16 batches, sort by length, split
             raw = [sampler.sample() for _ in range(args.batch * 16)]
@@ -724,8 +799,13 @@ def main():
         tgt = lab[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
                                                  ignore_index=-100)
+        if args.aux_weight > 0:
+            la, _ = aux_loss(captured["f"], torch.tensor([x[0] for x in batch]))
+            loss_total = loss + args.aux_weight * la
+        else:
+            loss_total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
@@ -734,8 +814,9 @@ def main():
             return
         if step % 50 == 0:
             print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            res = quick_eval(model, tok, bank, test_items, conds)
+        last = step + 1 == args.steps or (args.minutes and progress(step + 1) >= 1.0)
+        if (step + 1) % args.eval_every == 0 or last:
+            res = quick_eval(model, tok, bank, test_items, conds, n=args.quick_n)
             res["step"] = step + 1
             res["elapsed_s"] = round(time.time() - t0)
             history.append(res)
