@@ -244,8 +244,9 @@ def build_easyvqa(
     rng.shuffle(loc_pool)
     loc: list[Sample] = []
     pos_loc = 0
-    while len(loc) < n_edits and pos_loc < len(loc_pool):
-        chunk = loc_pool[pos_loc : pos_loc + batch_size]
+    loc_budget = min(len(loc_pool), max_asked or 10 * n_edits + batch_size)
+    while len(loc) < n_edits and pos_loc < loc_budget:
+        chunk = loc_pool[pos_loc : min(pos_loc + batch_size, loc_budget)]
         pos_loc += len(chunk)
         preds = ask([paths[s.image_id] for s in chunk], [s.question for s in chunk])
         for s, p in zip(chunk, preds):

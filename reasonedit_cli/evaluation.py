@@ -632,7 +632,8 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("Loc")
     ax.set_ylabel("Gen-mean (T/I/R-Gen)")
     ax.set_title("generality vs locality")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
