@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,29 @@ DEFAULT_MODEL = str(Path(__file__).parent / "models" / "demo_vlm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
+#: The families `--model` accepts (config `model_type` -> name shown to users). Each is
+#: loaded with AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llava": "LLaVA 1.5",
+    "llava_next": "LLaVA-NeXT (1.6)",
+    "llava_onevision": "LLaVA-OneVision",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+    "instructblip": "InstructBLIP (decoder-only language model)",
+}
+
 # Module-name patterns that identify layer roles across families. The first group of a
 # block pattern is the block index. Order matters: the first matching role wins.
+#   LLaVA / NeXT / OneVision: model.vision_tower.vision_model.encoder.layers.N,
+#       model.multi_modal_projector, model.language_model.layers.N
+#   Qwen2-VL / Qwen2.5-VL: model.visual.blocks.N, model.visual.merger,
+#       model.language_model.layers.N
+#   Idefics3 / SmolVLM: model.vision_model.encoder.layers.N, model.connector,
+#       model.text_model.layers.N
+#   InstructBLIP: vision_model.encoder.layers.N, language_projection (its input is the
+#       Q-Former's query output), language_model.layers.N
 _ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     (
         "vision",
@@ -50,7 +72,7 @@ _ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         "projector",
         re.compile(
             r"^(?:model\.)?(?:multi_modal_projector|visual\.merger|connector"
-            r"|qformer|language_projection)$"
+            r"|language_projection)$"
         ),
     ),
     (
@@ -61,6 +83,18 @@ _ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
         ),
     ),
 ]
+
+# The prompt around one image when the processor has no chat template.
+_FALLBACK_PROMPTS: dict[str, str] = {
+    "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}"
+    "<|im_end|>\n<|im_start|>assistant\n",
+    "idefics3": "User:<image>{prompt}<end_of_utterance>\nAssistant:",
+    # InstructBLIP's processor puts the query tokens in front of the text itself.
+    "instructblip": "{prompt}",
+    "llava_onevision": "<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
+}
+_FALLBACK_PROMPTS["qwen2_5_vl"] = _FALLBACK_PROMPTS["qwen2_vl"]
+_FALLBACK_PROMPTS["smolvlm"] = _FALLBACK_PROMPTS["idefics3"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +175,7 @@ class VLM:
         trust_remote_code: bool = False,
     ) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         self.name = model
         self.device = resolve_device(device)
@@ -152,12 +186,14 @@ class VLM:
         try:
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
+            model_type = load_config_json(model).get("model_type") if path.is_dir() else None
+            if model_type and model_type not in SUPPORTED_FAMILIES:  # unknown to transformers
+                raise ReasonEditError(_unsupported_message(model, model_type)) from None
             raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
         self.family = config.model_type
+        _check_supported(model, config)
         try:
-            self.processor = AutoProcessor.from_pretrained(
-                model, trust_remote_code=trust_remote_code
-            )
+            self.processor = _load_processor(model, config, trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
                 model,
                 dtype=self.torch_dtype,
@@ -167,12 +203,9 @@ class VLM:
         except ValueError as exc:
             msg = _first_line(exc)
             if "Unrecognized configuration class" in msg or "does not recognize" in msg:
-                raise ReasonEditError(
-                    f"model {model} ({config.model_type}) is not an image-text-to-text model "
-                    "supported by transformers' AutoModelForImageTextToText"
-                ) from None
+                raise ReasonEditError(_unsupported_message(model, config.model_type)) from None
             raise ReasonEditError(f"cannot load model {model}: {msg}") from None
-        except OSError as exc:
+        except (OSError, ImportError) as exc:
             raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
         self.model.to(self.device).eval()
         torch.set_grad_enabled(False)
@@ -180,6 +213,10 @@ class VLM:
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        qformer_tokenizer = getattr(self.processor, "qformer_tokenizer", None)
+        if qformer_tokenizer is not None:  # InstructBLIP: the Q-Former's view of the text
+            qformer_tokenizer.padding_side = "right"
+        self._splits: list[int] | None = None  # images/patches per sample of the last batch
         self._yes_ids = self._word_token_ids(["yes", "Yes", " yes", " Yes"])
         self._no_ids = self._word_token_ids(["no", "No", " no", " No"])
         self.forward_calls = 0  # counted for benchmarks (patch search, batching)
@@ -220,14 +257,53 @@ class VLM:
         template = getattr(self.processor, "chat_template", None)
         if template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        image_token = getattr(self.processor, "image_token", "<image>")
+        fallback = _FALLBACK_PROMPTS.get(self.family)
+        if fallback is not None:
+            return fallback.format(prompt=prompt)
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        image_token = getattr(image_token, "content", image_token)
         return f"USER: {image_token}\n{prompt} ASSISTANT:"
 
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str):
         texts = [self.chat_text(p) for p in prompts]
         self.tokenizer.padding_side = padding_side
         batch = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        self._splits = self._image_splits(batch, len(texts))
         return batch.to(self.device)
+
+    def _image_splits(self, batch: Any, n: int) -> list[int] | None:
+        """How many rows of a vision-side tensor belong to each sample, where not one each.
+
+        Qwen2-VL flattens all patches of a batch into one (total_patches, D) tensor
+        (`image_grid_thw` gives each image's share); LLaVA-NeXT/OneVision run the vision
+        tower on a varying number of crops per image (`image_sizes`); Idefics3/SmolVLM on
+        the real (not padding) tiles of each sample. `_pool` means per sample with these.
+        """
+        if "image_grid_thw" in batch:
+            return [int(x) for x in batch["image_grid_thw"].prod(-1).tolist()]
+        if "image_sizes" in batch and self.family in ("llava_next", "llava_onevision"):
+            import importlib
+
+            module = importlib.import_module(
+                f"transformers.models.{self.family}.modeling_{self.family}"
+            )
+            cfg = self.model.config
+            return [
+                int(
+                    module.image_size_to_num_patches(
+                        image_size=tuple(size),
+                        grid_pinpoints=cfg.image_grid_pinpoints,
+                        patch_size=cfg.vision_config.image_size,
+                    )
+                )
+                for size in batch["image_sizes"].tolist()
+            ]
+        pv = batch.get("pixel_values") if hasattr(batch, "get") else None
+        if pv is not None and pv.dim() == 5:  # (batch, tiles, C, H, W), zero-padded tiles
+            per_tile = pv[0, 0].numel()
+            real = (pv == 0.0).flatten(2).sum(-1) != per_tile
+            return [max(int(r), 1) for r in real.sum(1).tolist()]
+        return None
 
     def _forward(self, batch: dict) -> Any:
         self.forward_calls += 1
@@ -299,7 +375,7 @@ class VLM:
             for li in infos:
                 if li.label not in captured:
                     raise ReasonEditError(f"layer {li.label} was not run by the model's forward")
-                result[li.label].append(_pool(captured[li.label], mask, len(prs)))
+                result[li.label].append(_pool(captured[li.label], mask, len(prs), self._splits))
         return {k: np.concatenate(v, axis=0) for k, v in result.items()}
 
     # ---------------------------------------------------------- yes/no, loss
@@ -414,19 +490,98 @@ def _capture(store: dict[str, Any], label: str):
     return hook
 
 
-def _pool(hidden: Any, mask: Any, batch: int) -> np.ndarray:
-    """Mean over tokens in float32; language layers use the attention mask."""
+def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = None) -> np.ndarray:
+    """Mean over tokens in float32; language layers use the attention mask.
+
+    `splits` (rows per sample) groups vision-side tensors whose first dimension is not
+    the batch: flattened Qwen2-VL patches, LLaVA-NeXT crops, Idefics3 tiles.
+    """
+    import torch
+
     h = hidden.float()
     if h.dim() == 3 and h.shape[0] == batch and h.shape[1] == mask.shape[1]:
         m = mask.to(h.device).unsqueeze(-1).float()
         return ((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
+    if splits is not None and len(splits) == batch and h.shape[0] == sum(splits) != batch:
+        flat = h.reshape(h.shape[0], -1, h.shape[-1])
+        parts = torch.split(flat, list(splits), dim=0)
+        return torch.stack([p.reshape(-1, h.shape[-1]).mean(0) for p in parts]).cpu().numpy()
     if h.dim() == 3 and h.shape[0] == batch:
         return h.mean(1).cpu().numpy()
     if h.dim() == 3 and h.shape[0] % batch == 0:  # several crops/tiles per sample
         return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
-    if h.dim() == 2 and h.shape[0] % batch == 0:  # flattened patches (Qwen2-VL style)
+    if h.dim() == 2 and h.shape[0] % batch == 0:  # flattened patches, equal shares
         return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
     raise ReasonEditError(f"cannot pool a layer input of shape {tuple(h.shape)}")
+
+
+def _unsupported_message(model: str, model_type: str) -> str:
+    return (
+        f"model {model} ({model_type}) is not a supported image-text-to-text model; "
+        f"supported: {', '.join(SUPPORTED_FAMILIES)}"
+    )
+
+
+def _check_supported(model: str, config: Any) -> None:
+    """Refuse text-only models, unknown families and encoder-decoder language models."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ReasonEditError(_unsupported_message(model, model_type))
+    text = getattr(config, "text_config", None)
+    if text is not None and getattr(text, "is_encoder_decoder", False):
+        raise ReasonEditError(
+            f"model {model} ({model_type} with a {text.model_type} language model) is not "
+            "supported: only decoder-only language models are (e.g. InstructBLIP-Vicuna, "
+            "not InstructBLIP-Flan-T5)"
+        )
+
+
+@contextmanager
+def _without_processor_type_checks():
+    """Let a processor be built with a missing part (None) — see `_load_processor`."""
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, argument_name, argument):
+        if argument is None:
+            return None
+        return original(self, argument_name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = lenient
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
+
+
+def _load_processor(model: str, config: Any, trust_remote_code: bool) -> Any:
+    """AutoProcessor, or — when its video processor needs torchvision, which is not
+    installed — the family's processor built from its image processor, tokenizer and
+    chat template with no video processor (ReasonEdit never sends videos)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.processing_utils import ProcessorMixin
+
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
+    processor_dict, _ = ProcessorMixin.get_processor_dict(model)
+    parts = {
+        "image_processor": AutoImageProcessor.from_pretrained(model),
+        "tokenizer": AutoTokenizer.from_pretrained(model),
+    }
+    if "video_processor" in cls.get_attributes():
+        parts["video_processor"] = None
+    skip = {"processor_class", "auto_map", *cls.get_attributes()}
+    kwargs = {k: v for k, v in processor_dict.items() if k not in skip}
+    with _without_processor_type_checks():
+        return cls(**parts, **kwargs)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,207 @@
+"""Every supported VLM family on a tiny random-weight model built from its config.
+
+For each family: generation, hooked layer embeddings (vision, projector, language),
+P(yes), answer loss, the patch search and one add-edit/ask round trip through the CLI.
+Nothing here checks answer quality (the weights are random); it checks that each
+family's processor, prompt, extra tensors and layer shapes go through the backend, and
+that batching never changes a result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_models import BUILDERS
+from typer.testing import CliRunner
+
+from reasonedit_cli.cli import app
+from reasonedit_cli.errors import ReasonEditError
+from reasonedit_cli.vlm import SUPPORTED_FAMILIES, VLM
+
+_NO_NUM2WORDS = importlib.util.find_spec("num2words") is None
+FAMILIES = [
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "idefics3",
+    "llava_next",
+    "llava_onevision",
+    "instructblip",
+    # SmolVLM2's processor needs the `num2words` package (SmolVLM v1 is idefics3).
+    pytest.param(
+        "smolvlm", marks=pytest.mark.skipif(_NO_NUM2WORDS, reason="num2words not installed")
+    ),
+]
+LAYERS = ["vision.0", "projector", "language.1"]
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Model directories built on first use, shared by every test of the session."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = BUILDERS[family](root / family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vlms(family_dirs):
+    loaded: dict = {}
+
+    def get(family: str) -> VLM:
+        if family not in loaded:
+            loaded[family] = VLM(str(family_dirs(family)), device="cpu")
+        return loaded[family]
+
+    return get
+
+
+def _imgs():
+    # Different sizes and aspect ratios: Qwen2-VL gets different patch counts per image,
+    # LLaVA-NeXT a different number of crops.
+    return [
+        Image.new("RGB", (48, 40), "red"),
+        Image.new("RGB", (40, 64), "blue"),
+        Image.new("RGB", (64, 32), "green"),
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_backend(vlms, family):
+    vlm = vlms(family)
+    assert vlm.family == family
+    labels = [li.label for li in vlm.candidate_layers()]
+    assert labels == ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    imgs = _imgs()
+    prompts = ["what shape is in the image?", "what color?", "is there a red shape? yes or no"]
+
+    # hooked embeddings: one forward for all layers, batched == single
+    before = vlm.forward_calls
+    pooled = vlm.pooled_inputs(imgs, prompts, LAYERS)
+    assert vlm.forward_calls - before == 1
+    for name in LAYERS:
+        v = pooled[name]
+        assert v.ndim == 2 and v.shape[0] == 3 and v.dtype == np.float32
+        assert np.isfinite(v).all()
+    single = [vlm.pooled_inputs([i], [p], LAYERS) for i, p in zip(imgs, prompts)]
+    for name in LAYERS:
+        np.testing.assert_allclose(
+            pooled[name], np.concatenate([s[name] for s in single]), atol=1e-4, rtol=1e-4
+        )
+    # the three images differ, so their vision keys must too (no mixing across samples)
+    assert not np.allclose(pooled["vision.0"][0], pooled["vision.0"][1])
+
+    # P(yes) in [0, 1], batch invariant
+    p = vlm.yes_probability(imgs, prompts)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    np.testing.assert_allclose(
+        p, [vlm.yes_probability([i], [q])[0] for i, q in zip(imgs, prompts)], atol=1e-4
+    )
+
+    # answer loss > 0, batch invariant
+    answers = ["The shape is red.", "blue", "A shape with three corners is a triangle."]
+    loss = vlm.answer_loss(imgs, prompts, answers)
+    assert loss.shape == (3,) and (loss > 0).all()
+    single_loss = [vlm.answer_loss([i], [q], [a])[0] for i, q, a in zip(imgs, prompts, answers)]
+    np.testing.assert_allclose(loss, single_loss, rtol=1e-4)
+
+    # generation
+    out = vlm.generate(imgs, prompts, max_new_tokens=3)
+    assert len(out) == 3 and all(isinstance(a, str) for a in out)
+    assert vlm.generate(imgs[:1], prompts[:1], max_new_tokens=3) == out[:1]
+
+    # the patch search runs (random weights: nothing needs to pass)
+    from reasonedit_cli.patches import search_patches
+
+    boxes = search_patches(vlm, [(Image.new("RGB", (48, 48), "red"), ["The shape is red."])])
+    assert len(boxes) == 1 and len(boxes[0]) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_cli_round_trip(family_dirs, family, tmp_path):
+    from conftest import shape_image
+
+    model = str(family_dirs(family))
+    image = shape_image(tmp_path / "red_circle.png", "circle", "red")
+    cb = str(tmp_path / "cb")
+    common = ["--codebook", cb, "--model", model, "--device", "cpu", "--json"]
+    runner = CliRunner()
+    added = runner.invoke(
+        app,
+        [
+            "add-edit",
+            *common,
+            "--image",
+            str(image),
+            "--question",
+            "what shape is in the image?",
+            "--answer",
+            "circle",
+            "--reason",
+            "The shape has no corners. A shape with no corners is a circle.",
+            "--patches",
+            "none",
+        ],
+    )
+    assert added.exit_code == 0, added.output
+    assert len(json.loads(added.stdout)["added"]) == 1
+    asked = runner.invoke(
+        app, ["ask", *common, "--image", str(image), "--question", "what shape is in the image?"]
+    )
+    assert asked.exit_code == 0, asked.output
+    record = json.loads(asked.stdout)
+    assert record["rejected"] is False
+    assert record["facts"][0] == "The answer to 'what shape is in the image?' is circle."
+
+
+def test_unsupported_models_are_refused_with_the_supported_list(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+        )
+    ).save_pretrained(text_only)
+    with pytest.raises(ReasonEditError) as err:
+        VLM(str(text_only), device="cpu")
+    msg = str(err.value)
+    assert f"model {text_only} (llama) is not a supported image-text-to-text model" in msg
+    assert "supported: " + ", ".join(SUPPORTED_FAMILIES) in msg
+
+    unknown = tmp_path / "mystery"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "mystery_vlm"}))
+    with pytest.raises(ReasonEditError, match=r"\(mystery_vlm\) is not a supported"):
+        VLM(str(unknown), device="cpu")
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "ask",
+            "--codebook",
+            str(tmp_path / "cb"),
+            "--model",
+            str(text_only),
+            "--device",
+            "cpu",
+            "--image",
+            "x.png",
+            "--question",
+            "q?",
+            "--no-edit",
+        ],
+    )
+    assert result.exit_code != 0
