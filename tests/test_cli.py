@@ -349,6 +349,8 @@ def test_evaluate_reports_every_metric(tmp_path, edits_jsonl, images, model_args
         *model_args,
         "--report",
         str(report_dir),
+        "--methods",
+        "unedited,reasonedit",
         "--json",
     )
     assert result.exit_code == 0, result.output
