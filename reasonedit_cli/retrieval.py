@@ -23,6 +23,9 @@ SIGMA_K = 30  # neighbours used for sigma (DESIGN 1.7)
 DEFAULT_PERCENTILE = 25.0
 EXACT_PAIRS_MAX_KEYS = 2000  # above this many keys tau uses a seeded sample of pairs
 SAMPLE_PAIRS = 1_000_000
+KNN_EXACT_MAX_KEYS = 20_000  # above this, neighbour lists come from the hnsw graph
+KNN_EF = 96  # hnsw ef for neighbour-list queries (self-recall@30 measured in benchmarks)
+REVERSE_FETCH = 100  # neighbours queried per new key to find the existing keys it displaces
 _CHUNK_ELEMS = 8_000_000  # float64 elements per distance block (~64 MB)
 
 
@@ -212,6 +215,103 @@ def remove_from_knn_lists(
             sq = pairwise_sq_l2(v[rows], v)
             sq[np.arange(len(rows)), rows] = np.inf
             idx[rows], dist[rows] = _topk_sorted(sq, k)
+    return idx, dist
+
+
+# -- approximate neighbour lists from an hnswlib index (large codebooks) ---------------
+#
+# Exact lists cost O(n^2) to build and O(n_old * n_new) per insert, impossible at a
+# million keys. Above KNN_EXACT_MAX_KEYS the codebook asks its hnsw index instead: each
+# key's list is its k+1 graph neighbours minus itself, and an insert queries only the new
+# keys. An existing key's list changes only when a new key comes closer than its current
+# k-th neighbour; such existing keys are found as the REVERSE_FETCH graph neighbours of
+# the new keys (a key that a new key displaces is almost always among the new key's own
+# nearest keys). Both steps can miss a true neighbour (ANN recall < 1), which makes the
+# k-th distance, and so sigma (a median of 30), slightly too large; benchmarks/README.md
+# reports the measured sigma error against exact search.
+
+
+def _knn_query(index: Any, queries: np.ndarray, kq: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+    index.set_ef(max(ef, kq))
+    labels, sq = index.knn_query(queries, k=kq)
+    return labels.astype(np.int64), np.sqrt(sq.astype(np.float64))
+
+
+def _drop_self(
+    labels: np.ndarray, dist: np.ndarray, self_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the first k results that are not the query key itself (by label)."""
+    other = labels != self_rows[:, None]
+    order = np.argsort(~other, axis=1, kind="stable")[:, :k]  # non-self first, in order
+    return np.take_along_axis(labels, order, axis=1), np.take_along_axis(dist, order, axis=1)
+
+
+def knn_lists_ann(
+    index: Any, vectors: np.ndarray, k: int = SIGMA_K, *, ef: int = KNN_EF, batch: int = 20_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like `knn_lists`, from an hnswlib index holding `vectors` with labels 0..n-1.
+
+    Approximate (see above); distances are hnswlib's own (explicit differences, float32
+    accumulation), float64 on return. Needs n > k.
+    """
+    v = _as_2d_f32(vectors)
+    n = len(v)
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float64)
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        lab, d = _knn_query(index, v[start:stop], k + 1, ef)
+        idx[start:stop], dist[start:stop] = _drop_self(lab, d, np.arange(start, stop), k)
+    return idx, dist
+
+
+def update_knn_lists_ann(
+    index: Any,
+    vectors: np.ndarray,
+    old_idx: np.ndarray,
+    old_dist: np.ndarray,
+    n_old: int,
+    k: int = SIGMA_K,
+    *,
+    ef: int = KNN_EF,
+    reverse_fetch: int = REVERSE_FETCH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists after rows n_old.. of `vectors` were appended (already in `index`).
+
+    Costs O(n_new) queries plus the changed rows, independent of n_old apart from one
+    copy of the lists. Approximate: see the note above `knn_lists_ann`.
+    """
+    v = _as_2d_f32(vectors)
+    n = len(v)
+    n_new = n - n_old
+    if n_new <= 0:
+        return old_idx.copy(), old_dist.copy()
+    kq = min(n, max(k + 1, reverse_fetch + 1))
+    lab, d = _knn_query(index, v[n_old:], kq, ef)
+    new_rows = np.arange(n_old, n)
+    new_idx, new_dist = _drop_self(lab, d, new_rows, k)
+    idx = np.concatenate([old_idx, new_idx])
+    dist = np.concatenate([old_dist, new_dist])
+    # reverse neighbours: existing keys i found near a new key j, where j beats i's k-th
+    src = np.repeat(new_rows, kq)
+    tgt = lab.reshape(-1)
+    dd = d.reshape(-1)
+    ok = (tgt >= 0) & (tgt < n_old)
+    src, tgt, dd = src[ok], tgt[ok], dd[ok]
+    ok = dd < old_dist[tgt, k - 1]
+    src, tgt, dd = src[ok], tgt[ok], dd[ok]
+    if len(tgt):
+        order = np.lexsort((dd, tgt))  # by target row, then distance
+        src, tgt, dd = src[order], tgt[order], dd[order]
+        rows, first, counts = np.unique(tgt, return_index=True, return_counts=True)
+        rank = np.arange(len(tgt)) - np.repeat(first, counts)
+        keep = rank < k
+        slot = np.searchsorted(rows, tgt[keep])
+        add_idx = np.full((len(rows), k), -1, dtype=np.int64)
+        add_dist = np.full((len(rows), k), np.inf, dtype=np.float64)
+        add_idx[slot, rank[keep]] = src[keep]
+        add_dist[slot, rank[keep]] = dd[keep]
+        idx[rows], dist[rows] = _merge_lists(idx[rows], dist[rows], add_idx, add_dist, k)
     return idx, dist
 
 
