@@ -358,9 +358,44 @@ def summarize(results: list[dict]) -> dict:
     return out
 
 
+def edit_line(eid: str, image: str) -> str:
+    return json.dumps(
+        {
+            "id": eid,
+            "image": image,
+            "question": f"what is shown in picture {eid}?",
+            "answer": f"answer {eid}",
+            "reasoning": f"Picture {eid} shows a shape. The shape is {eid}.",
+        }
+    )
+
+
+def add_loop(codebook: str, model: str, image: str, prefix: str, n: int) -> None:
+    """n separate `add-edit` calls (one edit each) through the CLI code, in this process."""
+    from reasonedit_cli.cli import app
+
+    work = Path(codebook).parent / f"in-{prefix}.jsonl"
+    ok, failed = [], []
+    for i in range(n):
+        eid = f"{prefix}{i:03d}"
+        work.write_text(edit_line(eid, image) + "\n")
+        args = ["add-edit", "--from", str(work), "-c", codebook, "--model", model]
+        args += ["--device", "cpu", "--patches", "none", "--lock-timeout", "300", "--json"]
+        try:
+            app(args, standalone_mode=False)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        (ok if code in (0, None) else failed).append(eid)
+    print(json.dumps({"ok": ok, "failed": failed}), flush=True)
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if sys.argv[1:] == ["fuzz-worker"]:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         fuzz_worker()
+    elif sys.argv[1:2] == ["add-loop"]:
+        add_loop(*sys.argv[2:6], int(sys.argv[6]))
     else:
-        sys.exit(f"usage: {sys.argv[0]} fuzz-worker")
+        sys.exit(f"usage: {sys.argv[0]} fuzz-worker | add-loop CB MODEL IMAGE PREFIX N")
