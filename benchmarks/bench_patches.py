@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = None
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_tiny_llava
+        from tiny_models import build_tiny_llava
 
         tmp = tempfile.TemporaryDirectory()
         model = str(build_tiny_llava(Path(tmp.name) / "tiny-llava"))

@@ -35,7 +35,15 @@ def test_help_does_not_import_torch():
 def codebook(tmp_path, edits_jsonl, model_args):
     cb = tmp_path / "cb"
     result = invoke(
-        "add-edit", "--from", str(edits_jsonl), "--codebook", str(cb), *model_args, "--json"
+        "add-edit",
+        "--from",
+        str(edits_jsonl),
+        "--codebook",
+        str(cb),
+        *model_args,
+        "--patches",
+        "none",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

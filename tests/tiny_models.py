@@ -51,6 +51,7 @@ def _tokenizer(
     eos: str = "</s>",
     pad: str = "<pad>",
     extra: dict[str, str] | None = None,
+    corpus: list[str] | None = None,
 ):
     """A byte-level BPE tokenizer whose first ids are `pad, bos, eos, *specials`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,7 +66,7 @@ def _tokenizer(
         special_tokens=base + specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS * 5, trainer)
+    tok.train_from_iterator((corpus or CORPUS) * 5, trainer)
     kwargs = {"bos_token": bos} if bos else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -117,6 +118,49 @@ def _save_parts(model, tok, path: Path, processor_cls, image_processor, template
     config = {"processor_class": processor_cls.__name__, **kwargs}
     (path / "processor_config.json").write_text(json.dumps(config) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------- LLaVA
+def build_tiny_llava(path: Path, seed: int = 0) -> Path:
+    """LLaVA 1.5 layout: CLIP vision tower, MLP projector, Llama decoder."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    # the first four corpus lines only: the tests' expectations were set on this model
+    tok = _tokenizer(["<image>"], extra={"image_token": "<image>"}, corpus=CORPUS[:4])
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_llama(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return _save(LlavaForConditionalGeneration(config), processor, tok, path)
 
 
 # ---------------------------------------------------------------------------- Qwen2-VL
