@@ -52,7 +52,9 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_SEED = 100
 HNSW_MIN_KEYS = 2000  # below this, exact numpy search is as fast and simpler
-SEARCH_FETCH = 200  # hnsw candidates re-ranked by corrected distance (recall, see docs)
+SEARCH_FETCH = 200  # hnsw candidates (raw distance) re-ranked by corrected distance
+SEARCH_EF = 256  # hnsw ef for search (>= fetch); recall/latency in benchmarks/README.md
+SEARCH_SIGMA_SCAN = 4096  # at most this many large-sigma keys checked per query (bound)
 TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -389,6 +391,7 @@ class Codebook:
         self._derived: _Derived | None = None
         self._hnsw: Any = None
         self._pair_sample: np.ndarray | None = None
+        self._sigma_desc: tuple[np.ndarray, ...] | None = None
 
     # -- manifest views ---------------------------------------------------
 
@@ -678,13 +681,18 @@ class Codebook:
         v = self.vectors()
         k = min(k, n)
         use_hnsw = method == "hnsw" or (method == "auto" and n >= self.hnsw_min_keys)
+        bound = None
         if use_hnsw:
-            # Candidates by raw distance, generously: the correction reorders neighbours.
-            fetch = min(n, max(SEARCH_FETCH, 40 * k))
+            # Candidates by raw distance; the correction reorders neighbours, which the
+            # sigma bound below completes.
+            fetch = min(n, max(SEARCH_FETCH, 2 * k))
             index = self._hnsw_index()
             with self._hnsw_lock:
-                index.set_ef(max(64, 2 * k, 2 * fetch))
-                cand = index.knn_query(q, k=fetch)[0].astype(np.int64)
+                index.set_ef(max(SEARCH_EF, 2 * k, fetch))
+                labels, sq = index.knn_query(q, k=fetch)
+            cand = labels.astype(np.int64)
+            if fetch < n:
+                bound = np.sqrt(sq[:, -1].astype(np.float64)) * (1.0 - 1e-5)
         else:
             # Exact: corrected distances to every key, shortlisted for the exact re-rank.
             fetch = min(n, 4 * k + 16)
@@ -706,9 +714,42 @@ class Codebook:
             rows = cand[i]
             raw = R.direct_l2(q[i], v[rows])
             corr = raw / sigma[rows]
+            if bound is not None:
+                # A key outside the raw top-`fetch` is at raw distance >= bound[i], so its
+                # corrected distance is >= bound[i] / sigma_key: only keys with a large
+                # sigma (isolated keys) can still beat the current k-th; check the largest
+                # SEARCH_SIGMA_SCAN of them (all of them in practice, see the benchmarks).
+                kth = float(np.partition(corr, k - 1)[k - 1])
+                extra = self._large_sigma_rows(q[i], bound[i] / kth if kth > 0 else np.inf, kth)
+                extra = extra[~np.isin(extra, rows)]
+                if len(extra):
+                    xraw = R.direct_l2(q[i], v[extra])
+                    rows = np.concatenate([rows, extra])
+                    raw = np.concatenate([raw, xraw])
+                    corr = np.concatenate([corr, xraw / sigma[extra]])
             order = np.lexsort((rows, corr))[:k]
             out.append([(int(rows[j]), float(raw[j]), float(corr[j])) for j in order])
         return out
+
+    def _large_sigma_rows(self, q: np.ndarray, limit: float, kth: float) -> np.ndarray:
+        """Rows with sigma > `limit` whose corrected distance to q may be <= kth.
+
+        Screens at most SEARCH_SIGMA_SCAN keys, the largest sigmas first, in float32
+        against a cached contiguous copy of their vectors; the caller re-ranks exactly.
+        """
+        if self._sigma_desc is None:
+            sigma = self.sigma()
+            order = np.argsort(-sigma, kind="stable")[:SEARCH_SIGMA_SCAN]
+            vecs = np.ascontiguousarray(self.vectors()[order])
+            self._sigma_desc = (order, sigma[order], vecs, np.einsum("ij,ij->i", vecs, vecs))
+        order, values, vecs, v_sq = self._sigma_desc
+        m = int(np.searchsorted(-values, -limit, side="left"))
+        if m == 0:
+            return order[:0]
+        # einsum, not BLAS: a threaded GEMV for one query stalls on a busy machine
+        sq = v_sq[:m] - 2.0 * np.einsum("ij,j->i", vecs[:m], q) + float(np.dot(q, q))
+        approx = np.sqrt(np.maximum(sq, 0.0)) / values[:m]
+        return order[:m][approx <= kth * (1.0 + 1e-3) + 1e-6]
 
     # -- writing ----------------------------------------------------------
 
@@ -1489,15 +1530,17 @@ def history(path: str | Path) -> list[dict[str, Any]]:
             rows = {"keys": 0, "edits": 0}
             for seg in m.get("segments", []):
                 rows[seg["kind"]] = rows.get(seg["kind"], 0) + int(seg.get("rows", 0))
-            out.append({
-                "version": int(m["version"]),
-                "updated": m.get("updated") or m.get("created"),
-                "segment_edits": rows["edits"],
-                "segment_keys": rows["keys"],
-                "removed_edits": len(m.get("removed_edits", [])),
-                "layer": m.get("config", {}).get("layer"),
-                "current": int(m["version"]) == cb.version,
-            })
+            out.append(
+                {
+                    "version": int(m["version"]),
+                    "updated": m.get("updated") or m.get("created"),
+                    "segment_edits": rows["edits"],
+                    "segment_keys": rows["keys"],
+                    "removed_edits": len(m.get("removed_edits", [])),
+                    "layer": m.get("config", {}).get("layer"),
+                    "current": int(m["version"]) == cb.version,
+                }
+            )
         except (OSError, ValueError, KeyError, TypeError):
             out.append({"version": None, "file": f.name, "damaged": True})
     return out

@@ -1,0 +1,403 @@
+"""Codebook scale benchmark: build, search, insert and open at 10k / 100k / 1M keys.
+
+Synthetic keys of the real width (544 = demo VLM hidden 160 + MiniLM 384) drawn from a
+Gaussian mixture with clusters of varying spread, so that hubness is realistic. Every
+codebook is a real one on disk, built and queried through `reasonedit_cli.codebook`.
+
+Subcommands (each prints medians and ratios measured in the same run):
+
+    python benchmarks/bench_retrieval.py build  --n 100000 --dir /tmp/cb100k
+    python benchmarks/bench_retrieval.py search --dir /tmp/cb100k [--fetch 100,200]
+    python benchmarks/bench_retrieval.py sigma  --dir /tmp/cb100k --sample 20000
+    python benchmarks/bench_retrieval.py insert --dir /tmp/cb100k --edits 1000
+    python benchmarks/bench_retrieval.py open   --dir /tmp/cb100k
+    python benchmarks/bench_retrieval.py all    --sizes 10000,100000 --workdir /tmp/bench
+
+`search` compares the codebook's ANN path (hnswlib + exact re-rank by corrected distance)
+with the reference approach (the published ReasonEdit code brute-forces its codebook:
+here numpy float32 distances to every key, divided by sigma); recall@5 is measured
+against exact corrected-distance search. `insert` appends 1,000 edits x 5 keys as one
+commit (and restores nothing: run it on a scratch copy or rebuild). `open` opens the
+codebook in a fresh process as `ask` does and reports wall time and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM = 544
+KEYS_PER_EDIT = 5
+SHA = "b" * 64
+
+
+def mixture(n: int, seed: int, dim: int = DIM, chunk: int = 100_000) -> np.ndarray:
+    """n keys from a Gaussian mixture: n/100 clusters, log-normal spreads (hubs appear)."""
+    rng = np.random.default_rng(1234)  # the same mixture for every seed
+    n_clusters = max(10, n // 100)
+    centers = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    spread = np.exp(rng.normal(-1.0, 0.35, size=n_clusters)).astype(np.float32)
+    weights = rng.dirichlet(np.full(n_clusters, 2.0))
+    out = np.empty((n, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        c = rng.choice(n_clusters, size=stop - start, p=weights)
+        noise = rng.standard_normal(size=(stop - start, dim), dtype=np.float32)
+        out[start:stop] = centers[c] + noise * spread[c, None]
+    return out
+
+
+def records(vecs: np.ndarray, first_edit: int, tag: str = "k"):
+    from reasonedit_cli.codebook import EditRecord, KeyRecord
+
+    n_edits = len(vecs) // KEYS_PER_EDIT
+    edits = [
+        EditRecord(f"{tag}{first_edit + i}", SHA, "q", "a", [], None, "bench")
+        for i in range(n_edits)
+    ]
+    keys = [
+        KeyRecord(
+            f"{tag}{first_edit + i // KEYS_PER_EDIT}",
+            "sentence",
+            f"v{i}",
+            f"t{i}",
+            SHA,
+            None,
+            vecs[i],
+        )
+        for i in range(n_edits * KEYS_PER_EDIT)
+    ]
+    return edits, keys
+
+
+def cmd_build(args: argparse.Namespace) -> dict:
+    from reasonedit_cli.codebook import Codebook
+
+    d = Path(args.dir)
+    if d.exists():
+        shutil.rmtree(d)
+    t0 = time.perf_counter()
+    vecs = mixture(args.n, seed=0)
+    edits, keys = records(vecs, 0)
+    t1 = time.perf_counter()
+    cb = Codebook.open(d, create=True)
+    with cb.writer(lock_timeout=60) as w:
+        w.add(edits, keys)
+    t2 = time.perf_counter()
+    files = cb.manifest["derived"]["files"]
+    sizes = {k: v["bytes"] for k, v in files.items()}
+    seg_bytes = sum(s["bytes"] for s in cb.manifest["segments"])
+    out = {
+        "keys": cb.n_keys,
+        "generate_s": t1 - t0,
+        "build_commit_s": t2 - t1,
+        "segment_bytes": seg_bytes,
+        "derived_bytes": sizes,
+        "tau": cb.tau,
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
+def _queries(cb, n_q: int, seed: int = 7) -> np.ndarray:
+    """Half near-duplicates of stored keys (paraphrased edits), half fresh mixture draws."""
+    rng = np.random.default_rng(seed)
+    v = cb.vectors()
+    near = v[rng.choice(len(v), n_q // 2, replace=False)]
+    near = near + rng.normal(scale=0.05, size=near.shape).astype(np.float32)
+    fresh = mixture(n_q - n_q // 2, seed=seed + 1000)
+    return np.concatenate([near, fresh]).astype(np.float32)
+
+
+def _exact_topk(v, v_sq, sigma, q, k: int, shortlist: int = 64):
+    """Ground truth: corrected distances to every key (float32 GEMM), exact float64 re-rank."""
+    from reasonedit_cli import retrieval as R
+
+    sq = v_sq[None, :] - 2.0 * (q @ v.T) + np.einsum("ij,ij->i", q, q)[:, None]
+    np.maximum(sq, 0, out=sq)
+    corr = np.sqrt(sq) / sigma[None, :].astype(np.float32)
+    cand = np.argpartition(corr, shortlist, axis=1)[:, :shortlist]
+    out = []
+    for i in range(len(q)):
+        rows = cand[i]
+        c = R.direct_l2(q[i], v[rows]) / sigma[rows]
+        out.append(rows[np.lexsort((rows, c))[:k]].tolist())
+    return out
+
+
+def _reference_query(v, v_sq, sigma32, q1, k: int):
+    """The reference approach for one query: brute force over all keys, numpy float32."""
+    sq = v_sq - 2.0 * (v @ q1) + float(q1 @ q1)
+    np.maximum(sq, 0, out=sq)
+    corr = np.sqrt(sq) / sigma32
+    top = np.argpartition(corr, k)[:k]
+    return top[np.argsort(corr[top])]
+
+
+def cmd_search(args: argparse.Namespace) -> dict:
+    from reasonedit_cli import codebook as C
+
+    cb = C.Codebook.open(args.dir)
+    t0 = time.perf_counter()
+    n = cb.n_keys
+    v, sigma = cb.vectors(), cb.sigma()
+    cb._hnsw_index()
+    t_load = time.perf_counter() - t0
+    q = _queries(cb, args.queries)
+    v_sq = np.einsum("ij,ij->i", v, v)
+    truth = []
+    for s in range(0, len(q), 50):
+        truth += _exact_topk(v, v_sq, sigma, q[s : s + 50], 5)
+    sigma32 = sigma.astype(np.float32)
+    n_ref = min(len(q), args.ref_queries)
+    ref_t = []
+    for i in range(n_ref):
+        t = time.perf_counter()
+        _reference_query(v, v_sq, sigma32, q[i], 5)
+        ref_t.append(time.perf_counter() - t)
+    ref_ms = statistics.median(ref_t) * 1e3
+    res = {"keys": n, "load_s": t_load, "queries": len(q), "reference_bruteforce_ms": ref_ms}
+    rows = []
+    saved = C.SEARCH_FETCH, C.SEARCH_EF
+    try:
+        for spec in args.fetch.split(","):
+            fetch, ef = (int(x) for x in spec.split(":"))
+            C.SEARCH_FETCH, C.SEARCH_EF = fetch, ef
+            cb.search(q[:5], 5)  # warm
+            times, got = [], []
+            for i in range(len(q)):
+                t = time.perf_counter()
+                r = cb.search(q[i], 5)[0]
+                times.append(time.perf_counter() - t)
+                got.append([x[0] for x in r])
+            per_q = [len(set(a) & set(b)) / 5 for a, b in zip(got, truth, strict=True)]
+            recall = float(np.mean(per_q))
+            half = len(q) // 2
+            ms = statistics.median(times) * 1e3
+            p95 = float(np.percentile(times, 95)) * 1e3
+            rows.append(
+                {
+                    "fetch": fetch,
+                    "ef": max(ef, 10, fetch),
+                    "ann_ms_median": ms,
+                    "ann_ms_p95": p95,
+                    "recall@5": recall,
+                    "recall@5_near_duplicates": float(np.mean(per_q[:half])),
+                    "recall@5_fresh_queries": float(np.mean(per_q[half:])),
+                    "speedup_vs_reference": ref_ms / ms,
+                }
+            )
+    finally:
+        C.SEARCH_FETCH, C.SEARCH_EF = saved
+    res["ann"] = rows
+    print(json.dumps(res, indent=2), flush=True)
+    return res
+
+
+def cmd_sigma(args: argparse.Namespace) -> dict:
+    """sigma from the stored (approximate above KNN_EXACT_MAX_KEYS) lists vs exact, on a sample."""
+    from reasonedit_cli import codebook as C
+    from reasonedit_cli import retrieval as R
+
+    cb = C.Codebook.open(args.dir)
+    v = cb.vectors()
+    d = cb._get_derived(need_knn=True)
+    rng = np.random.default_rng(3)
+    rows = np.sort(rng.choice(len(v), min(args.sample, len(v)), replace=False))
+    t = time.perf_counter()
+    v_sq = np.einsum("ij,ij->i", v, v)
+    exact = np.empty((len(rows), R.SIGMA_K))
+    step = max(1, 20_000_000 // len(v))
+    for s in range(0, len(rows), step):
+        r = rows[s : s + step]
+        sq = v_sq[None, :] - 2.0 * (v[r] @ v.T) + v_sq[r, None]
+        sq[np.arange(len(r)), r] = np.inf
+        part = np.argpartition(sq, R.SIGMA_K + 8, axis=1)[:, : R.SIGMA_K + 8]
+        for j, row in enumerate(r):  # exact float64 distances for the shortlist
+            dd = np.sort(R.direct_l2(v[row], v[part[j]]))[: R.SIGMA_K]
+            exact[s + j] = dd
+    t_exact = time.perf_counter() - t
+    s_exact = R.sigma_from_knn(exact)
+    s_got = d.sigma[rows]
+    rel = np.abs(s_got - s_exact) / s_exact
+    lists_recall = float(
+        np.mean(
+            [
+                len(set(d.knn_dist[row][: R.SIGMA_K].round(4)) & set(exact[j].round(4))) / R.SIGMA_K
+                for j, row in enumerate(rows)
+            ]
+        )
+    )
+    out = {
+        "keys": len(v),
+        "sample": len(rows),
+        "approximate_lists": len(v) > R.KNN_EXACT_MAX_KEYS,
+        "sigma_rel_err_median": float(np.median(rel)),
+        "sigma_rel_err_p99": float(np.percentile(rel, 99)),
+        "sigma_rel_err_max": float(rel.max()),
+        "sigma_exact_rows_fraction": float(np.mean(rel < 1e-6)),
+        "knn30_recall": lists_recall,
+        "exact_sample_s": t_exact,
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
+def cmd_insert(args: argparse.Namespace) -> dict:
+    """Append `--edits` edits x 5 keys as one commit, with a per-phase profile."""
+    import cProfile
+    import pstats
+
+    from reasonedit_cli import codebook as C
+
+    cb = C.Codebook.open(args.dir)
+    n0 = cb.n_keys
+    vecs = mixture(args.edits * KEYS_PER_EDIT, seed=int(time.time()) % 100000 + 1)
+    edits, keys = records(vecs, n0 + 10_000_000, tag=f"ins{cb.version}-")
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    with cb.writer(lock_timeout=60) as w:
+        w.add(edits, keys)
+    prof.disable()
+    dt_ = time.perf_counter() - t0
+    st = pstats.Stats(prof)
+    phases = {}
+    for (_file, _line, name), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
+        if name in (
+            "_get_derived",
+            "update_knn_lists_ann",
+            "update_knn_lists",
+            "_write_segment",
+            "tau_for",
+            "_load_hnsw",
+            "_write_derived",
+            "save_index",
+            "add_items",
+            "_hash_file",
+            "keys_table",
+            "_build_hnsw",
+            "_vectors_of",
+        ):
+            phases[name] = round(phases.get(name, 0) + ct, 3)
+    out = {
+        "keys_before": n0,
+        "keys_added": cb.n_keys - n0,
+        "insert_commit_s": dt_,
+        "per_key_ms": dt_ / max(1, cb.n_keys - n0) * 1e3,
+        "phases_s (cumulative, overlapping)": phases,
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
+_OPEN_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from reasonedit_cli.codebook import Codebook
+from reasonedit_cli.retrieval import retrieve
+import numpy as np
+t1 = time.perf_counter()
+cb = Codebook.open(sys.argv[1])
+r = retrieve(cb, np.full(cb.dim, 0.1, np.float32))
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def cmd_open(args: argparse.Namespace) -> dict:
+    cb_dir = Path(args.dir)
+    runs = []
+    for _ in range(args.runs):
+        p = subprocess.run(
+            [sys.executable, "-c", _OPEN_CHILD, str(cb_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    m = json.loads((cb_dir / "manifest.json").read_text())
+    seg = sum(s["bytes"] for s in m["segments"] if s["kind"] == "keys")
+    hnsw = m["derived"]["files"].get("hnsw", {}).get("bytes", 0)
+    n, dim = m["derived"]["keys"], m["config"]["dim"]
+    raw = n * dim * 4
+    peak = statistics.median(r["peak_rss_bytes"] for r in runs)
+    out = {
+        "keys": n,
+        "open_and_first_query_s_median": statistics.median(
+            r["open_and_first_query_s"] for r in runs
+        ),
+        "import_s_median": statistics.median(r["import_s"] for r in runs),
+        "peak_rss_GB": peak / 1e9,
+        "raw_vectors_GB": raw / 1e9,
+        "hnsw_file_GB": hnsw / 1e9,
+        "key_segments_GB": seg / 1e9,
+        "peak_rss / (raw vectors + hnsw file)": peak / (raw + hnsw),
+        "runs": args.runs,
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
+def cmd_all(args: argparse.Namespace) -> None:
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for n in [int(x) for x in args.sizes.split(",")]:
+        d = work / f"cb{n}"
+        ns = argparse.Namespace(
+            n=n,
+            dir=str(d),
+            queries=args.queries,
+            ref_queries=args.ref_queries,
+            fetch=args.fetch,
+            sample=args.sample,
+            edits=args.edits,
+            runs=args.runs,
+        )
+        report[n] = {"build": cmd_build(ns), "search": cmd_search(ns), "sigma": cmd_sigma(ns)}
+        report[n]["open"] = cmd_open(ns)
+        report[n]["insert"] = cmd_insert(ns)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("build", "search", "sigma", "insert", "open", "all"):
+        p = sub.add_parser(name)
+        p.add_argument("--dir", default=None)
+        p.add_argument("--n", type=int, default=10_000)
+        p.add_argument("--queries", type=int, default=400)
+        p.add_argument("--ref-queries", type=int, default=30)
+        p.add_argument("--fetch", default="100:128,200:256")
+        p.add_argument("--sample", type=int, default=20_000)
+        p.add_argument("--edits", type=int, default=1000)
+        p.add_argument("--runs", type=int, default=3)
+        p.add_argument("--sizes", default="10000,100000")
+        p.add_argument("--workdir", default="/tmp/reasonedit-bench")
+        p.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    {
+        "build": cmd_build,
+        "search": cmd_search,
+        "sigma": cmd_sigma,
+        "insert": cmd_insert,
+        "open": cmd_open,
+        "all": cmd_all,
+    }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Start-up benchmark: `reasonedit --help` and cold `ask` against a bare transformers script.
+
+Every measurement is a fresh process (cold start, warm OS file cache), repeated `--runs`
+times; medians are reported with ratios against the bare script measured in the same run.
+
+Targets (issue 9): --help < 0.3 s; `ask --no-edit` <= 1.3x bare; edited `ask` <= 2x bare.
+
+    python benchmarks/bench_startup.py [--model DIR] [--runs 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "what shape is in the image?"
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def median_of(cmd: list[str], runs: int, env: dict[str, str]) -> float:
+    timed(cmd, env)  # warm the OS file cache once
+    return statistics.median(timed(cmd, env) for _ in range(runs))
+
+
+def main() -> None:
+    from reasonedit_cli.vlm import DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    exe = [sys.executable, "-m", "reasonedit_cli"]
+    edits = ROOT / "sample_edits" / "edits.jsonl"
+    first = json.loads(edits.read_text().splitlines()[0])
+    image = str(edits.parent / first["image"])
+    question = first["question"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cb = str(Path(tmp) / "cb")
+        subprocess.run(
+            [
+                *exe,
+                "add-edit",
+                "--codebook",
+                cb,
+                "--from",
+                str(edits),
+                "--model",
+                args.model,
+                "--device",
+                "cpu",
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        ask = [
+            *exe,
+            "ask",
+            "--model",
+            args.model,
+            "--device",
+            "cpu",
+            "--image",
+            image,
+            "--question",
+            question,
+        ]
+        results = {
+            "help": median_of([*exe, "--help"], args.runs, env),
+            "bare_script": median_of(
+                [
+                    sys.executable,
+                    str(ROOT / "benchmarks" / "bare_ask.py"),
+                    args.model,
+                    image,
+                    question,
+                ],
+                args.runs,
+                env,
+            ),
+            "ask_no_edit": median_of([*ask, "--no-edit"], args.runs, env),
+            "ask_edited": median_of([*ask, "--codebook", cb], args.runs, env),
+            "import_sentence_transformers": median_of(
+                [sys.executable, "-c", "import sentence_transformers"], args.runs, env
+            ),
+            "import_transformers_automodel": median_of(
+                [sys.executable, "-c", "from transformers import AutoModel"], args.runs, env
+            ),
+        }
+    bare = results["bare_script"]
+    ratios = {
+        "ask_no_edit / bare": results["ask_no_edit"] / bare,
+        "ask_edited / bare": results["ask_edited"] / bare,
+    }
+    targets = {
+        "help": results["help"] < 0.3,
+        "ask_no_edit / bare": ratios["ask_no_edit / bare"] <= 1.3,
+        "ask_edited / bare": ratios["ask_edited / bare"] <= 2.0,
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "median_seconds": results,
+                    "ratios": ratios,
+                    "targets_met": targets,
+                    "runs": args.runs,
+                },
+                indent=2,
+            )
+        )
+        return
+    print(f"cold start, median of {args.runs} runs (s)")
+    for name, value in results.items():
+        print(f"  {name:32s} {value:7.3f}")
+    for name, value in ratios.items():
+        print(f"  {name:32s} {value:7.2f}x  {'ok' if targets[name] else 'MISSED'}")
+    print(f"  {'help < 0.3 s':32s} {'ok' if targets['help'] else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
