@@ -642,17 +642,23 @@ def calibrate(
         progress=progress,
     )
     layer = pick_layer(layer_table, rule)
+    # The grid is relative to the layer's reference w (equal spread of both halves):
+    # activation scales differ by orders of magnitude across layers and models, so an
+    # absolute 0.1..100 would cover only "all vision" on one model and "all text" on another.
+    w_ref = next(float(r["w_ref"]) for r in layer_table if r["layer"] == layer)
     w_table = w_scores(
         feats[layer],
         s,
         parts,
-        grid,
+        [g * w_ref for g in grid],
         bootstrap=bootstrap,
         knn=knn,
         seed=seed,
         shift=shift,
         progress=progress,
     )
+    for g, row in zip(grid, w_table):
+        row["w_rel"] = float(g)
     best = int(np.argmax([row["harmonic"] for row in w_table]))
     return CalibrationResult(
         layer=layer,

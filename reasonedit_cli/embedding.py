@@ -5,9 +5,11 @@
 
 * layer: the middle language-decoder block (`language.mid`), where image and text
   tokens have mixed but the representation is not yet specialised to the next token;
-* w: `auto` — on the first insert, w is set to the mean norm of the VLM half, so both
-  halves have the same expected norm (S is unit-norm). The value is stored in the
-  manifest and never changes silently afterwards.
+* w: `auto` — on the first insert, w is set so both halves spread equally over that
+  batch's keys (`calibration.reference_w`: the ratio of mean pairwise distances). Spread,
+  not norm: decoder activations carry a large shared offset that inflates every norm but
+  no distance, and a norm-matched w lets the text half swamp the image. The value is
+  stored in the manifest and never changes silently afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reasonedit_cli.calibration import dual_concat
+from reasonedit_cli.calibration import dual_concat, reference_w
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -59,7 +61,7 @@ class DualEmbedder:
         h = self.vlm_half(images, texts)
         s = self.text.encode(list(texts))
         if self.w is None:
-            self.w = float(np.linalg.norm(h, axis=1).mean()) or 1.0
+            self.w = reference_w(h, s)
         return dual_concat(h, s, self.w)
 
 

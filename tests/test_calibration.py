@@ -315,7 +315,11 @@ def test_calibrate_end_to_end(data, tmp_path) -> None:
     )
     assert res.layer == "balanced" and res.rule == "bimodal"
     assert res.n_pairs == len(pairs) and res.n_groups == 16
-    assert res.w in grid and not res.w_at_grid_edge
+    # the grid is relative to the chosen layer's reference w (equal spread of both halves)
+    w_ref = next(r["w_ref"] for r in res.layer_table if r["layer"] == res.layer)
+    chosen = next(r for r in res.w_table if r["w"] == res.w)
+    assert chosen["w_rel"] in grid and np.isclose(res.w, chosen["w_rel"] * w_ref)
+    assert not res.w_at_grid_edge
     assert sum(steps) == calibration_steps(3, len(grid))
     assert len(calls["features"]) == 1  # the VLM runs once for all layers
     assert len(calls["text"][0]) == len({p.text for p in pairs})  # each text embedded once
