@@ -1,7 +1,8 @@
 """Start-up benchmark: `reasonedit --help` and cold `ask` against a bare transformers script.
 
 Every measurement is a fresh process (cold start, warm OS file cache), repeated `--runs`
-times; medians are reported with ratios against the bare script measured in the same run.
+times, interleaved across commands; medians are reported with ratios against the bare
+script measured in the same run.
 
 Targets (issue 9): --help < 0.3 s; `ask --no-edit` <= 1.3x bare; edited `ask` <= 2x bare.
 
@@ -30,9 +31,16 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def median_of(cmd: list[str], runs: int, env: dict[str, str]) -> float:
-    timed(cmd, env)  # warm the OS file cache once
-    return statistics.median(timed(cmd, env) for _ in range(runs))
+def medians_interleaved(cmds: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict:
+    """Median wall time per command; the runs are interleaved (round robin) so that a
+    change in machine load during the benchmark hits every command alike."""
+    for cmd in cmds.values():
+        timed(cmd, env)  # warm the OS file cache once
+    times: dict[str, list[float]] = {name: [] for name in cmds}
+    for _ in range(runs):
+        for name, cmd in cmds.items():
+            times[name].append(timed(cmd, env))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -80,28 +88,25 @@ def main() -> None:
             "--question",
             question,
         ]
-        results = {
-            "help": median_of([*exe, "--help"], args.runs, env),
-            "bare_script": median_of(
-                [
-                    sys.executable,
-                    str(ROOT / "benchmarks" / "bare_ask.py"),
-                    args.model,
-                    image,
-                    question,
-                ],
-                args.runs,
-                env,
-            ),
-            "ask_no_edit": median_of([*ask, "--no-edit"], args.runs, env),
-            "ask_edited": median_of([*ask, "--codebook", cb], args.runs, env),
-            "import_sentence_transformers": median_of(
-                [sys.executable, "-c", "import sentence_transformers"], args.runs, env
-            ),
-            "import_transformers_automodel": median_of(
-                [sys.executable, "-c", "from transformers import AutoModel"], args.runs, env
-            ),
+        cmds = {
+            "help": [*exe, "--help"],
+            "bare_script": [
+                sys.executable,
+                str(ROOT / "benchmarks" / "bare_ask.py"),
+                args.model,
+                image,
+                question,
+            ],
+            "ask_no_edit": [*ask, "--no-edit"],
+            "ask_edited": [*ask, "--codebook", cb],
+            "import_sentence_transformers": [sys.executable, "-c", "import sentence_transformers"],
+            "import_transformers_automodel": [
+                sys.executable,
+                "-c",
+                "from transformers import AutoModel",
+            ],
         }
+        results = medians_interleaved(cmds, args.runs, env)
     bare = results["bare_script"]
     ratios = {
         "ask_no_edit / bare": results["ask_no_edit"] / bare,
