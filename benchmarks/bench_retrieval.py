@@ -13,7 +13,8 @@ Subcommands (each prints medians and ratios measured in the same run):
     python benchmarks/bench_retrieval.py open   --dir /tmp/cb100k
     python benchmarks/bench_retrieval.py all    --sizes 10000,100000 --workdir /tmp/bench
 
-`search` compares the codebook's ANN path (hnswlib + exact re-rank by corrected distance)
+`search` compares the codebook's ANN path (hnswlib + exact re-rank by corrected distance;
+`--fetch F:EF:SCAN` sweeps SEARCH_FETCH, SEARCH_EF and SEARCH_SIGMA_SCAN, 0 = no sigma bound)
 with the reference approach (the published ReasonEdit code brute-forces its codebook:
 here numpy float32 distances to every key, divided by sigma); recall@5 is measured
 against exact corrected-distance search. `insert` appends 1,000 edits x 5 keys as one
@@ -159,25 +160,34 @@ def cmd_search(args: argparse.Namespace) -> dict:
         truth += _exact_topk(v, v_sq, sigma, q[s : s + 50], 5)
     sigma32 = sigma.astype(np.float32)
     n_ref = min(len(q), args.ref_queries)
-    ref_t = []
+    ref_t, ref_c = [], []
     for i in range(n_ref):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         _reference_query(v, v_sq, sigma32, q[i], 5)
         ref_t.append(time.perf_counter() - t)
+        ref_c.append(time.process_time() - c)
     ref_ms = statistics.median(ref_t) * 1e3
-    res = {"keys": n, "load_s": t_load, "queries": len(q), "reference_bruteforce_ms": ref_ms}
+    res = {
+        "keys": n,
+        "load_s": t_load,
+        "queries": len(q),
+        "reference_bruteforce_ms": ref_ms,
+        "reference_bruteforce_cpu_ms (all threads)": statistics.median(ref_c) * 1e3,
+    }
     rows = []
-    saved = C.SEARCH_FETCH, C.SEARCH_EF
+    saved = C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN
     try:
         for spec in args.fetch.split(","):
-            fetch, ef = (int(x) for x in spec.split(":"))
-            C.SEARCH_FETCH, C.SEARCH_EF = fetch, ef
+            fetch, ef, scan = ([int(x) for x in spec.split(":")] + [saved[2]])[:3]
+            C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = fetch, ef, scan
+            cb._sigma_desc = None
             cb.search(q[:5], 5)  # warm
-            times, got = [], []
+            times, cpu, got = [], [], []
             for i in range(len(q)):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 r = cb.search(q[i], 5)[0]
                 times.append(time.perf_counter() - t)
+                cpu.append(time.thread_time() - c)
                 got.append([x[0] for x in r])
             per_q = [len(set(a) & set(b)) / 5 for a, b in zip(got, truth, strict=True)]
             recall = float(np.mean(per_q))
@@ -188,8 +198,10 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 {
                     "fetch": fetch,
                     "ef": max(ef, 10, fetch),
+                    "sigma_scan": scan,
                     "ann_ms_median": ms,
                     "ann_ms_p95": p95,
+                    "ann_cpu_ms_median": statistics.median(cpu) * 1e3,
                     "recall@5": recall,
                     "recall@5_near_duplicates": float(np.mean(per_q[:half])),
                     "recall@5_fresh_queries": float(np.mean(per_q[half:])),
@@ -197,7 +209,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 }
             )
     finally:
-        C.SEARCH_FETCH, C.SEARCH_EF = saved
+        C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = saved
     res["ann"] = rows
     print(json.dumps(res, indent=2), flush=True)
     return res
@@ -381,7 +393,7 @@ def main() -> None:
         p.add_argument("--n", type=int, default=10_000)
         p.add_argument("--queries", type=int, default=400)
         p.add_argument("--ref-queries", type=int, default=30)
-        p.add_argument("--fetch", default="100:128,200:256")
+        p.add_argument("--fetch", default="200:256:0,100:128,200:256,100:128:1024,200:256:1024")
         p.add_argument("--sample", type=int, default=20_000)
         p.add_argument("--edits", type=int, default=1000)
         p.add_argument("--runs", type=int, default=3)

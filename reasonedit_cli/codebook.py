@@ -52,9 +52,9 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_SEED = 100
 HNSW_MIN_KEYS = 2000  # below this, exact numpy search is as fast and simpler
-SEARCH_FETCH = 200  # hnsw candidates (raw distance) re-ranked by corrected distance
-SEARCH_EF = 256  # hnsw ef for search (>= fetch); recall/latency in benchmarks/README.md
-SEARCH_SIGMA_SCAN = 4096  # at most this many large-sigma keys checked per query (bound)
+SEARCH_FETCH = 100  # hnsw candidates (raw distance) re-ranked by corrected distance
+SEARCH_EF = 128  # hnsw ef for search (>= fetch); recall/latency in benchmarks/README.md
+SEARCH_SIGMA_SCAN = 2048  # at most this many large-sigma keys checked per query (bound)
 TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
