@@ -630,6 +630,12 @@ def evaluate(
         float | None, typer.Option("--percentile", help="Rejection percentile (default 25).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling edits and probes.")] = 0,
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="Also add edits one at a time and track drift.")
+    ] = False,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="With --sequential: measure every N edits.")
+    ] = 10,
     report_dir: Annotated[
         Path | None,
         typer.Option("--report", help="Write metrics.json, metrics.md, sweep.md, sweep.png here."),
@@ -698,6 +704,8 @@ def evaluate(
             edit_list, _ = read_edits(edits, fmt, images_root=images_root)
             probe_list = read_probes(probes) if probes else []
         total = len(chosen) + int(sweep_p) + int(sweep_w)
+        if sequential:
+            total += -(-len(edit_list) // eval_every)
         with _progress(total, "Evaluating", not as_json) as advance:
             report = run_evaluation(
                 editor,
@@ -711,6 +719,7 @@ def evaluate(
                 workdir=Path(tmp) / "variants",
                 gen=gen,
                 progress=advance,
+                eval_every=eval_every if sequential else None,
             )
     report["dataset"] = info or {"edits": edits, "probes": probes, "format": fmt}
     report["seed"] = seed

@@ -267,10 +267,8 @@ class Evaluation:
                     self._specs.setdefault(chunk[spec.edit_index].id, []).append(spec)
         return self._specs
 
-    def build(self, name: str, embedder: Any, *, patches: bool = True) -> tuple[Any, np.ndarray]:
-        """A codebook of all edits under `embedder`, and the query embedding of every probe."""
-        if name in self._codebooks:
-            return self._codebooks[name]
+    def editor_for(self, name: str, embedder: Any, *, patches: bool = True) -> Any:
+        """An Editor on a fresh codebook that shares the models and the cached key specs."""
         from dataclasses import replace
 
         from reasonedit_cli.editor import Editor
@@ -289,10 +287,51 @@ class Evaluation:
             ]
 
         ed.key_specs = key_specs  # type: ignore[method-assign]
+        return ed
+
+    def build(self, name: str, embedder: Any, *, patches: bool = True) -> tuple[Any, np.ndarray]:
+        """A codebook of all edits under `embedder`, and the query embedding of every probe."""
+        if name in self._codebooks:
+            return self._codebooks[name]
+        ed = self.editor_for(name, embedder, patches=patches)
         ed.add_edits(self.edits, batch_size=max(self.batch_size, 32), patches="none")
         vecs = embedder.embed(self.probe_images(), [p.question for p in self.probes])
         self._codebooks[name] = (ed.codebook, vecs)
         return self._codebooks[name]
+
+    def sequential(
+        self, eval_every: int, progress: Callable[[int], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Add the edits one at a time (one commit each); every `eval_every` edits, measure
+        reasonedit on the probes of the edits added so far plus every locality probe."""
+        from reasonedit_cli.retrieval import build_prompt, retrieve
+
+        ed = self.editor_for("sequential", self.embedder)
+        vecs = self.embedder.embed(self.probe_images(), [p.question for p in self.probes])
+        rows: list[dict[str, Any]] = []
+        done: set[str] = set()
+        for i, edit in enumerate(self.edits, start=1):
+            ed.add_edits([edit], patches="none")
+            done.add(edit.id)
+            if i % eval_every and i != len(self.edits):
+                continue
+            idx = [j for j, p in enumerate(self.probes) if p.kind == "loc" or p.edit_id in done]
+            rs = [retrieve(ed.codebook, vecs[j], k=self.top_k, p=self.percentile) for j in idx]
+            now = [self.probes[j] for j in idx]
+            answers = self.gen.answer(
+                [p.image_bytes for p in now],
+                [build_prompt(r.facts, p.question) for r, p in zip(rs, now)],
+            )
+            outcomes = [
+                Outcome(a, [h.edit_id for h in r.hits], r.rejected) for a, r in zip(answers, rs)
+            ]
+            summary = summarize(now, {"reasonedit": outcomes})
+            rows.append(
+                {"edits": i, "keys": ed.codebook.n_keys, **summary["methods"]["reasonedit"]}
+            )
+            if progress:
+                progress(1)
+        return rows
 
     def answer_with_facts(self, facts: Sequence[Sequence[str]], prefix: str = "") -> list[str]:
         from reasonedit_cli.retrieval import build_prompt
@@ -422,8 +461,12 @@ def evaluate(
     workdir: Path | None = None,
     gen: Generations | None = None,
     progress: Callable[[int], None] | None = None,
+    eval_every: int | None = None,
 ) -> dict[str, Any]:
     """Run `methods` (and the sweeps) on the same edits and probes; one report dict.
+
+    With `eval_every`, also the sequential run (`report["sequential"]`): edits added one
+    at a time, reasonedit measured after every `eval_every` edits, so drift is visible.
 
     Returns `{"methods": {name: {metric: value}}, "retrieval": {kind: recall of
     reasonedit}, "retrieval_by_method": {...}, "counts": {...}, "sweep_p": [...],
@@ -468,6 +511,10 @@ def evaluate(
             runtime["sweep_w"] = round(time.perf_counter() - t0, 3)
             if progress:
                 progress(1)
+        if eval_every:
+            t0 = time.perf_counter()
+            report["sequential"] = ev.sequential(eval_every, progress)
+            runtime["sequential"] = round(time.perf_counter() - t0, 3)
         report["runtime_s"] = runtime
         report["settings"] = {
             "layer": ev.embedder.layer,
@@ -583,7 +630,7 @@ def _cell(v: Any) -> str:
 
 
 def sweep_markdown(report: dict[str, Any]) -> str:
-    """The p and w sweeps as Markdown tables (generality vs locality trade-off)."""
+    """The p and w sweeps (generality vs locality) and the sequential run as Markdown."""
     out = []
     for key, label in (("sweep_p", "p"), ("sweep_w", "w")):
         rows = report.get(key)
@@ -598,6 +645,21 @@ def sweep_markdown(report: dict[str, Any]) -> str:
         for r in rows:
             cells = [f"{r[label]:g}"] + [_cell(r.get(c)) for c in cols[1:]]
             out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    rows = report.get("sequential")
+    if rows:
+        cols = ["edits", "keys", "Acc", "T-Gen", "I-Gen", "R-Gen", "Gen-mean", "Loc"]
+        out.append("### sequential editing\n")
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|---" * len(cols) + "|")
+        for r in rows:
+            out.append(
+                "| "
+                + " | ".join(
+                    [str(r["edits"]), str(r["keys"])] + [_cell(r.get(c)) for c in cols[2:]]
+                )
+                + " |"
+            )
         out.append("")
     return "\n".join(out)
 

@@ -420,3 +420,50 @@ def test_remove_then_restore_round_trips(codebook, images, model_args):
     assert hist[-1]["current"] is True
     missing = invoke("remove-edit", "nope", "--codebook", str(codebook))
     assert missing.exit_code == 1 and "no such edit" in missing.output
+
+
+def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images, model_args):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(
+        json.dumps(
+            {
+                "image": "images/red_circle.png",
+                "question": "what is the shape?",
+                "answer": "circle",
+                "kind": "t_gen",
+                "edit_id": "e1",
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                "image": "images/yellow_circle.png",
+                "question": "How many people?",
+                "answer": "two",
+                "kind": "loc",
+            }
+        )
+        + "\n"
+    )
+    result = invoke(
+        "evaluate",
+        "--edits",
+        str(edits_jsonl),
+        "--probes",
+        str(probes),
+        *model_args,
+        "--methods",
+        "reasonedit",
+        "--no-sweep-p",
+        "--sequential",
+        "--eval-every",
+        "2",
+        "--report",
+        str(tmp_path / "rep"),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["sequential"]
+    assert [r["edits"] for r in rows] == [2, 3]  # every 2 edits, and after the last one
+    assert rows[-1]["keys"] >= 9 and rows[0]["keys"] < rows[-1]["keys"]
+    assert "sequential editing" in (tmp_path / "rep" / "sweep.md").read_text()
