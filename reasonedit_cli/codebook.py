@@ -36,7 +36,6 @@ from typing import Any
 import hnswlib
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import retrieval as R
@@ -262,6 +261,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _compute() -> Any:
+    """pyarrow.compute, imported only when tombstones filter rows (it is slow to import)."""
+    import pyarrow.compute as pc
+
+    return pc
+
+
 def _hash_file(f: Any, chunk: int = 1 << 24) -> tuple[str, int]:
     """sha256 hex and size of an open binary file, read in chunks."""
     h = hashlib.sha256()
@@ -454,7 +460,9 @@ class Codebook:
                 f"{_REPAIR_HINT} or restore an older version"
             )
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # ParquetFile.read, not read_table: the latter imports pyarrow.dataset and
+            # pyarrow.compute (~0.2 s of start-up for every `ask`)
+            table = pq.ParquetFile(pa.BufferReader(data)).read()
         except (pa.ArrowException, OSError, ValueError) as e:
             raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({e})") from e
         meta = table.schema.metadata or {}
@@ -492,6 +500,7 @@ class Codebook:
             t = self._read_segment(entry)
             hidden = [e for e, v in tomb.items() if int(entry["version"]) <= v]
             if hidden and t.num_rows:
+                pc = _compute()
                 t = t.filter(
                     pc.invert(
                         pc.is_in(t.column("edit_id"), value_set=pa.array(hidden, pa.string()))
@@ -1179,6 +1188,7 @@ class CodebookWriter:
         tomb = [t for t in cb.manifest["removed_edits"] if t["edit_id"] not in ids]
         tomb += [{"edit_id": e, "version": version} for e in sorted(ids)]
         keys = cb.keys_table()
+        pc = _compute()
         keep = np.asarray(
             pc.invert(
                 pc.is_in(keys.column("edit_id"), value_set=pa.array(sorted(ids), pa.string()))
