@@ -19,11 +19,13 @@ from reasonedit_cli.retrieval import retrieve
 DIM = 48
 
 
-def _edit(i: int, centre: np.ndarray, rng: np.random.Generator, duplicate_of: int | None = None):
+def _edit(i: int, centre: np.ndarray, duplicate_of: int | None = None):
     """One edit: three keys around `centre`; a duplicate repeats another edit's facts."""
     src = duplicate_of if duplicate_of is not None else i
     values = [f"The answer to 'q{src}?' is a{src}.", f"Fact {src} one.", f"Fact {src} two."]
     edit = EditRecord(f"e{i}", f"{src:064x}", f"q{src}?", f"a{src}", values[1:], None, "test")
+    # the offsets depend on the source edit, so a duplicate's keys land next to the original's
+    offsets = 0.02 * np.random.default_rng(src).standard_normal((3, DIM))
     keys = [
         KeyRecord(
             f"e{i}",
@@ -32,7 +34,7 @@ def _edit(i: int, centre: np.ndarray, rng: np.random.Generator, duplicate_of: in
             v,
             f"{src:064x}",
             None,
-            (centre + 0.02 * rng.standard_normal(DIM)).astype(np.float32),
+            (centre + offsets[j]).astype(np.float32),
             radius=0.3,
         )
         for j, v in enumerate(values)
@@ -53,7 +55,7 @@ def _run(tmp_path, n_edits: int, checkpoints: list[int]):
     queries: list[tuple[str, np.ndarray, str]] = []
     report = {}
     for i in range(n_edits):
-        edit, keys = _edit(i, centres[i], rng, dup.get(i))
+        edit, keys = _edit(i, centres[i], dup.get(i))
         with cb.writer() as w:
             w.add([edit], keys)
         queries.append((edit.edit_id, keys[0].vector, keys[0].value))
@@ -87,4 +89,7 @@ def test_two_hundred_sequential_edits(tmp_path):
     cb, report = _run(tmp_path, 200, [50, 200])
     assert report[50] == {"retrievable": 1.0, "loc_rejected": 1.0, "keys": 150}
     assert report[200] == {"retrievable": 1.0, "loc_rejected": 1.0, "keys": 600}
+    rows = cb.keys_table().to_pylist()
+    plan = plan_merges(cb.vectors(), [r["radius"] for r in rows], [r["value"] for r in rows])
+    assert plan.n_after == 600 - 3 * len(range(10, 200, 10))
     assert cb.check(images=False).ok  # synthetic edits store no image files
