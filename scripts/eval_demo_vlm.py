@@ -15,7 +15,7 @@ Generation: processor.apply_chat_template -> processor(images, text) with left p
 greedy ``generate(max_new_tokens=8)`` -> decode(skip_special_tokens) -> strip -> lower.
 Deterministic (fixed seeds, fixed subset).
 
-    python scripts/eval_demo_vlm.py                      # committed model, full test split
+    python scripts/eval_demo_vlm.py                      # committed model, fixed 1000-question subset
     python scripts/eval_demo_vlm.py --n 1000 --json      # quick, machine-readable
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                     "reasonedit_cli", "models", "demo_vlm"))
-    ap.add_argument("--n", type=int, default=0, help="test questions per condition (0 = all 9673)")
+    ap.add_argument("--n", type=int, default=1000,
+                    help="test questions per condition, a fixed random subset (0 = all 9673; slow on 2 CPU cores)")
     ap.add_argument("--conds", default=",".join(CONDS))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)

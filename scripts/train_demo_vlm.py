@@ -481,9 +481,32 @@ def pixel_bank(processor, images):
 # --------------------------------------------------------------------------------------
 # Sample generation
 # --------------------------------------------------------------------------------------
+def gen_yn(c: str, s: str, rng: random.Random, neg_p: float) -> Q:
+    """A yes/no question whose value matches the image half of the time; negated with prob neg_p.
+    easy-VQA's own yes/no questions are balanced so that neither the negation nor the match alone
+    predicts the answer (an XOR): a tiny model plateaus there.  Rarely-negated questions give the
+    match a direct learning signal first."""
+    attr = rng.choice(["colour", "shape"])
+    cur, pool = (c, COLOURS) if attr == "colour" else (s, SHAPES)
+    v = cur if rng.random() < 0.5 else rng.choice([x for x in pool if x != cur])
+    neg = rng.random() < neg_p
+    if attr == "colour":
+        t = rng.choice(["is there not a {v} shape?", "does the image not contain a {v} shape?",
+                        "is no {v} shape present?", "is there not a {v} shape in the image?"] if neg else
+                       ["is there a {v} shape?", "is the shape {v}?", "does the image contain a {v} shape?",
+                        "is a {v} shape present?", "is there a {v} shape in the image?"])
+    else:
+        t = rng.choice(["is there not a {v}?", "does the image not contain a {v}?", "is no {v} present?",
+                        "is there not a {v} in the image?"] if neg else
+                       ["is there a {v}?", "is the shape a {v}?", "does the image contain a {v}?",
+                        "is a {v} present?", "is there a {v} in the image?"])
+    return Q(t.format(v=v), "yn", attr, v, neg)
+
+
 class Sampler:
-    def __init__(self, items, attrs, crop_items, rng, mix):
+    def __init__(self, items, attrs, crop_items, rng, mix, yn_gen=0.0, neg_p=0.5):
         self.items, self.attrs, self.crop_items, self.rng, self.mix = items, attrs, crop_items, rng, mix
+        self.yn_gen, self.neg_p = yn_gen, neg_p
 
     def sample(self):
         """-> (bank index, prompt, answer)"""
@@ -504,6 +527,8 @@ class Sampler:
             q = gen_question(rng.choice(["colour", "shape", "yn"]), c, s, rng)
         else:
             q = parse_question(t)
+        if self.yn_gen and q.type == "yn" and rng.random() < self.yn_gen:
+            q = gen_yn(c, s, rng, self.neg_p)
         if r < m["plain"]:
             return idx, q.text, q.answer(c, s)
         r -= m["plain"]
@@ -625,10 +650,14 @@ def main():
     ap.add_argument("--plain_lo", type=float, default=0.74)
     ap.add_argument("--plain_hi", type=float, default=0.90)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vision_steps", type=int, default=300, help="perception pre-stage (vision tower + projector)")
+    ap.add_argument("--vision_steps", type=int, default=900, help="perception pre-stage (vision tower + projector)")
     ap.add_argument("--aux_weight", type=float, default=0.5, help="auxiliary perception loss weight in main stage")
     ap.add_argument("--quick_n", type=int, default=150)
-    ap.add_argument("--minutes", type=float, default=36.0, help="wall-clock budget of the main stage (0 = by steps)")
+    ap.add_argument("--minutes", type=float, default=32.0, help="wall-clock budget of the main stage (0 = by steps)")
+    ap.add_argument("--init", default=None, help="start from this state_dict (ckpt_*.pt) instead of scratch")
+    ap.add_argument("--yn_gen", type=float, default=0.0, help="share of yes/no questions replaced by gen_yn()")
+    ap.add_argument("--neg_p", type=float, default=0.5, help="negation probability in gen_yn()")
+    ap.add_argument("--mix", default="", help="override mixture shares, e.g. plain=0.25,contra=0.35")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--export", default=None, help="only write --out from this saved state_dict (ckpt_*.pt)")
     args = ap.parse_args()
@@ -750,8 +779,14 @@ def main():
                       f"{time.time() - tv:.0f}s", flush=True)
 
     mix = dict(probe=0.06, plain=0.30, true=0.18, contra=0.24, distract=0.4)  # rest: irrelevant only (~22%)
+    if args.mix:  # e.g. "plain=0.25,contra=0.35"
+        mix.update({k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))})
+    print(f"mixture {mix}", flush=True)
     warm_mix = dict(probe=0.0, plain=0.1, true=0.3, contra=0.4, distract=0.3)
-    sampler = Sampler(items, tr_attr, crop_items, rng, mix)
+    sampler = Sampler(items, tr_attr, crop_items, rng, mix, yn_gen=args.yn_gen, neg_p=args.neg_p)
+    if args.init:  # continue from a saved stage (see docs/demo_vlm.md for the staged recipe)
+        model.load_state_dict(torch.load(args.init))
+        print(f"initialised from {args.init}", flush=True)
 
     decay, no_decay = [], []
     for n, p in model.named_parameters():

@@ -1,0 +1,1 @@
+"""Bundled models (see docs/demo_vlm.md)."""
