@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
 from reasonedit_cli.errors import ReasonEditError, UsageError
 from reasonedit_cli.retrieval import Retrieval, build_prompt, retrieve
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
+    from reasonedit_cli.codebook import Codebook, KeyRecord
     from reasonedit_cli.edits import Edit
     from reasonedit_cli.embedding import DualEmbedder
     from reasonedit_cli.text import TextEncoder
@@ -131,9 +131,12 @@ class Editor:
     ) -> None:
         # codebook=None: no codebook at all (`ask --no-edit` without one)
         self.codebook_path = Path(codebook) if codebook is not None else None
-        self.codebook: Codebook | None = (
-            Codebook.open(self.codebook_path, create=create) if self.codebook_path else None
-        )
+        self.codebook: Codebook | None = None
+        if self.codebook_path is not None:
+            # imported here: `ask --no-edit` without a codebook never loads pyarrow/hnswlib
+            from reasonedit_cli.codebook import Codebook
+
+            self.codebook = Codebook.open(self.codebook_path, create=create)
         cfg = self.codebook.config if self.codebook else {}
         self.model_name = model or cfg.get("model") or BUNDLED_MODEL
         self.text_model_name = text_model or cfg.get("text_model")
@@ -310,6 +313,8 @@ class Editor:
         All batches are committed as ONE new codebook version at the end, so an
         interrupted run leaves the codebook exactly as it was.
         """
+        from reasonedit_cli.codebook import EditRecord, KeyRecord
+
         codebook = self._require_codebook()
         report = AddReport()
         seen: set[str] = set()
@@ -380,7 +385,6 @@ class Editor:
             report.version = w.commit()
         report.added = [e.id or "" for e in todo]
         report.keys = len(key_records)
-        self.codebook = Codebook.open(codebook.path)
         return report
 
     # ------------------------------------------------------------------- ask
@@ -438,7 +442,6 @@ class Editor:
         with cb.writer(lock_timeout=self.lock_timeout) as w:
             w.replace_all_keys(records)
             version = w.commit()
-        self.codebook = Codebook.open(cb.path)
         return plan, version
 
     # ------------------------------------------------------------- calibrate
@@ -523,7 +526,6 @@ class Editor:
             else:
                 w.set_config(**config)
             version = w.commit()
-        self.codebook = Codebook.open(cb.path)
         return result, version
 
     def reembed_keys(self, batch_size: int = 64) -> list[KeyRecord]:
@@ -568,6 +570,8 @@ def _chosen_row(summary: dict[str, Any], layer: str) -> dict[str, Any]:
 
 def _records_from_rows(rows: list[dict[str, Any]], vectors: Any) -> list[KeyRecord]:
     """KeyRecords from `keys_table().to_pylist()` rows and their (new) vectors."""
+    from reasonedit_cli.codebook import KeyRecord
+
     return [
         KeyRecord(
             edit_id=r["edit_id"],

@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reasonedit_cli.calibration import dual_concat, reference_w
-
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
@@ -58,6 +56,9 @@ class DualEmbedder:
         """Keys (or queries) for aligned lists of images and texts, float32 (n, dim)."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
+        # calibration is imported here: it pulls in the augmentations, which `ask` never needs
+        from reasonedit_cli.calibration import dual_concat, reference_w
+
         h = self.vlm_half(images, texts)
         s = self.text.encode(list(texts))
         if self.w is None:
