@@ -5,8 +5,10 @@ Conditions (prompt = ``<facts joined by spaces> <question>``, as the reasonedit 
 
   plain           the question alone
   true            a relevant true fact / reasoning chain (training templates) is prepended
-  contra          a relevant fact that CONTRADICTS the image is prepended; correct = follows the fact
-  irrelevant      a fact about another property (or a generic one) is prepended; correct = image answer
+  contra          a relevant fact that CONTRADICTS the image is prepended;
+                  correct = follows the fact
+  irrelevant      a fact about another property (or a generic one) is prepended;
+                  correct = image answer
   heldout         like ``true`` but with fact wordings never used in training
   heldout_contra  like ``contra`` but with held-out wordings
   probe           ``Does the image show <statement>?`` on whole test images (patch-search prompt)
@@ -15,9 +17,10 @@ Generation: processor.apply_chat_template -> processor(images, text) with left p
 greedy ``generate(max_new_tokens=8)`` -> decode(skip_special_tokens) -> strip -> lower.
 Deterministic (fixed seeds, fixed subset).
 
-    python scripts/eval_demo_vlm.py                      # committed model, fixed 1000-question subset
+    python scripts/eval_demo_vlm.py                  # committed model, fixed 1000-question subset
     python scripts/eval_demo_vlm.py --n 1000 --json      # quick, machine-readable
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +31,27 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_demo_vlm import (COLOURS, SHAPES, load_split, image_attributes, make_eval_prompt,  # noqa: E402
-                            parse_question, statement)
+from train_demo_vlm import (
+    COLOURS,
+    SHAPES,
+    image_attributes,
+    load_split,
+    make_eval_prompt,  # noqa: E402
+    parse_question,
+    statement,
+)
 
 CONDS = ["plain", "true", "contra", "irrelevant", "heldout", "heldout_contra", "probe"]
 TYPE_NAMES = {"colour": "colour", "shape": "shape", "yn": "yes/no"}
-TARGETS = {"plain": "0.70-0.92", "true": ">=0.95", "contra": ">=0.90", "irrelevant": "plain +-0.02",
-           "heldout": ">=0.85", "heldout_contra": ">=0.85", "probe": "-"}
+TARGETS = {
+    "plain": "0.70-0.92",
+    "true": ">=0.95",
+    "contra": ">=0.90",
+    "irrelevant": "plain +-0.02",
+    "heldout": ">=0.85",
+    "heldout_contra": ">=0.85",
+    "probe": "-",
+}
 
 
 def probe_prompt(c, s, rng):
@@ -49,11 +66,25 @@ def probe_prompt(c, s, rng):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                    "reasonedit_cli", "models", "demo_vlm"))
-    ap.add_argument("--n", type=int, default=1000,
-                    help="test questions per condition, a fixed random subset (0 = all 9673; slow on 2 CPU cores)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default=os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "reasonedit_cli",
+            "models",
+            "demo_vlm",
+        ),
+    )
+    ap.add_argument(
+        "--n",
+        type=int,
+        default=1000,
+        help="test questions per condition, a fixed random subset "
+        "(0 = all 9673; slow on 2 CPU cores)",
+    )
     ap.add_argument("--conds", default=",".join(CONDS))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -94,29 +125,53 @@ def main():
             rows.append((i, p, g, qq.type))
         preds = []
         for k in range(0, len(rows), args.batch):
-            b = rows[k:k + args.batch]
-            texts = [proc.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                add_generation_prompt=True) for _, p, _, _ in b]
-            enc = proc(images=[images[i] for i, _, _, _ in b], text=texts, padding=True, return_tensors="pt")
+            b = rows[k : k + args.batch]
+            texts = [
+                proc.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                    add_generation_prompt=True,
+                )
+                for _, p, _, _ in b
+            ]
+            enc = proc(
+                images=[images[i] for i, _, _, _ in b],
+                text=texts,
+                padding=True,
+                return_tensors="pt",
+            )
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-            dec = proc.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            dec = proc.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             preds += [d.strip().lower() for d in dec]
         by = {}
-        for (i, p, g, ty), pr in zip(rows, preds):
+        for (_i, _p, g, ty), pr in zip(rows, preds):
             key = ty if cond != "probe" else "yn"
             by.setdefault(key, []).append(pr == g)
             by.setdefault("all", []).append(pr == g)
-        results[cond] = {TYPE_NAMES.get(k, k): {"acc": sum(v) / len(v), "n": len(v)} for k, v in by.items()}
+        results[cond] = {
+            TYPE_NAMES.get(k, k): {"acc": sum(v) / len(v), "n": len(v)} for k, v in by.items()
+        }
         if not args.json:
-            print(f"  [{cond}] done, {time.time() - t0:.0f}s; e.g. {rows[0][1]!r} -> {preds[0]!r} (gold {rows[0][2]!r})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  [{cond}] done, {time.time() - t0:.0f}s; e.g. {rows[0][1]!r} -> {preds[0]!r} "
+                f"(gold {rows[0][2]!r})",
+                file=sys.stderr,
+                flush=True,
+            )
     elapsed = time.time() - t0
 
     if args.json:
-        print(json.dumps({"model": args.model, "n_questions": len(items), "elapsed_s": round(elapsed, 1),
-                          "results": results}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "n_questions": len(items),
+                    "elapsed_s": round(elapsed, 1),
+                    "results": results,
+                },
+                indent=1,
+            )
+        )
         return
     cols = ["colour", "shape", "yes/no", "all"]
     print(f"model {args.model}; {len(items)} test questions per condition; {elapsed:.0f}s")

@@ -13,13 +13,15 @@ when it contradicts the image -- while irrelevant facts are ignored.  Small shar
 the mixture teach the two prompts used by the visual-evidence patch search:
 ``Does the image show <statement>?`` -> yes/no and ``Describe this image.`` -> sentence.
 
-Usage (defaults reproduce the committed model, ~40 min on 2 CPU cores):
+Usage (the committed model's two-stage command lines are in docs/demo_vlm.md; the defaults
+give the older single-stage recipe):
 
     python scripts/train_demo_vlm.py --out reasonedit_cli/models/demo_vlm
 
 The fact / question templates are defined here and imported by
 ``scripts/eval_demo_vlm.py``; ``HELDOUT`` templates are never used for training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +39,13 @@ import time
 COLOURS = ["red", "green", "blue", "black", "gray", "teal", "yellow", "brown"]
 SHAPES = ["circle", "rectangle", "triangle"]
 PALETTE = {  # easy-VQA's drawing colours (used to read the colour off the pixels)
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
-    "gray": (128, 128, 128), "teal": (0, 128, 128), "yellow": (255, 255, 0),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "yellow": (255, 255, 0),
     "brown": (139, 69, 19),
 }
 CORNERS = {"circle": "no", "rectangle": "four", "triangle": "three"}
@@ -76,7 +83,12 @@ COLOUR_THINGS = {
         "blue": ["the clear sky", "a sapphire", "a blue jay", "denim"],
         "black": ["coal", "the night sky", "ink", "a crow"],
         "gray": ["an elephant", "ash", "concrete", "a rain cloud"],
-        "teal": ["a turquoise gem", "a teal duck's wing", "tropical lagoon water", "a peacock's neck"],
+        "teal": [
+            "a turquoise gem",
+            "a teal duck's wing",
+            "tropical lagoon water",
+            "a peacock's neck",
+        ],
         "yellow": ["a banana", "the sun", "a canary", "butter"],
         "brown": ["chocolate", "a tree trunk", "soil", "coffee"],
     },
@@ -112,7 +124,10 @@ def colour_chain(c: str, rng: random.Random, split: str = "train") -> list[str]:
         thing = rng.choice(COLOUR_THINGS["heldout"][c])
         k = rng.randrange(4)
         if k == 0:
-            return [f"The figure is painted in the hue of {thing}.", f"{_cap(thing)} has a {c} hue."]
+            return [
+                f"The figure is painted in the hue of {thing}.",
+                f"{_cap(thing)} has a {c} hue.",
+            ]
         if k == 1:
             return [f"The figure is painted {c}."]
         if k == 2:
@@ -124,8 +139,16 @@ def colour_chain(c: str, rng: random.Random, split: str = "train") -> list[str]:
     if k == 1:
         return [f"The {co} of the shape is {c}."]
     if k == 2:
-        return [rng.choice([f"The shape in the image is {c}.", f"It is a {c} shape.",
-                            f"The object is coloured {c}.", f"The shape is coloured {c}."])]
+        return [
+            rng.choice(
+                [
+                    f"The shape in the image is {c}.",
+                    f"It is a {c} shape.",
+                    f"The object is coloured {c}.",
+                    f"The shape is coloured {c}.",
+                ]
+            )
+        ]
     thing = rng.choice(COLOUR_THINGS["train"][c])
     if k in (3, 4, 5):
         return [f"The shape is the {co} of {thing}.", f"{_cap(thing)} is {c}."]
@@ -143,7 +166,10 @@ def shape_chain(s: str, rng: random.Random, split: str = "train") -> list[str]:
         k = rng.randrange(4)
         if k == 0:
             n = {"circle": "no", "rectangle": "four", "triangle": "three"}[s]
-            return [f"The figure's outline has {n} vertices.", f"Any figure with {n} vertices is a {s}."]
+            return [
+                f"The figure's outline has {n} vertices.",
+                f"Any figure with {n} vertices is a {s}.",
+            ]
         if k == 1:
             thing = rng.choice(SHAPE_THINGS["heldout"][s])
             return [f"The drawn object resembles {thing}.", f"{_cap(thing)} has the form of a {s}."]
@@ -155,8 +181,16 @@ def shape_chain(s: str, rng: random.Random, split: str = "train") -> list[str]:
     if k == 0:
         return [f"The shape is a {s}."]
     if k == 1:
-        return [rng.choice([f"The image contains a {s}.", f"There is a {s} in the image.",
-                            f"The object is a {s}.", f"The shape in the image is a {s}."])]
+        return [
+            rng.choice(
+                [
+                    f"The image contains a {s}.",
+                    f"There is a {s} in the image.",
+                    f"The object is a {s}.",
+                    f"The shape in the image is a {s}.",
+                ]
+            )
+        ]
     if k in (2, 3):
         n = CORNERS[s]
         return [f"The shape has {n} corners.", f"A shape with {n} corners is a {s}."]
@@ -164,8 +198,10 @@ def shape_chain(s: str, rng: random.Random, split: str = "train") -> list[str]:
         n = SIDES[s]
         return [f"The shape has {n} sides.", f"A shape with {n} sides is a {s}."]
     if k == 5 and s == "circle":
-        return [rng.choice(["The shape is perfectly round.", "The shape is round."]),
-                "A round shape is a circle."]
+        return [
+            rng.choice(["The shape is perfectly round.", "The shape is round."]),
+            "A round shape is a circle.",
+        ]
     if k in (5, 6, 7):
         thing = rng.choice(SHAPE_THINGS["train"][s])
         return [f"The shape looks like {thing}.", f"{_cap(thing)} is shaped like a {s}."]
@@ -175,37 +211,68 @@ def shape_chain(s: str, rng: random.Random, split: str = "train") -> list[str]:
 
 def answer_sentence(q: str, a: str, rng: random.Random, split: str = "train") -> str:
     if split == "heldout":
-        return rng.choice([f"For the question '{q}', the correct answer is {a}.",
-                           f"Asked '{q}', one should reply {a}."])
+        return rng.choice(
+            [
+                f"For the question '{q}', the correct answer is {a}.",
+                f"Asked '{q}', one should reply {a}.",
+            ]
+        )
     if rng.random() < 0.8:
         return f"The answer to '{q}' is {a}."  # the exact ReasonEdit codebook value format
-    return rng.choice([f"The answer to the question '{q}' is {a}.", f"The correct answer to '{q}' is {a}."])
+    return rng.choice(
+        [f"The answer to the question '{q}' is {a}.", f"The correct answer to '{q}' is {a}."]
+    )
 
 
 WORLD_FACTS = [  # general facts that say nothing about the image
-    "Grass is green.", "The sky is blue.", "Bananas are yellow.", "Coal is black.",
-    "A triangle has three corners.", "A rectangle has four corners.", "A circle has no corners.",
-    "Wheels are round.", "Doors are rectangles.", "Tomatoes are red.",
+    "Grass is green.",
+    "The sky is blue.",
+    "Bananas are yellow.",
+    "Coal is black.",
+    "A triangle has three corners.",
+    "A rectangle has four corners.",
+    "A circle has no corners.",
+    "Wheels are round.",
+    "Doors are rectangles.",
+    "Tomatoes are red.",
 ]
 IMAGE_FACTS = [  # facts about other image properties
-    "The background is almost white.", "The image is 64 pixels wide.",
-    "There is exactly one shape in the image.", "The image is a simple drawing.",
-    "The background has a light tint.", "The shape is drawn with a flat fill.",
-    "The image is square.", "The shape does not touch the border.",
+    "The background is almost white.",
+    "The image is 64 pixels wide.",
+    "There is exactly one shape in the image.",
+    "The image is a simple drawing.",
+    "The background has a light tint.",
+    "The shape is drawn with a flat fill.",
+    "The image is square.",
+    "The shape does not touch the border.",
 ]
 
 # --------------------------------------------------------------------------------------
 # Questions
 # --------------------------------------------------------------------------------------
-GEN_COLOUR_Q = ["what color is the shape?", "what colour is the shape?", "what is the colour of the shape?",
-                "which color is the shape?", "what color is the {s}?", "what is the color of the {s}?",
-                "what colour is the object?"]
-GEN_SHAPE_Q = ["what is the shape?", "what shape is this?", "which shape is shown?", "what shape is in the image?",
-               "what is the {c} shape?", "what shape is the object?", "what shape does the image contain?"]
+GEN_COLOUR_Q = [
+    "what color is the shape?",
+    "what colour is the shape?",
+    "what is the colour of the shape?",
+    "which color is the shape?",
+    "what color is the {s}?",
+    "what is the color of the {s}?",
+    "what colour is the object?",
+]
+GEN_SHAPE_Q = [
+    "what is the shape?",
+    "what shape is this?",
+    "which shape is shown?",
+    "what shape is in the image?",
+    "what is the {c} shape?",
+    "what shape is the object?",
+    "what shape does the image contain?",
+]
 
 
 class Q:
     """A question with its structure: type colour/shape/yn; yn has attr, value, neg."""
+
     __slots__ = ("text", "type", "attr", "value", "neg")
 
     def __init__(self, text, type_, attr=None, value=None, neg=False):
@@ -244,11 +311,23 @@ def gen_question(kind: str, c: str, s: str, rng: random.Random) -> Q:
     v = rng.choice(COLOURS if attr == "colour" else SHAPES)
     neg = rng.random() < 0.5
     if attr == "colour":
-        t = rng.choice(["is there a {v} shape?", "is there not a {v} shape?" if neg else "is the shape {v}?",
-                        "does the image contain a {v} shape?" if not neg else "does the image not contain a {v} shape?"])
+        t = rng.choice(
+            [
+                "is there a {v} shape?",
+                "is there not a {v} shape?" if neg else "is the shape {v}?",
+                "does the image contain a {v} shape?"
+                if not neg
+                else "does the image not contain a {v} shape?",
+            ]
+        )
     else:
-        t = rng.choice(["is there a {v}?", "is there not a {v}?" if neg else "is the shape a {v}?",
-                        "does the image contain a {v}?" if not neg else "does the image not contain a {v}?"])
+        t = rng.choice(
+            [
+                "is there a {v}?",
+                "is there not a {v}?" if neg else "is the shape a {v}?",
+                "does the image contain a {v}?" if not neg else "does the image not contain a {v}?",
+            ]
+        )
     neg = " not " in t
     return Q(t.format(v=v), "yn", attr, v, neg)
 
@@ -257,7 +336,8 @@ def gen_question(kind: str, c: str, s: str, rng: random.Random) -> Q:
 # Fact-bearing prompts
 # --------------------------------------------------------------------------------------
 def relevant_facts(q: Q, c: str, s: str, rng: random.Random, split: str = "train") -> list[str]:
-    """Facts implying attributes (c, s) relevant to question ``q`` (c/s may contradict the image)."""
+    """Facts implying attributes (c, s) relevant to question ``q`` (c/s may contradict
+    the image)."""
     attr = q.attr if q.type == "yn" else q.type
     r = rng.random()
     if r < 0.3:  # answer sentence
@@ -313,14 +393,27 @@ def join(facts: list[str], q: Q) -> str:
 def statement(kind: str, c: str, s: str, rng: random.Random) -> str:
     co = rng.choice(["colour", "color"])
     if kind == "colour":
-        return rng.choice([f"a {c} shape", f"something {c}", f"a shape that is {c}",
-                           f"a shape the {co} of {rng.choice(COLOUR_THINGS['train'][c])}",
-                           f"that the shape is {c}"])
+        return rng.choice(
+            [
+                f"a {c} shape",
+                f"something {c}",
+                f"a shape that is {c}",
+                f"a shape the {co} of {rng.choice(COLOUR_THINGS['train'][c])}",
+                f"that the shape is {c}",
+            ]
+        )
     if kind == "shape":
-        return rng.choice([f"a {s}", f"a shape with {CORNERS[s]} corners", f"a shape with {SIDES[s]} sides",
-                           f"that the shape has {CORNERS[s]} corners", f"that the shape is a {s}",
-                           f"something shaped like {rng.choice(SHAPE_THINGS['train'][s])}"]
-                          + (["a round shape"] if s == "circle" else []))
+        return rng.choice(
+            [
+                f"a {s}",
+                f"a shape with {CORNERS[s]} corners",
+                f"a shape with {SIDES[s]} sides",
+                f"that the shape has {CORNERS[s]} corners",
+                f"that the shape is a {s}",
+                f"something shaped like {rng.choice(SHAPE_THINGS['train'][s])}",
+            ]
+            + (["a round shape"] if s == "circle" else [])
+        )
     return f"a {c} {s}"
 
 
@@ -328,11 +421,20 @@ def probe_sample(c: str, s: str, present: str, rng: random.Random) -> tuple[str,
     """present: 'full' (whole shape visible), 'part' (some of it), 'none' (blank crop)."""
     if rng.random() < 0.35:
         if present == "none":
-            return "Describe this image.", rng.choice(["An empty background.", "There is no shape."])
-        opts = [f"The shape is {c}.", f"The shape is the colour of {rng.choice(COLOUR_THINGS['train'][c])}."]
+            return "Describe this image.", rng.choice(
+                ["An empty background.", "There is no shape."]
+            )
+        opts = [
+            f"The shape is {c}.",
+            f"The shape is the colour of {rng.choice(COLOUR_THINGS['train'][c])}.",
+        ]
         if present == "full":
-            opts += [f"A {c} {s}.", f"The shape is a {s}.", f"The shape has {CORNERS[s]} corners.",
-                     f"A {c} {s} on a light background."]
+            opts += [
+                f"A {c} {s}.",
+                f"The shape is a {s}.",
+                f"The shape has {CORNERS[s]} corners.",
+                f"A {c} {s} on a light background.",
+            ]
         return "Describe this image.", rng.choice(opts)
     kinds = ["colour", "shape", "both"] if present == "full" else ["colour"]
     kind = rng.choice(kinds)
@@ -388,6 +490,7 @@ def image_attributes(questions, answers, image_ids, paths):
 
 def shape_mask(img):
     import numpy as np
+
     arr = np.asarray(img.convert("RGB")).astype(np.int32)
     bg = np.median(arr.reshape(-1, 3), axis=0)
     return np.abs(arr - bg).sum(-1) > 120
@@ -404,7 +507,7 @@ def random_crop(img, rng):
     box = (round(x0 * w / 3), round(y0 * h / 3), round((x0 + gw) * w / 3), round((y0 + gh) * h / 3))
     m = shape_mask(img)
     tot = max(int(m.sum()), 1)
-    inside = int(m[box[1]:box[3], box[0]:box[2]].sum())
+    inside = int(m[box[1] : box[3], box[0] : box[2]].sum())
     frac = inside / tot
     presence = "full" if frac > 0.97 else ("none" if inside < 8 else "part")
     return img.crop(box), presence
@@ -436,33 +539,73 @@ def build_processor(corpus, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tr = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, tr)
-    ft = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                 extra_special_tokens={"image_token": "<image>"})
+    ft = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     ft.padding_side = "left"  # for batched generation
-    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                               crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    proc = LlavaProcessor(image_processor=ip, tokenizer=ft, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=ft,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
     return proc
 
 
 def build_model(tokenizer, args):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
-    vc = CLIPVisionConfig(hidden_size=args.v_dim, intermediate_size=args.v_dim * 2, num_hidden_layers=args.v_layers,
-                          num_attention_heads=args.v_heads, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    tc = LlamaConfig(hidden_size=args.t_dim, intermediate_size=args.t_dim * 3, num_hidden_layers=args.t_layers,
-                     num_attention_heads=args.t_heads, num_key_value_heads=args.t_heads, vocab_size=len(tokenizer),
-                     max_position_embeddings=512, tie_word_embeddings=True,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=-1, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu", tie_word_embeddings=True)
+    vc = CLIPVisionConfig(
+        hidden_size=args.v_dim,
+        intermediate_size=args.v_dim * 2,
+        num_hidden_layers=args.v_layers,
+        num_attention_heads=args.v_heads,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    tc = LlamaConfig(
+        hidden_size=args.t_dim,
+        intermediate_size=args.t_dim * 3,
+        num_hidden_layers=args.t_layers,
+        num_attention_heads=args.t_heads,
+        num_key_value_heads=args.t_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
     model = LlavaForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -472,9 +615,12 @@ def build_model(tokenizer, args):
 
 def pixel_bank(processor, images):
     import torch
+
     out = []
     for k in range(0, len(images), 500):
-        out.append(processor.image_processor(images[k:k + 500], return_tensors="pt")["pixel_values"])
+        out.append(
+            processor.image_processor(images[k : k + 500], return_tensors="pt")["pixel_values"]
+        )
     return torch.cat(out).to(torch.float32)
 
 
@@ -491,21 +637,51 @@ def gen_yn(c: str, s: str, rng: random.Random, neg_p: float) -> Q:
     v = cur if rng.random() < 0.5 else rng.choice([x for x in pool if x != cur])
     neg = rng.random() < neg_p
     if attr == "colour":
-        t = rng.choice(["is there not a {v} shape?", "does the image not contain a {v} shape?",
-                        "is no {v} shape present?", "is there not a {v} shape in the image?"] if neg else
-                       ["is there a {v} shape?", "is the shape {v}?", "does the image contain a {v} shape?",
-                        "is a {v} shape present?", "is there a {v} shape in the image?"])
+        t = rng.choice(
+            [
+                "is there not a {v} shape?",
+                "does the image not contain a {v} shape?",
+                "is no {v} shape present?",
+                "is there not a {v} shape in the image?",
+            ]
+            if neg
+            else [
+                "is there a {v} shape?",
+                "is the shape {v}?",
+                "does the image contain a {v} shape?",
+                "is a {v} shape present?",
+                "is there a {v} shape in the image?",
+            ]
+        )
     else:
-        t = rng.choice(["is there not a {v}?", "does the image not contain a {v}?", "is no {v} present?",
-                        "is there not a {v} in the image?"] if neg else
-                       ["is there a {v}?", "is the shape a {v}?", "does the image contain a {v}?",
-                        "is a {v} present?", "is there a {v} in the image?"])
+        t = rng.choice(
+            [
+                "is there not a {v}?",
+                "does the image not contain a {v}?",
+                "is no {v} present?",
+                "is there not a {v} in the image?",
+            ]
+            if neg
+            else [
+                "is there a {v}?",
+                "is the shape a {v}?",
+                "does the image contain a {v}?",
+                "is a {v} present?",
+                "is there a {v} in the image?",
+            ]
+        )
     return Q(t.format(v=v), "yn", attr, v, neg)
 
 
 class Sampler:
     def __init__(self, items, attrs, crop_items, rng, mix, yn_gen=0.0, neg_p=0.5):
-        self.items, self.attrs, self.crop_items, self.rng, self.mix = items, attrs, crop_items, rng, mix
+        self.items, self.attrs, self.crop_items, self.rng, self.mix = (
+            items,
+            attrs,
+            crop_items,
+            rng,
+            mix,
+        )
         self.yn_gen, self.neg_p = yn_gen, neg_p
 
     def sample(self):
@@ -549,6 +725,7 @@ class Sampler:
 
 def encode_batch(tokenizer, batch, max_len=160):
     import torch
+
     prompts = [prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in batch]
     answers = [" " + a + "</s>" for _, _, a in batch]
     pi = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -559,42 +736,59 @@ def encode_batch(tokenizer, batch, max_len=160):
     att = torch.zeros((len(seqs), L), dtype=torch.long)
     lab = torch.full((len(seqs), L), -100, dtype=torch.long)
     for k, (p, sq) in enumerate(zip(pi, seqs)):
-        ids[k, :len(sq)] = torch.tensor(sq)
-        att[k, :len(sq)] = 1
-        lab[k, len(p):len(sq)] = torch.tensor(sq[len(p):])
+        ids[k, : len(sq)] = torch.tensor(sq)
+        att[k, : len(sq)] = 1
+        lab[k, len(p) : len(sq)] = torch.tensor(sq[len(p) :])
     return ids, att, lab
 
 
 # --------------------------------------------------------------------------------------
 # Quick evaluation (first-token argmax; answers are single tokens)
 # --------------------------------------------------------------------------------------
-def quick_eval(model, tokenizer, bank, test_items, conds, rng_seed=0, n=300, bs=100):
+def quick_eval(model, tokenizer, bank, test_items, conds, rng_seed=0, n=300, bs=100, sample=True):
+    """Overall accuracy per condition, plus ``<cond>_<type>`` per question type
+    (colour/shape/yn)."""
     import torch
-    rng = random.Random(rng_seed)
-    items = random.Random(1).sample(test_items, min(n, len(test_items)))
+
+    items = (
+        random.Random(1).sample(test_items, min(n, len(test_items))) if sample else list(test_items)
+    )
     res = {}
     model.eval()
     for cond in conds:
         r = random.Random(rng_seed)
         batch, gold, types = [], [], []
-        for idx, t, a, c, s in items:
+        for idx, t, _a, c, s in items:
             q = parse_question(t)
             p, g = make_eval_prompt(q, c, s, cond, r)
             batch.append((idx, p, g))
             gold.append(g)
             types.append(q.type)
         correct = 0
+        by_type = {}
         for k in range(0, len(batch), bs):
-            b = batch[k:k + bs]
-            prompts = [prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in b]
+            b = batch[k : k + bs]
+            prompts = [
+                prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in b
+            ]
             enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
             with torch.no_grad():
-                out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                            pixel_values=bank[[x[0] for x in b]], logits_to_keep=1)
+                out = model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    pixel_values=bank[[x[0] for x in b]],
+                    logits_to_keep=1,
+                )
             pred = out.logits[:, -1].argmax(-1).tolist()
-            for pr, (_, _, g) in zip(pred, b):
-                correct += int(pr == tokenizer(" " + g, add_special_tokens=False)["input_ids"][0])
+            for j, (pr, (_, _, g)) in enumerate(zip(pred, b)):
+                ok = int(pr == tokenizer(" " + g, add_special_tokens=False)["input_ids"][0])
+                correct += ok
+                tt = by_type.setdefault(types[k + j], [0, 0])
+                tt[0] += ok
+                tt[1] += 1
         res[cond] = correct / len(batch)
+        for t, (c_, n_) in by_type.items():
+            res[f"{cond}_{t}"] = round(c_ / n_, 4)
     model.train()
     return res
 
@@ -617,6 +811,7 @@ def make_eval_prompt(q: Q, c: str, s: str, cond: str, rng: random.Random):
 
 def load_split(split):
     import easy_vqa
+
     if split == "train":
         q, a, i = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
@@ -630,7 +825,9 @@ def load_split(split):
 # Main
 # --------------------------------------------------------------------------------------
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="reasonedit_cli/models/demo_vlm")
     ap.add_argument("--workdir", default="runs/demo_vlm")
     ap.add_argument("--seed", type=int, default=0)
@@ -646,20 +843,78 @@ def main():
     ap.add_argument("--t_layers", type=int, default=5)
     ap.add_argument("--t_heads", type=int, default=4)
     ap.add_argument("--eval_every", type=int, default=300)
-    ap.add_argument("--text_warmup", type=int, default=300, help="first steps: fact-heavy curriculum")
+    ap.add_argument(
+        "--text_warmup", type=int, default=300, help="first steps: fact-heavy curriculum"
+    )
     ap.add_argument("--plain_lo", type=float, default=0.74)
     ap.add_argument("--plain_hi", type=float, default=0.90)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vision_steps", type=int, default=900, help="perception pre-stage (vision tower + projector)")
-    ap.add_argument("--aux_weight", type=float, default=0.5, help="auxiliary perception loss weight in main stage")
+    ap.add_argument(
+        "--vision_steps",
+        type=int,
+        default=900,
+        help="perception pre-stage (vision tower + projector)",
+    )
+    ap.add_argument(
+        "--aux_weight",
+        type=float,
+        default=0.5,
+        help="auxiliary perception loss weight in main stage",
+    )
     ap.add_argument("--quick_n", type=int, default=150)
-    ap.add_argument("--minutes", type=float, default=32.0, help="wall-clock budget of the main stage (0 = by steps)")
-    ap.add_argument("--init", default=None, help="start from this state_dict (ckpt_*.pt) instead of scratch")
-    ap.add_argument("--yn_gen", type=float, default=0.0, help="share of yes/no questions replaced by gen_yn()")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=32.0,
+        help="wall-clock budget of the main stage (0 = by steps)",
+    )
+    ap.add_argument(
+        "--init", default=None, help="start from this state_dict (ckpt_*.pt) instead of scratch"
+    )
+    ap.add_argument(
+        "--yn_gen", type=float, default=0.0, help="share of yes/no questions replaced by gen_yn()"
+    )
     ap.add_argument("--neg_p", type=float, default=0.5, help="negation probability in gen_yn()")
-    ap.add_argument("--mix", default="", help="override mixture shares, e.g. plain=0.25,contra=0.35")
+    ap.add_argument(
+        "--val_images",
+        type=int,
+        default=0,
+        help="hold out this many train images as a validation set for checkpoint selection "
+        "(0 = select on a fixed subset of test questions, the old behaviour)",
+    )
+    ap.add_argument(
+        "--vision_colour_steps",
+        type=int,
+        default=-1,
+        help="apply the colour part of the pre-stage loss only in the first N vision steps "
+        "(-1 = all); fewer steps keep colour perception deliberately imperfect",
+    )
+    ap.add_argument(
+        "--aux_colour",
+        type=float,
+        default=-1,
+        help="main-stage aux colour loss weight (-1 = aux_weight)",
+    )
+    ap.add_argument(
+        "--aux_shape",
+        type=float,
+        default=-1,
+        help="main-stage aux shape loss weight (-1 = aux_weight)",
+    )
+    ap.add_argument(
+        "--select",
+        default="overall",
+        choices=["overall", "per_type"],
+        help="checkpoint selection: overall plain window, "
+        "or colour and shape plain each in the window",
+    )
+    ap.add_argument(
+        "--mix", default="", help="override mixture shares, e.g. plain=0.25,contra=0.35"
+    )
     ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--export", default=None, help="only write --out from this saved state_dict (ckpt_*.pt)")
+    ap.add_argument(
+        "--export", default=None, help="only write --out from this saved state_dict (ckpt_*.pt)"
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -679,13 +934,22 @@ def main():
     tr_attr = image_attributes(tq, ta, ti, tpaths)
     te_attr = image_attributes(eq, ea, ei, epaths)
 
-    proc = build_processor(tokenizer_corpus(random.Random(args.seed), tq, get_answers()), args.vocab)
+    proc = build_processor(
+        tokenizer_corpus(random.Random(args.seed), tq, get_answers()), args.vocab
+    )
     tok = proc.tokenizer
     for w in COLOURS + SHAPES + ["yes", "no"]:
         assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
     # the prompt we build by hand must equal the chat template's output
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the shape?"}]}]
-    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt_string("what is the shape?")
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "what is the shape?"}],
+        }
+    ]
+    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == prompt_string(
+        "what is the shape?"
+    )
 
     if args.export:  # rebuild the (deterministic) processor + model, load weights, save
         model = build_model(tok, args)
@@ -715,11 +979,37 @@ def main():
     tr_pos = {i: k for k, i in enumerate(tr_ids)}
     te_pos = {i: len(tr_ids) + k for k, i in enumerate(te_ids)}
     crop_off = len(tr_ids) + len(te_ids)
-    items = [(tr_pos[i], t, a, *tr_attr[i]) for t, a, i in zip(tq, ta, ti)
-             if tr_attr[i][0] is not None and tr_attr[i][1] is not None]
+    items = [
+        (tr_pos[i], t, a, *tr_attr[i])
+        for t, a, i in zip(tq, ta, ti)
+        if tr_attr[i][0] is not None and tr_attr[i][1] is not None
+    ]
     crop_items = [(crop_off + k, c, s, p) for k, (c, s, p) in enumerate(crop_meta)]
-    test_items = [(te_pos[i], t, a, *te_attr[i]) for t, a, i in zip(eq, ea, ei)
-                  if te_attr[i][0] is not None and te_attr[i][1] is not None]
+    val_items = []
+    val_pos = set()
+    if (
+        args.val_images
+    ):  # held-out train images: validation for checkpoint selection (test split untouched)
+        val_ids = set(random.Random(args.seed + 2).sample(tr_ids, args.val_images))
+        val_pos = {tr_pos[i] for i in val_ids}
+        crop_src = [i for i in tr_ids if tr_attr[i][0] is not None and tr_attr[i][1] is not None]
+        crop_img = [crop_src[k // 2] for k in range(len(crop_meta))]  # 2 crops per image, in order
+        crop_items = [x for x, i in zip(crop_items, crop_img) if i not in val_ids]
+        allv = [x for x in items if x[0] in val_pos]
+        items = [x for x in items if x[0] not in val_pos]
+        vr = random.Random(args.seed + 3)
+        for typ, k in (("colour", 250), ("shape", 250), ("yn", 300)):
+            pool_v = [x for x in allv if parse_question(x[1]).type == typ]
+            val_items += vr.sample(pool_v, min(k, len(pool_v)))
+        print(
+            f"validation: {len(val_ids)} held-out train images, {len(val_items)} questions",
+            flush=True,
+        )
+    test_items = [
+        (te_pos[i], t, a, *te_attr[i])
+        for t, a, i in zip(eq, ea, ei)
+        if te_attr[i][0] is not None and te_attr[i][1] is not None
+    ]
     # per-image labels for the auxiliary perception loss (-100 = unknown / not applicable)
     lab_c = torch.full((len(bank),), -100, dtype=torch.long)
     lab_s = torch.full((len(bank),), -100, dtype=torch.long)
@@ -736,49 +1026,72 @@ def main():
             lab_s[idx] = SHAPES.index(s)
     # sanity: derived attributes reproduce the gold answers
     bad = sum(parse_question(t).answer(c, s) != a for _, t, a, c, s in items)
-    print(f"train items {len(items)}/{len(tq)} (attr mismatches {bad}), test items {len(test_items)}/{len(eq)}, "
-          f"crops {len(crop_items)}, vocab {len(tok)}, data prep {time.time() - t_start:.0f}s", flush=True)
+    print(
+        f"train items {len(items)}/{len(tq)} (attr mismatches {bad}), "
+        f"test items {len(test_items)}/{len(eq)}, "
+        f"crops {len(crop_items)}, vocab {len(tok)}, data prep {time.time() - t_start:.0f}s",
+        flush=True,
+    )
 
     model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}", flush=True)
 
     # Auxiliary perception head (training only, discarded): colour/shape classification from the
-    # mean-pooled projector output.  Bootstraps the vision tower, which the LM loss alone trains slowly.
+    # mean-pooled projector output.  Bootstraps the vision tower, which the LM loss alone
+    # trains slowly.
     aux_head = torch.nn.Linear(args.t_dim, len(COLOURS) + len(SHAPES))
     captured = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
+    model.model.multi_modal_projector.register_forward_hook(
+        lambda m, i, o: captured.__setitem__("f", o)
+    )
 
-    def aux_loss(feats, idx):
+    def aux_loss(feats, idx, wc=1.0, ws=1.0):
         z = aux_head(feats.mean(1))
-        lc = torch.nn.functional.cross_entropy(z[:, :len(COLOURS)], lab_c[idx], ignore_index=-100)
-        ls = torch.nn.functional.cross_entropy(z[:, len(COLOURS):], lab_s[idx], ignore_index=-100)
-        zc, zs = z[:, :len(COLOURS)].argmax(-1), z[:, len(COLOURS):].argmax(-1)
+        lc = torch.nn.functional.cross_entropy(z[:, : len(COLOURS)], lab_c[idx], ignore_index=-100)
+        ls = torch.nn.functional.cross_entropy(z[:, len(COLOURS) :], lab_s[idx], ignore_index=-100)
+        zc, zs = z[:, : len(COLOURS)].argmax(-1), z[:, len(COLOURS) :].argmax(-1)
         mc, ms = lab_c[idx] >= 0, lab_s[idx] >= 0
-        acc = ((zc[mc] == lab_c[idx][mc]).float().mean().item(), (zs[ms] == lab_s[idx][ms]).float().mean().item())
-        return lc + ls, acc
+        acc = (
+            (zc[mc] == lab_c[idx][mc]).float().mean().item(),
+            (zs[ms] == lab_s[idx][ms]).float().mean().item(),
+        )
+        return wc * lc + ws * ls, acc
 
     if args.vision_steps:
-        vparams = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+        vparams = list(model.model.vision_tower.parameters()) + list(
+            model.model.multi_modal_projector.parameters()
+        )
         vopt = torch.optim.AdamW(vparams + list(aux_head.parameters()), lr=1e-3, weight_decay=0.01)
-        n_train = len(tr_ids) + len(crop_items)
-        train_idx = torch.tensor(list(range(len(tr_ids))) + [x[0] for x in crop_items])
+        train_idx = torch.tensor(
+            [k for k in range(len(tr_ids)) if k not in val_pos] + [x[0] for x in crop_items]
+        )
+        n_train = len(train_idx)
         g = torch.Generator().manual_seed(args.seed)
         tv = time.time()
         for vs in range(args.vision_steps):
             idx = train_idx[torch.randint(0, n_train, (128,), generator=g)]
             for gg in vopt.param_groups:
                 gg["lr"] = 1e-3 * min(1.0, (vs + 1) / 50)
-            hs = model.model.vision_tower(bank[idx], output_hidden_states=True).hidden_states[-1][:, 1:]
-            l, acc = aux_loss(model.model.multi_modal_projector(hs), idx)
+            hs = model.model.vision_tower(bank[idx], output_hidden_states=True).hidden_states[-1][
+                :, 1:
+            ]
+            wc = 1.0 if args.vision_colour_steps < 0 or vs < args.vision_colour_steps else 0.0
+            lv, acc = aux_loss(model.model.multi_modal_projector(hs), idx, wc=wc)
             vopt.zero_grad(set_to_none=True)
-            l.backward()
+            lv.backward()
             vopt.step()
             if vs % 50 == 0 or vs == args.vision_steps - 1:
-                print(f"vision step {vs} loss {l.item():.3f} acc colour {acc[0]:.2f} shape {acc[1]:.2f} "
-                      f"{time.time() - tv:.0f}s", flush=True)
+                print(
+                    f"vision step {vs} loss {lv.item():.3f} acc colour {acc[0]:.2f} "
+                    f"shape {acc[1]:.2f} "
+                    f"{time.time() - tv:.0f}s",
+                    flush=True,
+                )
 
-    mix = dict(probe=0.06, plain=0.30, true=0.18, contra=0.24, distract=0.4)  # rest: irrelevant only (~22%)
+    mix = dict(
+        probe=0.06, plain=0.30, true=0.18, contra=0.24, distract=0.4
+    )  # rest: irrelevant only (~22%)
     if args.mix:  # e.g. "plain=0.25,contra=0.35"
         mix.update({k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))})
     print(f"mixture {mix}", flush=True)
@@ -792,12 +1105,16 @@ def main():
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
     decay += list(aux_head.parameters())
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
 
     def progress(step):
-        # fraction of the schedule done: by steps, or by wall-clock when --minutes is set (the machine
-        # may be shared, so a time budget keeps the run inside its wall-time limit)
+        # fraction of the schedule done: by steps, or by wall-clock when --minutes is set (the
+        # machine may be shared, so a time budget keeps the run inside its wall-time limit)
         p = step / args.steps
         if args.minutes:
             p = max(p, (time.time() - t0) / (60 * args.minutes))
@@ -809,6 +1126,8 @@ def main():
         prog = (progress(step) - args.warmup / args.steps) / (1 - args.warmup / args.steps)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
 
+    aux_c = args.aux_weight if args.aux_colour < 0 else args.aux_colour
+    aux_s = args.aux_weight if args.aux_shape < 0 else args.aux_shape
     conds = ["plain", "true", "contra", "irrelevant", "heldout", "heldout_contra"]
     history = []
     model.train()
@@ -822,7 +1141,7 @@ def main():
         if not pool:  # length bucketing: draw 16 batches, sort by length, split
             raw = [sampler.sample() for _ in range(args.batch * 16)]
             raw.sort(key=lambda x: len(x[1]))
-            pool = [raw[k:k + args.batch] for k in range(0, len(raw), args.batch)]
+            pool = [raw[k : k + args.batch] for k in range(0, len(raw), args.batch)]
             rng.shuffle(pool)
         batch = pool.pop()
         ids, att, lab = encode_batch(tok, batch)
@@ -832,11 +1151,12 @@ def main():
         out = model(input_ids=ids, attention_mask=att, pixel_values=pv)
         logits = out.logits[:, :-1].float()
         tgt = lab[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                                 ignore_index=-100)
-        if args.aux_weight > 0:
-            la, _ = aux_loss(captured["f"], torch.tensor([x[0] for x in batch]))
-            loss_total = loss + args.aux_weight * la
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100
+        )
+        if aux_c > 0 or aux_s > 0:
+            la, _ = aux_loss(captured["f"], torch.tensor([x[0] for x in batch]), wc=aux_c, ws=aux_s)
+            loss_total = loss + la
         else:
             loss_total = loss
         opt.zero_grad(set_to_none=True)
@@ -848,10 +1168,16 @@ def main():
             print(f"bench: {(time.time() - t0) / 20:.3f}s/step", flush=True)
             return
         if step % 50 == 0:
-            print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s",
+                flush=True,
+            )
         last = step + 1 == args.steps or (args.minutes and progress(step + 1) >= 1.0)
         if (step + 1) % args.eval_every == 0 or last:
-            res = quick_eval(model, tok, bank, test_items, conds, n=args.quick_n)
+            if val_items:
+                res = quick_eval(model, tok, bank, val_items, conds, sample=False)
+            else:
+                res = quick_eval(model, tok, bank, test_items, conds, n=args.quick_n)
             res["step"] = step + 1
             res["elapsed_s"] = round(time.time() - t0)
             history.append(res)
@@ -860,11 +1186,41 @@ def main():
 
     train_time = time.time() - t0
     # ---- checkpoint selection: plain accuracy inside the window, best fact-following
-    ok = [h for h in history if args.plain_lo <= h["plain"] <= args.plain_hi]
-    pool_h = ok or history
+    if args.select == "per_type":
+        # colour and shape plain accuracy each inside the window; score fact-following per type,
+        # colour/shape first, yes/no at half weight; checkpoints outside the window are penalised
+        def outside(h):
+            return sum(
+                max(0.0, args.plain_lo - h[f"plain_{t}"], h[f"plain_{t}"] - args.plain_hi)
+                for t in ("colour", "shape")
+            )
 
-    def score(h):
-        return h["contra"] + h["true"] + h["heldout_contra"] + h["heldout"] - 2 * abs(h["irrelevant"] - h["plain"])
+        def score(h):
+            tot = 0.0
+            for t, w in (("colour", 1.0), ("shape", 1.0), ("yn", 0.5)):
+                tot += w * (
+                    h[f"true_{t}"]
+                    + h[f"contra_{t}"]
+                    + h[f"heldout_{t}"]
+                    + h[f"heldout_contra_{t}"]
+                    - 2 * abs(h[f"irrelevant_{t}"] - h[f"plain_{t}"])
+                )
+            return tot - 10 * outside(h)
+
+        pool_h = history
+    else:
+        ok = [h for h in history if args.plain_lo <= h["plain"] <= args.plain_hi]
+        pool_h = ok or history
+
+        def score(h):
+            return (
+                h["contra"]
+                + h["true"]
+                + h["heldout_contra"]
+                + h["heldout"]
+                - 2 * abs(h["irrelevant"] - h["plain"])
+            )
+
     best = max(pool_h, key=score)
     print(f"selected checkpoint step {best['step']}: {best}", flush=True)
     model.load_state_dict(torch.load(os.path.join(args.workdir, f"ckpt_{best['step']}.pt")))
@@ -872,16 +1228,26 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out)
     proc.save_pretrained(args.out)
-    meta = {"seed": args.seed, "params": n_params, "train_wall_s": round(train_time),
-            "total_wall_s": round(time.time() - t_start), "selected_step": best["step"], "history": history,
-            "args": vars(args)}
+    meta = {
+        "seed": args.seed,
+        "params": n_params,
+        "train_wall_s": round(train_time),
+        "total_wall_s": round(time.time() - t_start),
+        "selected_step": best["step"],
+        "history": history,
+        "args": vars(args),
+    }
     with open(os.path.join(args.workdir, "train_meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"saved to {args.out}; train {train_time:.0f}s total {time.time() - t_start:.0f}s", flush=True)
+    print(
+        f"saved to {args.out}; train {train_time:.0f}s total {time.time() - t_start:.0f}s",
+        flush=True,
+    )
 
 
 def get_answers():
     import easy_vqa
+
     return easy_vqa.get_answers()
 
 
