@@ -76,10 +76,10 @@ def test_add_then_ask_in_a_new_process_returns_the_facts(codebook, images, tiny_
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["rejected"] is False
-    assert record["facts"][0] == "The answer to 'what shape is in the image?' is circle."
+    assert record["facts"][-1] == "The answer to 'what shape is in the image?' is circle."
     assert record["retrieved"][0]["edit_id"] == "e1"
     assert record["retrieved"][0]["distance"] == pytest.approx(0.0, abs=1e-4)
-    assert record["prompt"].startswith(record["facts"][0])
+    assert record["prompt"] == " ".join(record["facts"]) + " what shape is in the image?"
     assert set(record) >= {"answer", "facts", "rejected", "retrieved"}
 
 
@@ -276,7 +276,7 @@ def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_pat
         *model_args,
         "--json",
     )
-    assert json.loads(result.stdout)["facts"][0].endswith("is circle.")
+    assert json.loads(result.stdout)["facts"][-1].endswith("is circle.")
 
 
 def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
@@ -317,7 +317,7 @@ def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
         "--json",
     )
     assert (
-        json.loads(result.stdout)["facts"][0]
+        json.loads(result.stdout)["facts"][-1]
         == "The answer to 'what shape is in the image?' is circle."
     )
 
@@ -410,7 +410,7 @@ def test_remove_then_restore_round_trips(codebook, images, model_args):
         after.keys_table().column("key_id").to_pylist()
         == before.keys_table().column("key_id").to_pylist()
     )
-    assert json.loads(invoke(*ask_args).stdout)["facts"][0].endswith("is circle.")
+    assert json.loads(invoke(*ask_args).stdout)["facts"][-1].endswith("is circle.")
     hist = json.loads(invoke("history", "--codebook", str(codebook), "--json").stdout)
     assert [h["version"] for h in hist][-3:] == [
         before.version,

@@ -159,7 +159,7 @@ def test_family_cli_round_trip(family_dirs, family, tmp_path):
     assert asked.exit_code == 0, asked.output
     record = json.loads(asked.stdout)
     assert record["rejected"] is False
-    assert record["facts"][0] == "The answer to 'what shape is in the image?' is circle."
+    assert record["facts"][-1] == "The answer to 'what shape is in the image?' is circle."
 
 
 def test_unsupported_models_are_refused_with_the_supported_list(tmp_path):
