@@ -438,8 +438,19 @@ class Codebook:
             return None if d["tau"] is None else float(d["tau"])
         return self.tau_for(self.percentile)
 
+    @property
+    def tau_rule(self) -> str:
+        """How tau is measured: "nearest" (default) or "all" pairs (config `tau_rule`)."""
+        rule = self.config.get("tau_rule", "nearest")
+        return rule if rule in R.TAU_RULES else "nearest"
+
     def tau_for(self, p: float) -> float | None:
-        """tau for another percentile p (sweeps); reuses one sample of pair distances."""
+        """tau for another percentile p (sweeps), by the codebook's `tau_rule`."""
+        if self.tau_rule == "nearest":
+            if self.n_keys < 2:
+                return None
+            d = self._get_derived(need_knn=True)
+            return R.nearest_threshold(d.knn_dist, d.sigma, p, len(self.edit_ids()))
         if self._pair_sample is None:
             self._pair_sample = R.corrected_pair_sample(self.vectors(), self.sigma(), seed=TAU_SEED)
         return R.rejection_threshold(None, None, p, len(self.edit_ids()), sample=self._pair_sample)
@@ -1455,6 +1466,7 @@ class CodebookWriter:
             "effective_percentile": R.effective_percentile(p, n_edits),
             "tau": tau,
             "tau_seed": TAU_SEED,
+            "tau_rule": new.tau_rule,
             "tau_pairs": "all" if n <= R.EXACT_PAIRS_MAX_KEYS else R.SAMPLE_PAIRS,
             "files": files,
         }

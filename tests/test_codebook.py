@@ -227,12 +227,22 @@ def test_tau_definition_and_percentile_config(tmp_path):
     cb = new_codebook(tmp_path, 20)
     v = cb.vectors()
     sigma = R.hubness_sigma(v)
-    assert cb.tau == pytest.approx(R.rejection_threshold(v, sigma, 25, 20))
+    _, knn_dist = R.knn_lists(v, R.SIGMA_K)
+    # default rule: percentile of each key's corrected distance to its nearest key
+    nn = knn_dist[:, 0] / sigma
+    assert cb.tau_rule == "nearest"
+    assert cb.tau == pytest.approx(np.percentile(nn, 25))
     with cb.writer() as w:
         w.set_config(percentile=60)
     cb2 = Codebook.open(tmp_path / "cb")
     assert cb2.manifest["derived"]["percentile"] == 60
-    assert cb2.tau == pytest.approx(R.rejection_threshold(v, sigma, 60, 20))
+    assert cb2.tau == pytest.approx(np.percentile(nn, 60))
+    # DESIGN 1.7 read literally: all key-key pairs
+    with cb2.writer() as w:
+        w.set_config(tau_rule="all")
+    cb3 = Codebook.open(tmp_path / "cb")
+    assert cb3.manifest["derived"]["tau_rule"] == "all"
+    assert cb3.tau == pytest.approx(R.rejection_threshold(v, sigma, 60, 20))
 
 
 def test_hnsw_equals_brute_force_small(tmp_path):
