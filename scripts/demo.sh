@@ -23,4 +23,9 @@ echo "   shared reasoning (r_gen), unrelated (loc)"
 reasonedit ask --codebook "$CB" --from sample_edits/probes.jsonl --json \
   | python3 scripts/show_answers.py sample_edits/probes.jsonl
 echo
+echo "== the same probes with a looser rejection threshold (--percentile 50):"
+echo "   more generality, less locality (see README, Evaluation)"
+reasonedit ask --codebook "$CB" --percentile 50 --from sample_edits/probes.jsonl --json \
+  | python3 scripts/show_answers.py sample_edits/probes.jsonl
+echo
 echo "Try: reasonedit ask --codebook $CB --explain --image sample_edits/images/<file> --question '...'"
