@@ -31,8 +31,11 @@ def test_candidate_layers_cover_all_roles(vlm):
 
 def test_pooled_inputs_one_forward_for_all_layers(vlm):
     before = vlm.forward_calls
-    out = vlm.pooled_inputs(_imgs(), ["a", "what shape is in the image?", "b c"],
-                            ["vision.0", "projector", "language.1"])
+    out = vlm.pooled_inputs(
+        _imgs(),
+        ["a", "what shape is in the image?", "b c"],
+        ["vision.0", "projector", "language.1"],
+    )
     assert vlm.forward_calls - before == 1
     assert out["vision.0"].shape == (3, 32)
     assert out["projector"].shape == (3, 32)
