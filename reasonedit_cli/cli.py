@@ -212,6 +212,9 @@ def add_edit(
     top_k_patches: Annotated[
         int, typer.Option("--top-k-patches", min=0, help="Lowest-loss crops kept per sentence.")
     ] = 1,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Run merge-keys after adding (merge on insert).")
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -288,6 +291,10 @@ def add_edit(
             patches=patches,
             top_k_patches=top_k_patches,
         )
+    merged = None
+    if merge and report.added:
+        plan, report.version = editor.merge_keys()
+        merged = {"before": plan.n_before, "after": plan.n_after}
     if as_json:
         _print_json(
             {
@@ -298,6 +305,7 @@ def add_edit(
                 "version": report.version,
                 "codebook": str(codebook),
                 "boxes": report.boxes,
+                "merged": merged,
             }
         )
     else:
@@ -306,6 +314,8 @@ def add_edit(
             f"Added {len(report.added)} edit(s) ({report.keys} keys) to {codebook}; "
             f"{len(report.skipped)} already present; version {report.version}."
         )
+        if merged:
+            out.print(f"Merged keys: {merged['before']} -> {merged['after']}.")
         for err in errors:
             _stderr().print(f"skipped invalid record: {err}", markup=False)
     if errors:

@@ -300,6 +300,14 @@ def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
     assert dry.exit_code == 0, dry.output
     plan = json.loads(dry.stdout)
     assert plan["before"] == 6 and plan["after"] == 2 and plan["dry_run"]
+    # merge on insert: one more duplicate folds straight into the surviving keys
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({**rows[0], "id": "dup9"}) + "\n")
+    added = invoke(
+        "add-edit", "--from", str(more), "--codebook", str(cb), *model_args, "--merge", "--json"
+    )
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.stdout)["merged"] == {"before": 8, "after": 2}
     done = json.loads(invoke("merge-keys", "--codebook", str(cb), "--json").stdout)
     assert done["after"] == 2
     from reasonedit_cli.codebook import Codebook
