@@ -385,11 +385,9 @@ def ask(
         from reasonedit_cli.edits import clean_text
 
         question = clean_text(question, "question", "--question")
-        data, _ = read_image_file(image, "--image")
-        items = [{"image_bytes": data, "question": question, "where": "command line"}]
-    from reasonedit_cli.edits import decode_image
-
-    images = [decode_image(it["image_bytes"], it["where"]) for it in items]
+        data, _, img = read_image_file(image, "--image")
+        items = [{"image_bytes": data, "image": img, "question": question, "where": "command line"}]
+    images = [it["image"] for it in items]
     # --no-edit needs no codebook; one that exists still names the model
     use_codebook = None if no_edit and not Path(codebook).exists() else codebook
     editor = _editor(use_codebook, model, text_model, device, dtype, trust_remote_code)

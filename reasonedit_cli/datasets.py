@@ -15,6 +15,7 @@ from reasonedit_cli.edits import (
     InputError,
     clean_text,
     edit_from_record,
+    image_path_field,
     iter_jsonl,
     read_edits_jsonl,
     read_image_file,
@@ -158,11 +159,10 @@ def _question_item(obj: Any, base: Path, where: str) -> dict[str, Any]:
     for key in ("image", "question"):
         if key not in obj:
             raise InputError(f"{where}: missing field {key}")
-    image = clean_text(obj["image"], "image", where)
-    path = Path(image) if Path(image).is_absolute() else base / image
-    data, _ = read_image_file(path, where)
+    data, _, img = read_image_file(image_path_field(obj["image"], base, where), where)
     item = {
         "image_bytes": data,
+        "image": img,
         "question": clean_text(obj["question"], "question", where),
         "where": where,
     }
@@ -174,8 +174,6 @@ def _question_item(obj: Any, base: Path, where: str) -> dict[str, Any]:
 
 def read_calibration_items(path: str) -> list[tuple[Any, str]]:
     """Calibration anchors: JSONL of `{image, text}` (`question` is accepted for text)."""
-    from reasonedit_cli.edits import decode_image
-
     items = []
     for where, base, obj in iter_jsonl(path):
         if isinstance(obj, InputError):
@@ -184,10 +182,8 @@ def read_calibration_items(path: str) -> list[tuple[Any, str]]:
             obj = {**obj, "text": obj["question"]}
         if not isinstance(obj, dict) or "image" not in obj or "text" not in obj:
             raise InputError(f"{where}: expected an object with 'image' and 'text'")
-        image = clean_text(obj["image"], "image", where)
-        p = Path(image) if Path(image).is_absolute() else base / image
-        data, _ = read_image_file(p, where)
-        items.append((decode_image(data, where), clean_text(obj["text"], "text", where)))
+        _, _, img = read_image_file(image_path_field(obj["image"], base, where), where)
+        items.append((img, clean_text(obj["text"], "text", where)))
     if not items:
         raise InputError(f"{path}: no calibration pairs found")
     return items

@@ -447,13 +447,13 @@ class Editor:
     # ------------------------------------------------------------- calibrate
     def calibration_items(self, pairs_file: str | None) -> list[tuple[Image.Image, str]]:
         """Anchor (image, text) items: from a JSONL of {image, text} or the codebook's edits."""
-        from reasonedit_cli.edits import decode_image
-
-        items: list[tuple[Image.Image, str]] = []
         if pairs_file:
             from reasonedit_cli.datasets import read_calibration_items
 
             return read_calibration_items(pairs_file)
+        from reasonedit_cli.edits import decode_image
+
+        items: list[tuple[Image.Image, str]] = []
         cb = self._require_codebook()
         for rec in cb.edits():
             img = decode_image(cb.read_image_bytes(rec.image_sha256), f"edit {rec.edit_id}")

@@ -134,8 +134,18 @@ def parse_box(value: Any, where: str) -> list[int] | None:
     return [x0, y0, x1, y1]
 
 
-def read_image_file(path: Path, where: str) -> tuple[bytes, str]:
-    """Read an image file safely: regular file, bounded size, decodable, not a bomb."""
+def image_path_field(value: Any, base: Path, where: str) -> Path:
+    """The `image` field of a JSONL record: a path, relative to the file's folder."""
+    image = clean_text(value, "image", where)
+    return Path(image) if Path(image).is_absolute() else base / image
+
+
+def read_image_file(path: Path, where: str) -> tuple[bytes, str, Image.Image]:
+    """Read an image file safely: regular file, bounded size, decodable, not a bomb.
+
+    Returns the bytes (what the codebook stores), the format, and the decoded RGB image,
+    so callers that need the pixels do not decode the file a second time.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -151,7 +161,7 @@ def read_image_file(path: Path, where: str) -> tuple[bytes, str]:
     except OSError as exc:
         raise InputError(f"{where}: cannot read image {path}: {exc.strerror}") from None
     img = decode_image(data, f"{where}: image {path}")
-    return data, (img.format or path.suffix.lstrip(".") or "png").lower()
+    return data, (img.format or path.suffix.lstrip(".") or "png").lower(), img
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -194,14 +204,14 @@ def edit_from_record(record: Any, base: Path, where: str, source: str) -> Edit:
     unknown = set(record) - {"id", "image", "question", "answer", "reasoning", "boxes", "source"}
     if unknown:
         raise InputError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-    image = clean_text(record["image"], "image", where)
+    image_path = image_path_field(record["image"], base, where)
     edit_id = record.get("id")
     if edit_id is not None:
         edit_id = clean_text(edit_id if isinstance(edit_id, str) else str(edit_id), "id", where)
         if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", edit_id):
             raise InputError(f"{where}: id {edit_id!r} may only use letters, digits and _.:-")
     edit = Edit(
-        image_path=(base / image) if not Path(image).is_absolute() else Path(image),
+        image_path=image_path,
         question=clean_text(record["question"], "question", where),
         answer=clean_text(record["answer"], "answer", where),
         reasoning=parse_reasoning(record["reasoning"], where),
@@ -232,9 +242,8 @@ def parse_boxes(value: Any, n_sentences: int, where: str) -> list[list[int] | No
 
 def load_edit_image(edit: Edit) -> None:
     """Read the image bytes and check the boxes against its size."""
-    edit.image_bytes, edit.image_ext = read_image_file(edit.image_path, edit.where)
+    edit.image_bytes, edit.image_ext, img = read_image_file(edit.image_path, edit.where)
     if edit.boxes:
-        img = edit.load_image()
         for box in edit.boxes:
             if box is not None:
                 check_box_in_image(box, img.width, img.height, edit.where)

@@ -464,15 +464,6 @@ class VLM:
                 ids.add(toks[0])
         return sorted(ids)
 
-    def describe(self) -> dict[str, Any]:
-        """What the manifest records about the model."""
-        return {
-            "model": self.name,
-            "family": self.family,
-            "revision": self.revision,
-            "layers": [li.label for li in self.candidate_layers()],
-        }
-
 
 def _capture(store: dict[str, Any], label: str):
     """A forward pre-hook that records a layer's input hidden states."""
