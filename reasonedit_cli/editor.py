@@ -24,7 +24,7 @@ from reasonedit_cli.retrieval import Retrieval, build_prompt, retrieve
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.codebook import Codebook, KeyRecord
+    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.edits import Edit
     from reasonedit_cli.embedding import DualEmbedder
     from reasonedit_cli.text import TextEncoder
@@ -110,6 +110,23 @@ def answer_value(question: str, answer: str) -> str:
     return f"The answer to '{question}' is {answer}."
 
 
+def patch_boxes(
+    edits: Sequence[Edit], keys: Sequence[KeyRecord]
+) -> dict[str, list[list[list[int]]]]:
+    """Per edit and reasoning sentence, the crops its patch keys use ([] = whole image only)."""
+    by_edit: dict[str, list[KeyRecord]] = {}
+    for k in keys:
+        if k.kind == "patch" and k.box is not None:
+            by_edit.setdefault(k.edit_id, []).append(k)
+    return {
+        e.id or "": [
+            [list(k.box) for k in by_edit.get(e.id or "", []) if k.key_text == sentence]
+            for sentence in e.reasoning
+        ]
+        for e in edits
+    }
+
+
 def crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
     return image.crop(tuple(box))
 
@@ -181,14 +198,23 @@ class Editor:
             self._vlm = VLM(
                 path, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code
             )
-            stored = self.config.get("model_revision")
-            if stored and self.codebook_has_keys and stored != self._vlm.revision:
-                raise UsageError(
-                    f"codebook {self.codebook_path} was built with model "
-                    f"{self.config.get('model')} (revision {stored}), but "
-                    f"{self.model_name} has revision {self._vlm.revision}; its keys would not match"
-                )
+            self.check_model_revision(self._vlm.revision)
         return self._vlm
+
+    def check_model_revision(self, revision: str) -> None:
+        """Refuse weights other than those the codebook's keys were embedded with."""
+        stored = self.config.get("model_revision")
+        if stored and self.codebook_has_keys and stored != revision:
+            raise UsageError(
+                f"codebook {self.codebook_path} was built with model "
+                f"{self.config.get('model')} (revision {stored}), but "
+                f"{self.model_name} has revision {revision}; its keys would not match"
+            )
+
+    def attach_vlm(self, vlm: Any) -> None:
+        """Use an already loaded VLM, or a stand-in with its interface (Ray workers)."""
+        self.check_model_revision(vlm.revision)
+        self._vlm = vlm
 
     @property
     def text(self) -> TextEncoder:
@@ -209,16 +235,26 @@ class Editor:
             )
         return self._embedder
 
-    def config_for_manifest(self) -> dict[str, Any]:
-        """The model and embedding settings every key of the codebook was made with."""
+    def model_facts(self) -> dict[str, Any]:
+        """What keys are embedded with: model revision and family, text model, layer, w.
+
+        Split from `config_for_manifest` so that a distributed add-edit can take these from
+        its workers, and the committing process never loads the VLM.
+        """
         emb = self.embedder
         return {
-            "model": self.model_name,
             "model_revision": self.vlm.revision,
             "model_family": self.vlm.family,
             "text_model": self.text.name,
             "layer": emb.layer,
             "w": emb.w,
+        }
+
+    def config_for_manifest(self, model_facts: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The model and embedding settings every key of the codebook was made with."""
+        return {
+            "model": self.model_name,
+            **(self.model_facts() if model_facts is None else model_facts),
             "percentile": self.config.get("percentile", DEFAULT_PERCENTILE),
             "top_k": self.config.get("top_k", DEFAULT_TOP_K),
             "calibrated": self.config.get("calibrated", False),
@@ -311,12 +347,35 @@ class Editor:
         """Embed and store edits; edits already in the codebook are skipped (idempotent).
 
         All batches are committed as ONE new codebook version at the end, so an
-        interrupted run leaves the codebook exactly as it was.
+        interrupted run leaves the codebook exactly as it was. The Ray engine
+        (`reasonedit_cli.distributed`) runs the same three steps: `plan_add` here,
+        `edit_records` on its workers, `commit_records` here.
         """
-        from reasonedit_cli.codebook import EditRecord, KeyRecord
+        report, todo = self.plan_add(edits, progress)
+        if not todo:
+            return report
+        edit_records: list[EditRecord] = []
+        key_records: list[KeyRecord] = []
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            er, kr = self.edit_records(chunk, patches=patches, top_k_patches=top_k_patches)
+            edit_records += er
+            key_records += kr
+            if progress:
+                progress(len(chunk))
+        return self.commit_records(
+            todo, edit_records, key_records, self.config_for_manifest(), report
+        )
 
+    def plan_add(
+        self, edits: Sequence[Edit], progress: Progress | None = None
+    ) -> tuple[AddReport, list[Edit]]:
+        """The edits to compute: those not yet stored, each once (idempotence).
+
+        Returns the report so far (skipped ids, current version) and the edits to add.
+        """
         codebook = self._require_codebook()
-        report = AddReport()
+        report = AddReport(version=codebook.version)
         seen: set[str] = set()
         existing = codebook.edit_ids()
         todo = []
@@ -329,54 +388,61 @@ class Editor:
                 continue
             seen.add(eid)
             todo.append(e)
-        if not todo:
-            report.version = codebook.version
-            return report
-        edit_records: list[EditRecord] = []
-        key_records: list[KeyRecord] = []
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            images = [e.load_image() for e in chunk]
-            specs = self.key_specs(chunk, images, patches=patches, top_k_patches=top_k_patches)
-            vectors, radii = self.embed_specs(chunk, specs, images)
-            for spec, vec, radius in zip(specs, vectors, radii):
-                e = chunk[spec.edit_index]
-                key_records.append(
-                    KeyRecord(
-                        edit_id=e.id or "",
-                        kind=spec.kind,
-                        value=spec.value,
-                        key_text=spec.key_text,
-                        image_sha256=e.image_sha256,
-                        box=tuple(spec.box) if spec.box else None,
-                        vector=vec,
-                        radius=float(radius),
-                    )
-                )
-            for i, e in enumerate(chunk):
-                edit_records.append(
-                    EditRecord(
-                        edit_id=e.id or "",
-                        image_sha256=e.image_sha256,
-                        question=e.question,
-                        answer=e.answer,
-                        reasoning=list(e.reasoning),
-                        boxes=e.boxes,
-                        source=e.source,
-                    )
-                )
-                # per reasoning sentence: the crops its patch keys use ([] = whole image only)
-                report.boxes[e.id or ""] = [
-                    [
-                        s.box
-                        for s in specs
-                        if s.edit_index == i and s.kind == "patch" and s.key_text == sentence
-                    ]
-                    for sentence in e.reasoning
-                ]
-            if progress:
-                progress(len(chunk))
-        config = self.config_for_manifest()
+        return report, todo
+
+    def edit_records(
+        self, chunk: Sequence[Edit], *, patches: str = "auto", top_k_patches: int = 1
+    ) -> tuple[list[EditRecord], list[KeyRecord]]:
+        """The compute of add-edit for one batch: key specs (patch search), vectors, radii.
+
+        Touches no codebook, so Ray workers run exactly this on their batches.
+        """
+        from reasonedit_cli.codebook import EditRecord, KeyRecord
+
+        images = [e.load_image() for e in chunk]
+        specs = self.key_specs(chunk, images, patches=patches, top_k_patches=top_k_patches)
+        vectors, radii = self.embed_specs(chunk, specs, images)
+        keys = [
+            KeyRecord(
+                edit_id=chunk[spec.edit_index].id or "",
+                kind=spec.kind,
+                value=spec.value,
+                key_text=spec.key_text,
+                image_sha256=chunk[spec.edit_index].image_sha256,
+                box=tuple(spec.box) if spec.box else None,
+                vector=vec,
+                radius=float(radius),
+            )
+            for spec, vec, radius in zip(specs, vectors, radii)
+        ]
+        records = [
+            EditRecord(
+                edit_id=e.id or "",
+                image_sha256=e.image_sha256,
+                question=e.question,
+                answer=e.answer,
+                reasoning=list(e.reasoning),
+                boxes=e.boxes,
+                source=e.source,
+            )
+            for e in chunk
+        ]
+        return records, keys
+
+    def commit_records(
+        self,
+        todo: Sequence[Edit],
+        edit_records: Sequence[EditRecord],
+        key_records: Sequence[KeyRecord],
+        config: dict[str, Any],
+        report: AddReport,
+    ) -> AddReport:
+        """Store the images of `todo` and the computed records as ONE new version.
+
+        The single commit point of add-edit, whichever engine computed the records;
+        `config` is `config_for_manifest()` (with the workers' model facts for Ray).
+        """
+        codebook = self._require_codebook()
         with codebook.writer(lock_timeout=self.lock_timeout) as w:
             for e in todo:
                 w.store_image(e.image_bytes, e.image_ext)
@@ -385,7 +451,18 @@ class Editor:
             report.version = w.commit()
         report.added = [e.id or "" for e in todo]
         report.keys = len(key_records)
+        report.boxes.update(patch_boxes(todo, key_records))
         return report
+
+    def use_embedding(self, layer: str, w: float | None) -> None:
+        """Embed with this layer and w (None = auto: fixed by the first batch embedded).
+
+        What a codebook's config does for an editor opened on it; Ray workers have no
+        codebook and get the driver's settings through this.
+        """
+        from reasonedit_cli.embedding import DualEmbedder
+
+        self._embedder = DualEmbedder(self.vlm, self.text, layer=layer, w=w)
 
     # ------------------------------------------------------------------- ask
     def ask(
