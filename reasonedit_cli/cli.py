@@ -213,7 +213,8 @@ def add_edit(
         int, typer.Option("--top-k-patches", min=0, help="Lowest-loss crops kept per sentence.")
     ] = 1,
     merge: Annotated[
-        bool, typer.Option("--merge", help="Run merge-keys after adding (merge on insert).")
+        bool,
+        typer.Option("--merge", help="Merge the new keys into existing ones (merge on insert)."),
     ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
@@ -290,11 +291,9 @@ def add_edit(
             progress=advance,
             patches=patches,
             top_k_patches=top_k_patches,
+            merge=merge,
         )
-    merged = None
-    if merge and report.added:
-        plan, report.version = editor.merge_keys()
-        merged = {"before": plan.n_before, "after": plan.n_after}
+    merged = report.merge.summary() if report.merge is not None else None
     if as_json:
         _print_json(
             {
@@ -315,7 +314,10 @@ def add_edit(
             f"{len(report.skipped)} already present; version {report.version}."
         )
         if merged:
-            out.print(f"Merged keys: {merged['before']} -> {merged['after']}.")
+            out.print(
+                f"Merged keys: {merged['before']} -> {merged['after']} "
+                f"({merged['values_collected']} value(s) collected)."
+            )
         for err in errors:
             _stderr().print(f"skipped invalid record: {err}", markup=False)
     if errors:
@@ -432,12 +434,14 @@ def _render_answer(record: dict[str, Any], explain: bool) -> None:
     for col in ("distance", "kind", "edit", "box", "fact"):
         table.add_column(col)
     for hit in record["retrieved"]:
+        # a merged key holds several facts: one line each, with the edit it came from
+        entries = list(dict.fromkeys((e["value"], e["edit_id"]) for e in hit["entries"]))
         table.add_row(
             f"{hit['distance']:.3f}",
             hit["kind"],
-            hit["edit_id"],
+            "\n".join(e for _, e in entries),
             "" if hit["box"] is None else ",".join(map(str, hit["box"])),
-            _esc(hit["value"]),
+            "\n".join(_esc(v) for v, _ in entries),
         )
     out.print(table)
     out.print(f"[bold]Prompt:[/bold] {_esc(record['prompt'])}")
@@ -569,28 +573,41 @@ def merge_keys(
 ) -> None:
     """Consolidate overlapping keys (DESIGN 1.6) and report before/after counts.
 
+    A merged key keeps every distinct value of the keys it absorbed, each with its
+    edit, so `remove-edit` later drops just that edit's values.
+
     Example: reasonedit merge-keys --dry-run
     """
     from reasonedit_cli.editor import Editor
 
     editor = Editor(codebook, lock_timeout=lock_timeout)
     plan, version = editor.merge_keys(dry_run=dry_run)
-    record = {
-        "before": plan.n_before,
-        "after": plan.n_after,
-        "merged": len(plan.merged_into),
-        "blocked_different_values": plan.blocked,
-        "dry_run": dry_run,
-        "version": version,
-    }
+    record = {**plan.summary(groups=True), "dry_run": dry_run, "version": version}
     if as_json:
         _print_json(record)
-    else:
-        verb = "would merge" if dry_run else "merged"
-        _stdout().print(
-            f"Keys: {plan.n_before} -> {plan.n_after} ({verb} {len(plan.merged_into)}); "
-            f"version {version}."
-        )
+        return
+    out = _stdout()
+    verb = "would merge" if dry_run else "merged"
+    out.print(
+        f"Keys: {plan.n_before} -> {plan.n_after} ({verb} {len(plan.merged_into)}); "
+        f"{plan.values_collected} value(s) collected, {record['multi_value_keys']} key(s) "
+        f"with several values; version {version}."
+    )
+    if dry_run and record["groups"]:
+        from rich.table import Table
+
+        shown = record["groups"][:20]
+        table = Table(title=f"Merges ({len(shown)} of {len(record['groups'])} keys)")
+        for col in ("key", "absorbed", "edits", "values"):
+            table.add_column(col)
+        for g in shown:
+            table.add_row(
+                (g["key_id"] or "")[:12],
+                str(g["absorbed"]),
+                ", ".join(g["edit_ids"]),
+                "\n".join(_esc(v) for v in g["values"]),
+            )
+        out.print(table)
 
 
 # ---------------------------------------------------------------- evaluate

@@ -17,6 +17,7 @@ The CLI imports this module lazily, so pyarrow and hnswlib are imported at modul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -42,8 +43,10 @@ from . import retrieval as R
 from .errors import CodebookError, CodebookLockedError
 
 FORMAT = "reasonedit-codebook"
-FORMAT_VERSION = 1  # bump when old readers could misread new codebooks
-SCHEMA_VERSION = "1"  # Parquet segment schema version, stored in file metadata
+# bump when old readers could misread new codebooks; 2: keys hold several values (`merged`)
+FORMAT_VERSION = 2
+SCHEMA_VERSION = "2"  # Parquet segment schema version written, stored in file metadata
+READ_SCHEMA_VERSIONS = ("1", "2")  # 1: keys segments without `merged` (read as none merged)
 MANIFEST = "manifest.json"
 LOCK = "LOCK"
 HNSW_SPACE = "l2"
@@ -66,9 +69,18 @@ _REPAIR_HINT = "run `reasonedit doctor` to check the codebook"
 # records
 
 
+#: One value a key holds and the edit it came from: (value, edit_id).
+Entry = tuple[str, str]
+
+
 @dataclass
 class KeyRecord:
-    """One key to insert: an (image, text) embedding and the fact it retrieves."""
+    """One key: an (image, text) embedding and the facts it retrieves.
+
+    `edit_id`/`value` are the key's first entry (the edit whose image and text the vector
+    embeds); `merged` lists the (value, edit_id) entries it gained by key merging (DESIGN
+    1.6), so removing one of those edits drops just its value.
+    """
 
     edit_id: str
     kind: str  # "answer" | "sentence" | "patch"
@@ -78,6 +90,12 @@ class KeyRecord:
     box: tuple[int, int, int, int] | None  # crop in original image pixels; None = whole
     vector: np.ndarray
     radius: float | None = None
+    merged: list[Entry] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every (value, edit_id) the key holds, its own first."""
+        return [(self.value, self.edit_id), *self.merged]
 
     @property
     def key_id(self) -> str:
@@ -151,23 +169,40 @@ def key_id_for(
 # Parquet schemas
 
 
-def keys_schema(dim: int) -> pa.Schema:
-    """Schema of keys segments; the vector width is fixed per codebook (config["dim"])."""
+#: A key's merged entries: list<struct<value, edit_id>> (empty for an unmerged key).
+ENTRY_TYPE = pa.struct(
+    [
+        pa.field("value", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+    ]
+)
+MERGED_TYPE = pa.list_(pa.field("item", ENTRY_TYPE, nullable=False))
+
+
+def keys_schema(dim: int, version: str = SCHEMA_VERSION) -> pa.Schema:
+    """Schema of keys segments; the vector width is fixed per codebook (config["dim"]).
+
+    version "1" (format_version 1) has no `merged` column: each key held one value.
+    """
+    fields = [
+        pa.field("key_id", pa.string(), nullable=False),
+        pa.field("edit_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("value", pa.string(), nullable=False),
+        pa.field("merged", MERGED_TYPE, nullable=False),
+        pa.field("key_text", pa.string(), nullable=False),
+        pa.field("box", pa.list_(pa.int32())),
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("radius", pa.float32()),
+        pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+    ]
+    if version == "1":
+        fields = [f for f in fields if f.name != "merged"]
     return pa.schema(
-        [
-            pa.field("key_id", pa.string(), nullable=False),
-            pa.field("edit_id", pa.string(), nullable=False),
-            pa.field("kind", pa.string(), nullable=False),
-            pa.field("value", pa.string(), nullable=False),
-            pa.field("key_text", pa.string(), nullable=False),
-            pa.field("box", pa.list_(pa.int32())),
-            pa.field("image_sha256", pa.string(), nullable=False),
-            pa.field("radius", pa.float32()),
-            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
-        ],
+        fields,
         metadata={
             b"reasonedit.segment": b"keys",
-            b"reasonedit.schema_version": SCHEMA_VERSION.encode(),
+            b"reasonedit.schema_version": version.encode(),
             b"reasonedit.dim": str(dim).encode(),
         },
     )
@@ -281,14 +316,22 @@ def _hash_file(f: Any, chunk: int = 1 << 24) -> tuple[str, int]:
 def _table_bytes(table: pa.Table) -> bytes:
     # zstd everywhere except the key vectors: float embeddings barely compress (+8% size
     # uncompressed) and decompressing them was two thirds of the time to open a codebook
-    comp = {
-        f.name + (".list.element" if pa.types.is_list(f.type) else ""): "zstd"
-        for f in table.schema
-        if f.name != "vector"
-    }
+    # (Parquet wants leaf column paths: a nested column's name alone is silently ignored)
+    comp = {path: "zstd" for f in table.schema if f.name != "vector" for path in _leaf_paths(f)}
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=comp, row_group_size=max(1, table.num_rows))
     return sink.getvalue().to_pybytes()
+
+
+def _leaf_paths(f: pa.Field, prefix: str = "") -> list[str]:
+    """Parquet leaf column paths of an Arrow field (lists as `.list.element`)."""
+    name = prefix + f.name
+    if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type):
+        return _leaf_paths(pa.field("element", f.type.value_type), name + ".list.")
+    if pa.types.is_struct(f.type):
+        children = [f.type.field(i) for i in range(f.type.num_fields)]
+        return [p for c in children for p in _leaf_paths(c, name + ".")]
+    return [name]
 
 
 def _vectors_of(table: pa.Table, dim: int) -> np.ndarray:
@@ -488,12 +531,12 @@ class Codebook:
         if meta.get(b"reasonedit.segment") != kind.encode():
             raise CodebookError(f"codebook {self.path}: {rel} is not a {kind} segment")
         sv = meta.get(b"reasonedit.schema_version", b"?").decode(errors="replace")
-        if sv != SCHEMA_VERSION:
+        if sv not in READ_SCHEMA_VERSIONS:
             raise CodebookError(
                 f"codebook {self.path}: {rel} has schema version {sv}, "
-                f"this reasonedit reads {SCHEMA_VERSION}; upgrade reasonedit"
+                f"this reasonedit reads {', '.join(READ_SCHEMA_VERSIONS)}; upgrade reasonedit"
             )
-        expected = keys_schema(self.dim or 0) if kind == "keys" else EDITS_SCHEMA
+        expected = keys_schema(self.dim or 0, sv) if kind == "keys" else EDITS_SCHEMA
         got = table.schema.remove_metadata()
         if kind == "keys" and self.dim is None:
             raise CodebookError(f"codebook {self.path}: config has no dim but {rel} holds keys")
@@ -507,6 +550,8 @@ class Codebook:
                 f"codebook {self.path}: {rel} has {table.num_rows} rows, "
                 f"manifest says {entry['rows']}"
             )
+        if kind == "keys" and sv == "1":
+            table = _with_empty_merged(table)  # written before keys held several values
         return table
 
     def _live_table(self, kind: str) -> pa.Table:
@@ -518,12 +563,15 @@ class Codebook:
             t = self._read_segment(entry)
             hidden = [e for e, v in tomb.items() if int(entry["version"]) <= v]
             if hidden and t.num_rows:
-                pc = _compute()
-                t = t.filter(
-                    pc.invert(
-                        pc.is_in(t.column("edit_id"), value_set=pa.array(hidden, pa.string()))
+                if kind == "keys":
+                    t = _drop_entries(t, hidden)[0]  # a merged key loses just their values
+                else:
+                    pc = _compute()
+                    t = t.filter(
+                        pc.invert(
+                            pc.is_in(t.column("edit_id"), value_set=pa.array(hidden, pa.string()))
+                        )
                     )
-                )
             parts.append(t.replace_schema_metadata(None))
         schema = keys_schema(self.dim or 1) if kind == "keys" else EDITS_SCHEMA
         if not parts:
@@ -531,7 +579,11 @@ class Codebook:
         return pa.concat_tables(parts).combine_chunks()
 
     def keys_table(self) -> pa.Table:
-        """Live keys (removed edits hidden) in index order, including the vector column."""
+        """Live keys (removed edits hidden) in index order, including the vector column.
+
+        A merged key whose own edit was removed but that still holds another edit's value
+        stays live; its first remaining entry moves into `edit_id`/`value`.
+        """
         if self._keys is None:
             self._keys = self._live_table("keys")
         return self._keys
@@ -1197,7 +1249,11 @@ class CodebookWriter:
         return res
 
     def remove_edits(self, edit_ids: Iterable[str]) -> int:
-        """Tombstone edits (their keys stop being retrieved); returns the new version."""
+        """Tombstone edits (their values stop being retrieved); returns the new version.
+
+        A key merged from several edits loses only the removed edits' values and goes
+        only when none is left.
+        """
         cb = self.cb
         ids = set(edit_ids) & cb.edit_ids()
         if not ids:
@@ -1205,21 +1261,15 @@ class CodebookWriter:
         version = cb.version + 1
         tomb = [t for t in cb.manifest["removed_edits"] if t["edit_id"] not in ids]
         tomb += [{"edit_id": e, "version": version} for e in sorted(ids)]
-        keys = cb.keys_table()
+        keys, keep = _drop_entries(cb.keys_table(), ids)
         pc = _compute()
-        keep = np.asarray(
-            pc.invert(
-                pc.is_in(keys.column("edit_id"), value_set=pa.array(sorted(ids), pa.string()))
-            ).to_numpy(zero_copy_only=False),
-            dtype=bool,
-        )
         edits = cb.edits_table()
         edits = edits.filter(
             pc.invert(
                 pc.is_in(edits.column("edit_id"), value_set=pa.array(sorted(ids), pa.string()))
             )
         )
-        state = ("remove", keys.filter(pa.array(keep)).combine_chunks(), edits, keep)
+        state = ("remove", keys.combine_chunks(), edits, keep)
         return self._commit(cb.manifest["segments"], tomb, state=state)
 
     def replace_all_keys(self, keys: Sequence[KeyRecord]) -> int:
@@ -1233,8 +1283,9 @@ class CodebookWriter:
         live = cb.edit_ids()
         recs: dict[str, KeyRecord] = {}
         for k in keys:
-            if k.edit_id in live:
-                recs.setdefault(k.key_id, k)
+            rec = _live_record(k, live)
+            if rec is not None:
+                recs.setdefault(rec.key_id, rec)
         dim = self._check_dim([k.vector for k in recs.values()], replacing=True)
         version = cb.version + 1
         segs = [s for s in cb.manifest["segments"] if s["kind"] != "keys"]
@@ -1244,6 +1295,36 @@ class CodebookWriter:
         return self._commit(
             segs, cb.manifest["removed_edits"], state=("full", table, cb.edits_table())
         )
+
+    def rewrite_keys(self, items: Sequence[tuple[str, KeyRecord]], keep: np.ndarray) -> int:
+        """Key merging (DESIGN 1.6): the live keys where `keep` is True, rewritten as one
+        new keys segment with new radii and merged values; returns the new version.
+
+        `items` are (key_id, record) for the kept rows in order, with their vectors
+        unchanged: then the derived data updates like a removal of the dropped rows
+        (only neighbour lists that held one are recomputed) instead of from scratch.
+        """
+        cb = self.cb
+        keep = np.asarray(keep, dtype=bool)
+        if len(keep) != cb.n_keys or int(keep.sum()) != len(items):
+            raise CodebookError(
+                f"codebook {self.path}: rewrite_keys needs one record per kept row "
+                f"({int(keep.sum())} of {cb.n_keys}), got {len(items)}"
+            )
+        live = cb.edit_ids()
+        for _, k in items:
+            gone = sorted({e for _, e in k.entries} - live)
+            if gone:
+                raise CodebookError(f"key {k.key_id[:12]} holds values of missing edits {gone}")
+        dim = cb.dim or 1
+        table = _keys_to_table(list(items), dim)
+        if not np.array_equal(_vectors_of(table, dim), cb.vectors()[keep]):
+            raise CodebookError(f"codebook {self.path}: rewrite_keys must keep the key vectors")
+        segs = [s for s in cb.manifest["segments"] if s["kind"] != "keys"]
+        if table.num_rows:
+            segs.append(self._write_segment("keys", table, cb.version + 1))
+        state = ("remove", table.replace_schema_metadata(None), cb.edits_table(), keep)
+        return self._commit(segs, cb.manifest["removed_edits"], state=state)
 
     def restore(self, version: int) -> int:
         """Commit a new version whose content (segments, removals, config) equals `version`."""
@@ -1531,6 +1612,9 @@ def _keys_to_table(items: list[tuple[str, KeyRecord]], dim: int) -> pa.Table:
         "edit_id": pa.array([k.edit_id for _, k in items], pa.string()),
         "kind": pa.array([k.kind for _, k in items], pa.string()),
         "value": pa.array([k.value for _, k in items], pa.string()),
+        "merged": pa.array(
+            [[{"value": v, "edit_id": e} for v, e in k.merged] for _, k in items], MERGED_TYPE
+        ),
         "key_text": pa.array([k.key_text for _, k in items], pa.string()),
         "box": pa.array(
             [None if k.box is None else [int(x) for x in k.box] for _, k in items],
@@ -1543,6 +1627,99 @@ def _keys_to_table(items: list[tuple[str, KeyRecord]], dim: int) -> pa.Table:
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim),
     }
     return pa.Table.from_arrays(list(cols.values()), schema=schema)
+
+
+# ---------------------------------------------------------------------------
+# keys with several values (merged keys)
+
+
+def _live_record(k: KeyRecord, live: set[str]) -> KeyRecord | None:
+    """`k` without the entries of edits not in `live` (None when none is left)."""
+    entries = [(v, e) for v, e in k.entries if e in live]
+    if not entries:
+        return None
+    if len(entries) == len(k.merged) + 1:
+        return k
+    (value, edit_id), *rest = entries
+    return dataclasses.replace(k, edit_id=edit_id, value=value, merged=rest)
+
+
+def _one_chunk(col: pa.ChunkedArray) -> pa.Array:
+    if col.num_chunks == 1:
+        return col.chunk(0)
+    return pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], col.type)
+
+
+def _mask(arr: Any) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _with_empty_merged(table: pa.Table) -> pa.Table:
+    """A format-1 keys table (one value per key) in the current schema: nothing merged."""
+    n = table.num_rows
+    empty = pa.ListArray.from_arrays(
+        pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], ENTRY_TYPE), type=MERGED_TYPE
+    )
+    at = table.schema.get_field_index("value") + 1
+    return table.add_column(at, pa.field("merged", MERGED_TYPE, nullable=False), empty)
+
+
+def _drop_entries(table: pa.Table, hidden: Iterable[str]) -> tuple[pa.Table, np.ndarray]:
+    """Remove the entries (values) of the `hidden` edits from a keys table.
+
+    Returns the rows that still hold an entry and the keep mask over the input rows. A
+    key merged from several edits thus survives the removal of one of them; when its own
+    entry goes, its first remaining merged entry moves into `edit_id`/`value`, so a
+    live key's first entry is always in those columns. Applying the tombstones of two
+    removals one after the other gives the same table as applying both at once (the
+    incremental `remove_edits` and the from-segments read agree).
+    """
+    n = table.num_rows
+    ids = sorted(set(hidden))
+    if not ids or n == 0:
+        return table, np.ones(n, dtype=bool)
+    pc = _compute()
+    value_set = pa.array(ids, pa.string())
+    own_gone = _mask(pc.is_in(table.column("edit_id"), value_set=value_set))
+    merged = _one_chunk(table.column("merged"))
+    flat = merged.flatten()  # every merged entry, row by row (offsets applied)
+    if len(flat) == 0:  # nothing merged anywhere: a plain row filter
+        keep = ~own_gone
+        return (table if keep.all() else table.filter(pa.array(keep))), keep
+    parents = np.asarray(pc.list_parent_indices(merged).to_numpy(zero_copy_only=False))
+    values, edit_ids = flat.flatten()  # the struct's fields, offsets applied
+    stays = ~_mask(pc.is_in(edit_ids, value_set=value_set))
+    left = np.bincount(parents[stays], minlength=n)
+    keep = ~own_gone | (left > 0)
+    if not own_gone.any() and stays.all():
+        return table, keep
+    promote = own_gone & (left > 0)
+    if promote.any():
+        pos = np.flatnonzero(stays)
+        rows, first = np.unique(parents[pos], return_index=True)
+        sel = promote[rows]
+        take = pos[first[sel]]  # each promoted row's first remaining merged entry
+        stays[take] = False
+        mask = pa.array(promote)
+        for name, src in (("edit_id", edit_ids), ("value", values)):
+            col = pc.replace_with_mask(_one_chunk(table.column(name)), mask, src.take(take))
+            at = table.schema.get_field_index(name)
+            table = table.set_column(at, table.schema.field(at), col)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(parents[stays], minlength=n), out=offsets[1:])
+    new = pa.ListArray.from_arrays(
+        pa.array(offsets), flat.filter(pa.array(stays)), type=MERGED_TYPE
+    )
+    at = table.schema.get_field_index("merged")
+    table = table.set_column(at, table.schema.field(at), new)
+    return table.filter(pa.array(keep)), keep
+
+
+def key_entries(row: dict[str, Any]) -> list[Entry]:
+    """The (value, edit_id) entries of one `keys_table().to_pylist()` row, own first."""
+    return [(row["value"], row["edit_id"])] + [
+        (m["value"], m["edit_id"]) for m in row.get("merged") or []
+    ]
 
 
 def history(path: str | Path) -> list[dict[str, Any]]:

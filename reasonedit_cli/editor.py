@@ -61,6 +61,7 @@ class AddReport:
     boxes: dict[str, list[list[list[int]]]] = field(
         default_factory=dict
     )  # edit -> sentence -> boxes
+    merge: Any = None  # the MergePlan of merge on insert (add_edits(merge=True))
 
 
 @dataclass
@@ -94,10 +95,14 @@ class Answer:
             "retrieved": [
                 {
                     "value": h.value,
+                    # a merged key holds several facts, each from its edit (own first)
+                    "values": h.values,
+                    "entries": [{"value": v, "edit_id": e} for v, e in h.entries],
                     "distance": h.distance,
                     "raw_distance": h.raw_distance,
                     "kind": h.kind,
                     "edit_id": h.edit_id,
+                    "edit_ids": h.edit_ids,
                     "box": list(h.box) if h.box else None,
                 }
                 for h in (r.hits if r else [])
@@ -343,11 +348,13 @@ class Editor:
         progress: Progress | None = None,
         patches: str = "auto",
         top_k_patches: int = 1,
+        merge: bool = False,
     ) -> AddReport:
         """Embed and store edits; edits already in the codebook are skipped (idempotent).
 
         All batches are committed as ONE new codebook version at the end, so an
-        interrupted run leaves the codebook exactly as it was. The Ray engine
+        interrupted run leaves the codebook exactly as it was (`merge`: see
+        `commit_records`). The Ray engine
         (`reasonedit_cli.distributed`) runs the same three steps: `plan_add` here,
         `edit_records` on its workers, `commit_records` here.
         """
@@ -364,7 +371,7 @@ class Editor:
             if progress:
                 progress(len(chunk))
         return self.commit_records(
-            todo, edit_records, key_records, self.config_for_manifest(), report
+            todo, edit_records, key_records, self.config_for_manifest(), report, merge=merge
         )
 
     def plan_add(
@@ -436,19 +443,28 @@ class Editor:
         key_records: Sequence[KeyRecord],
         config: dict[str, Any],
         report: AddReport,
+        *,
+        merge: bool = False,
     ) -> AddReport:
         """Store the images of `todo` and the computed records as ONE new version.
 
         The single commit point of add-edit, whichever engine computed the records;
         `config` is `config_for_manifest()` (with the workers' model facts for Ray).
+        With `merge`, the new keys then merge into existing ones (DESIGN 1.6, merge on
+        insert) as a second version under the same lock, reported in `report.merge`.
+        Only the new keys are merge candidates, so this costs O(new keys x all keys),
+        not the O(n^2) of a full `merge_keys`.
         """
         codebook = self._require_codebook()
         with codebook.writer(lock_timeout=self.lock_timeout) as w:
             for e in todo:
                 w.store_image(e.image_bytes, e.image_ext)
             w.set_config(**config, dim=int(key_records[0].vector.shape[0]))
+            n_old = codebook.n_keys
             w.add(edit_records, key_records)
             report.version = w.commit()
+            if merge:
+                report.merge, report.version = _merge_in(w, new_from=n_old)
         report.added = [e.id or "" for e in todo]
         report.keys = len(key_records)
         report.boxes.update(patch_boxes(todo, key_records))
@@ -501,25 +517,17 @@ class Editor:
 
     # ------------------------------------------------------------ merge-keys
     def merge_keys(self, *, dry_run: bool = False) -> tuple[Any, int]:
-        """Merge overlapping keys (DESIGN 1.6) into a new version; returns (plan, version)."""
-        from reasonedit_cli.merging import plan_merges
+        """Merge overlapping keys (DESIGN 1.6) into a new version; returns (plan, version).
 
+        Keys with different values merge too: the survivor collects every value with
+        the edit it came from. The plan is made under the writer lock, on the newest
+        version, so keys another writer added meanwhile are neither lost nor misnumbered.
+        """
         cb = self._require_codebook()
-        rows = cb.keys_table().to_pylist()
-        vectors = cb.vectors()
-        plan = plan_merges(
-            vectors, [r.get("radius") or 0.0 for r in rows], [r["value"] for r in rows]
-        )
-        if dry_run or not plan.merged_into:
-            return plan, cb.version
-        for row, radius in plan.radius.items():
-            rows[row]["radius"] = radius
-        keep = [i for i in range(len(rows)) if i not in plan.merged_into]
-        records = _records_from_rows([rows[i] for i in keep], vectors[keep])
+        if dry_run:
+            return _plan(cb), cb.version
         with cb.writer(lock_timeout=self.lock_timeout) as w:
-            w.replace_all_keys(records)
-            version = w.commit()
-        return plan, version
+            return _merge_in(w)
 
     # ------------------------------------------------------------- calibrate
     def calibration_items(self, pairs_file: str | None) -> list[tuple[Image.Image, str]]:
@@ -647,7 +655,7 @@ def _chosen_row(summary: dict[str, Any], layer: str) -> dict[str, Any]:
 
 def _records_from_rows(rows: list[dict[str, Any]], vectors: Any) -> list[KeyRecord]:
     """KeyRecords from `keys_table().to_pylist()` rows and their (new) vectors."""
-    from reasonedit_cli.codebook import KeyRecord
+    from reasonedit_cli.codebook import KeyRecord, key_entries
 
     return [
         KeyRecord(
@@ -659,6 +667,51 @@ def _records_from_rows(rows: list[dict[str, Any]], vectors: Any) -> list[KeyReco
             box=tuple(r["box"]) if r["box"] else None,
             vector=vectors[i],
             radius=r.get("radius"),
+            merged=key_entries(r)[1:],
         )
         for i, r in enumerate(rows)
     ]
+
+
+def _key_rows(cb: Codebook) -> list[dict[str, Any]]:
+    """The live keys as dicts, without the (large) vector column."""
+    return cb.keys_table().drop_columns(["vector"]).to_pylist()
+
+
+def _plan(cb: Codebook, new_from: int = 0, rows: list[dict[str, Any]] | None = None) -> Any:
+    """The merge plan (DESIGN 1.6) of a codebook's live keys."""
+    from reasonedit_cli.codebook import key_entries
+    from reasonedit_cli.merging import plan_merges
+
+    rows = _key_rows(cb) if rows is None else rows
+    plan = plan_merges(
+        cb.vectors(),
+        [r["radius"] for r in rows],
+        [key_entries(r) for r in rows],
+        new_from=new_from,
+    )
+    plan.key_ids = [r["key_id"] for r in rows]
+    return plan
+
+
+def _merge_in(w: Any, new_from: int = 0) -> tuple[Any, int]:
+    """Plan and commit key merging with a held writer; returns (plan, version)."""
+    import numpy as np
+
+    cb = w.cb
+    rows = _key_rows(cb)
+    plan = _plan(cb, new_from, rows)
+    if not plan.merged_into:
+        return plan, cb.version
+    keep = np.ones(len(rows), dtype=bool)
+    keep[list(plan.merged_into)] = False
+    kept = []
+    for i in map(int, np.flatnonzero(keep)):
+        r = rows[i]
+        if i in plan.entries:  # a survivor: grown ball, collected values
+            merged = [{"value": v, "edit_id": e} for v, e in plan.entries[i][1:]]
+            r = {**r, "radius": plan.radius[i], "merged": merged}
+        kept.append(r)
+    records = _records_from_rows(kept, cb.vectors()[keep])
+    # stored key ids stay: a key keeps its identity when it absorbs others
+    return plan, w.rewrite_keys([(r["key_id"], k) for r, k in zip(kept, records)], keep)

@@ -322,9 +322,7 @@ class Evaluation:
                 [p.image_bytes for p in now],
                 [build_prompt(r.facts, p.question) for r, p in zip(rs, now)],
             )
-            outcomes = [
-                Outcome(a, [h.edit_id for h in r.hits], r.rejected) for a, r in zip(answers, rs)
-            ]
+            outcomes = [Outcome(a, r.edit_ids, r.rejected) for a, r in zip(answers, rs)]
             summary = summarize(now, {"reasonedit": outcomes})
             rows.append(
                 {"edits": i, "keys": ed.codebook.n_keys, **summary["methods"]["reasonedit"]}
@@ -348,7 +346,7 @@ class Evaluation:
         pp = self.percentile if p is None else p
         rs = [retrieve(codebook, v, k=self.top_k, p=pp) for v in vecs]
         answers = self.answer_with_facts([r.facts for r in rs])
-        return [Outcome(a, [h.edit_id for h in r.hits], r.rejected) for a, r in zip(answers, rs)]
+        return [Outcome(a, r.edit_ids, r.rejected) for a, r in zip(answers, rs)]
 
     # ------------------------------------------------------------- methods
     def run(self, method: str) -> list[Outcome]:
@@ -572,8 +570,8 @@ GEN_KINDS = ("t_gen", "i_gen", "r_gen")  # Gen-mean: mean of T/I/R-Gen
 def _as_outcome(a: Any) -> Outcome:
     if isinstance(a, Outcome):
         return a
-    hits = a.retrieval.hits if getattr(a, "retrieval", None) else []
-    return Outcome(a.answer, [h.edit_id for h in hits], a.rejected)
+    r = getattr(a, "retrieval", None)
+    return Outcome(a.answer, r.edit_ids if r else [], a.rejected)
 
 
 def _retrieval_stats(

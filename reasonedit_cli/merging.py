@@ -7,21 +7,25 @@ A new key k_new may merge into an earlier key k_old when
   overlap along the line through the centres is `r_old + r_new - d`; it must exceed 90%
   of each diameter (`2 r`).
 
-The merged key keeps k_old's vector and grows its radius to max(r_old, d + r_new) so the
-ball still covers k_new's. A codebook key holds one value, so this version merges only
-keys that store the same value (the same fact from several edits, or the same edit added
-under several ids); keys with different values stay separate and are reported as
-`blocked` candidates.
+The merged key keeps k_old's vector, grows its radius to max(r_old, d + r_new) so the
+ball still covers k_new's, and gains k_new's values. A key holds a list of
+(value, edit_id) entries: k_new's entries are appended unless k_old holds that exact
+entry. An entry whose value k_old already holds from another edit is still kept, as
+provenance: removing either edit must leave the value to the other one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 NEAR_DUPLICATE = 0.1
 OVERLAP = 0.9
+CANDIDATES = 8  # nearest earlier surviving keys tested per key
+
+Entry = tuple[str, str]  # (value, edit_id)
 
 
 def may_merge(d: float, r_old: float, r_new: float) -> bool:
@@ -36,50 +40,107 @@ def may_merge(d: float, r_old: float, r_new: float) -> bool:
 
 @dataclass
 class MergePlan:
-    """Which key rows merge into which, and the survivors' new radii."""
+    """Which key rows merge into which, and the survivors' new radii and entries."""
 
     n_before: int
     merged_into: dict[int, int] = field(default_factory=dict)  # row -> surviving row
     radius: dict[int, float] = field(default_factory=dict)  # surviving row -> new radius
-    blocked: int = 0  # pairs that satisfy the geometric rule but hold different values
+    entries: dict[int, list[Entry]] = field(default_factory=dict)  # survivor -> all entries
+    values_collected: int = 0  # distinct values survivors gained (they held other values)
+    key_ids: list[str] = field(default_factory=list)  # of the rows, when the caller knows them
+
+    def summary(self, groups: bool = False) -> dict:
+        """Counts for reports (`merge-keys --json`, `add-edit --merge --json`); with
+        `groups`, each survivor that absorbed keys, with the values it now holds."""
+        out: dict = {
+            "before": self.n_before,
+            "after": self.n_after,
+            "merged": len(self.merged_into),
+            "values_collected": self.values_collected,
+            "multi_value_keys": self.multi_value_keys(),
+        }
+        if groups:
+            out["groups"] = [
+                {
+                    "key_id": self.key_ids[row] if self.key_ids else None,
+                    "absorbed": len(rows),
+                    "radius": self.radius[row],
+                    "values": list(dict.fromkeys(v for v, _ in self.entries[row])),
+                    "edit_ids": list(dict.fromkeys(e for _, e in self.entries[row])),
+                }
+                for row, rows in sorted(self.groups().items())
+            ]
+        return out
 
     @property
     def n_after(self) -> int:
         return self.n_before - len(self.merged_into)
 
+    def groups(self) -> dict[int, list[int]]:
+        """Surviving row -> the rows merged into it, in merge order."""
+        out: dict[int, list[int]] = {}
+        for row, into in self.merged_into.items():
+            out.setdefault(into, []).append(row)
+        return out
+
+    def multi_value_keys(self) -> int:
+        """Survivors that hold more than one distinct value after the merge."""
+        return sum(len({v for v, _ in e}) > 1 for e in self.entries.values())
+
 
 def plan_merges(
-    vectors: np.ndarray, radii: np.ndarray, values: list[str], *, block: int = 4096
+    vectors: np.ndarray,
+    radii: Sequence[float | None] | np.ndarray,
+    entries: Sequence[Sequence[Entry]],
+    *,
+    new_from: int = 0,
+    block: int = 4096,
 ) -> MergePlan:
-    """Greedy merge in insertion order: each key joins the nearest earlier survivor.
+    """Greedy merge in insertion order: each key joins the nearest earlier survivor that
+    the rule allows.
 
-    Exact distances in row blocks, so memory stays bounded (O(block * n)).
+    `entries[i]` are key i's (value, edit_id) pairs, its own first. Only rows from
+    `new_from` on are merge candidates (merge on insert: the new keys of an add); every
+    earlier row can absorb them. Exact distances in row blocks, so memory stays bounded
+    (O(block * n)).
     """
     n = len(vectors)
+    if len(entries) != n:
+        raise ValueError(f"plan_merges: {n} vectors but {len(entries)} entry lists")
     plan = MergePlan(n_before=n)
-    radius = np.nan_to_num(np.asarray(radii, dtype=np.float64), nan=0.0).copy()
+    radius = np.nan_to_num(
+        np.array([np.nan if r is None else r for r in radii], dtype=np.float64), nan=0.0
+    )
     vec = np.asarray(vectors, dtype=np.float64)
     survivor = np.ones(n, dtype=bool)
     sq = (vec**2).sum(1)
-    for start in range(1, n, block):
+    for start in range(max(1, new_from), n, block):
         stop = min(n, start + block)
         d2 = sq[start:stop, None] + sq[None, :stop] - 2 * vec[start:stop] @ vec[:stop].T
         dist = np.sqrt(np.maximum(d2, 0.0))
         for i in range(start, stop):
-            row = dist[i - start, :i]
-            order = np.argsort(row, kind="stable")
-            for j in order[:8]:  # the nearest few earlier keys
-                if not survivor[j]:
-                    continue
+            # merged-away keys are no candidates: a run of duplicates all joins the first
+            row = np.where(survivor[:i], dist[i - start, :i], np.inf)
+            near = (
+                np.argpartition(row, CANDIDATES - 1)[:CANDIDATES]
+                if i > CANDIDATES
+                else np.arange(i)
+            )
+            for j in near[np.lexsort((near, row[near]))]:  # nearest first, ties by row
                 d = float(row[j])
-                if not may_merge(d, float(radius[j]), float(radius[i])):
-                    continue
-                if values[j] != values[i]:
-                    plan.blocked += 1
+                if not np.isfinite(d) or not may_merge(d, float(radius[j]), float(radius[i])):
                     continue
                 survivor[i] = False
                 plan.merged_into[i] = int(j)
                 radius[j] = max(radius[j], d + radius[i])
                 plan.radius[int(j)] = float(radius[j])
+                held = plan.entries.setdefault(int(j), list(entries[j]))
+                values = {v for v, _ in held}
+                for entry in entries[i]:
+                    if entry not in held:
+                        held.append(entry)
+                    if entry[0] not in values:
+                        values.add(entry[0])
+                        plan.values_collected += 1
                 break
     return plan

@@ -470,7 +470,12 @@ def rejection_threshold(
 
 @dataclass
 class Hit:
-    """One retrieved key: its fact (value) and where it came from."""
+    """One retrieved key: its facts and where they came from.
+
+    `value`/`edit_id` are the key's own (first) entry; a merged key (DESIGN 1.6) holds
+    more, and `entries` lists them all as (value, edit_id), own first. Its facts are
+    `values`, the distinct values in that order.
+    """
 
     value: str
     distance: float  # hubness-corrected
@@ -480,6 +485,17 @@ class Hit:
     key_id: str
     box: tuple[int, int, int, int] | None
     row: int = -1  # position in the codebook's live key order
+    entries: list[tuple[str, str]] = field(default_factory=list)  # empty: just `value`
+
+    @property
+    def values(self) -> list[str]:
+        """The key's distinct values, own first."""
+        return list(dict.fromkeys([self.value, *(v for v, _ in self.entries)]))
+
+    @property
+    def edit_ids(self) -> list[str]:
+        """The distinct edits whose values the key holds, own first."""
+        return list(dict.fromkeys([self.edit_id, *(e for _, e in self.entries)]))
 
 
 @dataclass
@@ -496,12 +512,19 @@ class Retrieval:
     tau: float | None = None
     nearest: float | None = None  # best corrected distance, also when rejected
 
+    @property
+    def edit_ids(self) -> list[str]:
+        """The distinct edits whose values were retrieved (merged keys count each)."""
+        return list(dict.fromkeys(e for h in self.hits for e in h.edit_ids))
+
 
 def distinct_values(hits: Sequence[Hit]) -> list[str]:
-    """Distinct hit values in hit order: the facts to prepend."""
+    """Distinct values in hit order (nearest first; a merged key's own value first, then
+    the values it gained): the facts to prepend."""
     seen: dict[str, None] = {}
     for h in hits:
-        seen.setdefault(h.value, None)
+        for v in h.values:
+            seen.setdefault(v, None)
     return list(seen)
 
 
@@ -531,20 +554,24 @@ def retrieve(
         ok = [r for r in results if r[2] <= tau]
     if not ok:
         return Retrieval(rejected=True, tau=tau, nearest=nearest)
-    cols = {name: table.column(name) for name in ("value", "kind", "edit_id", "key_id", "box")}
+    names = ("value", "kind", "edit_id", "key_id", "box", "merged")
+    cols = {name: table.column(name) for name in names}
     hits = []
     for row, raw, corr in ok:
         box = cols["box"][row].as_py()
+        value, edit_id = cols["value"][row].as_py(), cols["edit_id"][row].as_py()
+        merged = [(m["value"], m["edit_id"]) for m in cols["merged"][row].as_py()]
         hits.append(
             Hit(
-                value=cols["value"][row].as_py(),
+                value=value,
                 distance=float(corr),
                 raw_distance=float(raw),
                 kind=cols["kind"][row].as_py(),
-                edit_id=cols["edit_id"][row].as_py(),
+                edit_id=edit_id,
                 key_id=cols["key_id"][row].as_py(),
                 box=tuple(box) if box is not None else None,
                 row=int(row),
+                entries=[(value, edit_id), *merged],
             )
         )
     return Retrieval(

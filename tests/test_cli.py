@@ -300,16 +300,21 @@ def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
     assert dry.exit_code == 0, dry.output
     plan = json.loads(dry.stdout)
     assert plan["before"] == 6 and plan["after"] == 2 and plan["dry_run"]
-    # merge on insert: one more duplicate folds straight into the surviving keys
+    assert plan["values_collected"] == 0  # the same facts: nothing new to collect
+    # merge on insert: one more duplicate's keys fold into existing keys; only the new
+    # keys are candidates, so the (unmerged) older duplicates stay for merge-keys
     more = tmp_path / "more.jsonl"
     more.write_text(json.dumps({**rows[0], "id": "dup9"}) + "\n")
     added = invoke(
         "add-edit", "--from", str(more), "--codebook", str(cb), *model_args, "--merge", "--json"
     )
     assert added.exit_code == 0, added.output
-    assert json.loads(added.stdout)["merged"] == {"before": 8, "after": 2}
+    merged = json.loads(added.stdout)["merged"]
+    assert (merged["before"], merged["after"], merged["merged"]) == (8, 6, 2)
     done = json.loads(invoke("merge-keys", "--codebook", str(cb), "--json").stdout)
-    assert done["after"] == 2
+    assert done["before"] == 6 and done["after"] == 2
+    # every edit is recorded on the surviving keys, so removing one keeps the facts
+    assert sorted(done["groups"][0]["edit_ids"]) == ["dup0", "dup1", "dup2", "dup9"]
     from reasonedit_cli.codebook import Codebook
 
     assert Codebook.open(cb).keys_table().num_rows == 2
@@ -328,6 +333,87 @@ def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
         json.loads(result.stdout)["facts"][-1]
         == "The answer to 'what shape is in the image?' is circle."
     )
+
+
+def test_merge_keys_with_different_values_keeps_every_answer(tmp_path, images, model_args):
+    """Duplicated and near-duplicate edits with DIFFERENT answers: fewer keys, and each
+    edit's answer is still retrieved; remove-edit drops just its value; restore undoes."""
+    from PIL import Image
+
+    from reasonedit_cli.codebook import Codebook
+
+    near = tmp_path / "red_circle_copy.png"  # a near-duplicate image: one pixel differs
+    img = Image.open(images["red_circle"]).convert("RGB")
+    img.putpixel((0, 0), (250, 250, 250))
+    img.save(near)
+    q = "what shape is in the image?"
+    rows = [
+        {"id": "a", "image": str(images["red_circle"]), "answer": "circle",
+         "reasoning": "The shape has no corners."},
+        # the same image and question, another answer: its answer key duplicates a's
+        {"id": "b", "image": str(images["red_circle"]), "answer": "round",
+         "reasoning": "The outline is one smooth curve."},
+        # a near-duplicate image: both keys land next to a's (the sentence is a's too)
+        {"id": "c", "image": str(near), "answer": "a circle",
+         "reasoning": "The shape has no corners."},
+        {"id": "x", "image": str(images["blue_triangle"]), "question": "what color is it?",
+         "answer": "blue", "reasoning": "The shape is the colour of the sky."},
+    ]  # fmt: skip
+    path = tmp_path / "edits.jsonl"
+    path.write_text("".join(json.dumps({"question": q, **r}) + "\n" for r in rows))
+    cb = tmp_path / "cb"
+    added = invoke(
+        "add-edit", "--from", str(path), "--codebook", str(cb), *model_args, "--patches", "none"
+    )
+    assert added.exit_code == 0, added.output
+    assert Codebook.open(cb).n_keys == 8
+    answers = {r["id"]: f"The answer to '{r.get('question', q)}' is {r['answer']}." for r in rows}
+
+    dry = invoke("merge-keys", "--codebook", str(cb), "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    assert (plan["before"], plan["after"], plan["dry_run"]) == (8, 5, True)
+    assert plan["values_collected"] == 2 and plan["multi_value_keys"] == 1
+    groups = {tuple(g["edit_ids"]): g["values"] for g in plan["groups"]}
+    assert groups[("a", "b", "c")] == [answers["a"], answers["b"], answers["c"]]
+    assert groups[("a", "c")] == ["The shape has no corners."]
+    assert Codebook.open(cb).n_keys == 8  # a dry run changes nothing
+    human = invoke("merge-keys", "--codebook", str(cb), "--dry-run")
+    assert "8 -> 5" in human.output and "2 value(s) collected" in human.output
+
+    done = json.loads(invoke("merge-keys", "--codebook", str(cb), "--json").stdout)
+    assert done["after"] == 5 and Codebook.open(cb).n_keys == 5
+
+    def ask(image: str, question: str, *extra: str):
+        res = invoke(
+            "ask", "--codebook", str(cb), "--image", image, "--question", question,
+            *model_args, *extra,
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        return res
+
+    for r in rows:  # every edit's own answer is still retrieved by its question
+        out = json.loads(ask(r["image"], r.get("question", q), "--json").stdout)
+        assert answers[r["id"]] in out["facts"], (r["id"], out["facts"])
+    out = json.loads(ask(str(images["red_circle"]), q, "--json").stdout)
+    top = out["retrieved"][0]
+    assert top["values"] == [answers["a"], answers["b"], answers["c"]]
+    assert top["edit_ids"] == ["a", "b", "c"] and top["value"] == answers["a"]
+    assert out["facts"][-1] == answers["a"]  # the nearest key's own fact stands last
+    explained = ask(str(images["red_circle"]), q, "--explain").output
+    assert "is round." in explained and "is a circle." in explained
+
+    removed = json.loads(invoke("remove-edit", "a", "--codebook", str(cb), "--json").stdout)
+    assert Codebook.open(cb).n_keys == 5  # a's keys hold b's and c's values too
+    out = json.loads(ask(str(images["red_circle"]), q, "--json").stdout)
+    assert answers["a"] not in out["facts"]
+    assert answers["b"] in out["facts"] and answers["c"] in out["facts"]
+    assert "a" not in out["retrieved"][0]["edit_ids"]
+
+    restored = invoke("restore", str(removed["previous"]), "--codebook", str(cb), "--json")
+    assert restored.exit_code == 0, restored.output
+    out = json.loads(ask(str(images["red_circle"]), q, "--json").stdout)
+    assert out["retrieved"][0]["values"] == [answers["a"], answers["b"], answers["c"]]
 
 
 def test_evaluate_reports_every_metric(tmp_path, edits_jsonl, images, model_args):

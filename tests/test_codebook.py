@@ -118,7 +118,7 @@ def test_round_trip(tmp_path):
     # the Parquet files carry their schema version
     seg = next(s for s in cb2.manifest["segments"] if s["kind"] == "keys")
     meta = pq.read_schema(tmp_path / "cb" / seg["path"]).metadata
-    assert meta[b"reasonedit.schema_version"] == b"1"
+    assert meta[b"reasonedit.schema_version"] == b"2"
 
 
 def test_key_ids_are_stable():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
-from reasonedit_cli.merging import plan_merges
+from reasonedit_cli.editor import Editor
 from reasonedit_cli.retrieval import retrieve
 
 DIM = 48
@@ -61,35 +61,48 @@ def _run(tmp_path, n_edits: int, checkpoints: list[int]):
         queries.append((edit.edit_id, keys[0].vector, keys[0].value))
         if i + 1 in checkpoints:
             cb = Codebook.open(tmp_path / "cb")
-            own = sum(value in retrieve(cb, vec, k=5).facts for _eid, vec, value in queries) / len(
-                queries
-            )
-            loc = sum(retrieve(cb, p, k=5).rejected for p in probes) / len(probes)
-            report[i + 1] = {"retrievable": own, "loc_rejected": loc, "keys": cb.n_keys}
+            report[i + 1] = _measure(cb, queries, probes)
+    # then merge-keys: each duplicate edit's keys fold into the original's, and every
+    # edit's answer must stay retrievable from the merged keys
+    plan, _ = Editor(tmp_path / "cb").merge_keys()
+    cb = Codebook.open(tmp_path / "cb")
+    report["merged"] = {**_measure(cb, queries, probes), **plan.summary()}
     return cb, report
+
+
+def _measure(cb: Codebook, queries: list, probes: np.ndarray) -> dict:
+    """Share of edits whose answer fact is retrieved, of locality probes rejected."""
+    own = sum(value in retrieve(cb, vec, k=5).facts for _eid, vec, value in queries)
+    loc = sum(retrieve(cb, p, k=5).rejected for p in probes)
+    return {"retrievable": own / len(queries), "loc_rejected": loc / len(probes), "keys": cb.n_keys}
 
 
 @pytest.mark.slow
 def test_thousand_sequential_edits_stay_retrievable_and_local(tmp_path):
     cb, report = _run(tmp_path, 1000, [100, 500, 1000])
-    assert cb.version == 1000 and len(cb.edit_ids()) == 1000 and cb.n_keys == 3000
+    assert cb.version == 1001 and len(cb.edit_ids()) == 1000  # 1,000 adds and one merge
+    assert report[1000]["keys"] == 3000
     for n, r in report.items():
         assert r["retrievable"] == 1.0, (n, r)
         assert r["loc_rejected"] == 1.0, (n, r)
     # metrics after 1,000 edits stay within a few points of those after 100
     assert abs(report[1000]["retrievable"] - report[100]["retrievable"]) <= 0.03
-    rows = cb.keys_table().to_pylist()
-    plan = plan_merges(cb.vectors(), [r["radius"] for r in rows], [r["value"] for r in rows])
     # each duplicate edit's three keys fold into the original's
-    assert plan.n_after == 3000 - 3 * len(range(10, 1000, 10))
-    print(f"\nsequential: {report}; keys after merging: {plan.n_before} -> {plan.n_after}")
+    merged = report["merged"]
+    assert merged["before"] == 3000 and merged["after"] == 3000 - 3 * len(range(10, 1000, 10))
+    assert cb.n_keys == merged["after"]
+    print(f"\nsequential: {report}; keys after merging: {merged['before']} -> {merged['after']}")
 
 
 def test_two_hundred_sequential_edits(tmp_path):
     cb, report = _run(tmp_path, 200, [50, 200])
     assert report[50] == {"retrievable": 1.0, "loc_rejected": 1.0, "keys": 150}
     assert report[200] == {"retrievable": 1.0, "loc_rejected": 1.0, "keys": 600}
-    rows = cb.keys_table().to_pylist()
-    plan = plan_merges(cb.vectors(), [r["radius"] for r in rows], [r["value"] for r in rows])
-    assert plan.n_after == 600 - 3 * len(range(10, 200, 10))
+    merged = report["merged"]
+    assert merged["after"] == merged["keys"] == 600 - 3 * len(range(10, 200, 10))
+    assert merged["retrievable"] == 1.0 and merged["loc_rejected"] == 1.0
+    # duplicates repeat their original's facts: no new value, but each edit is recorded
+    assert merged["values_collected"] == 0
+    entries = cb.keys_table().column("merged").to_pylist()
+    assert sum(len(e) for e in entries) == 3 * len(range(10, 200, 10))
     assert cb.check(images=False).ok  # synthetic edits store no image files
