@@ -61,7 +61,7 @@ TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _EXT_RE = re.compile(r"[a-z0-9]{1,8}")
-_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions"}
+_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging"}
 _REPAIR_HINT = "run `reasonedit doctor` to check the codebook"
 
 
@@ -910,6 +910,9 @@ class Codebook:
             )
         if (self.path / LOCK).exists():
             rep.notes.append(f"{LOCK} is present: {_lock_owner(self.path / LOCK)}")
+        from .staging import check_staging  # staging/ of Ray jobs: never read, not a problem
+
+        check_staging(self.path, rep, repair=repair)
         if derived_bad and repair:
             with self.writer(lock_timeout) as w:
                 w._commit(self.manifest["segments"], self.manifest["removed_edits"], state=None)
@@ -1750,3 +1753,61 @@ def history(path: str | Path) -> list[dict[str, Any]]:
         except (OSError, ValueError, KeyError, TypeError):
             out.append({"version": None, "file": f.name, "damaged": True})
     return out
+
+
+# ---------------------------------------------------------------------------
+# staged segments: computed elsewhere (Ray workers), committed by one writer
+
+
+def staged_segment_bytes(kind: str, records: Sequence[Any], dim: int | None = None) -> bytes:
+    """Parquet bytes of edit or key records in exactly the schema of committed segments.
+
+    Workers of a distributed add-edit write these into `staging/`; the committer reads
+    them back with `read_staged_segment`, so both ends share the segment format.
+    """
+    if kind == "edits":
+        return _table_bytes(_edits_to_table(list(records), dt.datetime.now(dt.timezone.utc)))
+    if kind != "keys" or dim is None:
+        raise CodebookError(f"staged segment: kind must be keys (with dim) or edits, got {kind!r}")
+    return _table_bytes(_keys_to_table([(k.key_id, k) for k in records], dim))
+
+
+def read_staged_segment(
+    codebook: Codebook, entry: dict, dim: int | None
+) -> list[KeyRecord] | list[EditRecord]:
+    """Records of a staged segment, verified like a committed one (checksum, schema, rows).
+
+    `entry` is a manifest-style entry {kind, path (relative to the codebook), sha256,
+    rows}; `dim` the key width the workers reported (the codebook may have none yet).
+    Edit records come back without a timestamp: the commit stamps them, as for local adds.
+    """
+    view = Codebook(codebook.path, {**codebook.manifest, "config": {**codebook.config, "dim": dim}})
+    table = view._read_segment(entry)
+    rows = table.to_pylist()
+    if entry["kind"] == "edits":
+        return [
+            EditRecord(
+                edit_id=r["edit_id"],
+                image_sha256=r["image_sha256"],
+                question=r["question"],
+                answer=r["answer"],
+                reasoning=list(r["reasoning"] or []),
+                boxes=r["boxes"],
+                source=r["source"] or "",
+            )
+            for r in rows
+        ]
+    vectors = _vectors_of(table, int(dim or 0))
+    return [
+        KeyRecord(
+            edit_id=r["edit_id"],
+            kind=r["kind"],
+            value=r["value"],
+            key_text=r["key_text"],
+            image_sha256=r["image_sha256"],
+            box=tuple(r["box"]) if r["box"] else None,
+            vector=vectors[i],
+            radius=r["radius"],
+        )
+        for i, r in enumerate(rows)
+    ]

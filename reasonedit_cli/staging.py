@@ -1,0 +1,160 @@
+"""Staging folders of distributed add-edit jobs: `<codebook>/staging/<job>/`.
+
+A Ray job's workers write Parquet key and edit files there; the one committing process
+verifies them and commits their rows as a new version, then removes the folder. No
+reader ever looks into `staging/` (only the manifest says what the codebook holds), so a
+job that crashes or is cancelled leaves the codebook at its previous version whatever it
+left behind.
+
+Each folder holds `JOB.json` ({pid, host, started}) of the driving process. A folder whose
+driver died on this host is *stale*: the next Ray job on the codebook and
+`doctor --repair` remove it. Folders of other hosts are never removed automatically, for
+the same reason as the writer lock: their pid means nothing here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGING = "staging"
+JOB_FILE = "JOB.json"
+#: A folder without a readable JOB.json older than this is a crash during creation.
+UNREADABLE_STALE_S = 60.0
+
+
+@dataclass
+class Leftover:
+    """A staging folder found in a codebook, and whether its job is known to be dead."""
+
+    path: Path
+    owner: str
+    stale: bool
+
+
+class StagingJob:
+    """One job's staging folder: created on entry, removed on exit whatever happened."""
+
+    def __init__(self, codebook: Path) -> None:
+        self.codebook = Path(codebook)
+        self.id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir = self.codebook / STAGING / self.id
+
+    def rel(self, name: str) -> str:
+        """Path of a file of this job relative to the codebook (as manifest entries are)."""
+        return f"{STAGING}/{self.id}/{name}"
+
+    def __enter__(self) -> StagingJob:
+        remove_stale(self.codebook)
+        self.dir.mkdir(parents=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        (self.dir / JOB_FILE).write_text(json.dumps(info) + "\n")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.codebook / STAGING).rmdir()  # only when no other job is staging
+
+
+def write_staged_file(directory: str | Path, name: str, data: bytes) -> None:
+    """Write `data` as `directory/name` atomically (temp file, fsync, rename).
+
+    Never creates `directory`: when the driver has given up and removed its staging
+    folder, a straggling worker fails here instead of leaving an orphan folder behind.
+    """
+    d = Path(directory)
+    tmp = d / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / name)
+
+
+def leftovers(codebook: Path) -> list[Leftover]:
+    """Every staging folder of the codebook, oldest name first."""
+    root = Path(codebook) / STAGING
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        owner, stale = _owner(d)
+        out.append(Leftover(d, owner, stale))
+    return out
+
+
+def remove_stale(codebook: Path) -> list[str]:
+    """Remove the staging folders of dead jobs on this host; returns their relative paths."""
+    removed = []
+    for job in leftovers(codebook):
+        if job.stale:
+            shutil.rmtree(job.path, ignore_errors=True)
+            if not job.path.exists():
+                removed.append(f"{STAGING}/{job.path.name}")
+    with contextlib.suppress(OSError):
+        (Path(codebook) / STAGING).rmdir()
+    return removed
+
+
+def check_staging(codebook: Path, report: Any, *, repair: bool) -> None:
+    """`doctor`'s view: staging folders are notes, never problems; repair removes stale ones."""
+    jobs = leftovers(codebook)
+    if repair:
+        report.repaired.extend(
+            f"removed {rel} (staging folder of a dead Ray job)" for rel in remove_stale(codebook)
+        )
+        jobs = [j for j in jobs if j.path.exists()]
+    for job in jobs:
+        rel = f"{STAGING}/{job.path.name}"
+        if job.stale:
+            report.notes.append(
+                f"{rel}: left by a Ray job that died ({job.owner}); never read, "
+                "removed by `doctor --repair` or the next Ray job"
+            )
+        else:
+            report.notes.append(
+                f"{rel}: a Ray add-edit in progress or on another host ({job.owner})"
+            )
+
+
+def _owner(d: Path) -> tuple[str, bool]:
+    """Who staged in `d`, and whether that process is known to be dead."""
+    try:
+        info = json.loads((d / JOB_FILE).read_text())
+        pid, host = int(info["pid"]), str(info["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            age = time.time() - d.stat().st_mtime
+        except OSError:
+            return "an unknown job", False
+        return "an unknown job", age > UNREADABLE_STALE_S
+    owner = f"pid {pid} on host {host} since {info.get('started', '?')}"
+    return owner, host == socket.gethostname() and not _pid_alive(pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
