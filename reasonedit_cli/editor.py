@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
-from reasonedit_cli.retrieval import Retrieval, build_prompt, retrieve
+from reasonedit_cli.retrieval import (
+    DEFAULT_TAU_RULE,
+    Retrieval,
+    build_prompt,
+    default_percentile,
+    retrieve,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -32,7 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The bundled model is recorded under this name so codebooks move between installs.
 BUNDLED_MODEL = "bundled:demo_vlm"
-DEFAULT_PERCENTILE = 25.0
 DEFAULT_TOP_K = 5
 PATCH_MODES = ("auto", "none")
 
@@ -257,10 +262,15 @@ class Editor:
 
     def config_for_manifest(self, model_facts: dict[str, Any] | None = None) -> dict[str, Any]:
         """The model and embedding settings every key of the codebook was made with."""
+        # a codebook that already has keys without a rule predates it: keep "nearest"
+        rule = self.config.get("tau_rule") or (
+            "nearest" if self.codebook_has_keys else DEFAULT_TAU_RULE
+        )
         return {
             "model": self.model_name,
             **(self.model_facts() if model_facts is None else model_facts),
-            "percentile": self.config.get("percentile", DEFAULT_PERCENTILE),
+            "percentile": self.config.get("percentile", default_percentile(rule)),
+            "tau_rule": rule,
             "top_k": self.config.get("top_k", DEFAULT_TOP_K),
             "calibrated": self.config.get("calibrated", False),
         }

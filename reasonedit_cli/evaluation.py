@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from reasonedit_cli.errors import InputError
+from reasonedit_cli.retrieval import DEFAULT_TAU_RULE, default_percentile
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc")
 METRIC_NAMES = {
@@ -83,7 +84,7 @@ def read_probes(path: str) -> list[Probe]:
 
 
 METHODS = ("unedited", "reasonedit", "ike", "grace", "vision-only", "text-only", "no-patches")
-SWEEP_P = tuple(range(10, 100, 10))
+SWEEP_P = (5, *range(10, 100, 10))
 SWEEP_W_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 IKE_K = 3
 
@@ -206,7 +207,10 @@ class CachedEmbedder:
         if self.mode == "vision":
             return h
         if self.w is None:
-            self.w = float(np.linalg.norm(h, axis=1).mean()) or 1.0
+            from reasonedit_cli.embedding import auto_w
+
+            # the same auto rule as DualEmbedder, so evaluate measures what add-edit builds
+            self.w = auto_w(h, self.cache.text_half(texts))
         return dual_concat(h, self.cache.text_half(texts), self.w)
 
 
@@ -518,7 +522,10 @@ def evaluate(
             "w": ev.embedder.w,
             "vision_layer": last_vision_layer(editor.vlm),
             "top_k": ev.top_k,
-            "percentile": percentile if percentile is not None else 25.0,
+            "percentile": percentile
+            if percentile is not None
+            else default_percentile(DEFAULT_TAU_RULE),
+            "tau_rule": DEFAULT_TAU_RULE,
             "n_edits": len(ev.edits),
             "vlm_answers": ev.gen.calls,
         }

@@ -26,9 +26,12 @@ def test_help_lists_the_commands():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from reasonedit_cli import cli; print('torch' in sys.modules)"
+    code = (
+        "import sys; from reasonedit_cli import cli; "
+        "print('torch' in sys.modules, 'ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 @pytest.fixture
@@ -83,13 +86,25 @@ def test_add_then_ask_in_a_new_process_returns_the_facts(codebook, images, tiny_
     assert set(record) >= {"answer", "facts", "rejected", "retrieved"}
 
 
-def test_unrelated_question_retrieves_nothing(codebook, images, model_args):
+def test_unrelated_question_retrieves_nothing(codebook, tmp_path, model_args):
+    # an unrelated query: a picture unlike any edited one (a colour gradient, not a flat
+    # shape) with a question no edit is about. The default key leans on the image (the
+    # image decides which edit applies), so another circle is not "unrelated" to an edit
+    # about a circle.
+    import numpy as np
+    from PIL import Image
+
+    g = np.zeros((64, 64, 3), np.uint8)
+    g[..., 0] = np.arange(64)[None] * 4
+    g[..., 2] = np.arange(64)[:, None] * 4
+    photo = tmp_path / "gradient.png"
+    Image.fromarray(g).save(photo)
     result = invoke(
         "ask",
         "--codebook",
         str(codebook),
         "--image",
-        str(images["yellow_circle"]),
+        str(photo),
         "--question",
         "How many people are sitting on the bench?",
         *model_args,

@@ -129,7 +129,7 @@ def test_every_baseline_reports_every_metric_and_p_sweep(easy, tiny_editor):
     # GRACE replaces the answer on its own edits
     assert rep["methods"]["grace"]["Acc"] == 1.0
     taus = [r["tau"] for r in rep["sweep_p"]]
-    assert [r["p"] for r in rep["sweep_p"]] == list(range(10, 100, 10))
+    assert [r["p"] for r in rep["sweep_p"]] == [5, *range(10, 100, 10)]
     assert taus == sorted(taus)
 
 
@@ -247,7 +247,7 @@ def test_aokvqa_and_rationalevqa_through_evaluate(tmp_path, images, model_args):
     )
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
-    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 9
+    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 10
     for name in ("metrics.json", "metrics.md", "sweep.md", "sweep.png"):
         assert (report_dir / name).is_file()
 

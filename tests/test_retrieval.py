@@ -171,3 +171,26 @@ def test_retrieve_single_key_uses_radius(tmp_path):
     assert cb.tau is None
     assert not R.retrieve(cb, np.full(4, 0.1)).rejected
     assert R.retrieve(cb, np.full(4, 5.0)).rejected
+
+
+def test_other_edit_threshold_skips_siblings_of_the_same_edit():
+    # keys 0, 1 belong to edit A (siblings at distance 1), key 2 to edit B, key 3 to C.
+    # Each key's nearest OTHER-edit key: 0 -> 2 at 4, 1 -> 2 at 3, 2 -> 1 at 3, 3 -> 2 at 6.
+    vecs = np.array([[0.0], [1.0], [4.0], [10.0]])
+    idx, dist = R.knn_lists(vecs, 3)
+    sigma = np.ones(4)
+    codes = np.array([0, 0, 1, 2])
+    tau = R.other_edit_threshold(idx, dist, sigma, codes, p=50, n_edits=3)
+    assert tau == pytest.approx(np.percentile([4.0, 3.0, 3.0, 6.0], 50))
+    # the plain nearest rule would measure the siblings' distance 1 instead
+    assert R.nearest_threshold(dist, sigma, 50, 3) < tau
+    # keys with no other-edit neighbour in their list are left out; none at all -> None
+    assert R.other_edit_threshold(idx, dist, sigma, np.zeros(4, int), 50, 1) is None
+    # sigma divides: doubling every sigma halves tau
+    assert R.other_edit_threshold(idx, dist, 2 * sigma, codes, 50, 3) == pytest.approx(tau / 2)
+
+
+def test_default_percentile_follows_the_rule():
+    assert R.default_percentile("edits") == 10.0
+    assert R.default_percentile("all") == R.DEFAULT_PERCENTILE == 25.0
+    assert R.DEFAULT_TAU_RULE == "edits"
