@@ -471,7 +471,7 @@ class Codebook:
 
     @property
     def percentile(self) -> float:
-        return float(self.config.get("percentile", R.DEFAULT_PERCENTILE))
+        return float(self.config.get("percentile", R.default_percentile(self.tau_rule)))
 
     @property
     def tau(self) -> float | None:
@@ -483,17 +483,25 @@ class Codebook:
 
     @property
     def tau_rule(self) -> str:
-        """How tau is measured: "nearest" (default) or "all" pairs (config `tau_rule`)."""
+        """How tau is measured (config `tau_rule`): "edits" (new codebooks), "nearest" or
+        "all" pairs; see retrieval.TAU_RULES."""
+        # codebooks made before the rule was configurable measured tau by "nearest"
         rule = self.config.get("tau_rule", "nearest")
         return rule if rule in R.TAU_RULES else "nearest"
 
     def tau_for(self, p: float) -> float | None:
         """tau for another percentile p (sweeps), by the codebook's `tau_rule`."""
-        if self.tau_rule == "nearest":
+        if self.tau_rule in ("nearest", "edits"):
             if self.n_keys < 2:
                 return None
             d = self._get_derived(need_knn=True)
-            return R.nearest_threshold(d.knn_dist, d.sigma, p, len(self.edit_ids()))
+            if self.tau_rule == "nearest":
+                return R.nearest_threshold(d.knn_dist, d.sigma, p, len(self.edit_ids()))
+            edit_of = self.keys_table().column("edit_id").to_numpy(zero_copy_only=False)
+            _, codes = np.unique(edit_of, return_inverse=True)
+            return R.other_edit_threshold(
+                d.knn_idx, d.knn_dist, d.sigma, codes, p, len(self.edit_ids())
+            )
         if self._pair_sample is None:
             self._pair_sample = R.corrected_pair_sample(self.vectors(), self.sigma(), seed=TAU_SEED)
         return R.rejection_threshold(None, None, p, len(self.edit_ids()), sample=self._pair_sample)
