@@ -1,15 +1,15 @@
 """Codebook scale benchmark: build, search, insert and open at 10k / 100k / 1M keys.
 
-Synthetic keys of the real width (544 = demo VLM hidden 160 + MiniLM 384) drawn from a
-Gaussian mixture with clusters of varying spread, so that hubness is realistic. Every
-codebook is a real one on disk, built and queried through `reasonedit_cli.codebook`.
+Synthetic keys of the real width (512 = bundled demo VLM hidden 128 + MiniLM 384) drawn
+from a Gaussian mixture with clusters of varying spread, so that hubness is realistic.
+Every codebook is a real one on disk, built and queried through `reasonedit_cli.codebook`.
 
 Subcommands (each prints medians and ratios measured in the same run):
 
     python benchmarks/bench_retrieval.py build  --n 100000 --dir /tmp/cb100k
-    python benchmarks/bench_retrieval.py search --dir /tmp/cb100k [--fetch 100,200]
+    python benchmarks/bench_retrieval.py search --dir /tmp/cb100k [--fetch 100:128,200:256]
     python benchmarks/bench_retrieval.py sigma  --dir /tmp/cb100k --sample 20000
-    python benchmarks/bench_retrieval.py insert --dir /tmp/cb100k --edits 1000
+    python benchmarks/bench_retrieval.py insert --dir /tmp/cb100k --edits 200,1000
     python benchmarks/bench_retrieval.py open   --dir /tmp/cb100k
     python benchmarks/bench_retrieval.py all    --sizes 10000,100000 --workdir /tmp/bench
 
@@ -17,15 +17,20 @@ Subcommands (each prints medians and ratios measured in the same run):
 `--fetch F:EF:SCAN` sweeps SEARCH_FETCH, SEARCH_EF and SEARCH_SIGMA_SCAN, 0 = no sigma bound)
 with the reference approach (the published ReasonEdit code brute-forces its codebook:
 here numpy float32 distances to every key, divided by sigma); recall@5 is measured
-against exact corrected-distance search. `insert` appends 1,000 edits x 5 keys as one
-commit (and restores nothing: run it on a scratch copy or rebuild). `open` opens the
-codebook in a fresh process as `ask` does and reports wall time and peak RSS.
+against exact corrected-distance search. `insert` appends batches of edits x 5 keys to
+hard-linked scratch copies of the codebook (every codebook file is immutable, so a
+hard-link copy is a safe scratch codebook): cold (a fresh process opens the codebook and
+adds one batch) and warm (a second batch in the same process), with the derived index
+appended as deltas, against the full rewrite of every derived file per commit (the
+previous behaviour, reproduced by compaction thresholds of 0) in the same run. `open`
+opens the codebook in a fresh process as `ask` does and reports wall time and peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-DIM = 544
+DIM = 512  # bundled demo VLM hidden size 128 + MiniLM 384
 KEYS_PER_EDIT = 5
 SHA = "b" * 64
 
@@ -264,42 +269,107 @@ def cmd_sigma(args: argparse.Namespace) -> dict:
     return out
 
 
-def cmd_insert(args: argparse.Namespace) -> dict:
-    """Append `--edits` edits x 5 keys as one commit, with a per-phase profile."""
-    import cProfile
-    import pstats
+def _scratch_copy(src: Path, dst: Path) -> None:
+    """A hard-linked copy: codebook files are never modified in place, only replaced."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
 
+
+def _new_bytes(root: Path, before: set[tuple[int, int]]) -> int:
+    """Bytes of the files under root that are not among `before` (device, inode)."""
+    total = 0
+    for p in root.rglob("*"):
+        st = p.stat()
+        if p.is_file() and (st.st_dev, st.st_ino) not in before:
+            total += st.st_size
+    return total
+
+
+def _inodes(root: Path) -> set[tuple[int, int]]:
+    return {(p.stat().st_dev, p.stat().st_ino) for p in root.rglob("*") if p.is_file()}
+
+
+def cmd_insert_child(args: argparse.Namespace) -> dict:
+    """One run in a fresh process: cold add (open + add), then a warm add, then compact."""
     from reasonedit_cli import codebook as C
+    from reasonedit_cli import derived as D
 
-    cb = C.Codebook.open(args.dir)
-    n0 = cb.n_keys
-    vecs = mixture(args.edits * KEYS_PER_EDIT, seed=int(time.time()) % 100000 + 1)
-    edits, keys = records(vecs, n0 + 10_000_000, tag=f"ins{cb.version}-")
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    with cb.writer(lock_timeout=60) as w:
-        w.add(edits, keys)
-    prof.disable()
-    dt_ = time.perf_counter() - t0
-    st = pstats.Stats(prof)
-    phases: dict[str, float] = {}
-    wanted = (
-        "_get_derived", "update_knn_lists_ann", "update_knn_lists", "_write_segment",
-        "tau_for", "_load_hnsw", "_write_derived", "save_index", "add_items", "load_index",
-        "_hash_file", "keys_table", "_build_hnsw", "_vectors_of", "knn_query",
-    )  # fmt: skip
-    for (_file, _line, name), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
-        for w in wanted:
-            if name == w or f"'{w}'" in name:
-                phases[w] = round(phases.get(w, 0) + ct, 3)
-    out = {
-        "keys_before": n0,
-        "keys_added": cb.n_keys - n0,
-        "insert_commit_s": dt_,
-        "per_key_ms": dt_ / max(1, cb.n_keys - n0) * 1e3,
-        "phases_s (cumulative, overlapping)": phases,
-    }
+    if args.mode == "full":  # every commit rewrites every derived file (the old behaviour)
+        D.SIGMA_DELTA_MAX = D.KNN_DELTA_MAX = D.GRAPH_DELTA_MAX = 0.0
+    root = Path(args.dir)
+    out: dict = {"mode": args.mode, "edits": args.edits}
+    for step in ("cold", "warm"):
+        before = _inodes(root)
+        vecs = mixture(args.edits * KEYS_PER_EDIT, seed=args.seed + (step == "warm"))
+        t0 = time.perf_counter()
+        if step == "cold":
+            cb = C.Codebook.open(root)
+            n0 = cb.manifest["derived"]["keys"]
+        edits, keys = records(vecs, 10_000_000 + args.seed * 10_000, tag=f"{step}{args.seed}-")
+        with cb.writer(lock_timeout=60) as w:
+            w.add(edits, keys)
+        out[f"{step}_s"] = time.perf_counter() - t0
+        out[f"{step}_written_MB"] = _new_bytes(root, before) / 1e6
+    d = cb.manifest["derived"]
+    out["keys_before"], out["keys_added"] = n0, cb.n_keys - n0
+    out["delta_files"] = {k: len(v) for k, v in d.get("deltas", {}).items()}
+    if args.compact:
+        before = _inodes(root)
+        t0 = time.perf_counter()
+        with cb.writer(lock_timeout=60) as w:
+            w.compact()
+        out["compact_s"] = time.perf_counter() - t0
+        out["compact_written_MB"] = _new_bytes(root, before) / 1e6
+    out["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def cmd_insert(args: argparse.Namespace) -> dict:
+    """Insert batches of `--edits` edits x 5 keys into scratch copies: delta vs full rewrite."""
+    src = Path(args.dir)
+    scratch = Path(args.scratch or f"{src}.scratch")
+    sizes = [int(x) for x in str(args.edits).split(",")]
+    modes = ["delta", "full"] if args.baseline else ["delta"]
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.runs):  # interleaved, so load drift hits every variant alike
+        for mode in modes:
+            for e in sizes:
+                _scratch_copy(src, scratch)
+                cmd = [sys.executable, __file__, "insert-child", "--dir", str(scratch)]
+                cmd += ["--edits", str(e), "--mode", mode, "--seed", str(r + 1)]
+                cmd += ["--compact"] if (r == 0 and mode == "delta" and e == sizes[-1]) else []
+                p = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+                print(json.dumps(res), flush=True)
+                runs.setdefault(f"{mode}/{e}", []).append(res)
+    shutil.rmtree(scratch, ignore_errors=True)
+    med = {}
+    for key, rs in runs.items():
+        med[key] = {
+            f: statistics.median(x[f] for x in rs)
+            for f in ("cold_s", "warm_s", "cold_written_MB", "warm_written_MB", "peak_rss_GB")
+        }
+        med[key]["keys_added_per_batch"] = rs[0]["keys_added"]
+        med[key]["delta_files"] = rs[0]["delta_files"]
+        comp = [x for x in rs if "compact_s" in x]
+        if comp:
+            med[key]["compact_s"] = comp[0]["compact_s"]
+            med[key]["compact_written_MB"] = comp[0]["compact_written_MB"]
+    out = {"keys": runs[next(iter(runs))][0]["keys_before"], "runs": args.runs, "median": med}
+    big = sizes[-1]
+    if args.baseline:
+        out["full_rewrite / delta (warm)"] = (
+            med[f"full/{big}"]["warm_s"] / med[f"delta/{big}"]["warm_s"]
+        )
+        out["full_rewrite / delta (cold)"] = (
+            med[f"full/{big}"]["cold_s"] / med[f"delta/{big}"]["cold_s"]
+        )
+    if len(sizes) > 1:
+        out[f"delta warm {big} / {sizes[0]} edits"] = (
+            med[f"delta/{big}"]["warm_s"] / med[f"delta/{sizes[0]}"]["warm_s"]
+        )
     print(json.dumps(out, indent=2), flush=True)
     return out
 
@@ -332,7 +402,9 @@ def cmd_open(args: argparse.Namespace) -> dict:
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
     m = json.loads((cb_dir / "manifest.json").read_text())
     seg = sum(s["bytes"] for s in m["segments"] if s["kind"] == "keys")
-    hnsw = m["derived"]["files"].get("hnsw", {}).get("bytes", 0)
+    d = m["derived"]
+    hnsw = d["files"].get("hnsw", {}).get("bytes", 0)
+    hnsw += sum(e["bytes"] for e in d.get("deltas", {}).get("hnsw", []))
     n, dim = m["derived"]["keys"], m["config"]["dim"]
     raw = n * dim * 4
     peak = statistics.median(r["peak_rss_bytes"] for r in runs)
@@ -368,6 +440,8 @@ def cmd_all(args: argparse.Namespace) -> None:
             sample=args.sample,
             edits=args.edits,
             runs=args.runs,
+            scratch=None,
+            baseline=args.baseline,
         )
         report[n] = {"build": cmd_build(ns), "search": cmd_search(ns), "sigma": cmd_sigma(ns)}
         report[n]["open"] = cmd_open(ns)
@@ -379,7 +453,7 @@ def cmd_all(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "search", "sigma", "insert", "open", "all"):
+    for name in ("build", "search", "sigma", "insert", "insert-child", "open", "all"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=None)
         p.add_argument("--n", type=int, default=10_000)
@@ -387,17 +461,30 @@ def main() -> None:
         p.add_argument("--ref-queries", type=int, default=30)
         p.add_argument("--fetch", default="200:256:0,100:128,200:256,100:128:1024,200:256:1024")
         p.add_argument("--sample", type=int, default=20_000)
-        p.add_argument("--edits", type=int, default=1000)
+        p.add_argument("--edits", default="1000", help="edits per batch (comma list: several)")
         p.add_argument("--runs", type=int, default=3)
         p.add_argument("--sizes", default="10000,100000")
         p.add_argument("--workdir", default="/tmp/reasonedit-bench")
         p.add_argument("--json-out", default=None)
+        p.add_argument("--scratch", default=None, help="insert: scratch copy (default DIR.scratch)")
+        p.add_argument(
+            "--baseline",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="insert: also measure the full rewrite per commit (the previous behaviour)",
+        )
+        p.add_argument("--mode", default="delta", choices=("delta", "full"))
+        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--compact", action="store_true")
     args = ap.parse_args()
+    if args.cmd == "insert-child":
+        args.edits = int(args.edits)
     {
         "build": cmd_build,
         "search": cmd_search,
         "sigma": cmd_sigma,
         "insert": cmd_insert,
+        "insert-child": cmd_insert_child,
         "open": cmd_open,
         "all": cmd_all,
     }[args.cmd](args)

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import derived as D
 from . import retrieval as R
 from .errors import CodebookError, CodebookLockedError
 
@@ -350,20 +351,37 @@ def _vectors_of(table: pa.Table, dim: int) -> np.ndarray:
 
 @dataclass
 class _Derived:
-    knn_idx: np.ndarray | None  # (n, SIGMA_K) int64, -1 padded
-    knn_dist: np.ndarray | None  # (n, SIGMA_K) float64, inf padded
-    sigma: np.ndarray  # (n,) float64
+    """sigma and (for writers) the neighbour lists, and which files reproduce them."""
+
+    sigma_raw: np.ndarray  # (n,) float64, before the global floor (R.floor_sigma)
+    knn_idx: np.ndarray | None = None  # (n, SIGMA_K) int64, -1 padded
+    knn_dist: np.ndarray | None = None  # (n, SIGMA_K) float64, inf padded
+    # {"base": manifest entry, "deltas": [entries]} that reproduce sigma_raw / the lists;
+    # None = computed in memory (the next commit writes a new base)
+    sigma_files: dict | None = None
+    knn_files: dict | None = None
+    sigma: np.ndarray = field(init=False)  # (n,) float64, what search divides by
+
+    def __post_init__(self) -> None:
+        self.sigma = R.floor_sigma(self.sigma_raw)
+
+    @classmethod
+    def from_lists(cls, idx: np.ndarray, dist: np.ndarray, **files: Any) -> _Derived:
+        return cls(R.sigma_raw_from_knn(dist), idx, dist, **files)
 
     @classmethod
     def compute(cls, vectors: np.ndarray, index: Any = None) -> _Derived:
-        """From scratch: exact lists up to KNN_EXACT_MAX_KEYS keys, else from the index."""
+        """From scratch: exact lists up to KNN_EXACT_MAX_KEYS keys, else from the index
+        (an hnswlib index or a list of graph parts)."""
         if len(vectors) > R.KNN_EXACT_MAX_KEYS:
             if index is None:
                 index = _build_hnsw(vectors)
+            if isinstance(index, list):
+                index = [g.index for g in index]
             idx, dist = R.knn_lists_ann(index, vectors, R.SIGMA_K)
         else:
             idx, dist = R.knn_lists(vectors, R.SIGMA_K)
-        return cls(idx, dist, R.sigma_from_knn(dist))
+        return cls.from_lists(idx, dist)
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +463,7 @@ class Codebook:
         self._edits: pa.Table | None = None
         self._vectors: np.ndarray | None = None
         self._derived: _Derived | None = None
-        self._hnsw: Any = None
+        self._hnsw: list[D.Graph] | None = None  # base graph + small graphs of recent adds
         self._pair_sample: np.ndarray | None = None
         self._sigma_desc: tuple[np.ndarray, ...] | None = None
 
@@ -656,6 +674,11 @@ class Codebook:
         return data
 
     # -- derived data -----------------------------------------------------
+    #
+    # index/ holds, per part, a base file plus deltas appended by later inserts (see
+    # derived.py and docs/codebook-format.md). Every loader verifies checksums, dtypes,
+    # shapes and ranges and returns None on any doubt: the caller then recomputes in
+    # memory (derived data is a cache; a damaged file is rebuilt, never trusted).
 
     def _load_npy(
         self, entry: dict | None, shape: tuple[int, ...], dtype: Any
@@ -668,7 +691,7 @@ class Codebook:
             if _sha256(data) != entry["sha256"]:
                 return None
             arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, TypeError):
             return None
         if arr.dtype != dtype or arr.shape != shape:
             return None
@@ -678,25 +701,96 @@ class Codebook:
         d = self.manifest.get("derived") or {}
         return d if d.get("keys") == self.n_keys else {}
 
+    def _deltas(self, part: str) -> list[dict]:
+        """The delta entries of one part ("sigma", "knn", "hnsw"), oldest first."""
+        return list((self._derived_entries().get("deltas") or {}).get(part) or [])
+
+    def _load_sigma_files(self) -> tuple[np.ndarray | None, dict | None, str | None]:
+        """(sigma before the floor, the entries it came from, None) replayed from the base
+        file and its patches, or (None, None, the first file that failed)."""
+        n = self.n_keys
+        base = (self._derived_entries().get("files") or {}).get("sigma")
+        deltas = self._deltas("sigma")
+        at = base
+        try:
+            rows = _entry_rows(base, n)
+            base = dict(base, rows=rows)  # files from before the delta layout lack rows
+            raw = self._load_npy(base, (rows,), np.dtype(np.float64))
+            if raw is None or not (np.isfinite(raw).all() and (raw >= 0).all()):
+                return None, None, _entry_path(at, "sigma")
+            for at in deltas:
+                keys = _int_in(at["keys"], len(raw), n)
+                patch = self._load_npy(at, (_int_in(at["rows"], 0, keys),), D.SIGMA_PATCH_DTYPE)
+                if patch is None:
+                    return None, None, _entry_path(at, "sigma delta")
+                raw = D.apply_sigma_patch(raw, patch, keys)
+            if len(raw) != n:
+                raise ValueError("sigma files do not cover every key")
+        except _ENTRY_ERRORS:
+            return None, None, _entry_path(at, "sigma")
+        return raw, {"base": base, "deltas": deltas}, None
+
+    def _load_knn_files(
+        self,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, dict | None, str | None]:
+        """(idx, dist, entries, None) replayed from the base lists and their patches, or
+        (None, None, None, the first file that failed)."""
+        n, k = self.n_keys, R.SIGMA_K
+        files = self._derived_entries().get("files") or {}
+        bi, bd = files.get("knn_idx"), files.get("knn_dist")
+        deltas = self._deltas("knn")
+        at = bi
+        try:
+            rows = _entry_rows(bi, n)
+            if _entry_rows(bd, n) != rows:
+                raise ValueError("knn base files disagree")
+            bi, bd = dict(bi, rows=rows), dict(bd, rows=rows)
+            idx = self._load_npy(bi, (rows, k), np.dtype(np.int64))
+            if idx is None:
+                return None, None, None, _entry_path(bi, "knn_idx")
+            at = bd
+            dist = self._load_npy(bd, (rows, k), np.dtype(np.float64))
+            if dist is None:
+                return None, None, None, _entry_path(bd, "knn_dist")
+            if rows and (idx.min() < -1 or idx.max() >= rows):
+                raise ValueError("knn base rows out of range")
+            if deltas:
+                full_idx = np.full((n, k), -1, dtype=np.int64)
+                full_dist = np.full((n, k), np.inf)
+                full_idx[:rows], full_dist[:rows] = idx, dist
+                idx, dist, cur = full_idx, full_dist, rows
+                for at in deltas:
+                    keys = _int_in(at["keys"], cur, n)
+                    shape = (_int_in(at["entries"], 0, keys * k),)
+                    patch = self._load_npy(at, shape, D.KNN_PATCH_DTYPE)
+                    if patch is None:
+                        return None, None, None, _entry_path(at, "knn delta")
+                    D.apply_knn_patch(idx, dist, cur, patch, keys)
+                    cur = keys
+                rows = cur
+            if rows != n:
+                raise ValueError("knn files do not cover every key")
+        except _ENTRY_ERRORS:
+            return None, None, None, _entry_path(at, "knn")
+        return idx, dist, {"base": {"knn_idx": bi, "knn_dist": bd}, "deltas": deltas}, None
+
     def _get_derived(self, need_knn: bool = False) -> _Derived:
         """sigma (and for writers the neighbour lists): from index/ if valid, else rebuilt."""
         n = self.n_keys
         if self._derived is not None and (self._derived.knn_idx is not None or not need_knn):
             return self._derived
-        d = self._derived_entries()
-        files = d.get("files", {})
-        k = R.SIGMA_K
+        raw, sigma_files, _ = self._load_sigma_files()
         if need_knn:
-            idx = self._load_npy(files.get("knn_idx"), (n, k), np.dtype(np.int64))
-            dist = self._load_npy(files.get("knn_dist"), (n, k), np.dtype(np.float64))
-            if idx is not None and dist is not None and (n == 0 or idx.max() < n):
-                self._derived = _Derived(idx, dist, R.sigma_from_knn(dist))
+            idx, dist, knn_files, _ = self._load_knn_files()
+            if idx is not None:
+                if raw is None:  # sigma files damaged: recompute it from the lists
+                    self._derived = _Derived.from_lists(idx, dist, knn_files=knn_files)
+                else:
+                    self._derived = _Derived(raw, idx, dist, sigma_files, knn_files)
                 return self._derived
-        else:
-            sigma = self._load_npy(files.get("sigma"), (n,), np.dtype(np.float64))
-            if sigma is not None and np.isfinite(sigma).all() and (sigma > 0).all():
-                self._derived = _Derived(None, None, sigma)
-                return self._derived
+        elif raw is not None:
+            self._derived = _Derived(raw, sigma_files=sigma_files)
+            return self._derived
         big = n > R.KNN_EXACT_MAX_KEYS
         self._derived = _Derived.compute(self.vectors(), self._hnsw_index() if big else None)
         return self._derived
@@ -705,11 +799,10 @@ class Codebook:
         """Per-key hubness scale sigma_k (float64), in keys_table() order."""
         return self._get_derived().sigma
 
-    def _load_hnsw(self) -> Any:
-        """The hnswlib index from index/ after verifying its checksum, else None."""
-        n, dim = self.n_keys, self.dim
-        entry = self._derived_entries().get("files", {}).get("hnsw")
-        if not entry or not dim:
+    def _load_graph(self, entry: dict, start: int, stop: int) -> Any:
+        """One hnswlib graph part from index/ after verifying its checksum, else None."""
+        dim = self.dim
+        if not dim:
             return None
         # Load from a private copy of the verified bytes: the codebook file could change
         # between the check and the load, and hnswlib trusts what it reads. The copy is
@@ -724,19 +817,63 @@ class Codebook:
             if h.hexdigest() != entry["sha256"]:
                 return None
             index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
-            index.load_index(tmp, max_elements=max(n, 1))
-        except (RuntimeError, OSError, ValueError):
+            index.load_index(tmp, max_elements=max(stop - start, 1))
+        except (RuntimeError, OSError, ValueError, KeyError, TypeError):
             return None
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        if index.get_current_count() != n:
+        if index.get_current_count() != stop - start:
             return None
+        if start:  # a small part: its labels must be its rows (cheap to check)
+            ids = np.asarray(index.get_ids_list(), dtype=np.int64)
+            if ids.min() != start or ids.max() != stop - 1:
+                return None
         return index
 
-    def _hnsw_index(self) -> Any:
+    def _load_graphs(self, rebuild: bool) -> tuple[list[D.Graph] | None, list[str]]:
+        """The persisted graph parts (base + small graphs of recent adds), verified.
+
+        Returns (parts, paths that failed); parts is None when no graph is persisted or
+        the layout is inconsistent. With rebuild=True a part that fails verification is
+        rebuilt in memory from its rows' vectors (and marked as not on disk).
+        """
+        n = self.n_keys
+        base = (self._derived_entries().get("files") or {}).get("hnsw")
+        if not base:
+            return None, []
+        deltas = self._deltas("hnsw")
+        try:
+            base = dict(base, rows=_entry_rows(base, n))
+            spans = [(base, 0, base["rows"])]
+            spans += [(e, _int_in(e["start"], 0, n), _int_in(e["stop"], 0, n)) for e in deltas]
+            if not D.graphs_cover([D.Graph(None, a, b) for _, a, b in spans], n):
+                raise ValueError("graph parts do not cover every key")
+        except _ENTRY_ERRORS:
+            return None, [_entry_path(base, "hnsw")]
+        parts, bad = [], []
+        for entry, a, b in spans:
+            index = self._load_graph(entry, a, b)
+            if index is None:
+                bad.append(_entry_path(entry, "hnsw"))
+                if not rebuild:
+                    continue
+                index, entry = _build_hnsw(self.vectors()[a:b], start=a), None
+            parts.append(D.Graph(index, a, b, entry))
+        return (None if bad and not rebuild else parts), bad
+
+    def _load_hnsw(self) -> list[D.Graph] | None:
+        """Every persisted graph part, verified; None if one fails or none is persisted."""
+        parts, bad = self._load_graphs(rebuild=False)
+        return None if bad else parts
+
+    def _hnsw_index(self) -> list[D.Graph]:
+        """The graph parts for search: persisted ones, anything missing rebuilt in memory."""
         if self._hnsw is None:
-            self._hnsw = self._load_hnsw() or _build_hnsw(self.vectors())
+            parts, _ = self._load_graphs(rebuild=True)
+            if parts is None:
+                parts = [D.Graph(_build_hnsw(self.vectors()), 0, self.n_keys)]
+            self._hnsw = parts
         return self._hnsw
 
     # -- search -----------------------------------------------------------
@@ -772,14 +909,16 @@ class Codebook:
         if use_hnsw:
             # Candidates by raw distance; the correction reorders neighbours, which the
             # sigma bound below completes.
+            # With several graph parts (base + recent adds) each returns its own fetch
+            # nearest and the bound is the smallest last distance (derived.py).
             fetch = min(n, max(SEARCH_FETCH, 2 * k))
-            index = self._hnsw_index()
+            graphs = self._hnsw_index()
             with self._hnsw_lock:
-                index.set_ef(max(SEARCH_EF, 2 * k, fetch))
-                labels, sq = index.knn_query(q, k=fetch)
-            cand = labels.astype(np.int64)
-            if fetch < n:
-                bound = np.sqrt(sq[:, -1].astype(np.float64)) * (1.0 - 1e-5)
+                cand, bound = D.search_candidates(graphs, q, fetch, max(SEARCH_EF, 2 * k))
+            if cand.size and (cand.min() < 0 or cand.max() >= n):
+                raise CodebookError(f"codebook {self.path}: hnsw index labels out of range")
+            if bound is not None:
+                bound = bound * (1.0 - 1e-5)
         else:
             # Exact: corrected distances to every key, shortlisted for the exact re-rank.
             fetch = min(n, 4 * k + 16)
@@ -889,20 +1028,13 @@ class Codebook:
         if n and (not d or d.get("keys") != n):
             derived_bad.append("derived section is missing or out of date")
         files = (d or {}).get("files", {})
-        checks = {
-            "sigma": ((n,), np.float64),
-            "knn_idx": ((n, R.SIGMA_K), np.int64),
-            "knn_dist": ((n, R.SIGMA_K), np.float64),
-        }
-        for name, (shape, dtype) in checks.items():
-            if n and self._load_npy(files.get(name), shape, np.dtype(dtype)) is None:
-                derived_bad.append(
-                    f"{(files.get(name) or {}).get('path', name)} is missing or damaged"
-                )
-        if files.get("hnsw") and self._load_hnsw() is None:
-            derived_bad.append(f"{files['hnsw']['path']} is missing or damaged")
+        if n:  # base files and every delta, replayed exactly as readers do
+            failed = [self._load_sigma_files()[2], self._load_knn_files()[3]]
+            derived_bad += [f"{f} is missing or damaged" for f in failed if f]
+        derived_bad += [f"{f} is missing or damaged" for f in self._load_graphs(rebuild=False)[1]]
         if n >= self.hnsw_min_keys and not files.get("hnsw"):
             derived_bad.append("hnsw index is not persisted")
+        n_deltas = sum(len(self._deltas(part)) for part in ("sigma", "knn", "hnsw"))
         if images:
             shas = set(self.edits_table().column("image_sha256").to_pylist())
             shas |= set(self.keys_table().column("image_sha256").to_pylist())
@@ -921,10 +1053,13 @@ class Codebook:
         from .staging import check_staging  # staging/ of Ray jobs: never read, not a problem
 
         check_staging(self.path, rep, repair=repair)
-        if derived_bad and repair:
+        if (derived_bad or n_deltas) and repair:
+            # rebuild what is damaged and fold every delta into new base files
             with self.writer(lock_timeout) as w:
-                w._commit(self.manifest["segments"], self.manifest["removed_edits"], state=None)
+                w.compact()
             rep.repaired.extend(derived_bad)
+            if n_deltas:
+                rep.notes.append(f"derived index compacted ({n_deltas} delta files folded in)")
             rep.version = self.version
         else:
             rep.problems.extend(f"derived cache: {x}" for x in derived_bad)
@@ -993,6 +1128,12 @@ def _read_manifest(path: Path) -> dict:
             assert d.get("tau") is None or _is_number(d["tau"]), "derived.tau"
             for e in d.get("files", {}).values():
                 _check_rel(e["path"])
+            deltas = d.get("deltas") or {}
+            assert isinstance(deltas, dict), "derived.deltas"
+            for entries in deltas.values():
+                assert isinstance(entries, list), "derived.deltas"
+                for e in entries:
+                    _check_rel(e["path"])
     except (AssertionError, KeyError, TypeError, AttributeError) as e:
         raise CodebookError(f"{where} is malformed ({type(e).__name__} {e})") from None
     return m
@@ -1024,7 +1165,8 @@ def _lock_owner(lock: Path) -> str:
         return "an unknown writer"
 
 
-def _build_hnsw(vectors: np.ndarray) -> Any:
+def _build_hnsw(vectors: np.ndarray, start: int = 0) -> Any:
+    """An hnswlib graph of `vectors` labelled start, start+1, ... (their codebook rows)."""
     n, dim = vectors.shape
     index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
     index.init_index(
@@ -1034,8 +1176,32 @@ def _build_hnsw(vectors: np.ndarray) -> Any:
         random_seed=HNSW_SEED,
     )
     if n:
-        index.add_items(vectors, np.arange(n))
+        index.add_items(vectors, np.arange(start, start + n))
     return index
+
+
+# Anything a hand-made or damaged manifest entry can raise while being read.
+_ENTRY_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError)
+
+
+def _int_in(x: Any, lo: int, hi: int) -> int:
+    """x if it is an int in [lo, hi] (manifest numbers sized arrays: never trust them)."""
+    if type(x) is not int or not lo <= x <= hi:
+        raise ValueError(f"{x!r} not in [{lo}, {hi}]")
+    return x
+
+
+def _entry_rows(entry: Any, n: int) -> int:
+    """Rows a base derived file covers: its `rows`, or all n keys (files written before
+    the delta layout have no `rows`)."""
+    if not isinstance(entry, dict):
+        raise ValueError("no base file")
+    return _int_in(entry.get("rows", n), 0, n)
+
+
+def _entry_path(entry: Any, what: str) -> str:
+    p = entry.get("path") if isinstance(entry, dict) else None
+    return p if isinstance(p, str) else what
 
 
 # ---------------------------------------------------------------------------
@@ -1249,7 +1415,8 @@ class CodebookWriter:
         # The live tables after this commit, so the derived data updates incrementally.
         old_keys = cb.keys_table()
         kt = keys_table.replace_schema_metadata(None)
-        live_keys = pa.concat_tables([old_keys, kt]).combine_chunks() if old_keys.num_rows else kt
+        # chunked, not combined: copying every old key per insert is O(codebook)
+        live_keys = pa.concat_tables([old_keys, kt]) if old_keys.num_rows else kt
         live_edits = pa.concat_tables(
             [cb.edits_table(), edits_table.replace_schema_metadata(None)]
         ).combine_chunks()
@@ -1357,6 +1524,18 @@ class CodebookWriter:
             old["segments"], old["removed_edits"], state=None, config=dict(old["config"])
         )
 
+    def compact(self) -> int:
+        """Fold every delta of the derived index into new base files, as a new version.
+
+        Inserts append deltas (derived.py) and compact on their own once the deltas
+        outgrow the base; this does it now, and rebuilds any damaged derived file
+        (`doctor --repair`). Returns the new version.
+        """
+        cb = self.cb
+        return self._commit(
+            cb.manifest["segments"], cb.manifest["removed_edits"], state=("compact",)
+        )
+
     def commit(self) -> int:
         """Commit staged config changes (if any); returns the current version."""
         if not self._pending_config:
@@ -1432,7 +1611,8 @@ class CodebookWriter:
 
         state describes how live keys changed, so derived data updates incrementally:
         ("append", keys, edits), ("remove", keys, edits, keep_mask), ("full", keys,
-        edits), ("same",), or None (reload everything from the listed segments).
+        edits), ("same",), ("compact",) (same keys, derived files rewritten as bases), or
+        None (reload everything from the listed segments).
         """
         cb = self.cb
         old = cb.manifest
@@ -1455,7 +1635,7 @@ class CodebookWriter:
         kind = state[0] if state else None
         if kind in ("append", "remove", "full"):
             new._keys, new._edits = state[1], state[2]
-        if kind == "same":
+        if kind in ("same", "compact"):
             new._keys, new._edits = cb.keys_table(), cb.edits_table()
         try:
             derived = self._derive(new, kind, state)
@@ -1476,77 +1656,25 @@ class CodebookWriter:
         return version
 
     def _derive(self, new: Codebook, kind: str | None, state: tuple | None) -> dict:
+        """The new version's derived data, written as deltas where that is exact.
+
+        append: a graph part holding just the new keys, and sigma / neighbour-list patches
+        of the rows that changed: O(batch) to compute and write (a part is folded into new
+        base files once its deltas outgrow the thresholds in derived.py). same (a config
+        change): the previous files as they are. compact (`compact`, `doctor --repair`):
+        everything loaded, or rebuilt where damaged, then written as base files. remove /
+        full / None: recomputed (rows renumber) and written as base files.
+        """
         cb = self.cb
         n = new.n_keys
-        vecs = new.vectors()
-        version = new.version
-        old_n = cb.n_keys if kind in ("append", "remove", "same") else 0
-        derived: _Derived
-        index = None
-        big = n > R.KNN_EXACT_MAX_KEYS  # neighbour lists from the index (approximate)
+        tag = f"{new.version:06d}"
+        old_n = cb.n_keys if kind in ("append", "same", "compact") else 0
         if kind == "append" and old_n:
-            od = cb._get_derived(need_knn=True)
-            if n >= new.hnsw_min_keys or big:
-                index = cb._load_hnsw() if cb._hnsw is None else cb._hnsw
-                if index is not None:
-                    with cb._hnsw_lock:
-                        index.resize_index(n)
-                        index.add_items(vecs[old_n:], np.arange(old_n, n))
-                    cb._hnsw = None  # it now holds the new keys: not the old snapshot's
-                elif big:
-                    index = _build_hnsw(vecs)
-            if big:
-                idx, dist = R.update_knn_lists_ann(index, vecs, od.knn_idx, od.knn_dist, old_n)
-            else:
-                idx, dist = R.update_knn_lists(
-                    cb.vectors(), od.knn_idx, od.knn_dist, vecs[old_n:], R.SIGMA_K
-                )
-            derived = _Derived(idx, dist, R.sigma_from_knn(dist))
-        elif kind == "remove" and n:
-            od = cb._get_derived(need_knn=True)
-            idx, dist = R.remove_from_knn_lists(vecs, od.knn_idx, od.knn_dist, state[3], R.SIGMA_K)
-            derived = _Derived(idx, dist, R.sigma_from_knn(dist))
-        elif kind == "same":
-            derived = cb._get_derived(need_knn=True)
-            index = cb._hnsw if cb._hnsw is not None else cb._load_hnsw()
+            layout = self._derive_append(new, old_n, tag)
+        elif kind in ("same", "compact") and n:
+            layout = self._derive_keep(new, tag, compact=kind == "compact")
         else:
-            if big:
-                index = _build_hnsw(vecs)
-            derived = _Derived.compute(vecs, index)
-        new._derived = derived
-        if n >= new.hnsw_min_keys:
-            new._hnsw = index if index is not None else _build_hnsw(vecs)
-        files = {}
-        tag = f"{version:06d}"
-        for name, arr in (
-            ("sigma", derived.sigma),
-            ("knn_idx", derived.knn_idx),
-            ("knn_dist", derived.knn_dist),
-        ):
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            files[name] = self._write_derived(f"index/{name}-{tag}.npy", buf.getvalue())
-        if new._hnsw is not None:
-            rel = f"index/hnsw-{tag}.bin"
-            tmp = _tmp_name(self.path / rel)
-            try:
-                with new._hnsw_lock:
-                    new._hnsw.save_index(str(tmp))
-                # hash and fsync the saved file in place (GBs at a million keys: no copy)
-                with open(tmp, "rb+") as f:
-                    sha, size = _hash_file(f)
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path / rel)
-                _fsync_dir(self.path / "index")
-            finally:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            files["hnsw"] = dict(
-                {"path": rel, "sha256": sha, "bytes": size},
-                space=HNSW_SPACE,
-                M=HNSW_M,
-                ef_construction=HNSW_EF_CONSTRUCTION,
-            )
+            layout = self._derive_full(new, kind, state, tag)
         n_edits = len(new.edit_ids())
         p = new.percentile
         tau = new.tau_for(p) if n >= 2 else None
@@ -1560,7 +1688,179 @@ class CodebookWriter:
             "tau_seed": TAU_SEED,
             "tau_rule": new.tau_rule,
             "tau_pairs": "all" if n <= R.EXACT_PAIRS_MAX_KEYS else R.SAMPLE_PAIRS,
-            "files": files,
+            **layout,
+        }
+
+    def _needs_graph(self, new: Codebook, n: int) -> bool:
+        # persisted from hnsw_min_keys on; above KNN_EXACT_MAX_KEYS the lists need it too
+        return n > 0 and (n >= new.hnsw_min_keys or n > R.KNN_EXACT_MAX_KEYS)
+
+    def _derive_full(self, new: Codebook, kind: str | None, state: tuple | None, tag: str) -> dict:
+        n = new.n_keys
+        vecs = new.vectors()
+        graphs = [D.Graph(_build_hnsw(vecs), 0, n)] if self._needs_graph(new, n) else None
+        if kind == "remove" and n:
+            od = self.cb._get_derived(need_knn=True)
+            idx, dist = R.remove_from_knn_lists(vecs, od.knn_idx, od.knn_dist, state[3], R.SIGMA_K)
+            new._derived = _Derived.from_lists(idx, dist)
+        else:
+            new._derived = _Derived.compute(vecs, graphs)
+        new._hnsw = graphs
+        return self._write_bases(new, tag, ("sigma", "knn", "hnsw"))
+
+    def _derive_keep(self, new: Codebook, tag: str, *, compact: bool) -> dict:
+        cb = self.cb
+        d = cb._get_derived(need_knn=True)  # from the files, or recomputed if damaged
+        graphs = cb._hnsw_index() if self._needs_graph(new, new.n_keys) else None
+        new._derived, new._hnsw = d, graphs
+        # rewrite what is not on disk (recomputed after damage); compaction also what
+        # has deltas; a base file that is fine stays as it is (GBs at a million keys)
+        rewrite = []
+        if d.sigma_files is None or (compact and d.sigma_files["deltas"]):
+            rewrite.append("sigma")
+        if d.knn_files is None or (compact and d.knn_files["deltas"]):
+            rewrite.append("knn")
+        if graphs and (any(g.entry is None for g in graphs) or (compact and len(graphs) > 1)):
+            rewrite.append("hnsw")
+        return self._write_bases(new, tag, tuple(rewrite))
+
+    def _derive_append(self, new: Codebook, old_n: int, tag: str) -> dict:
+        """Derived data after appending keys old_n..n-1 (see `_derive`)."""
+        cb = self.cb
+        n = new.n_keys
+        od = cb._get_derived(need_knn=True)
+        new_vecs = _vectors_of(new.keys_table().slice(old_n), new.dim or 0)
+        graphs = None
+        if self._needs_graph(new, n):
+            old = cb._hnsw if cb._hnsw is not None else cb._load_graphs(rebuild=True)[0]
+            if old:  # the new keys get a graph part of their own
+                graphs = [*old, D.Graph(_build_hnsw(new_vecs, start=old_n), old_n, n)]
+            else:  # the first graph: all keys
+                graphs = [D.Graph(_build_hnsw(new.vectors()), 0, n)]
+        if n > R.KNN_EXACT_MAX_KEYS:
+            parts = [g.index for g in graphs]
+            app = R.append_knn_ann(parts, new_vecs, od.knn_idx, od.knn_dist, R.SIGMA_K)
+        else:
+            idx, dist = R.update_knn_lists(
+                cb.vectors(), od.knn_idx, od.knn_dist, new_vecs, R.SIGMA_K
+            )
+            app = D.knn_append_from_full(od.knn_idx, od.knn_dist, idx, dist)
+        idx, dist = app.apply(od.knn_idx, od.knn_dist)
+        # sigma is row-local: recompute it only where a list changed, and for new rows
+        touched = np.concatenate([app.rows, np.arange(old_n, n)])
+        raw = np.empty(n, dtype=np.float64)
+        raw[:old_n] = od.sigma_raw
+        raw[touched] = R.sigma_raw_from_knn(dist[touched])
+        d = _Derived(raw, idx, dist)
+        new._derived, new._hnsw = d, graphs
+        rewrite: list[str] = []
+        extra = {"keys": n, "version": new.version}
+        # sigma: a patch of the touched rows
+        sf = od.sigma_files
+        if sf is None or D.should_compact_sigma(
+            sf["base"]["rows"], sum(e["rows"] for e in sf["deltas"]) + len(touched)
+        ):
+            rewrite.append("sigma")
+        else:
+            patch = D.sigma_patch(raw, touched)
+            e = self._write_derived(f"index/sigma-delta-{tag}.npy", D.npy_bytes(patch))
+            entry = dict(e, rows=len(patch), **extra)
+            d.sigma_files = {"base": sf["base"], "deltas": [*sf["deltas"], entry]}
+        # neighbour lists: the entries that point at the new keys
+        kf = od.knn_files
+        patch = D.knn_patch(app, od.knn_idx, od.knn_dist) if kf is not None else None
+        base_rows = kf["base"]["knn_idx"]["rows"] if kf is not None else 0
+        if patch is None or D.should_compact_knn(
+            base_rows, sum(e["entries"] for e in kf["deltas"]) + len(patch)
+        ):
+            rewrite.append("knn")
+        else:
+            e = self._write_derived(f"index/knn-delta-{tag}.npy", D.npy_bytes(patch))
+            entry = dict(e, entries=len(patch), **extra)
+            d.knn_files = {"base": kf["base"], "deltas": [*kf["deltas"], entry]}
+        # graph: the new part, unless it is time to fold the parts into the base
+        if graphs:
+            small = [g.size for g in graphs[1:]]
+            if (
+                len(graphs) == 1
+                or any(g.entry is None for g in graphs[:-1])
+                or D.should_fold_graphs(graphs[0].size, small)
+            ):
+                rewrite.append("hnsw")
+            else:
+                e = self._save_graph(graphs[-1].index, f"index/hnsw-delta-{tag}.bin")
+                graphs[-1].entry = dict(e, start=old_n, stop=n, version=new.version)
+        return self._write_bases(new, tag, tuple(rewrite))
+
+    def _write_bases(self, new: Codebook, tag: str, parts: tuple[str, ...]) -> dict:
+        """Write new base files for `parts` of new._derived / new._hnsw (dropping their
+        deltas; the graph parts are folded into one) and return the manifest layout."""
+        d, n = new._derived, new.n_keys
+        if "sigma" in parts:
+            e = self._write_derived(f"index/sigma-{tag}.npy", D.npy_bytes(d.sigma_raw))
+            d.sigma_files = {"base": dict(e, rows=n), "deltas": []}
+        if "knn" in parts:
+            base = {
+                name: dict(self._write_derived(f"index/{name}-{tag}.npy", D.npy_bytes(a)), rows=n)
+                for name, a in (("knn_idx", d.knn_idx), ("knn_dist", d.knn_dist))
+            }
+            d.knn_files = {"base": base, "deltas": []}
+        if "hnsw" in parts and new._hnsw:
+            index = self._fold_graphs(new._hnsw, n)
+            e = self._save_graph(index, f"index/hnsw-{tag}.bin")
+            new._hnsw = [D.Graph(index, 0, n, dict(e, rows=n))]
+        return self._layout(new)
+
+    @staticmethod
+    def _layout(new: Codebook) -> dict:
+        """The manifest's `files` (base files) and `deltas` for new._derived / new._hnsw."""
+        d, graphs = new._derived, new._hnsw or []
+        files = {"sigma": d.sigma_files["base"], **d.knn_files["base"]}
+        if graphs:
+            files["hnsw"] = graphs[0].entry
+        deltas = {
+            "sigma": d.sigma_files["deltas"],
+            "knn": d.knn_files["deltas"],
+            "hnsw": [g.entry for g in graphs[1:]],
+        }
+        return {"files": files, "deltas": deltas}
+
+    def _fold_graphs(self, graphs: list[D.Graph], n: int) -> Any:
+        """One hnswlib index holding every part: the small parts' keys added to the base."""
+        base = graphs[0].index
+        if len(graphs) == 1:
+            return base
+        lock = self.cb._hnsw_lock
+        self.cb._hnsw = None  # the base grows: no longer the old snapshot's graph
+        with lock:
+            base.resize_index(n)
+            for g in graphs[1:]:
+                rows = np.arange(g.start, g.stop)
+                base.add_items(g.index.get_items(rows), rows)
+        return base
+
+    def _save_graph(self, index: Any, rel: str) -> dict:
+        """save_index to a temp name, hash and fsync it in place, rename: a manifest entry."""
+        tmp = _tmp_name(self.path / rel)
+        try:
+            with self.cb._hnsw_lock:
+                index.save_index(str(tmp))
+            # hash and fsync the saved file in place (GBs at a million keys: no copy)
+            with open(tmp, "rb+") as f:
+                sha, size = _hash_file(f)
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / rel)
+            _fsync_dir(self.path / "index")
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return {
+            "path": rel,
+            "sha256": sha,
+            "bytes": size,
+            "space": HNSW_SPACE,
+            "M": HNSW_M,
+            "ef_construction": HNSW_EF_CONSTRUCTION,
         }
 
     def _write_derived(self, rel: str, data: bytes) -> dict:
@@ -1570,16 +1870,23 @@ class CodebookWriter:
     def _gc_derived(self, previous: dict) -> None:
         """Drop derived files not listed by the current or the previous manifest.
 
-        The previous version's files stay so that readers still on it keep their cache.
+        The previous version's files stay so that readers still on it keep their cache
+        (base files stay as long as a delta builds on them).
         """
-        keep = set()
-        for m in (previous, self.cb.manifest):
-            for e in ((m.get("derived") or {}).get("files") or {}).values():
-                keep.add(e["path"])
+        keep = _derived_paths(previous) | _derived_paths(self.cb.manifest)
         for f in (self.path / "index").glob("*"):
             if f"index/{f.name}" not in keep and ".tmp-" not in f.name:
                 with contextlib.suppress(OSError):
                     f.unlink()
+
+
+def _derived_paths(manifest: dict) -> set[str]:
+    """Every index/ file a manifest lists: base files and deltas."""
+    d = manifest.get("derived") or {}
+    out = {e["path"] for e in (d.get("files") or {}).values()}
+    for entries in (d.get("deltas") or {}).values():
+        out |= {e["path"] for e in entries}
+    return out
 
 
 def _edits_to_table(edits: list[EditRecord], now: dt.datetime) -> pa.Table:

@@ -232,9 +232,30 @@ def remove_from_knn_lists(
 
 
 def _knn_query(index: Any, queries: np.ndarray, kq: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-    index.set_ef(max(ef, kq))
-    labels, sq = index.knn_query(queries, k=kq)
-    return labels.astype(np.int64), np.sqrt(sq.astype(np.float64))
+    """kq nearest labels and L2 distances from one hnswlib index or a list of them.
+
+    A codebook's graph can be split in parts (a base graph and small graphs of recently
+    added keys, see codebook.py): each part is asked for its own kq nearest, and the
+    union is cut back to the kq nearest overall, padded with -1 / inf when all parts
+    together hold fewer than kq keys.
+    """
+    parts = index if isinstance(index, (list, tuple)) else [index]
+    labs, dists = [], []
+    for ix in parts:
+        kk = min(kq, int(ix.get_current_count()))
+        if kk <= 0:
+            continue
+        ix.set_ef(max(ef, kk))
+        labels, sq = ix.knn_query(queries, k=kk)
+        labs.append(labels.astype(np.int64))
+        dists.append(np.sqrt(sq.astype(np.float64)))
+    m = len(queries)
+    if len(labs) == 1 and labs[0].shape[1] == kq:
+        return labs[0], dists[0]
+    lab = np.concatenate(labs + [np.full((m, kq), -1, dtype=np.int64)], axis=1)
+    dist = np.concatenate(dists + [np.full((m, kq), np.inf)], axis=1)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :kq]
+    return np.take_along_axis(lab, order, axis=1), np.take_along_axis(dist, order, axis=1)
 
 
 def _drop_self(
@@ -249,7 +270,8 @@ def _drop_self(
 def knn_lists_ann(
     index: Any, vectors: np.ndarray, k: int = SIGMA_K, *, ef: int = KNN_EF, batch: int = 20_000
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Like `knn_lists`, from an hnswlib index holding `vectors` with labels 0..n-1.
+    """Like `knn_lists`, from an hnswlib index (or a list of parts) holding `vectors` with
+    labels 0..n-1.
 
     Approximate (see above); distances are hnswlib's own (explicit differences, float32
     accumulation), float64 on return. Needs n > k.
@@ -265,6 +287,79 @@ def knn_lists_ann(
     return idx, dist
 
 
+@dataclass
+class KnnAppend:
+    """How neighbour lists change when keys are appended: the appended keys' own lists
+    and the new lists of the existing rows that changed (ascending)."""
+
+    new_idx: np.ndarray  # (n_new, k)
+    new_dist: np.ndarray
+    rows: np.ndarray  # existing rows whose list changed
+    rows_idx: np.ndarray  # (len(rows), k)
+    rows_dist: np.ndarray
+
+    def apply(self, old_idx: np.ndarray, old_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The full lists after the append (copies; old arrays untouched)."""
+        idx = np.concatenate([old_idx, self.new_idx])
+        dist = np.concatenate([old_dist, self.new_dist])
+        idx[self.rows], dist[self.rows] = self.rows_idx, self.rows_dist
+        return idx, dist
+
+
+def append_knn_ann(
+    index: Any,
+    new_vectors: np.ndarray,
+    old_idx: np.ndarray,
+    old_dist: np.ndarray,
+    k: int = SIGMA_K,
+    *,
+    ef: int = KNN_EF,
+    reverse_fetch: int = REVERSE_FETCH,
+) -> KnnAppend:
+    """What appending `new_vectors` (rows n_old.., already in `index`) does to the lists.
+
+    Costs O(n_new) queries plus the changed rows: nothing here touches all n_old rows,
+    so a codebook of a million keys pays for the batch only. Approximate: see the note
+    above `knn_lists_ann`. `index` may be a list of hnswlib parts.
+    """
+    n_old = len(old_idx)
+    new = _as_2d_f32(new_vectors)
+    n_new = len(new)
+    n = n_old + n_new
+    empty = np.zeros(0, dtype=np.int64)
+    if n_new == 0:
+        return KnnAppend(
+            np.zeros((0, k), np.int64), np.zeros((0, k)), empty, np.zeros((0, k), np.int64),
+            np.zeros((0, k)),
+        )  # fmt: skip
+    kq = min(n, max(k + 1, reverse_fetch + 1))
+    lab, d = _knn_query(index, new, kq, ef)
+    new_rows = np.arange(n_old, n)
+    new_idx, new_dist = _drop_self(lab, d, new_rows, k)
+    # reverse neighbours: existing keys i found near a new key j, where j beats i's k-th
+    src = np.repeat(new_rows, kq)
+    tgt = lab.reshape(-1)
+    dd = d.reshape(-1)
+    ok = (tgt >= 0) & (tgt < n_old)
+    src, tgt, dd = src[ok], tgt[ok], dd[ok]
+    ok = dd < old_dist[tgt, k - 1]
+    src, tgt, dd = src[ok], tgt[ok], dd[ok]
+    if not len(tgt):
+        return KnnAppend(new_idx, new_dist, empty, np.zeros((0, k), np.int64), np.zeros((0, k)))
+    order = np.lexsort((dd, tgt))  # by target row, then distance
+    src, tgt, dd = src[order], tgt[order], dd[order]
+    rows, first, counts = np.unique(tgt, return_index=True, return_counts=True)
+    rank = np.arange(len(tgt)) - np.repeat(first, counts)
+    keep = rank < k
+    slot = np.searchsorted(rows, tgt[keep])
+    add_idx = np.full((len(rows), k), -1, dtype=np.int64)
+    add_dist = np.full((len(rows), k), np.inf, dtype=np.float64)
+    add_idx[slot, rank[keep]] = src[keep]
+    add_dist[slot, rank[keep]] = dd[keep]
+    ri, rd = _merge_lists(old_idx[rows], old_dist[rows], add_idx, add_dist, k)
+    return KnnAppend(new_idx, new_dist, rows, ri, rd)
+
+
 def update_knn_lists_ann(
     index: Any,
     vectors: np.ndarray,
@@ -278,41 +373,49 @@ def update_knn_lists_ann(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour lists after rows n_old.. of `vectors` were appended (already in `index`).
 
-    Costs O(n_new) queries plus the changed rows, independent of n_old apart from one
-    copy of the lists. Approximate: see the note above `knn_lists_ann`.
+    The full-array form of `append_knn_ann` (which the codebook uses).
     """
-    v = _as_2d_f32(vectors)
-    n = len(v)
-    n_new = n - n_old
-    if n_new <= 0:
-        return old_idx.copy(), old_dist.copy()
-    kq = min(n, max(k + 1, reverse_fetch + 1))
-    lab, d = _knn_query(index, v[n_old:], kq, ef)
-    new_rows = np.arange(n_old, n)
-    new_idx, new_dist = _drop_self(lab, d, new_rows, k)
-    idx = np.concatenate([old_idx, new_idx])
-    dist = np.concatenate([old_dist, new_dist])
-    # reverse neighbours: existing keys i found near a new key j, where j beats i's k-th
-    src = np.repeat(new_rows, kq)
-    tgt = lab.reshape(-1)
-    dd = d.reshape(-1)
-    ok = (tgt >= 0) & (tgt < n_old)
-    src, tgt, dd = src[ok], tgt[ok], dd[ok]
-    ok = dd < old_dist[tgt, k - 1]
-    src, tgt, dd = src[ok], tgt[ok], dd[ok]
-    if len(tgt):
-        order = np.lexsort((dd, tgt))  # by target row, then distance
-        src, tgt, dd = src[order], tgt[order], dd[order]
-        rows, first, counts = np.unique(tgt, return_index=True, return_counts=True)
-        rank = np.arange(len(tgt)) - np.repeat(first, counts)
-        keep = rank < k
-        slot = np.searchsorted(rows, tgt[keep])
-        add_idx = np.full((len(rows), k), -1, dtype=np.int64)
-        add_dist = np.full((len(rows), k), np.inf, dtype=np.float64)
-        add_idx[slot, rank[keep]] = src[keep]
-        add_dist[slot, rank[keep]] = dd[keep]
-        idx[rows], dist[rows] = _merge_lists(idx[rows], dist[rows], add_idx, add_dist, k)
-    return idx, dist
+    app = append_knn_ann(
+        index, _as_2d_f32(vectors)[n_old:], old_idx[:n_old], old_dist[:n_old], k,
+        ef=ef, reverse_fetch=reverse_fetch,
+    )  # fmt: skip
+    return app.apply(old_idx[:n_old], old_dist[:n_old])
+
+
+def sigma_raw_from_knn(knn_dist: np.ndarray) -> np.ndarray:
+    """Per key the median of its finite neighbour distances (float64), before the floor.
+
+    Row-local, so the codebook recomputes it only for rows whose lists changed. A key
+    with no neighbour (a one-key codebook) gets 1, i.e. no correction.
+    """
+    d = np.asarray(knn_dist, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] == 0:
+        return np.ones(n, dtype=np.float64)
+    finite = np.isfinite(d)
+    if finite.all():
+        sigma = np.median(d, axis=1)
+    else:
+        with warnings.catch_warnings():  # rows with no neighbour at all: handled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sigma = np.nanmedian(np.where(finite, d, np.nan), axis=1)
+    return np.where(finite.any(axis=1), sigma, 1.0)
+
+
+def floor_sigma(sigma_raw: np.ndarray) -> np.ndarray:
+    """Zero sigmas (exact duplicate keys) floored at 1e-6 x the median positive sigma.
+
+    The floor depends on every key, so it is applied to the whole array after any
+    row-wise update, never stored.
+    """
+    sigma = np.asarray(sigma_raw, dtype=np.float64)
+    if len(sigma) == 0:
+        return sigma.copy()
+    positive = sigma[sigma > 0]
+    floor = 1e-6 * (float(np.median(positive)) if len(positive) else 1.0)
+    return np.maximum(sigma, floor)
 
 
 def sigma_from_knn(knn_dist: np.ndarray) -> np.ndarray:
@@ -322,23 +425,7 @@ def sigma_from_knn(knn_dist: np.ndarray) -> np.ndarray:
     sigmas (exact duplicate keys) are floored at a tiny fraction of the typical sigma so
     corrected distances stay finite.
     """
-    d = np.asarray(knn_dist, dtype=np.float64)
-    n = len(d)
-    if n == 0:
-        return np.zeros(0, dtype=np.float64)
-    if d.shape[1] == 0:
-        return np.ones(n, dtype=np.float64)
-    finite = np.isfinite(d)
-    if finite.all():
-        sigma = np.median(d, axis=1)
-    else:
-        with warnings.catch_warnings():  # rows with no neighbour at all: handled below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sigma = np.nanmedian(np.where(finite, d, np.nan), axis=1)
-    sigma = np.where(finite.any(axis=1), sigma, 1.0)
-    positive = sigma[sigma > 0]
-    floor = 1e-6 * (float(np.median(positive)) if len(positive) else 1.0)
-    return np.maximum(sigma, floor)
+    return floor_sigma(sigma_raw_from_knn(knn_dist))
 
 
 def hubness_sigma(vectors: np.ndarray, k: int = SIGMA_K) -> np.ndarray:

@@ -57,12 +57,36 @@ def build_synthetic_codebook(
     batches: int = 3,
     hnsw_min_keys: int | None = None,
     seed: int = 0,
+    keep_deltas: bool = False,
 ) -> Path:
-    """A codebook written through Codebook/CodebookWriter with random vectors (no VLM)."""
+    """A codebook written through Codebook/CodebookWriter with random vectors (no VLM).
+
+    keep_deltas: batches after the first append derived-index deltas (sigma and list
+    patches, graph parts) instead of compacting, so damage cases cover those files too.
+    """
     import numpy as np
 
+    from reasonedit_cli import derived
     from reasonedit_cli.codebook import HNSW_MIN_KEYS, Codebook, EditRecord, KeyRecord
 
+    if keep_deltas:
+        names = ("SIGMA_DELTA_MAX", "KNN_DELTA_MAX", "GRAPH_DELTA_MAX", "GRAPH_MAX_PARTS")
+        saved = {k: getattr(derived, k) for k in names}
+        for k in names:
+            setattr(derived, k, 10**9)
+        try:
+            return build_synthetic_codebook(
+                path,
+                n_edits=n_edits,
+                keys_per_edit=keys_per_edit,
+                dim=dim,
+                batches=batches,
+                hnsw_min_keys=hnsw_min_keys,
+                seed=seed,
+            )
+        finally:
+            for k, v in saved.items():
+                setattr(derived, k, v)
     rng = np.random.default_rng(seed)
     cb = Codebook.open(path, create=True, hnsw_min_keys=hnsw_min_keys or HNSW_MIN_KEYS)
     per_batch = -(-n_edits // batches)

@@ -456,7 +456,9 @@ def test_second_writer_fails_clearly_and_reader_works(base, tmp_path):
 def test_damage_fuzz_subset(base, tmp_path):
     """Truncations and bit flips of every kind of file: a clear error, a report by
     doctor or a recovery (derived files) -- never a traceback or a signal."""
-    syn = build_synthetic_codebook(tmp_path / "syn", n_edits=40, keys_per_edit=4, hnsw_min_keys=100)
+    syn = build_synthetic_codebook(
+        tmp_path / "syn", n_edits=40, keys_per_edit=4, hnsw_min_keys=100, keep_deltas=True
+    )
     cases = []
     for src, n, hmk in ((syn, 60, 100), (base["cb"], 30, None)):
         for c in damage_cases(src, n, seed=8):
@@ -497,7 +499,9 @@ def crafted_manifest_cases(tmp_path, bad_values, min_cases) -> int:
     from reasonedit_cli.codebook import Codebook, _manifest_bytes
     from reasonedit_cli.errors import CodebookError
 
-    src = build_synthetic_codebook(tmp_path / "src", n_edits=12, keys_per_edit=3, batches=2)
+    src = build_synthetic_codebook(
+        tmp_path / "src", n_edits=12, keys_per_edit=3, batches=3, keep_deltas=True
+    )
     m0 = json.loads((src / "manifest.json").read_text())
     work = tmp_path / "work"
     n = 0
