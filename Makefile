@@ -1,4 +1,4 @@
-.PHONY: test reliability lint
+.PHONY: test reliability test-ray lint
 
 test:
 	python -m pytest -q
@@ -6,6 +6,10 @@ test:
 # Slow reliability harnesses (crash safety, full damage fuzz, concurrency); see docs/reliability.md
 reliability:
 	python -m pytest -q -m slow tests/test_reliability_slow.py
+
+# The Ray engine against the local one on a local 2-CPU Ray instance (pip install -e '.[ray]')
+test-ray:
+	RAY_USAGE_STATS_ENABLED=0 python -m pytest -q -m slow tests/test_ray.py
 
 lint:
 	ruff check . && ruff format --check .

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -72,6 +72,37 @@ TrustOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 LockOpt = Annotated[
     float, typer.Option("--lock-timeout", help="Seconds to wait for another writer to finish.")
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="local: compute in this process; ray: spread the model work over a Ray cluster "
+        "(pip install 'reasonedit-cli[ray]').",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="With --engine ray: the cluster (auto, HOST:PORT or ray://HOST:PORT); "
+        "default: a cluster this process already joined, else a new local instance.",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="With --engine ray: workers, each loading the models once "
+        "(default: one per GPU with --gpus-per-worker, else one per CPU).",
+    ),
+]
+GpusPerWorkerOpt = Annotated[
+    float,
+    typer.Option(
+        "--gpus-per-worker", min=0, help="With --engine ray: GPUs per worker (0.5 shares one)."
+    ),
 ]
 DEFAULT_CODEBOOK = Path("codebook")
 
@@ -150,6 +181,19 @@ def _editor(
     )
 
 
+def _ray_options(engine: str, address: str | None, workers: int | None, gpus: float):
+    """RayOptions for --engine ray; the Ray flags are a usage error with --engine local."""
+    from reasonedit_cli.distributed import ENGINES, RayOptions
+
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
+    if engine == "local":
+        if address is not None or workers is not None or gpus:
+            raise UsageError("--ray-address, --workers and --gpus-per-worker need --engine ray")
+        return None
+    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus)
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"reasonedit {__version__}")
@@ -223,6 +267,10 @@ def add_edit(
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     lock_timeout: LockOpt = 10.0,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Add edits to the codebook: from flags, or many from JSONL (idempotent).
@@ -235,6 +283,7 @@ def add_edit(
 
     if patches not in PATCH_MODES:
         raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
+    ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
     errors: list[str] = []
     if from_file is not None:
         if any(v is not None for v in (image, question, answer, reason, box, edit_id)):
@@ -285,14 +334,29 @@ def add_edit(
         lock_timeout=lock_timeout,
     )
     with _progress(len(edits), "Adding edits", not as_json) as advance:
-        report = editor.add_edits(
-            edits,
-            batch_size=batch_size,
-            progress=advance,
-            patches=patches,
-            top_k_patches=top_k_patches,
-            merge=merge,
-        )
+        if ray_options is not None:
+            from reasonedit_cli.distributed import add_edits_ray
+
+            # workers compute the keys, this process verifies and commits them
+            report = add_edits_ray(
+                editor,
+                edits,
+                options=ray_options,
+                batch_size=batch_size,
+                progress=advance,
+                patches=patches,
+                top_k_patches=top_k_patches,
+                merge=merge,
+            )
+        else:
+            report = editor.add_edits(
+                edits,
+                batch_size=batch_size,
+                progress=advance,
+                patches=patches,
+                top_k_patches=top_k_patches,
+                merge=merge,
+            )
     merged = report.merge.summary() if report.merge is not None else None
     if as_json:
         _print_json(
@@ -675,6 +739,10 @@ def evaluate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the protocol: edit, then measure Acc, T/I/R/CoE-Gen and Loc for every method.
@@ -708,10 +776,16 @@ def evaluate(
         raise UsageError("give either --dataset easy-vqa or --edits FILE [--probes FILE]")
     if dataset is not None and dataset != "easy-vqa":
         raise UsageError(f"unknown --dataset {dataset!r}; supported: easy-vqa")
+    ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
         target = codebook or Path(tmp) / "codebook"
         editor = _editor(target, model, text_model, device, dtype, trust_remote_code, create=True)
+        if ray_options is not None:
+            from reasonedit_cli.distributed import remote_vlm
+
+            # every VLM call (answers, probe and key embeddings, patch search) on workers
+            stack.enter_context(remote_vlm(editor, ray_options))
         gen = Generations(editor.vlm, batch_size)
         info: dict[str, Any] = {}
         if dataset is not None:
