@@ -489,7 +489,7 @@ class Codebook:
 
     @property
     def percentile(self) -> float:
-        return float(self.config.get("percentile", R.default_percentile(self.tau_rule)))
+        return float(self.config.get("percentile", R.DEFAULT_PERCENTILE))
 
     @property
     def tau(self) -> float | None:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
 from reasonedit_cli.retrieval import (
+    DEFAULT_PERCENTILE,
     DEFAULT_TAU_RULE,
     Retrieval,
     build_prompt,
-    default_percentile,
     retrieve,
 )
 
@@ -269,7 +269,7 @@ class Editor:
         return {
             "model": self.model_name,
             **(self.model_facts() if model_facts is None else model_facts),
-            "percentile": self.config.get("percentile", default_percentile(rule)),
+            "percentile": self.config.get("percentile", DEFAULT_PERCENTILE),
             "tau_rule": rule,
             "top_k": self.config.get("top_k", DEFAULT_TOP_K),
             "calibrated": self.config.get("calibrated", False),

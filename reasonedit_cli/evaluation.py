@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from reasonedit_cli.errors import InputError
-from reasonedit_cli.retrieval import DEFAULT_TAU_RULE, default_percentile
+from reasonedit_cli.retrieval import DEFAULT_PERCENTILE, DEFAULT_TAU_RULE
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc")
 METRIC_NAMES = {
@@ -522,9 +522,7 @@ def evaluate(
             "w": ev.embedder.w,
             "vision_layer": last_vision_layer(editor.vlm),
             "top_k": ev.top_k,
-            "percentile": percentile
-            if percentile is not None
-            else default_percentile(DEFAULT_TAU_RULE),
+            "percentile": percentile if percentile is not None else DEFAULT_PERCENTILE,
             "tau_rule": DEFAULT_TAU_RULE,
             "n_edits": len(ev.edits),
             "vlm_answers": ev.gen.calls,

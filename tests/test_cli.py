@@ -576,3 +576,9 @@ def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images,
     assert [r["edits"] for r in rows] == [2, 3]  # every 2 edits, and after the last one
     assert rows[-1]["keys"] >= 9 and rows[0]["keys"] < rows[-1]["keys"]
     assert "sequential editing" in (tmp_path / "rep" / "sweep.md").read_text()
+
+
+def test_new_codebook_records_its_threshold_rule(codebook):
+    config = json.loads((codebook / "manifest.json").read_text())["config"]
+    assert config["tau_rule"] == "edits" and config["percentile"] == 25.0
+    assert config["layer"] == "projector"  # the default key layer: the image as the LM sees it

@@ -181,16 +181,18 @@ def test_other_edit_threshold_skips_siblings_of_the_same_edit():
     sigma = np.ones(4)
     codes = np.array([0, 0, 1, 2])
     tau = R.other_edit_threshold(idx, dist, sigma, codes, p=50, n_edits=3)
-    assert tau == pytest.approx(np.percentile([4.0, 3.0, 3.0, 6.0], 50))
+    # half the gap to the next edit
+    assert tau == pytest.approx(0.5 * np.percentile([4.0, 3.0, 3.0, 6.0], 50))
     # the plain nearest rule would measure the siblings' distance 1 instead
-    assert R.nearest_threshold(dist, sigma, 50, 3) < tau
+    assert R.nearest_threshold(dist, sigma, 50, 3) == pytest.approx(np.percentile([1, 1, 3, 6], 50))
     # keys with no other-edit neighbour in their list are left out; none at all -> None
     assert R.other_edit_threshold(idx, dist, sigma, np.zeros(4, int), 50, 1) is None
     # sigma divides: doubling every sigma halves tau
     assert R.other_edit_threshold(idx, dist, 2 * sigma, codes, 50, 3) == pytest.approx(tau / 2)
 
 
-def test_default_percentile_follows_the_rule():
-    assert R.default_percentile("edits") == 10.0
-    assert R.default_percentile("all") == R.DEFAULT_PERCENTILE == 25.0
-    assert R.DEFAULT_TAU_RULE == "edits"
+def test_new_codebooks_use_the_edits_rule(tmp_path):
+    cb = Codebook.open(tmp_path / "cb", create=True)
+    assert R.DEFAULT_TAU_RULE == "edits" and R.DEFAULT_PERCENTILE == 25.0
+    # a codebook without a configured rule predates it and keeps "nearest"
+    assert cb.tau_rule == "nearest"
