@@ -345,14 +345,14 @@ def test_bad_codebooks(base, tmp_path):
     d, cb = base["dir"], base["cb"]
     future = tmp_path / "future"
     shutil.copytree(cb, future)
-    from reasonedit_cli.codebook import _manifest_bytes
+    from reasonedit_cli.codebook import FORMAT_VERSION, _manifest_bytes
 
     m = json.loads((future / "manifest.json").read_text())
-    m["format_version"] = 2
+    m["format_version"] = FORMAT_VERSION + 1  # written by a newer reasonedit
     (future / "manifest.json").write_bytes(_manifest_bytes(m))
     ok = str(d / "images" / "ok.png")
     targets = {
-        future: "format_version 2",
+        future: f"format_version {FORMAT_VERSION + 1}",
         d / "not_codebook": "not a reasonedit codebook",
         d / "cb_file": "not a directory",
     }
