@@ -1,6 +1,7 @@
 """add-edit throughput: the Ray engine on a local instance against the local engine.
 
     python benchmarks/bench_ray.py [--n 500] [--workers 2] [--batch-size 16] [--model DIR]
+                                   [--one-thread]
 
 Builds `--n` edits from easy-vqa test images (a shape or a colour question per image, its
 ground-truth answer and the reasoning templates of `reasonedit_cli.easyvqa`), then times
@@ -11,7 +12,9 @@ the full command a user runs, in a fresh process each, on an empty codebook:
 
 Wall time includes process start-up, model loading and, for Ray, starting the local
 instance and its workers: that is what a user waits for. Prints edits/s for both and the
-ratio, and checks that both codebooks hold the same keys. Needs the `ray` extra.
+ratio, and checks that both codebooks hold the same keys. `--one-thread` adds the local
+engine with torch on one thread (OMP_NUM_THREADS=1), to tell the gain of running two
+workers from that of not oversubscribing a loaded machine. Needs the `ray` extra.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--model", default=None, help="default: the bundled demo VLM")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--one-thread", action="store_true", help="also: local, torch on 1 thread")
     opts = ap.parse_args()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory(prefix="reasonedit-bench-ray-") as tmp:
@@ -97,24 +101,33 @@ def main() -> None:
         ]
         if opts.model:
             common += ["--model", opts.model]
+        load = os.getloadavg()[0]
+        print(f"{opts.n} edits, batch {opts.batch_size}, {os.cpu_count()} CPUs, load {load:.1f}")
         t_local, rep_local = run([*common, "-c", str(d / "local")], env)
+        n = len(rep_local["added"])
+        show("local engine", n, t_local)
         ray_args = ["--engine", "ray", "--workers", str(opts.workers)]
         t_ray, rep_ray = run([*common, "-c", str(d / "ray"), *ray_args], env)
+        assert len(rep_ray["added"]) == n, "both engines must add every edit"
+        show(f"ray, {opts.workers} local workers", n, t_ray)
+        print(f"{'ratio ray / local':28s}: {t_local / t_ray:6.2f}x", flush=True)
         from reasonedit_cli.codebook import Codebook
 
         same = (
             Codebook.open(d / "local").keys_table().column("key_id").to_pylist()
             == Codebook.open(d / "ray").keys_table().column("key_id").to_pylist()
         )
-    n = len(rep_local["added"])
-    assert len(rep_ray["added"]) == n, "both engines must add every edit"
-    local_rate, ray_rate = n / t_local, n / t_ray
-    cpus = os.cpu_count()
-    print(f"{n} edits, batch {opts.batch_size}, {cpus} CPUs, load {os.getloadavg()[0]:.1f}")
-    print(f"local engine            : {t_local:8.1f} s  {local_rate:6.2f} edits/s")
-    print(f"ray, {opts.workers} local workers     : {t_ray:8.1f} s  {ray_rate:6.2f} edits/s")
-    print(f"ratio ray / local       : {ray_rate / local_rate:6.2f}x")
-    print(f"same keys ({rep_local['keys']}) in both codebooks: {same}")
+        print(f"same keys ({rep_local['keys']}) in both codebooks: {same}", flush=True)
+        if opts.one_thread:
+            one = dict(env, OMP_NUM_THREADS="1")
+            t_one, _ = run([*common, "-c", str(d / "one")], one)
+            show("local engine, 1 thread", n, t_one)
+            print(f"{'ratio ray / local 1 thread':28s}: {t_one / t_ray:6.2f}x", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+def show(label: str, n: int, seconds: float) -> None:
+    print(f"{label:28s}: {seconds:8.1f} s  {n / seconds:6.2f} edits/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -844,7 +844,11 @@ def evaluate(
 @handle_errors
 def doctor(
     repair: Annotated[
-        bool, typer.Option("--repair", help="Rebuild damaged derived files.")
+        bool,
+        typer.Option(
+            "--repair",
+            help="Rebuild damaged derived files; remove staging folders of dead Ray jobs.",
+        ),
     ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     lock_timeout: LockOpt = 10.0,

@@ -8,15 +8,20 @@ Slow (a Ray instance and several passes of the demo VLM): `make test-ray`, or
   thread), same w and config; adding the same edits again changes nothing;
 * adding to a codebook that already has keys (w fixed) gives the local result too;
 * a worker crashing midway, or Ctrl-C in the driver, leaves the codebook byte for byte
-  as it was, with no staging folder;
+  as it was, with no staging folder; a SIGKILLed driver leaves only a stale staging
+  folder, which nothing reads and which is removed like `doctor --repair` does;
 * `evaluate --engine ray` reports the same metrics as the local engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from reasonedit_cli.datasets import read_edits  # noqa: E402
 from reasonedit_cli.distributed import RayOptions, add_edits_ray  # noqa: E402
 from reasonedit_cli.editor import Editor  # noqa: E402
 from reasonedit_cli.errors import ReasonEditError  # noqa: E402
+from reasonedit_cli.staging import STAGING, remove_stale  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -180,6 +186,42 @@ def test_cancel_leaves_the_codebook_unchanged(half_built):
     # and the codebook takes the same edits afterwards
     report = add_edits_ray(Editor(cb), edits, options=RayOptions(), batch_size=2)
     assert len(report.added) == 4 and report.version == Codebook.open(cb).version
+
+
+def test_killed_driver_leaves_the_codebook_unchanged(half_built, edits_file):
+    """SIGKILL of the `reasonedit` process mid-job: only a stale staging folder remains,
+    which nothing reads and the next job or `doctor --repair` removes."""
+    cb, _ = half_built
+    before = snapshot(cb)
+    cmd = [sys.executable, "-m", "reasonedit_cli", "add-edit", "-c", str(cb)]
+    cmd += ["--from", str(edits_file), "--skip-invalid", "--batch-size", "1"]
+    cmd += ["--engine", "ray", "--workers", "1", "--json"]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # its own session: the local Ray instance it starts can be killed with it (below)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any((cb / STAGING).glob("*/keys-*.parquet")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    # Ray's agents of the driver's local instance outlive a SIGKILL: end the job's group
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    after = snapshot(cb)
+    assert {k: v for k, v in after.items() if not k.startswith(STAGING)} == before
+    assert any(k.startswith(STAGING) for k in after)  # it was killed midway
+    rep = Codebook.open(cb).check()
+    assert rep.ok and any("died" in n for n in rep.notes)
+    assert remove_stale(cb)  # what `doctor --repair` and the next Ray job do
+    assert snapshot(cb) == before
+    wait_for_idle_cluster()
 
 
 def test_evaluate_ray_reports_the_local_metrics():
