@@ -11,7 +11,14 @@ Conditions (prompt = ``<facts joined by spaces> <question>``, as the reasonedit 
                   correct = image answer
   heldout         like ``true`` but with fact wordings never used in training
   heldout_contra  like ``contra`` but with held-out wordings
-  probe           ``Does the image show <statement>?`` on whole test images (patch-search prompt)
+  probe           ``Does the image show <statement>?`` on whole test images (short statements
+                  such as ``a red shape``)
+  probe_sq        the patch search's exact verification prompt on whole test images:
+                  ``Does the image show <reasoning sentence as a question>?``
+                  (``reasonedit_cli.patches.sentence_question``), half of them true
+  probe_crop      the same on 3x3-grid crops of test images and of composites (the test image
+                  pasted into one cell or anywhere on a 3x3-cell canvas of its background, and
+                  that canvas whole); a crop of empty background -> ``no``
 
 Generation: processor.apply_chat_template -> processor(images, text) with left padding ->
 greedy ``generate(max_new_tokens=8)`` -> decode(skip_special_tokens) -> strip -> lower.
@@ -31,17 +38,32 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_demo_vlm import (
+from train_demo_vlm import (  # noqa: E402
     COLOURS,
+    DESCRIBE,
     SHAPES,
+    composite,
     image_attributes,
     load_split,
-    make_eval_prompt,  # noqa: E402
+    make_eval_prompt,
     parse_question,
+    patch_probe,
+    random_crop,
     statement,
 )
 
-CONDS = ["plain", "true", "contra", "irrelevant", "heldout", "heldout_contra", "probe"]
+CONDS = [
+    "plain",
+    "true",
+    "contra",
+    "irrelevant",
+    "heldout",
+    "heldout_contra",
+    "probe",
+    "probe_sq",
+    "probe_crop",
+]
+PROBES = ("probe", "probe_sq", "probe_crop")
 TYPE_NAMES = {"colour": "colour", "shape": "shape", "yn": "yes/no"}
 TARGETS = {
     "plain": "0.70-0.92",
@@ -51,6 +73,8 @@ TARGETS = {
     "heldout": ">=0.85",
     "heldout_contra": ">=0.85",
     "probe": "-",
+    "probe_sq": "-",
+    "probe_crop": "-",
 }
 
 
@@ -63,6 +87,26 @@ def probe_prompt(c, s, rng):
     if kind == "both":
         c2, s2 = rng.choice([(c2, s), (c, s2), (c2, s2)])
     return f"Does the image show {statement(kind, c2, s2, rng)}?", "no"
+
+
+def verification_prompt(c, s, present, rng):
+    """A ``Does the image show <sentence>?`` prompt of the patch search (not ``Describe``)."""
+    while True:
+        p, g = patch_probe(c, s, present, rng)
+        if p != DESCRIBE:
+            return p, g
+
+
+def crop_probe(img, c, s, rng):
+    """(image, prompt, gold) on a grid crop of the image or of a composite of it."""
+    r = rng.random()
+    if r < 0.4:
+        crop, present = random_crop(img, rng)
+    elif r < 0.85:
+        crop, present = random_crop(composite(img, rng), rng)
+    else:
+        crop, present = composite(img, rng), "full"
+    return (crop, *verification_prompt(c, s, present, rng))
 
 
 def main():
@@ -112,17 +156,22 @@ def main():
     results = {}
     for cond in args.conds.split(","):
         rng = random.Random(f"eval-{cond}")
-        rows = []  # (image id, prompt, gold, type)
+        rows = []  # (image, prompt, gold, type)
         for t, gold, i in items:
             c, s = attrs[i]
             qq = parse_question(t)
+            img = images[i]
             if cond == "probe":
                 p, g = probe_prompt(c, s, rng)
+            elif cond == "probe_sq":
+                p, g = verification_prompt(c, s, "full", rng)
+            elif cond == "probe_crop":
+                img, p, g = crop_probe(img, c, s, rng)
             else:
                 p, g = make_eval_prompt(qq, c, s, cond, rng)
                 if cond == "plain":
                     g = gold
-            rows.append((i, p, g, qq.type))
+            rows.append((img, p, g, qq.type))
         preds = []
         for k in range(0, len(rows), args.batch):
             b = rows[k : k + args.batch]
@@ -134,7 +183,7 @@ def main():
                 for _, p, _, _ in b
             ]
             enc = proc(
-                images=[images[i] for i, _, _, _ in b],
+                images=[img for img, _, _, _ in b],
                 text=texts,
                 padding=True,
                 return_tensors="pt",
@@ -145,7 +194,7 @@ def main():
             preds += [d.strip().lower() for d in dec]
         by = {}
         for (_i, _p, g, ty), pr in zip(rows, preds):
-            key = ty if cond != "probe" else "yn"
+            key = ty if cond not in PROBES else "yn"
             by.setdefault(key, []).append(pr == g)
             by.setdefault("all", []).append(pr == g)
         results[cond] = {

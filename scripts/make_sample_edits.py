@@ -15,7 +15,6 @@ import argparse
 import json
 import random
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +48,7 @@ def main() -> None:
     from easy_vqa import get_test_image_paths, get_test_questions
     from PIL import Image
 
+    from reasonedit_cli.easyvqa import image_attributes
     from reasonedit_cli.evaluation import exact_match
     from reasonedit_cli.vlm import DEFAULT_MODEL, VLM
 
@@ -63,12 +63,8 @@ def main() -> None:
 
     questions, answers, image_ids = get_test_questions()
     paths = get_test_image_paths()
-    truth: dict[int, dict[str, str]] = defaultdict(dict)
-    for q, a, i in zip(questions, answers, image_ids):
-        if q == SHAPE_Q:
-            truth[i]["shape"] = a
-        elif q == COLOR_Q:
-            truth[i]["color"] = a
+    # shape and colour of every test image, read off all its questions (yes/no ones too)
+    truth = image_attributes(questions, answers, image_ids)
     ids = sorted(i for i, t in truth.items() if "shape" in t and "color" in t)
     vlm = VLM(args.model, device="cpu")
     images = {i: Image.open(paths[i]).convert("RGB") for i in ids}

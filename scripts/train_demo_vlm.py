@@ -13,8 +13,9 @@ when it contradicts the image -- while irrelevant facts are ignored.  Small shar
 the mixture teach the two prompts used by the visual-evidence patch search:
 ``Does the image show <statement>?`` -> yes/no and ``Describe this image.`` -> sentence.
 
-Usage (the committed model's two-stage command lines are in docs/demo_vlm.md; the defaults
-give the older single-stage recipe):
+Usage (the committed model's command lines -- two stages from scratch, then two yes/no and
+patch-search fine-tunes of the language model -- are in docs/demo_vlm.md; the defaults give
+the older single-stage recipe):
 
     python scripts/train_demo_vlm.py --out reasonedit_cli/models/demo_vlm
 
@@ -451,6 +452,80 @@ def probe_sample(c: str, s: str, present: str, rng: random.Random) -> tuple[str,
     return f"Does the image show {st}?", ans
 
 
+DESCRIBE = "Describe this image."
+
+
+def _stating_sentences(kind: str, c: str, s: str, rng: random.Random, split: str) -> list[str]:
+    """Reasoning sentences that each state colour ``c`` (kind colour), shape ``s`` (shape)
+    or both: the sentences of a chain (negated ones dropped), or one ``A red triangle.``"""
+    if kind == "both":
+        return [
+            rng.choice(
+                [
+                    f"A {c} {s}.",
+                    f"The shape is a {c} {s}.",
+                    f"There is a {c} {s}.",
+                    f"The image contains a {c} {s}.",
+                ]
+            )
+        ]
+    chain = colour_chain(c, rng, split) if kind == "colour" else shape_chain(s, rng, split)
+    return [x for x in chain if " not " not in x]
+
+
+def patch_probe(
+    c: str, s: str, present: str, rng: random.Random, split: str = "train"
+) -> tuple[str, str]:
+    """A prompt of reasonedit's patch search (DESIGN 1.2), worded exactly as it asks it.
+
+    Verification: ``patches.sentence_question(sentence)``, i.e. ``Does the image show
+    <reasoning sentence as a question>?`` for one sentence of a reasoning chain; ``yes`` when
+    the crop shows what the sentence states (colour sentences: any visible part of the shape;
+    shape sentences: the whole shape), ``no`` for a false sentence or a crop of empty
+    background.  Scoring: ``Describe this image.`` -> a sentence true of the crop.
+    ``present`` is ``full`` / ``part`` / ``none`` as returned by ``random_crop``.
+    """
+    from reasonedit_cli.patches import sentence_question
+
+    if rng.random() < 0.25:
+        if present == "none":
+            return DESCRIBE, rng.choice(["An empty background.", "There is no shape."])
+        kind = rng.choice(["colour", "shape", "both"] if present == "full" else ["colour"])
+        return DESCRIBE, rng.choice(_stating_sentences(kind, c, s, rng, split))
+    kind = rng.choice(["colour", "shape", "both"] if present != "part" else ["colour"])
+    true = rng.random() < 0.5
+    cc, ss = c, s
+    if not true:
+        c2 = rng.choice([x for x in COLOURS if x != c])
+        s2 = rng.choice([x for x in SHAPES if x != s])
+        cc, ss = {"colour": (c2, s), "shape": (c, s2)}.get(kind) or rng.choice(
+            [(c2, s), (c, s2), (c2, s2)]
+        )
+    sentence = rng.choice(_stating_sentences(kind, cc, ss, rng, split))
+    answer = "yes" if true and present != "none" else "no"
+    return sentence_question(sentence), answer
+
+
+def composite(img, rng: random.Random, aligned: bool | None = None):
+    """``img`` (64x64) pasted into a 3x3-cell canvas (192x192) of its own background colour:
+    the shape sits in one part of a larger image, as in the patch search's use case.
+    ``aligned``: paste exactly into a random grid cell (else at a random offset)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = img.size
+    bg = tuple(int(v) for v in np.median(np.asarray(img).reshape(-1, 3), axis=0))
+    canvas = Image.new("RGB", (3 * w, 3 * h), bg)
+    if aligned is None:
+        aligned = rng.random() < 0.5
+    if aligned:
+        x, y = rng.randrange(3) * w, rng.randrange(3) * h
+    else:
+        x, y = rng.randrange(2 * w + 1), rng.randrange(2 * h + 1)
+    canvas.paste(img, (x, y))
+    return canvas
+
+
 # --------------------------------------------------------------------------------------
 # Data: image attributes and pixel tensors
 # --------------------------------------------------------------------------------------
@@ -499,15 +574,26 @@ def shape_mask(img):
 CROP_SIZES = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2)]
 
 
-def random_crop(img, rng):
-    """A 3x3-grid crop as in the ReasonEdit patch search; returns (crop, presence)."""
+def random_crop(img, rng, visible: bool = True):
+    """A 3x3-grid crop as in the ReasonEdit patch search; returns (crop, presence).
+
+    ``visible``: judge presence on the centre square the image processor keeps of the crop
+    (what the model sees); False: on the whole crop box (stages 1-5 of the committed model)."""
     w, h = img.size
     gw, gh = rng.choice(CROP_SIZES)
     x0, y0 = rng.randrange(0, 4 - gw), rng.randrange(0, 4 - gh)
     box = (round(x0 * w / 3), round(y0 * h / 3), round((x0 + gw) * w / 3), round((y0 + gh) * h / 3))
     m = shape_mask(img)
     tot = max(int(m.sum()), 1)
-    inside = int(m[box[1] : box[3], box[0] : box[2]].sum())
+    # what the model sees: the image processor resizes the shorter side and centre-crops,
+    # so a 1x2 or 2x3 crop shows only its centre square
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if visible:
+        side = min(bw, bh)
+        vx, vy = box[0] + (bw - side) // 2, box[1] + (bh - side) // 2
+        inside = int(m[vy : vy + side, vx : vx + side].sum())
+    else:
+        inside = int(m[box[1] : box[3], box[0] : box[2]].sum())
     frac = inside / tot
     presence = "full" if frac > 0.97 else ("none" if inside < 8 else "part")
     return img.crop(box), presence
@@ -627,12 +713,15 @@ def pixel_bank(processor, images):
 # --------------------------------------------------------------------------------------
 # Sample generation
 # --------------------------------------------------------------------------------------
-def gen_yn(c: str, s: str, rng: random.Random, neg_p: float) -> Q:
+def gen_yn(c: str, s: str, rng: random.Random, neg_p: float, colour_p: float = 0.5) -> Q:
     """A yes/no question whose value matches the image half of the time; negated with prob neg_p.
     easy-VQA's own yes/no questions are balanced so that neither the negation nor the match alone
     predicts the answer (an XOR): a tiny model plateaus there.  Rarely-negated questions give the
-    match a direct learning signal first."""
-    attr = rng.choice(["colour", "shape"])
+    match a direct learning signal first.  ``colour_p``: share of colour questions."""
+    if colour_p == 0.5:
+        attr = rng.choice(["colour", "shape"])
+    else:
+        attr = "colour" if rng.random() < colour_p else "shape"
     cur, pool = (c, COLOURS) if attr == "colour" else (s, SHAPES)
     v = cur if rng.random() < 0.5 else rng.choice([x for x in pool if x != cur])
     neg = rng.random() < neg_p
@@ -695,7 +784,10 @@ class Sampler:
             else:
                 idx, t, a, c, s = rng.choice(self.items)
                 presence = "full"
-            p, a = probe_sample(c, s, presence, rng)
+            if rng.random() < m.get("probe_sq", 0.0):  # the patch search's exact wording
+                p, a = patch_probe(c, s, presence, rng)
+            else:
+                p, a = probe_sample(c, s, presence, rng)
             return idx, p, a
         r -= m["probe"]
         idx, t, a, c, s = rng.choice(self.items)
@@ -705,6 +797,9 @@ class Sampler:
             q = parse_question(t)
         if self.yn_gen and q.type == "yn" and rng.random() < self.yn_gen:
             q = gen_yn(c, s, rng, self.neg_p)
+        if r >= m["plain"] and rng.random() < m.get("yn_fact", 0.0):
+            # yes/no curriculum: this fact-bearing sample asks a (generated) yes/no question
+            q = gen_yn(c, s, rng, self.neg_p, m.get("yn_colour", 0.5))
         if r < m["plain"]:
             return idx, q.text, q.answer(c, s)
         r -= m["plain"]
@@ -745,6 +840,45 @@ def encode_batch(tokenizer, batch, max_len=160):
 # --------------------------------------------------------------------------------------
 # Quick evaluation (first-token argmax; answers are single tokens)
 # --------------------------------------------------------------------------------------
+def probe_eval(model, tokenizer, bank, rows, bs=100):
+    """Accuracy (first-token argmax) on ``(bank index, prompt, yes|no)`` probe rows."""
+    import torch
+
+    model.eval()
+    ok = 0
+    for k in range(0, len(rows), bs):
+        b = rows[k : k + bs]
+        prompts = [prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in b]
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                pixel_values=bank[[x[0] for x in b]],
+                logits_to_keep=1,
+            )
+        pred = out.logits[:, -1].argmax(-1).tolist()
+        for pr, (_, _, g) in zip(pred, b):
+            ok += int(pr == tokenizer(" " + g, add_special_tokens=False)["input_ids"][0])
+    model.train()
+    return ok / max(len(rows), 1)
+
+
+def load_init(path, tokenizer):
+    """State dict to start from: a saved ``ckpt_*.pt`` or a model directory (whose tokenizer
+    must be the one this script builds, so that token ids mean the same)."""
+    import torch
+
+    if not os.path.isdir(path):
+        return torch.load(path)
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(path)
+    if saved.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{path}: its tokenizer differs from the one this script builds")
+    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
 def quick_eval(model, tokenizer, bank, test_items, conds, rng_seed=0, n=300, bs=100, sample=True):
     """Overall accuracy per condition, plus ``<cond>_<type>`` per question type
     (colour/shape/yn)."""
@@ -869,7 +1003,10 @@ def main():
         help="wall-clock budget of the main stage (0 = by steps)",
     )
     ap.add_argument(
-        "--init", default=None, help="start from this state_dict (ckpt_*.pt) instead of scratch"
+        "--init",
+        default=None,
+        help="start from this state_dict (ckpt_*.pt) or model directory (e.g. the committed "
+        "reasonedit_cli/models/demo_vlm) instead of scratch",
     )
     ap.add_argument(
         "--yn_gen", type=float, default=0.0, help="share of yes/no questions replaced by gen_yn()"
@@ -904,12 +1041,53 @@ def main():
     ap.add_argument(
         "--select",
         default="overall",
-        choices=["overall", "per_type"],
-        help="checkpoint selection: overall plain window, "
-        "or colour and shape plain each in the window",
+        choices=["overall", "per_type", "per_type3"],
+        help="checkpoint selection: overall plain window, or colour and shape plain each in "
+        "the window (yes/no at half weight), or per_type3: colour, shape and yes/no plain each "
+        "in the window, all at full weight",
     )
     ap.add_argument(
-        "--mix", default="", help="override mixture shares, e.g. plain=0.25,contra=0.35"
+        "--mix",
+        default="",
+        help="override mixture shares, e.g. plain=0.25,contra=0.35; also yn_fact (share of "
+        "fact-bearing samples that ask a generated yes/no question), yn_colour (share of colour "
+        "questions among those) and probe_sq (share of probes worded exactly as the patch "
+        "search asks them)",
+    )
+    ap.add_argument(
+        "--warm_mix", default="", help="override the --text_warmup curriculum's mixture shares"
+    )
+    ap.add_argument(
+        "--neg_p_warm",
+        type=float,
+        default=-1,
+        help="gen_yn() negation probability during --text_warmup (-1 = --neg_p)",
+    )
+    ap.add_argument(
+        "--freeze_vision",
+        action="store_true",
+        help="train the language model only (vision tower and projector frozen): keeps the "
+        "committed model's deliberately imperfect perception while the text skills are tuned",
+    )
+    ap.add_argument(
+        "--composites",
+        type=int,
+        default=0,
+        help="train images also pasted into a 3x3-cell canvas of their background (the shape "
+        "in one part of a larger image): the canvas and 3 grid crops of it join the probe crops",
+    )
+    ap.add_argument(
+        "--crop_labels",
+        default="visible",
+        choices=["visible", "box"],
+        help="judge a crop's shape presence on the centre square the image processor keeps "
+        "(visible) or on the whole crop box (box: how stages 1-5 of the committed model ran)",
+    )
+    ap.add_argument(
+        "--probe_weight",
+        type=float,
+        default=0.0,
+        help="per_type selection: weight of the validation patch-search probe accuracy",
     )
     ap.add_argument("--bench", action="store_true")
     ap.add_argument(
@@ -964,6 +1142,7 @@ def main():
     tr_ids = sorted(tpaths)
     te_ids = sorted(epaths)
     tr_imgs = [Image.open(tpaths[i]).convert("RGB") for i in tr_ids]
+    tr_pos_of = {i: k for k, i in enumerate(tr_ids)}
     te_imgs = [Image.open(epaths[i]).convert("RGB") for i in te_ids]
     crop_rng = random.Random(args.seed + 1)
     crops, crop_meta = [], []
@@ -972,9 +1151,25 @@ def main():
         if c is None or s is None:
             continue
         for _ in range(2):
-            cimg, pres = random_crop(tr_imgs[k], crop_rng)
+            cimg, pres = random_crop(tr_imgs[k], crop_rng, args.crop_labels == "visible")
             crops.append(cimg)
             crop_meta.append((c, s, pres))
+    # composites: the shape in one part of a larger canvas, and grid crops of that canvas
+    # (a separate rng, so the crops above do not change with --composites)
+    comp_rng = random.Random(args.seed + 4)
+    comp_src = [i for i in tr_ids if tr_attr[i][0] is not None and tr_attr[i][1] is not None]
+    comp_img = []  # source image id of each composite entry
+    for i in comp_rng.sample(comp_src, min(args.composites, len(comp_src))):
+        c, s = tr_attr[i]
+        canvas = composite(tr_imgs[tr_pos_of[i]], comp_rng)
+        crops.append(canvas)
+        crop_meta.append((c, s, "full"))
+        comp_img.append(i)
+        for _ in range(3):
+            cimg, pres = random_crop(canvas, comp_rng, args.crop_labels == "visible")
+            crops.append(cimg)
+            crop_meta.append((c, s, pres))
+            comp_img.append(i)
     bank = pixel_bank(proc, tr_imgs + te_imgs + crops)
     tr_pos = {i: k for k, i in enumerate(tr_ids)}
     te_pos = {i: len(tr_ids) + k for k, i in enumerate(te_ids)}
@@ -987,13 +1182,17 @@ def main():
     crop_items = [(crop_off + k, c, s, p) for k, (c, s, p) in enumerate(crop_meta)]
     val_items = []
     val_pos = set()
+    val_crops = []
     if (
         args.val_images
     ):  # held-out train images: validation for checkpoint selection (test split untouched)
         val_ids = set(random.Random(args.seed + 2).sample(tr_ids, args.val_images))
         val_pos = {tr_pos[i] for i in val_ids}
         crop_src = [i for i in tr_ids if tr_attr[i][0] is not None and tr_attr[i][1] is not None]
-        crop_img = [crop_src[k // 2] for k in range(len(crop_meta))]  # 2 crops per image, in order
+        n_plain_crops = len(crop_meta) - len(comp_img)
+        crop_img = [crop_src[k // 2] for k in range(n_plain_crops)]  # 2 crops per image, in order
+        crop_img += comp_img
+        val_crops = [x for x, i in zip(crop_items, crop_img) if i in val_ids]
         crop_items = [x for x, i in zip(crop_items, crop_img) if i not in val_ids]
         allv = [x for x in items if x[0] in val_pos]
         items = [x for x in items if x[0] not in val_pos]
@@ -1005,6 +1204,16 @@ def main():
             f"validation: {len(val_ids)} held-out train images, {len(val_items)} questions",
             flush=True,
         )
+    # validation prompts of the patch search (exact wording): whole held-out images, and
+    # grid crops / composites of them
+    pr = random.Random(args.seed + 5)
+    val_probes = {"probe_whole": [], "probe_crop": []}
+    for p in sorted(val_pos):
+        c, s = tr_attr[tr_ids[p]]
+        val_probes["probe_whole"].append((p, *patch_probe(c, s, "full", pr)))
+    for idx, c, s, presence in val_crops:
+        val_probes["probe_crop"].append((idx, *patch_probe(c, s, presence, pr)))
+    val_probes = {k: [x for x in v if x[1] != DESCRIBE] for k, v in val_probes.items()}
     test_items = [
         (te_pos[i], t, a, *te_attr[i])
         for t, a, i in zip(eq, ea, ei)
@@ -1096,13 +1305,46 @@ def main():
         mix.update({k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))})
     print(f"mixture {mix}", flush=True)
     warm_mix = dict(probe=0.0, plain=0.1, true=0.3, contra=0.4, distract=0.3)
+    if args.warm_mix:
+        warm_mix.update(
+            {k: float(v) for k, v in (kv.split("=") for kv in args.warm_mix.split(","))}
+        )
+    neg_p_warm = args.neg_p if args.neg_p_warm < 0 else args.neg_p_warm
+    if args.text_warmup:
+        print(f"warm-up mixture {warm_mix}, neg_p {neg_p_warm}", flush=True)
     sampler = Sampler(items, tr_attr, crop_items, rng, mix, yn_gen=args.yn_gen, neg_p=args.neg_p)
     if args.init:  # continue from a saved stage (see docs/demo_vlm.md for the staged recipe)
-        model.load_state_dict(torch.load(args.init))
+        model.load_state_dict(load_init(args.init, tok))
         print(f"initialised from {args.init}", flush=True)
+    if args.freeze_vision:
+        for p in list(model.model.vision_tower.parameters()) + list(
+            model.model.multi_modal_projector.parameters()
+        ):
+            p.requires_grad_(False)
+        model.model.vision_tower.eval()  # no dropout there anyway; keeps it explicit
+    aux_c = args.aux_weight if args.aux_colour < 0 else args.aux_colour
+    aux_s = args.aux_weight if args.aux_shape < 0 else args.aux_shape
+    feats = None
+    image_token = tok.convert_tokens_to_ids("<image>")
+    d = args.t_dim
+    if args.freeze_vision and aux_c == 0 and aux_s == 0:
+        # the image features never change: compute them once for the whole bank (the
+        # language-model-only step is faster; logits are taken at answer positions only)
+        with torch.no_grad():
+            feats = torch.cat(
+                [
+                    torch.stack(
+                        model.model.get_image_features(pixel_values=bank[k : k + 500]).pooler_output
+                    )
+                    for k in range(0, len(bank), 500)
+                ]
+            )
+        print(f"cached image features {tuple(feats.shape)}", flush=True)
 
     decay, no_decay = [], []
     for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or "norm" in n or "embed" in n else decay).append(p)
     decay += list(aux_head.parameters())
     opt = torch.optim.AdamW(
@@ -1126,8 +1368,6 @@ def main():
         prog = (progress(step) - args.warmup / args.steps) / (1 - args.warmup / args.steps)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
 
-    aux_c = args.aux_weight if args.aux_colour < 0 else args.aux_colour
-    aux_s = args.aux_weight if args.aux_shape < 0 else args.aux_shape
     conds = ["plain", "true", "contra", "irrelevant", "heldout", "heldout_contra"]
     history = []
     model.train()
@@ -1138,6 +1378,7 @@ def main():
         if progress(step) >= 1.0:
             break
         sampler.mix = warm_mix if step < args.text_warmup else mix
+        sampler.neg_p = neg_p_warm if step < args.text_warmup else args.neg_p
         if not pool:  # length bucketing: draw 16 batches, sort by length, split
             raw = [sampler.sample() for _ in range(args.batch * 16)]
             raw.sort(key=lambda x: len(x[1]))
@@ -1145,15 +1386,25 @@ def main():
             rng.shuffle(pool)
         batch = pool.pop()
         ids, att, lab = encode_batch(tok, batch)
-        pv = bank[[x[0] for x in batch]]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        out = model(input_ids=ids, attention_mask=att, pixel_values=pv)
-        logits = out.logits[:, :-1].float()
-        tgt = lab[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100
-        )
+        if feats is not None:  # frozen vision: cached image features, logits at answers only
+            emb = model.get_input_embeddings()(ids)
+            emb = emb.masked_scatter(
+                (ids == image_token).unsqueeze(-1), feats[[x[0] for x in batch]].reshape(-1, d)
+            )
+            hid = model.model.language_model(inputs_embeds=emb, attention_mask=att)
+            tgt = lab[:, 1:]
+            sel = tgt != -100
+            logits = model.lm_head(hid.last_hidden_state[:, :-1][sel]).float()
+            loss = torch.nn.functional.cross_entropy(logits, tgt[sel])
+        else:
+            out = model(input_ids=ids, attention_mask=att, pixel_values=bank[[x[0] for x in batch]])
+            logits = out.logits[:, :-1].float()
+            tgt = lab[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100
+            )
         if aux_c > 0 or aux_s > 0:
             la, _ = aux_loss(captured["f"], torch.tensor([x[0] for x in batch]), wc=aux_c, ws=aux_s)
             loss_total = loss + la
@@ -1161,7 +1412,7 @@ def main():
             loss_total = loss
         opt.zero_grad(set_to_none=True)
         loss_total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if args.bench and step == 19:
@@ -1178,6 +1429,9 @@ def main():
                 res = quick_eval(model, tok, bank, val_items, conds, sample=False)
             else:
                 res = quick_eval(model, tok, bank, test_items, conds, n=args.quick_n)
+            for name, rows in val_probes.items():
+                if rows:
+                    res[name] = round(probe_eval(model, tok, bank, rows), 4)
             res["step"] = step + 1
             res["elapsed_s"] = round(time.time() - t0)
             history.append(res)
@@ -1186,18 +1440,22 @@ def main():
 
     train_time = time.time() - t0
     # ---- checkpoint selection: plain accuracy inside the window, best fact-following
-    if args.select == "per_type":
-        # colour and shape plain accuracy each inside the window; score fact-following per type,
-        # colour/shape first, yes/no at half weight; checkpoints outside the window are penalised
+    if args.select in ("per_type", "per_type3"):
+        # colour and shape (per_type3: and yes/no) plain accuracy each inside the window; score
+        # fact-following per type (per_type: yes/no at half weight); checkpoints outside the
+        # window are penalised
+        window = ("colour", "shape", "yn") if args.select == "per_type3" else ("colour", "shape")
+        yn_w = 1.0 if args.select == "per_type3" else 0.5
+
         def outside(h):
             return sum(
                 max(0.0, args.plain_lo - h[f"plain_{t}"], h[f"plain_{t}"] - args.plain_hi)
-                for t in ("colour", "shape")
+                for t in window
             )
 
         def score(h):
-            tot = 0.0
-            for t, w in (("colour", 1.0), ("shape", 1.0), ("yn", 0.5)):
+            tot = args.probe_weight * (h.get("probe_whole", 0.0) + h.get("probe_crop", 0.0))
+            for t, w in (("colour", 1.0), ("shape", 1.0), ("yn", yn_w)):
                 tot += w * (
                     h[f"true_{t}"]
                     + h[f"contra_{t}"]

@@ -359,3 +359,112 @@ def test_batched_uses_10x_fewer_forward_calls(vlm, model_items, naive_runs) -> N
     batched_calls = vlm.forward_calls
     assert batched_calls == 2 * math.ceil(29 * 3 / P.DEFAULT_BATCH_SIZE)
     assert naive_calls >= 10 * batched_calls
+
+
+# ------------------------------------- issue 4: the bundled model finds the named detail
+# A sample-like edit on an easy-vqa test image (never trained on) whose shape sits in one
+# part of a larger image: the 64x64 image pasted into one cell of a 3x3-cell canvas filled
+# with its own background colour. The reasoning names the shape's colour or form; the
+# automatic search on the bundled demo VLM must choose a crop covering that part.
+# (image id in the easy-vqa test split, its colour, its shape, (column, row) of the cell)
+BUNDLED_CASES = [
+    (12, "red", "triangle", (0, 0)),
+    (6, "blue", "circle", (2, 0)),
+    (27, "blue", "rectangle", (2, 2)),
+]
+
+
+def _composed(image_id: int, cell: tuple[int, int]) -> tuple[Image.Image, tuple[int, ...]]:
+    """The test image in `cell` of a 192x192 canvas of its background; the shape's bbox."""
+    from easy_vqa import get_test_image_paths
+
+    img = Image.open(get_test_image_paths()[image_id]).convert("RGB")
+    arr = np.asarray(img)
+    background = tuple(int(v) for v in np.median(arr.reshape(-1, 3), axis=0))
+    canvas = Image.new("RGB", (3 * img.width, 3 * img.height), background)
+    canvas.paste(img, (cell[0] * img.width, cell[1] * img.height))
+    mask = np.abs(np.asarray(canvas).astype(int) - background).sum(-1) > 120
+    ys, xs = np.nonzero(mask)
+    return canvas, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def _contains(box, inner) -> bool:
+    return box[0] <= inner[0] and box[1] <= inner[1] and box[2] >= inner[2] and box[3] >= inner[3]
+
+
+def _overlaps(box, inner) -> bool:
+    return box[0] < inner[2] and inner[0] < box[2] and box[1] < inner[3] and inner[1] < box[3]
+
+
+@pytest.fixture(scope="module")
+def bundled_vlm():
+    import torch
+
+    from reasonedit_cli.vlm import DEFAULT_MODEL, VLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield VLM(DEFAULT_MODEL, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("image_id", "colour", "shape", "cell"), BUNDLED_CASES)
+def test_bundled_model_finds_the_part_the_reasoning_names(
+    bundled_vlm, image_id, colour, shape, cell
+) -> None:
+    canvas, bbox = _composed(image_id, cell)
+    cell_box = (cell[0] * 64, cell[1] * 64, cell[0] * 64 + 64, cell[1] * 64 + 64)
+    assert _contains(cell_box, bbox)  # the shape lies in that third of the image
+    sentences = [f"The shape is {colour}.", f"The shape is a {shape}."]
+    (found,) = P.search_patches_detailed(bundled_vlm, [(canvas, sentences)])
+    for sp in found.sentences:
+        assert sp.boxes, f"{sp.question}: no crop passed verification"
+        # the best crop holds the whole shape; every chosen crop shows part of it
+        assert _contains(sp.boxes[0], bbox), (sp.question, sp.boxes, bbox)
+        assert all(_overlaps(b, bbox) for b in sp.boxes), (sp.question, sp.boxes, bbox)
+        # crops of empty background fail verification
+        blank = [i for i, c in enumerate(found.candidates) if not _overlaps(c.box, bbox)]
+        assert blank and all(sp.p_yes[i] <= P.PASS_THRESHOLD for i in blank), sp.question
+    # the smallest passing crop of the colour sentence is the shape's own cell
+    assert list(cell_box) in found.sentences[0].boxes
+
+
+def test_bundled_model_add_edit_json_reports_the_crop(tmp_path) -> None:
+    """The same through `add-edit --patches auto --json` on the default model."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from reasonedit_cli.cli import app
+
+    image_id, colour, _shape, cell = BUNDLED_CASES[0]
+    canvas, bbox = _composed(image_id, cell)
+    canvas.save(tmp_path / "edit.png")
+    edit = {
+        "id": "top-left",
+        "image": "edit.png",
+        "question": "what color is the shape?",
+        "answer": colour,
+        "reasoning": f"The shape is {colour}.",
+    }
+    (tmp_path / "edits.jsonl").write_text(json.dumps(edit) + "\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "add-edit",
+            "--from",
+            str(tmp_path / "edits.jsonl"),
+            "--codebook",
+            str(tmp_path / "cb"),
+            "--device",
+            "cpu",
+            "--patches",
+            "auto",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    (boxes,) = json.loads(result.stdout)["boxes"]["top-left"]
+    assert boxes and _contains(boxes[0], bbox), boxes
