@@ -311,8 +311,9 @@ def cmd_insert_child(args: argparse.Namespace) -> dict:
             w.add(edits, keys)
         out[f"{step}_s"] = time.perf_counter() - t0
         out[f"{step}_written_MB"] = _new_bytes(root, before) / 1e6
+        out[f"{step}_keys_before"] = cb.manifest["derived"]["keys"] - len(keys)
     d = cb.manifest["derived"]
-    out["keys_before"], out["keys_added"] = n0, cb.n_keys - n0
+    out["keys_before"], out["keys_per_batch"] = n0, len(keys)
     out["delta_files"] = {k: len(v) for k, v in d.get("deltas", {}).items()}
     if args.compact:
         before = _inodes(root)
@@ -351,7 +352,7 @@ def cmd_insert(args: argparse.Namespace) -> dict:
             f: statistics.median(x[f] for x in rs)
             for f in ("cold_s", "warm_s", "cold_written_MB", "warm_written_MB", "peak_rss_GB")
         }
-        med[key]["keys_added_per_batch"] = rs[0]["keys_added"]
+        med[key]["keys_per_batch"] = rs[0]["keys_per_batch"]
         med[key]["delta_files"] = rs[0]["delta_files"]
         comp = [x for x in rs if "compact_s" in x]
         if comp:

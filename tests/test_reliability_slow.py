@@ -199,8 +199,8 @@ def test_full_damage_fuzz(tmp_path, tiny_llava):
     img = shape_image(tmp_path / "q.png", "circle", "red")
     t0 = time.monotonic()
     big = build_synthetic_codebook(tmp_path / "big", n_edits=250, keys_per_edit=9, dim=16)
-    small = build_synthetic_codebook(
-        tmp_path / "small", n_edits=40, keys_per_edit=4, hnsw_min_keys=100
+    small = build_synthetic_codebook(  # with derived-index deltas (sigma, lists, graph)
+        tmp_path / "small", n_edits=40, keys_per_edit=4, hnsw_min_keys=100, keep_deltas=True
     )
     assert Codebook.open(big).manifest["derived"]["files"].get("hnsw")
     cli_cb = tmp_path / "cli"
