@@ -8,6 +8,7 @@ Subcommands (each prints medians and ratios measured in the same run):
 
     python benchmarks/bench_retrieval.py build  --n 100000 --dir /tmp/cb100k
     python benchmarks/bench_retrieval.py search --dir /tmp/cb100k [--fetch 100:128,200:256]
+    python benchmarks/bench_retrieval.py tau    --dir /tmp/cb100k
     python benchmarks/bench_retrieval.py sigma  --dir /tmp/cb100k --sample 20000
     python benchmarks/bench_retrieval.py insert --dir /tmp/cb100k --edits 200,1000
     python benchmarks/bench_retrieval.py open   --dir /tmp/cb100k
@@ -220,6 +221,45 @@ def cmd_search(args: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_tau(args: argparse.Namespace) -> dict:
+    """What `retrieve` uses: the default search's hits under tau vs exact search's."""
+    from reasonedit_cli import codebook as C
+    from reasonedit_cli import retrieval as R
+
+    cb = C.Codebook.open(args.dir)
+    v, sigma, tau = cb.vectors(), cb.sigma(), cb.tau
+    q = _queries(cb, args.queries)
+    half = len(q) // 2
+    v_sq = np.einsum("ij,ij->i", v, v)
+    agree, rec = [], []
+    for s in range(0, len(q), 50):
+        qq = q[s : s + 50]
+        sq = v_sq[None] - 2 * qq @ v.T + np.einsum("ij,ij->i", qq, qq)[:, None]
+        corr = np.sqrt(np.maximum(sq, 0)) / sigma[None].astype(np.float32)
+        cand = np.argpartition(corr, 64, axis=1)[:, :64]
+        for i in range(len(qq)):
+            rows = cand[i]
+            c = R.direct_l2(qq[i], v[rows]) / sigma[rows]
+            truth = {int(rows[j]) for j in np.lexsort((rows, c))[:5] if c[j] <= tau}
+            got = {r for r, _, cc in cb.search(qq[i], 5)[0] if cc <= tau}
+            agree.append(bool(truth) == bool(got))
+            if truth:
+                rec.append(len(truth & got) / len(truth))
+    a = np.array(agree)
+    out = {
+        "keys": len(v),
+        "tau": tau,
+        "queries": len(q),
+        "accept_reject_agreement": float(a.mean()),
+        "agreement_near_duplicates": float(a[:half].mean()),
+        "agreement_fresh": float(a[half:].mean()),
+        "queries_with_hits_under_tau": len(rec),
+        "recall_of_hits_under_tau": float(np.mean(rec)) if rec else None,
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
 def cmd_sigma(args: argparse.Namespace) -> dict:
     """sigma from the stored (approximate above KNN_EXACT_MAX_KEYS) lists vs exact, on a sample."""
     from reasonedit_cli import codebook as C
@@ -385,7 +425,8 @@ t1 = time.perf_counter()
 cb = Codebook.open(sys.argv[1])
 r = retrieve(cb, np.full(cb.dim, 0.1, np.float32))
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1,
+rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1, "rss_after_bytes": rss,
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -416,6 +457,7 @@ def cmd_open(args: argparse.Namespace) -> dict:
         ),
         "import_s_median": statistics.median(r["import_s"] for r in runs),
         "peak_rss_GB": peak / 1e9,
+        "rss_after_open_GB": statistics.median(r["rss_after_bytes"] for r in runs) / 1e9,
         "raw_vectors_GB": raw / 1e9,
         "hnsw_file_GB": hnsw / 1e9,
         "key_segments_GB": seg / 1e9,
@@ -454,7 +496,7 @@ def cmd_all(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "search", "sigma", "insert", "insert-child", "open", "all"):
+    for name in ("build", "search", "tau", "sigma", "insert", "insert-child", "open", "all"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=None)
         p.add_argument("--n", type=int, default=10_000)
@@ -483,6 +525,7 @@ def main() -> None:
     {
         "build": cmd_build,
         "search": cmd_search,
+        "tau": cmd_tau,
         "sigma": cmd_sigma,
         "insert": cmd_insert,
         "insert-child": cmd_insert_child,
