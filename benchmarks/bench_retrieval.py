@@ -14,8 +14,9 @@ Subcommands (each prints medians and ratios measured in the same run):
     python benchmarks/bench_retrieval.py open   --dir /tmp/cb100k
     python benchmarks/bench_retrieval.py all    --sizes 10000,100000 --workdir /tmp/bench
 
-`search` compares the codebook's ANN path (hnswlib + exact re-rank by corrected distance;
-`--fetch F:EF:SCAN` sweeps SEARCH_FETCH, SEARCH_EF and SEARCH_SIGMA_SCAN, 0 = no sigma bound)
+`search` compares the codebook's ANN path (hnswlib + the lifted graph of large-sigma keys
++ exact re-rank by corrected distance; `--fetch F:EF:SCAN[:LIFT]` sweeps SEARCH_FETCH,
+SEARCH_EF and SEARCH_SIGMA_SCAN, 0 = no sigma bound, and LIFT 0 turns the lifted graph off)
 with the reference approach (the published ReasonEdit code brute-forces its codebook:
 here numpy float32 distances to every key, divided by sigma); recall@5 is measured
 against exact corrected-distance search. `insert` appends batches of edits x 5 keys to
@@ -182,10 +183,15 @@ def cmd_search(args: argparse.Namespace) -> dict:
     }
     rows = []
     saved = C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN
+    lift = cb._lift_index()
     try:
         for spec in args.fetch.split(","):
-            fetch, ef, scan = ([int(x) for x in spec.split(":")] + [saved[2]])[:3]
+            parts = [int(x) for x in spec.split(":")]
+            fetch, ef = parts[0], parts[1]
+            scan = parts[2] if len(parts) > 2 else saved[2]
+            use_lift = parts[3] if len(parts) > 3 else 1
             C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = fetch, ef, scan
+            cb._lift, cb._lift_loaded = (lift if use_lift else None), True
             cb._sigma_desc = None
             cb.search(q[:5], 5)  # warm
             times, cpu, got = [], [], []
@@ -205,6 +211,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
                     "fetch": fetch,
                     "ef": max(ef, 10, fetch),
                     "sigma_scan": scan,
+                    "lift": lift is not None and bool(use_lift),
                     "ann_ms_median": ms,
                     "ann_ms_p95": p95,
                     "ann_cpu_ms_median": statistics.median(cpu) * 1e3,
@@ -216,6 +223,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
             )
     finally:
         C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = saved
+        cb._lift, cb._sigma_desc = lift, None
     res["ann"] = rows
     print(json.dumps(res, indent=2), flush=True)
     return res
@@ -502,7 +510,7 @@ def main() -> None:
         p.add_argument("--n", type=int, default=10_000)
         p.add_argument("--queries", type=int, default=400)
         p.add_argument("--ref-queries", type=int, default=30)
-        p.add_argument("--fetch", default="200:256:0,100:128,200:256,100:128:1024,200:256:1024")
+        p.add_argument("--fetch", default="200:256:0:0,100:128:2048:0,100:128:0,100:128")
         p.add_argument("--sample", type=int, default=20_000)
         p.add_argument("--edits", default="1000", help="edits per batch (comma list: several)")
         p.add_argument("--runs", type=int, default=3)

@@ -466,6 +466,8 @@ class Codebook:
         self._hnsw: list[D.Graph] | None = None  # base graph + small graphs of recent adds
         self._pair_sample: np.ndarray | None = None
         self._sigma_desc: tuple[np.ndarray, ...] | None = None
+        self._lift: D.Lift | None = None  # lifted graph of large-sigma keys (derived.py)
+        self._lift_loaded = False
 
     # -- manifest views ---------------------------------------------------
 
@@ -805,7 +807,17 @@ class Codebook:
 
     def _load_graph(self, entry: dict, start: int, stop: int) -> Any:
         """One hnswlib graph part from index/ after verifying its checksum, else None."""
-        dim = self.dim
+        index = self._load_hnsw_file(entry, self.dim or 0, stop - start)
+        if index is None:
+            return None
+        if start:  # a small part: its labels must be its rows (cheap to check)
+            ids = np.asarray(index.get_ids_list(), dtype=np.int64)
+            if ids.min() != start or ids.max() != stop - 1:
+                return None
+        return index
+
+    def _load_hnsw_file(self, entry: dict, dim: int, count: int) -> Any:
+        """An hnswlib file of `count` items from index/, checksum verified first, else None."""
         if not dim:
             return None
         # Load from a private copy of the verified bytes: the codebook file could change
@@ -821,19 +833,51 @@ class Codebook:
             if h.hexdigest() != entry["sha256"]:
                 return None
             index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
-            index.load_index(tmp, max_elements=max(stop - start, 1))
+            index.load_index(tmp, max_elements=max(count, 1))
         except (RuntimeError, OSError, ValueError, KeyError, TypeError):
             return None
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        if index.get_current_count() != stop - start:
+        if index.get_current_count() != count:
             return None
-        if start:  # a small part: its labels must be its rows (cheap to check)
-            ids = np.asarray(index.get_ids_list(), dtype=np.int64)
-            if ids.min() != start or ids.max() != stop - 1:
-                return None
         return index
+
+    def _load_lift(self) -> tuple[D.Lift | None, str | None]:
+        """The persisted lifted graph, verified: (lift, None); (None, None) when the
+        manifest lists none (codebooks below hnsw_min_keys, or written before it); (None,
+        the file that failed) when damaged."""
+        files = self._derived_entries().get("files") or {}
+        eh, er, ep = files.get("lift_hnsw"), files.get("lift_rows"), files.get("lift_params")
+        if not (eh or er or ep):
+            return None, None
+        dim, n = self.dim or 0, self.n_keys
+        at = er
+        try:
+            m = _int_in(er["count"], 1, n)
+            rows = self._load_npy(er, (m,), np.dtype(np.int64))
+            if rows is None:
+                return None, _entry_path(er, "lift_rows")
+            at = ep
+            params = self._load_npy(ep, (D.LIFT_PARAMS + 2 * dim,), np.dtype(np.float64))
+            if params is None or not D.valid_lift(rows, params, n, dim):
+                return None, _entry_path(ep, "lift_params")
+            at = eh
+            index = self._load_hnsw_file(eh, dim + 3, m)
+            ids = np.asarray(index.get_ids_list(), dtype=np.int64) if index is not None else None
+            if ids is None or ids.min() != 0 or ids.max() != m - 1:
+                return None, _entry_path(eh, "lift_hnsw")
+        except _ENTRY_ERRORS:
+            return None, _entry_path(at, "lift")
+        entries = {"lift_hnsw": eh, "lift_rows": er, "lift_params": ep}
+        return D.Lift(index, rows, params, entries), None
+
+    def _lift_index(self) -> D.Lift | None:
+        """The lifted graph for search, or None (then search scans large sigmas only)."""
+        if not self._lift_loaded:
+            self._lift, _ = self._load_lift()
+            self._lift_loaded = True
+        return self._lift
 
     def _load_graphs(self, rebuild: bool) -> tuple[list[D.Graph] | None, list[str]]:
         """The persisted graph parts (base + small graphs of recent adds), verified.
@@ -889,8 +933,10 @@ class Codebook:
 
         Returns per query a list of (row, raw L2 distance, corrected distance), best
         first. method: "exact" (numpy brute force), "hnsw", or "auto" (hnsw from
-        `hnsw_min_keys` keys on). The hnsw path over-fetches candidates by raw distance
-        and re-ranks them exactly, since the correction can reorder neighbours.
+        `hnsw_min_keys` keys on). The hnsw path over-fetches candidates by raw distance,
+        adds those of the lifted graph (the large-sigma keys, searched by corrected
+        distance: derived.py), and re-ranks them exactly, since the correction can
+        reorder neighbours.
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -909,7 +955,7 @@ class Codebook:
         v = self.vectors()
         k = min(k, n)
         use_hnsw = method == "hnsw" or (method == "auto" and n >= self.hnsw_min_keys)
-        bound = None
+        bound, lift = None, None
         if use_hnsw:
             # Candidates by raw distance; the correction reorders neighbours, which the
             # sigma bound below completes.
@@ -923,6 +969,14 @@ class Codebook:
                 raise CodebookError(f"codebook {self.path}: hnsw index labels out of range")
             if bound is not None:
                 bound = bound * (1.0 - 1e-5)
+            lift = self._lift_index()
+            if lift is not None:
+                # isolated keys that win by sigma, far down the raw order (derived.py)
+                f = min(len(lift.rows), max(D.LIFT_FETCH, k))
+                with self._hnsw_lock:
+                    lift.index.set_ef(max(D.LIFT_EF, f))
+                    lab, _ = lift.index.knn_query(D.lift_queries(q, lift.params), k=f)
+                cand = np.concatenate([cand, lift.rows[lab.astype(np.int64)]], axis=1)
         else:
             # Exact: corrected distances to every key, shortlisted for the exact re-rank.
             fetch = min(n, 4 * k + 16)
@@ -941,7 +995,7 @@ class Codebook:
         out = []
         for i in range(len(q)):
             # Both paths end in the same exact re-rank, so they return identical numbers.
-            rows = cand[i]
+            rows = cand[i] if lift is None else np.unique(cand[i])  # lift repeats some
             raw = R.direct_l2(q[i], v[rows])
             corr = raw / sigma[rows]
             if bound is not None:
@@ -966,10 +1020,15 @@ class Codebook:
 
         Screens at most SEARCH_SIGMA_SCAN keys, the largest sigmas first, in float32
         against a cached contiguous copy of their vectors; the caller re-ranks exactly.
+        Keys in the lifted graph are left out: its search covers them.
         """
         if self._sigma_desc is None:
-            sigma = self.sigma()
+            sigma = self.sigma().copy()
+            lift = self._lift_index()
+            if lift is not None:
+                sigma[lift.rows] = -np.inf
             order = np.argsort(-sigma, kind="stable")[:SEARCH_SIGMA_SCAN]
+            order = order[sigma[order] > -np.inf]
             vecs = np.ascontiguousarray(self.vectors()[order])
             self._sigma_desc = (order, sigma[order], vecs, np.einsum("ij,ij->i", vecs, vecs))
         order, values, vecs, v_sq = self._sigma_desc
@@ -1038,6 +1097,16 @@ class Codebook:
         derived_bad += [f"{f} is missing or damaged" for f in self._load_graphs(rebuild=False)[1]]
         if n >= self.hnsw_min_keys and not files.get("hnsw"):
             derived_bad.append("hnsw index is not persisted")
+        lift_bad = self._load_lift()[1] if n else None
+        if lift_bad:
+            derived_bad.append(f"{lift_bad} is missing or damaged")
+        lift_missing = bool(n >= self.hnsw_min_keys and files.get("hnsw") and not lift_bad)
+        lift_missing = lift_missing and not files.get("lift_hnsw")
+        if lift_missing and not repair:
+            rep.notes.append(
+                "the lifted graph of large-sigma keys is not persisted (a codebook written "
+                "before it; `doctor --repair` builds it)"
+            )
         n_deltas = sum(len(self._deltas(part)) for part in ("sigma", "knn", "hnsw"))
         if images:
             shas = set(self.edits_table().column("image_sha256").to_pylist())
@@ -1057,11 +1126,13 @@ class Codebook:
         from .staging import check_staging  # staging/ of Ray jobs: never read, not a problem
 
         check_staging(self.path, rep, repair=repair)
-        if (derived_bad or n_deltas) and repair:
+        if (derived_bad or n_deltas or lift_missing) and repair:
             # rebuild what is damaged and fold every delta into new base files
             with self.writer(lock_timeout) as w:
                 w.compact()
             rep.repaired.extend(derived_bad)
+            if lift_missing:
+                rep.repaired.append("built the lifted graph of large-sigma keys")
             if n_deltas:
                 rep.notes.append(f"derived index compacted ({n_deltas} delta files folded in)")
             rep.version = self.version
@@ -1653,9 +1724,10 @@ class CodebookWriter:
             ) from e
         self._pending_config = {}
         # Hand the computed state to the caller's Codebook instead of rereading it.
-        keys, edits, d, h = new._keys, new._edits, new._derived, new._hnsw
+        keys, edits, d, h, lift = new._keys, new._edits, new._derived, new._hnsw, new._lift
         cb._set_manifest(json.loads(data))
         cb._keys, cb._edits, cb._derived, cb._hnsw = keys, edits, d, h
+        cb._lift, cb._lift_loaded = lift, True
         self._gc_derived(old)
         return version
 
@@ -1726,6 +1798,11 @@ class CodebookWriter:
             rewrite.append("knn")
         if graphs and (any(g.entry is None for g in graphs) or (compact and len(graphs) > 1)):
             rewrite.append("hnsw")
+        # the lifted graph: rebuilt when damaged; compaction also builds a missing one
+        lift, lift_bad = (None, None) if not graphs else cb._load_lift()
+        new._lift = lift
+        if graphs and (lift_bad or (compact and lift is None)):
+            rewrite.append("lift")
         return self._write_bases(new, tag, tuple(rewrite))
 
     def _derive_append(self, new: Codebook, old_n: int, tag: str) -> dict:
@@ -1757,6 +1834,9 @@ class CodebookWriter:
         raw[touched] = R.sigma_raw_from_knn(dist[touched])
         d = _Derived(raw, idx, dist)
         new._derived, new._hnsw = d, graphs
+        # the lifted graph stays valid for the old rows (appends only shrink sigmas); new
+        # keys are searched through their graph part and the sigma scan
+        new._lift = cb._lift_index() if graphs else None
         rewrite: list[str] = []
         extra = {"keys": n, "version": new.version}
         # sigma: a patch of the touched rows
@@ -1813,7 +1893,31 @@ class CodebookWriter:
             index = self._fold_graphs(new._hnsw, n)
             e = self._save_graph(index, f"index/hnsw-{tag}.bin")
             new._hnsw = [D.Graph(index, 0, n, dict(e, rows=n))]
+        if ("hnsw" in parts or "lift" in parts) and new._hnsw:
+            new._lift = self._write_lift(new, tag)
+        elif not new._hnsw:
+            new._lift = None
         return self._layout(new)
+
+    def _write_lift(self, new: Codebook, tag: str) -> D.Lift:
+        """Build and write the lifted graph of new's largest-sigma keys (derived.py)."""
+        vecs, sigma = new.vectors(), new._derived.sigma
+        rows = D.lift_members(sigma)
+        params = D.lift_params(vecs[rows], sigma[rows])
+        index = _build_hnsw(D.lift_keys(vecs[rows], sigma[rows], params))
+        n = new.n_keys  # `rows`: the keys there were when it was built
+        entries = {
+            "lift_hnsw": dict(self._save_graph(index, f"index/lift-hnsw-{tag}.bin"), rows=n),
+            "lift_rows": dict(
+                self._write_derived(f"index/lift-rows-{tag}.npy", D.npy_bytes(rows)),
+                rows=n,
+                count=len(rows),
+            ),
+            "lift_params": dict(
+                self._write_derived(f"index/lift-params-{tag}.npy", D.npy_bytes(params)), rows=n
+            ),
+        }
+        return D.Lift(index, rows, params, entries)
 
     @staticmethod
     def _layout(new: Codebook) -> dict:
@@ -1822,6 +1926,8 @@ class CodebookWriter:
         files = {"sigma": d.sigma_files["base"], **d.knn_files["base"]}
         if graphs:
             files["hnsw"] = graphs[0].entry
+        if graphs and new._lift is not None and new._lift.entries:
+            files.update(new._lift.entries)
         deltas = {
             "sigma": d.sigma_files["deltas"],
             "knn": d.knn_files["deltas"],

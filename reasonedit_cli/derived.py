@@ -44,6 +44,12 @@ KNN_DELTA_MAX = 0.5  # list patch bytes (24/entry) allowed per byte of base (480
 GRAPH_DELTA_MAX = 0.1  # keys in the small graphs per key of the base graph
 GRAPH_MAX_PARTS = 4  # small graphs at most: each adds a knn_query (~0.16 ms at 1M) per search
 
+# The lifted graph of large-sigma keys (see `lift_keys`; figures in benchmarks/README.md).
+LIFT_FRACTION = 0.05  # share of keys, the largest sigmas, that the lifted graph holds
+LIFT_FETCH = 10  # candidates it returns per query (re-ranked exactly with the others)
+LIFT_EF = 128  # its hnsw ef
+LIFT_PARAMS = 6  # params: scale a, b, c, radius, mean a, mean c; then mu (dim), mean b (dim)
+
 
 def npy_bytes(arr: np.ndarray) -> bytes:
     """`.npy` bytes of a plain (never object) array."""
@@ -252,3 +258,117 @@ def should_compact_knn(base_rows: int, patch_entries: int) -> bool:
 def should_fold_graphs(base_rows: int, part_rows: list[int]) -> bool:
     """Fold the small graphs into the base when they hold too many keys or are too many."""
     return len(part_rows) > GRAPH_MAX_PARTS or sum(part_rows) > GRAPH_DELTA_MAX * base_rows
+
+
+# ---------------------------------------------------------------------------
+# the lifted graph: corrected distance as a plain L2 search, for large-sigma keys
+#
+# Why: a raw-distance graph finds keys near the query, but the corrected distance
+# |q - k| / sigma_k can rank first an isolated key (a large sigma) that is far away in raw
+# distance. In high dimensions raw distances to far keys concentrate, so for such a
+# query the winners are decided by sigma, deep in the raw order (raw ranks in the
+# hundreds of thousands at a million keys), where no over-fetch reaches. The squared
+# corrected distance is linear in a lifted key vector:
+#
+#     |q - k|^2 / s^2 = |u|^2 a - 2 u.b + c,   u = q - mu,  a = 1/s^2,  b = (k - mu)/s^2,
+#                                              c = |k - mu|^2 / s^2
+#
+# i.e. minus the inner product of Y = (-|u|^2, 2u, -1) with X = (a, b, c). Padding every X
+# to a common norm R with one more coordinate (sqrt(R^2 - |X|^2)) and normalising Y
+# turns that maximum inner product into an L2 nearest-neighbour search (the MIPS-to-NN
+# reduction of Bachrach et al., 2014), which hnswlib does well. Each block of X is
+# centred (that shifts every key's inner product with Y by the same amount, so the
+# ranking is unchanged, and keeps the padding radius small: float32 resolution is
+# relative to it) and scaled to a similar spread (the query scaled inversely) to keep
+# the graph navigable. The lifted graph holds the LIFT_FRACTION keys
+# of largest sigma (measured: over all keys its recall saturates, over the top few per
+# cent it is high); the raw graph covers the rest.
+
+
+@dataclass
+class Lift:
+    """The lifted graph: hnswlib index whose label j is codebook row rows[j]."""
+
+    index: Any
+    rows: np.ndarray  # (m,) int64 ascending
+    params: np.ndarray  # (LIFT_PARAMS + 2 * dim,) float64
+    entries: dict | None = None  # manifest entries {lift_hnsw, lift_rows, lift_params}
+
+
+def lift_members(sigma: np.ndarray, fraction: float = LIFT_FRACTION) -> np.ndarray:
+    """Rows of the ceil(fraction * n) largest sigmas, ascending (ties: the lower row)."""
+    n = len(sigma)
+    m = min(n, max(1, int(np.ceil(fraction * n)))) if n else 0
+    order = np.argsort(-np.asarray(sigma, dtype=np.float64), kind="stable")[:m]
+    return np.sort(order).astype(np.int64)
+
+
+def _inv_spread(x: np.ndarray) -> float:
+    sd = float(np.sqrt(np.sum(np.var(x, axis=0))))
+    if sd > 0 and np.isfinite(sd):
+        return 1.0 / sd
+    mean = float(np.abs(np.mean(x))) if x.size else 0.0
+    return 1.0 / mean if mean > 0 and np.isfinite(mean) else 1.0
+
+
+def _lift_blocks(vectors: np.ndarray, sigma: np.ndarray, mu: np.ndarray):
+    v = np.asarray(vectors, dtype=np.float64) - mu
+    inv = 1.0 / np.asarray(sigma, dtype=np.float64) ** 2
+    return inv, v * inv[:, None], np.einsum("ij,ij->i", v, v) * inv
+
+
+def _lift_x(vectors, sigma, mu, scales, means) -> np.ndarray:
+    a, b, c = _lift_blocks(vectors, sigma, mu)
+    (sa, sb, sc), (ma, mb, mc) = scales, means
+    return np.concatenate([((a - ma) * sa)[:, None], (b - mb) * sb, ((c - mc) * sc)[:, None]], 1)
+
+
+def lift_params(vectors: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """The lift's scales, radius and centres for these keys and their sigmas."""
+    mu = np.asarray(vectors, dtype=np.float64).mean(axis=0)
+    a, b, c = _lift_blocks(vectors, sigma, mu)
+    scales = _inv_spread(a), _inv_spread(b), _inv_spread(c)
+    means = float(a.mean()), b.mean(axis=0), float(c.mean())
+    x = _lift_x(vectors, sigma, mu, scales, means)
+    radius = float(np.sqrt(np.einsum("ij,ij->i", x, x).max())) * (1.0 + 1e-6) if len(x) else 1.0
+    return np.concatenate([[*scales, radius, means[0], means[2]], mu, means[1]])
+
+
+def _split_params(params: np.ndarray):
+    dim = (len(params) - LIFT_PARAMS) // 2
+    sa, sb, sc, radius, ma, mc = params[:LIFT_PARAMS]
+    mu, mb = params[LIFT_PARAMS : LIFT_PARAMS + dim], params[LIFT_PARAMS + dim :]
+    return (sa, sb, sc), radius, (ma, mb, mc), mu
+
+
+def lift_keys(vectors: np.ndarray, sigma: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Lifted keys (m, dim + 3), float32: L2 to a lifted query ranks by corrected distance."""
+    scales, radius, means, mu = _split_params(params)
+    x = _lift_x(vectors, sigma, mu, scales, means)
+    pad = np.sqrt(np.maximum(radius**2 - np.einsum("ij,ij->i", x, x), 0.0))
+    return np.concatenate([x, pad[:, None]], axis=1).astype(np.float32)
+
+
+def lift_queries(queries: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Lifted query vectors (nq, dim + 3), float32, unit norm (see `lift_keys`)."""
+    (sa, sb, sc), _, _, mu = _split_params(params)
+    u = np.asarray(queries, dtype=np.float64).reshape(len(queries), -1) - mu
+    y = np.concatenate(
+        [
+            (-np.einsum("ij,ij->i", u, u) / sa)[:, None],
+            2.0 * u / sb,
+            np.full((len(u), 1), -1.0 / sc),
+        ],
+        axis=1,
+    )
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return np.concatenate([y, np.zeros((len(u), 1))], axis=1).astype(np.float32)
+
+
+def valid_lift(rows: np.ndarray, params: np.ndarray, n_keys: int, dim: int) -> bool:
+    """Whether stored lift rows and params can be ones a writer made for this codebook."""
+    if rows.ndim != 1 or not len(rows) or params.shape != (LIFT_PARAMS + 2 * dim,):
+        return False
+    if rows[0] < 0 or rows[-1] >= n_keys or (len(rows) > 1 and (np.diff(rows) <= 0).any()):
+        return False
+    return bool(np.isfinite(params).all() and (params[:4] > 0).all())
