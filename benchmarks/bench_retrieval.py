@@ -184,46 +184,56 @@ def cmd_search(args: argparse.Namespace) -> dict:
     rows = []
     saved = C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN
     lift = cb._lift_index()
+    specs = []
+    for spec in args.fetch.split(","):
+        parts = [int(x) for x in spec.split(":")]
+        scan = parts[2] if len(parts) > 2 else saved[2]
+        specs.append((parts[0], parts[1], scan, parts[3] if len(parts) > 3 else 1))
+    # Rounds over all settings (not all rounds of one, then the next): load drift on a
+    # shared machine then hits every setting alike; medians over every query of every round.
+    times = {sp: [] for sp in specs}
+    cpu = {sp: [] for sp in specs}
+    got: dict = {}
     try:
-        for spec in args.fetch.split(","):
-            parts = [int(x) for x in spec.split(":")]
-            fetch, ef = parts[0], parts[1]
-            scan = parts[2] if len(parts) > 2 else saved[2]
-            use_lift = parts[3] if len(parts) > 3 else 1
-            C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = fetch, ef, scan
-            cb._lift, cb._lift_loaded = (lift if use_lift else None), True
-            cb._sigma_desc = None
-            cb.search(q[:5], 5)  # warm
-            times, cpu, got = [], [], []
-            for i in range(len(q)):
-                t, c = time.perf_counter(), time.thread_time()
-                r = cb.search(q[i], 5)[0]
-                times.append(time.perf_counter() - t)
-                cpu.append(time.thread_time() - c)
-                got.append([x[0] for x in r])
-            per_q = [len(set(a) & set(b)) / 5 for a, b in zip(got, truth, strict=True)]
-            recall = float(np.mean(per_q))
-            half = len(q) // 2
-            ms = statistics.median(times) * 1e3
-            p95 = float(np.percentile(times, 95)) * 1e3
-            rows.append(
-                {
-                    "fetch": fetch,
-                    "ef": max(ef, 10, fetch),
-                    "sigma_scan": scan,
-                    "lift": lift is not None and bool(use_lift),
-                    "ann_ms_median": ms,
-                    "ann_ms_p95": p95,
-                    "ann_cpu_ms_median": statistics.median(cpu) * 1e3,
-                    "recall@5": recall,
-                    "recall@5_near_duplicates": float(np.mean(per_q[:half])),
-                    "recall@5_fresh_queries": float(np.mean(per_q[half:])),
-                    "speedup_vs_reference": ref_ms / ms,
-                }
-            )
+        for _ in range(args.rounds):
+            for sp in specs:
+                fetch, ef, scan, use_lift = sp
+                C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = fetch, ef, scan
+                cb._lift, cb._lift_loaded = (lift if use_lift else None), True
+                cb._sigma_desc = None
+                cb.search(q[:5], 5)  # warm
+                hits = []
+                for i in range(len(q)):
+                    t, c = time.perf_counter(), time.thread_time()
+                    r = cb.search(q[i], 5)[0]
+                    times[sp].append(time.perf_counter() - t)
+                    cpu[sp].append(time.thread_time() - c)
+                    hits.append([x[0] for x in r])
+                got.setdefault(sp, hits)
     finally:
         C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = saved
         cb._lift, cb._sigma_desc = lift, None
+    half = len(q) // 2
+    for sp in specs:
+        fetch, ef, scan, use_lift = sp
+        per_q = [len(set(a) & set(b)) / 5 for a, b in zip(got[sp], truth, strict=True)]
+        ms = statistics.median(times[sp]) * 1e3
+        rows.append(
+            {
+                "fetch": fetch,
+                "ef": max(ef, 10, fetch),
+                "sigma_scan": scan,
+                "lift": lift is not None and bool(use_lift),
+                "ann_ms_median": ms,
+                "ann_ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
+                "ann_cpu_ms_median": statistics.median(cpu[sp]) * 1e3,
+                "recall@5": float(np.mean(per_q)),
+                "recall@5_near_duplicates": float(np.mean(per_q[:half])),
+                "recall@5_fresh_queries": float(np.mean(per_q[half:])),
+                "speedup_vs_reference": ref_ms / ms,
+            }
+        )
+    res["rounds"] = args.rounds
     res["ann"] = rows
     print(json.dumps(res, indent=2), flush=True)
     return res
@@ -510,7 +520,8 @@ def main() -> None:
         p.add_argument("--n", type=int, default=10_000)
         p.add_argument("--queries", type=int, default=400)
         p.add_argument("--ref-queries", type=int, default=30)
-        p.add_argument("--fetch", default="200:256:0:0,100:128:2048:0,100:128:0,100:128")
+        p.add_argument("--fetch", default="200:256:0:0,100:128:2048:0,64:64:2048:0,64:64")
+        p.add_argument("--rounds", type=int, default=3, help="search: rounds over all settings")
         p.add_argument("--sample", type=int, default=20_000)
         p.add_argument("--edits", default="1000", help="edits per batch (comma list: several)")
         p.add_argument("--runs", type=int, default=3)

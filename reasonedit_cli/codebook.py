@@ -55,9 +55,10 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 HNSW_SEED = 100
 HNSW_MIN_KEYS = 2000  # below this, exact numpy search is as fast and simpler
-SEARCH_FETCH = 100  # hnsw candidates (raw distance) re-ranked by corrected distance
-SEARCH_EF = 128  # hnsw ef for search (>= fetch); recall/latency in benchmarks/README.md
+SEARCH_FETCH = 64  # hnsw candidates (raw distance) re-ranked by corrected distance
+SEARCH_EF = 64  # hnsw ef for search (>= fetch); recall/latency in benchmarks/README.md
 SEARCH_SIGMA_SCAN = 2048  # at most this many large-sigma keys checked per query (bound)
+SEARCH_SIGMA_SCAN_LIFTED = 512  # the same when the lifted graph covers the largest sigmas
 TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -1020,14 +1021,18 @@ class Codebook:
 
         Screens at most SEARCH_SIGMA_SCAN keys, the largest sigmas first, in float32
         against a cached contiguous copy of their vectors; the caller re-ranks exactly.
-        Keys in the lifted graph are left out: its search covers them.
+        With a lifted graph its keys are left out (its search covers them) and at most
+        SEARCH_SIGMA_SCAN_LIFTED others are screened: those just below its sigmas and keys
+        added since it was built.
         """
         if self._sigma_desc is None:
             sigma = self.sigma().copy()
             lift = self._lift_index()
+            cap = SEARCH_SIGMA_SCAN
             if lift is not None:
                 sigma[lift.rows] = -np.inf
-            order = np.argsort(-sigma, kind="stable")[:SEARCH_SIGMA_SCAN]
+                cap = min(cap, SEARCH_SIGMA_SCAN_LIFTED)
+            order = np.argsort(-sigma, kind="stable")[:cap]
             order = order[sigma[order] > -np.inf]
             vecs = np.ascontiguousarray(self.vectors()[order])
             self._sigma_desc = (order, sigma[order], vecs, np.einsum("ij,ij->i", vecs, vecs))
@@ -1240,13 +1245,13 @@ def _lock_owner(lock: Path) -> str:
         return "an unknown writer"
 
 
-def _build_hnsw(vectors: np.ndarray, start: int = 0) -> Any:
+def _build_hnsw(vectors: np.ndarray, start: int = 0, M: int = HNSW_M) -> Any:
     """An hnswlib graph of `vectors` labelled start, start+1, ... (their codebook rows)."""
     n, dim = vectors.shape
     index = hnswlib.Index(space=HNSW_SPACE, dim=dim)
     index.init_index(
         max_elements=max(n, 1),
-        M=HNSW_M,
+        M=M,
         ef_construction=HNSW_EF_CONSTRUCTION,
         random_seed=HNSW_SEED,
     )
@@ -1798,10 +1803,12 @@ class CodebookWriter:
             rewrite.append("knn")
         if graphs and (any(g.entry is None for g in graphs) or (compact and len(graphs) > 1)):
             rewrite.append("hnsw")
-        # the lifted graph: rebuilt when damaged; compaction also builds a missing one
+        # the lifted graph: rebuilt when damaged; compaction also builds a missing one or
+        # one built with other settings
         lift, lift_bad = (None, None) if not graphs else cb._load_lift()
         new._lift = lift
-        if graphs and (lift_bad or (compact and lift is None)):
+        stale = lift is None or lift.entries["lift_hnsw"].get("settings") != D.lift_settings()
+        if graphs and (lift_bad or (compact and stale)):
             rewrite.append("lift")
         return self._write_bases(new, tag, tuple(rewrite))
 
@@ -1904,10 +1911,14 @@ class CodebookWriter:
         vecs, sigma = new.vectors(), new._derived.sigma
         rows = D.lift_members(sigma)
         params = D.lift_params(vecs[rows], sigma[rows])
-        index = _build_hnsw(D.lift_keys(vecs[rows], sigma[rows], params))
+        index = _build_hnsw(D.lift_keys(vecs[rows], sigma[rows], params), M=D.LIFT_M)
         n = new.n_keys  # `rows`: the keys there were when it was built
         entries = {
-            "lift_hnsw": dict(self._save_graph(index, f"index/lift-hnsw-{tag}.bin"), rows=n),
+            "lift_hnsw": dict(
+                self._save_graph(index, f"index/lift-hnsw-{tag}.bin"),
+                rows=n,
+                settings=D.lift_settings(),
+            ),
             "lift_rows": dict(
                 self._write_derived(f"index/lift-rows-{tag}.npy", D.npy_bytes(rows)),
                 rows=n,
@@ -1969,8 +1980,8 @@ class CodebookWriter:
             "sha256": sha,
             "bytes": size,
             "space": HNSW_SPACE,
-            "M": HNSW_M,
-            "ef_construction": HNSW_EF_CONSTRUCTION,
+            "M": int(index.M),
+            "ef_construction": int(index.ef_construction),
         }
 
     def _write_derived(self, rel: str, data: bytes) -> dict:
