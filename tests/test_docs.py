@@ -30,3 +30,27 @@ def test_every_command_help_works_and_documents_json():
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "--json" in result.output, command
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sample_files_the_readme_names_exist():
+    """`sample_edits/` is rebuilt when the bundled model changes; the README must follow."""
+    named = set(re.findall(r"sample_edits/[\w./-]+\.(?:png|jsonl)", README))
+    assert named, "the README names no sample file"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"README names missing sample files: {missing}"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The 'Using it from Python' example, as written, on a codebook in a temp dir."""
+    section = README[README.index("## Using it from Python") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'Editor("cb"' in code
+    monkeypatch.chdir(ROOT)  # the example uses paths relative to the checkout
+    code = code.replace('Editor("cb"', f"Editor({str(tmp_path / 'cb')!r}")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    answer = namespace["answer"]
+    assert answer.answer == "triangle" and answer.facts
