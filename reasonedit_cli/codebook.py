@@ -1105,8 +1105,12 @@ class Codebook:
         lift_bad = self._load_lift()[1] if n else None
         if lift_bad:
             derived_bad.append(f"{lift_bad} is missing or damaged")
-        lift_missing = bool(n >= self.hnsw_min_keys and files.get("hnsw") and not lift_bad)
-        lift_missing = lift_missing and not files.get("lift_hnsw")
+        lift_missing = bool(
+            n >= self.hnsw_min_keys
+            and files.get("hnsw")
+            and not files.get("lift_hnsw")
+            and not lift_bad
+        )
         if lift_missing and not repair:
             rep.notes.append(
                 "the lifted graph of large-sigma keys is not persisted (a codebook written "
@@ -1805,7 +1809,12 @@ class CodebookWriter:
             rewrite.append("hnsw")
         # the lifted graph: rebuilt when damaged; compaction also builds a missing one or
         # one built with other settings
-        lift, lift_bad = (None, None) if not graphs else cb._load_lift()
+        if not graphs:
+            lift, lift_bad = None, None
+        elif cb._lift_loaded and cb._lift is not None:  # already verified: no second read
+            lift, lift_bad = cb._lift, None
+        else:
+            lift, lift_bad = cb._load_lift()
         new._lift = lift
         stale = lift is None or lift.entries["lift_hnsw"].get("settings") != D.lift_settings()
         if graphs and (lift_bad or (compact and stale)):
@@ -1902,8 +1911,6 @@ class CodebookWriter:
             new._hnsw = [D.Graph(index, 0, n, dict(e, rows=n))]
         if ("hnsw" in parts or "lift" in parts) and new._hnsw:
             new._lift = self._write_lift(new, tag)
-        elif not new._hnsw:
-            new._lift = None
         return self._layout(new)
 
     def _write_lift(self, new: Codebook, tag: str) -> D.Lift:

@@ -319,9 +319,8 @@ def _lift_blocks(vectors: np.ndarray, sigma: np.ndarray, mu: np.ndarray):
     return inv, v * inv[:, None], np.einsum("ij,ij->i", v, v) * inv
 
 
-def _lift_x(vectors, sigma, mu, scales, means) -> np.ndarray:
-    a, b, c = _lift_blocks(vectors, sigma, mu)
-    (sa, sb, sc), (ma, mb, mc) = scales, means
+def _lift_x(blocks, scales, means) -> np.ndarray:
+    (a, b, c), (sa, sb, sc), (ma, mb, mc) = blocks, scales, means
     return np.concatenate([((a - ma) * sa)[:, None], (b - mb) * sb, ((c - mc) * sc)[:, None]], 1)
 
 
@@ -338,7 +337,7 @@ def lift_params(
     a, b, c = _lift_blocks(vectors, sigma, mu)
     scales = _inv_spread(a), b_weight * _inv_spread(b), _inv_spread(c)
     means = float(a.mean()), b.mean(axis=0), float(c.mean())
-    x = _lift_x(vectors, sigma, mu, scales, means)
+    x = _lift_x((a, b, c), scales, means)
     radius = float(np.sqrt(np.einsum("ij,ij->i", x, x).max())) * (1.0 + 1e-6) if len(x) else 1.0
     return np.concatenate([[*scales, radius, means[0], means[2]], mu, means[1]])
 
@@ -355,7 +354,7 @@ def lift_keys(
 ) -> np.ndarray:
     """Lifted keys (m, dim + 3): L2 to a lifted query ranks by corrected distance."""
     scales, radius, means, mu = _split_params(params)
-    x = _lift_x(vectors, sigma, mu, scales, means)
+    x = _lift_x(_lift_blocks(vectors, sigma, mu), scales, means)
     pad = np.sqrt(np.maximum(radius**2 - np.einsum("ij,ij->i", x, x), 0.0))
     return np.concatenate([x, pad[:, None]], axis=1).astype(dtype)
 
