@@ -26,6 +26,7 @@ The fact / question templates are defined here and imported by
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import time
 # --------------------------------------------------------------------------------------
 COLOURS = ["red", "green", "blue", "black", "gray", "teal", "yellow", "brown"]
 SHAPES = ["circle", "rectangle", "triangle"]
+ANSWER_WORDS = COLOURS + SHAPES + ["yes", "no"]  # each one token with its leading space
 PALETTE = {  # easy-VQA's drawing colours (used to read the colour off the pixels)
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -774,7 +776,10 @@ class Sampler:
         self.yn_gen, self.neg_p = yn_gen, neg_p
 
     def sample(self):
-        """-> (bank index, prompt, answer)"""
+        """-> (bank index, prompt, answer, plain question or None)
+
+        The fourth item is the bare question of a sample whose answer must be the one the model
+        gives without any fact (plain and irrelevant-only samples), for ``--self_target``."""
         rng = self.rng
         r = rng.random()
         m = self.mix
@@ -788,7 +793,7 @@ class Sampler:
                 p, a = patch_probe(c, s, presence, rng)
             else:
                 p, a = probe_sample(c, s, presence, rng)
-            return idx, p, a
+            return idx, p, a, None
         r -= m["probe"]
         idx, t, a, c, s = rng.choice(self.items)
         if rng.random() < 0.25:
@@ -801,7 +806,7 @@ class Sampler:
             # yes/no curriculum: this fact-bearing sample asks a (generated) yes/no question
             q = gen_yn(c, s, rng, self.neg_p, m.get("yn_colour", 0.5))
         if r < m["plain"]:
-            return idx, q.text, q.answer(c, s)
+            return idx, q.text, q.answer(c, s), q.text
         r -= m["plain"]
         if r < m["true"] + m["contra"]:
             cc, ss = (c, s) if r < m["true"] else contradicting_attrs(q, c, s, rng)
@@ -811,18 +816,18 @@ class Sampler:
                 facts = extra + facts if rng.random() < 0.5 else facts + extra
                 if rng.random() < 0.3:
                     facts = irrelevant_facts(q, c, s, rng) + facts
-            return idx, join(facts, q), q.answer(cc, ss)
+            return idx, join(facts, q), q.answer(cc, ss), None
         facts = irrelevant_facts(q, c, s, rng)
         if rng.random() < 0.3:
             facts += irrelevant_facts(q, c, s, rng)
-        return idx, join(facts, q), q.answer(c, s)
+        return idx, join(facts, q), q.answer(c, s), q.text
 
 
 def encode_batch(tokenizer, batch, max_len=160):
     import torch
 
-    prompts = [prompt_string(p).replace("<image>", "<image>" * N_IMAGE_TOKENS) for _, p, _ in batch]
-    answers = [" " + a + "</s>" for _, _, a in batch]
+    prompts = [prompt_string(x[1]).replace("<image>", "<image>" * N_IMAGE_TOKENS) for x in batch]
+    answers = [" " + x[2] + "</s>" for x in batch]
     pi = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     ai = tokenizer(answers, add_special_tokens=False)["input_ids"]
     seqs = [(p + a)[:max_len] for p, a in zip(pi, ai)]
@@ -1041,10 +1046,18 @@ def main():
     ap.add_argument(
         "--select",
         default="overall",
-        choices=["overall", "per_type", "per_type3"],
+        choices=["overall", "per_type", "per_type3", "last"],
         help="checkpoint selection: overall plain window, or colour and shape plain each in "
         "the window (yes/no at half weight), or per_type3: colour, shape and yes/no plain each "
-        "in the window, all at full weight",
+        "in the window, all at full weight, or last: the end of the schedule",
+    )
+    ap.add_argument(
+        "--self_target",
+        action="store_true",
+        help="plain and irrelevant-only samples are trained towards the answer the --init "
+        "model gives to the bare question (a frozen copy of it), not the gold answer: "
+        "irrelevant facts learn to change nothing while plain accuracy, mistakes included, "
+        "stays where it was (needs --freeze_vision)",
     )
     ap.add_argument(
         "--mix",
@@ -1341,6 +1354,39 @@ def main():
             )
         print(f"cached image features {tuple(feats.shape)}", flush=True)
 
+    teacher = None
+    answer_ids = torch.tensor(
+        [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ANSWER_WORDS]
+    )
+    if args.self_target:
+        if feats is None:
+            raise SystemExit("--self_target needs --freeze_vision (and no auxiliary loss)")
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def self_targets(batch):
+        """Replace the targets of plain / irrelevant-only samples by the frozen initial model's
+        answer to the bare question (first-token argmax over the answer words)."""
+        rows = [k for k, x in enumerate(batch) if x[3] is not None]
+        if not rows:
+            return batch
+        bare = [(batch[k][0], batch[k][3], "yes") for k in rows]
+        ids, att, lab = encode_batch(tok, bare)
+        with torch.no_grad():
+            emb = teacher.get_input_embeddings()(ids)
+            emb = emb.masked_scatter(
+                (ids == image_token).unsqueeze(-1), feats[[x[0] for x in bare]].reshape(-1, d)
+            )
+            hid = teacher.model.language_model(inputs_embeds=emb, attention_mask=att)
+            pos = (lab != -100).int().argmax(1) - 1  # the position that predicts the answer
+            h = hid.last_hidden_state[torch.arange(len(rows)), pos]
+            pick = teacher.lm_head(h)[:, answer_ids].argmax(-1).tolist()
+        out = list(batch)
+        for k, j in zip(rows, pick):
+            out[k] = (batch[k][0], batch[k][1], ANSWER_WORDS[j], None)
+        return out
+
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -1385,6 +1431,8 @@ def main():
             pool = [raw[k : k + args.batch] for k in range(0, len(raw), args.batch)]
             rng.shuffle(pool)
         batch = pool.pop()
+        if teacher is not None:
+            batch = self_targets(batch)
         ids, att, lab = encode_batch(tok, batch)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -1466,6 +1514,12 @@ def main():
             return tot - 10 * outside(h)
 
         pool_h = history
+    elif args.select == "last":
+        pool_h = history[-1:]
+
+        def score(h):
+            return 0.0
+
     else:
         ok = [h for h in history if args.plain_lo <= h["plain"] <= args.plain_hi]
         pool_h = ok or history
