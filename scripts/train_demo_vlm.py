@@ -1354,16 +1354,25 @@ def main():
             )
         print(f"cached image features {tuple(feats.shape)}", flush=True)
 
+    def cached_hidden(m, ids, att, batch):
+        """Decoder hidden states of ``m`` with the cached image features in place of the
+        image tokens (frozen vision: the vision tower never runs again)."""
+        emb = m.get_input_embeddings()(ids)
+        emb = emb.masked_scatter(
+            (ids == image_token).unsqueeze(-1), feats[[x[0] for x in batch]].reshape(-1, d)
+        )
+        return m.model.language_model(inputs_embeds=emb, attention_mask=att).last_hidden_state
+
     teacher = None
-    answer_ids = torch.tensor(
-        [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ANSWER_WORDS]
-    )
     if args.self_target:
         if feats is None:
             raise SystemExit("--self_target needs --freeze_vision (and no auxiliary loss)")
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        answer_ids = torch.tensor(
+            [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ANSWER_WORDS]
+        )
 
     def self_targets(batch):
         """Replace the targets of plain / irrelevant-only samples by the frozen initial model's
@@ -1374,13 +1383,9 @@ def main():
         bare = [(batch[k][0], batch[k][3], "yes") for k in rows]
         ids, att, lab = encode_batch(tok, bare)
         with torch.no_grad():
-            emb = teacher.get_input_embeddings()(ids)
-            emb = emb.masked_scatter(
-                (ids == image_token).unsqueeze(-1), feats[[x[0] for x in bare]].reshape(-1, d)
-            )
-            hid = teacher.model.language_model(inputs_embeds=emb, attention_mask=att)
+            hid = cached_hidden(teacher, ids, att, bare)
             pos = (lab != -100).int().argmax(1) - 1  # the position that predicts the answer
-            h = hid.last_hidden_state[torch.arange(len(rows)), pos]
+            h = hid[torch.arange(len(rows)), pos]
             pick = teacher.lm_head(h)[:, answer_ids].argmax(-1).tolist()
         out = list(batch)
         for k, j in zip(rows, pick):
@@ -1437,14 +1442,10 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if feats is not None:  # frozen vision: cached image features, logits at answers only
-            emb = model.get_input_embeddings()(ids)
-            emb = emb.masked_scatter(
-                (ids == image_token).unsqueeze(-1), feats[[x[0] for x in batch]].reshape(-1, d)
-            )
-            hid = model.model.language_model(inputs_embeds=emb, attention_mask=att)
+            hid = cached_hidden(model, ids, att, batch)
             tgt = lab[:, 1:]
             sel = tgt != -100
-            logits = model.lm_head(hid.last_hidden_state[:, :-1][sel]).float()
+            logits = model.lm_head(hid[:, :-1][sel]).float()
             loss = torch.nn.functional.cross_entropy(logits, tgt[sel])
         else:
             out = model(input_ids=ids, attention_mask=att, pixel_values=bank[[x[0] for x in batch]])
