@@ -807,18 +807,18 @@ class Codebook:
         return self._get_derived().sigma
 
     def _load_graph(self, entry: dict, start: int, stop: int) -> Any:
-        """One hnswlib graph part from index/ after verifying its checksum, else None."""
-        index = self._load_hnsw_file(entry, self.dim or 0, stop - start)
-        if index is None:
-            return None
-        if start:  # a small part: its labels must be its rows (cheap to check)
-            ids = np.asarray(index.get_ids_list(), dtype=np.int64)
-            if ids.min() != start or ids.max() != stop - 1:
-                return None
-        return index
+        """One hnswlib graph part from index/ after verifying its checksum, else None.
 
-    def _load_hnsw_file(self, entry: dict, dim: int, count: int) -> Any:
-        """An hnswlib file of `count` items from index/, checksum verified first, else None."""
+        A small part's labels must be its rows (cheap to check); the base graph's, labelled
+        from 0 by construction, are not listed (a million-item list at a million keys)."""
+        return self._load_hnsw_file(entry, self.dim or 0, stop - start, start or None)
+
+    def _load_hnsw_file(
+        self, entry: dict, dim: int, count: int, first_label: int | None = None
+    ) -> Any:
+        """An hnswlib file of `count` items from index/, checksum verified first, else None.
+
+        With first_label, its labels must also run first_label .. first_label + count - 1."""
         if not dim:
             return None
         # Load from a private copy of the verified bytes: the codebook file could change
@@ -842,6 +842,10 @@ class Codebook:
                 os.unlink(tmp)
         if index.get_current_count() != count:
             return None
+        if first_label is not None:
+            ids = np.asarray(index.get_ids_list(), dtype=np.int64)
+            if ids.min() != first_label or ids.max() != first_label + count - 1:
+                return None
         return index
 
     def _load_lift(self) -> tuple[D.Lift | None, str | None]:
@@ -864,9 +868,8 @@ class Codebook:
             if params is None or not D.valid_lift(rows, params, n, dim):
                 return None, _entry_path(ep, "lift_params")
             at = eh
-            index = self._load_hnsw_file(eh, dim + 3, m)
-            ids = np.asarray(index.get_ids_list(), dtype=np.int64) if index is not None else None
-            if ids is None or ids.min() != 0 or ids.max() != m - 1:
+            index = self._load_hnsw_file(eh, dim + 3, m, first_label=0)
+            if index is None:
                 return None, _entry_path(eh, "lift_hnsw")
         except _ENTRY_ERRORS:
             return None, _entry_path(at, "lift")
