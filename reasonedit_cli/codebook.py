@@ -453,10 +453,46 @@ class Codebook:
     def refresh(self) -> bool:
         """Reload the manifest; True when a newer version was committed since."""
         m = _read_manifest(self.path)
-        if m["version"] == self.version and m.get("checksum") == self.manifest.get("checksum"):
+        if self._is_manifest(m):
             return False
         self._set_manifest(m)
         return True
+
+    def newer(self) -> Codebook | None:
+        """The committed version on disk as a new snapshot when it is not this one, else None.
+
+        Unlike `refresh`, this snapshot stays as it is, so a reader still using it (a
+        request in flight in `reasonedit serve`) finishes on its version. Reads only the
+        manifest; raises CodebookError when it is damaged.
+        """
+        m = _read_manifest(self.path)
+        if self._is_manifest(m):
+            return None
+        return type(self)(self.path, m, hnsw_min_keys=self.hnsw_min_keys)
+
+    def load(self) -> Codebook:
+        """Read and verify now everything a query needs: keys, edits, vectors, sigma, tau
+        and the search index; returns self.
+
+        A snapshot loaded before it serves reads no file afterwards, so a damaged version
+        fails here (CodebookError) rather than in the middle of a request, and a later
+        writer's clean-up cannot remove a file from under it.
+        """
+        self.keys_table()
+        self.edits_table()
+        if self.n_keys:
+            self.vectors()
+            self.sigma()
+            _ = self.tau
+            if self.n_keys >= self.hnsw_min_keys:
+                self._hnsw_index()
+                self._lift_index()
+            # one search runs the remaining lazy paths a query takes
+            self.search(np.zeros((1, self.dim or self.vectors().shape[1]), np.float32), k=1)
+        return self
+
+    def _is_manifest(self, m: dict) -> bool:
+        return m["version"] == self.version and m.get("checksum") == self.manifest.get("checksum")
 
     def _set_manifest(self, manifest: dict) -> None:
         self.manifest = manifest

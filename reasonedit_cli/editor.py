@@ -13,6 +13,7 @@ codebook never loads a model.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ class Answer:
     answer: str
     prompt: str
     retrieval: Retrieval | None  # None when asked with no_edit
+    # from `ask_each` (the server): answer and prompt tokens, and whether the model ended
+    # the answer itself rather than running out of tokens
+    tokens: int | None = None
+    prompt_tokens: int | None = None
+    finished: bool | None = None
 
     @property
     def facts(self) -> list[str]:
@@ -113,6 +119,20 @@ class Answer:
                 for h in (r.hits if r else [])
             ],
         }
+
+
+@dataclass
+class Query:
+    """One question for `Editor.ask_each`, with its own retrieval and generation settings."""
+
+    image: Any  # PIL image
+    question: str
+    no_edit: bool = False
+    k: int | None = None
+    percentile: float | None = None
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy, as `ask`
+    top_p: float = 1.0
 
 
 def answer_value(question: str, answer: str) -> str:
@@ -490,7 +510,135 @@ class Editor:
 
         self._embedder = DualEmbedder(self.vlm, self.text, layer=layer, w=w)
 
+    # ------------------------------------------------------------ live edits
+    def with_codebook(self, codebook: Codebook) -> Editor:
+        """A sibling editor on another snapshot of this codebook, sharing the loaded models.
+
+        What a long-running reader (`reasonedit serve`) switches to when a new version is
+        committed; this editor keeps its snapshot, so work in flight finishes on it. The
+        embedder is rebuilt only when the layer or w changed (calibrate). Refuses a
+        version whose keys were made with other model weights or another text model.
+        """
+        new = copy.copy(self)
+        new.codebook = codebook
+        cfg = codebook.config
+        old_cfg = self.config
+        if (cfg.get("layer"), cfg.get("w")) != (old_cfg.get("layer"), old_cfg.get("w")):
+            new._embedder = None
+        text_model = cfg.get("text_model")
+        if text_model and self._text is not None and text_model != self._text.name:
+            raise UsageError(
+                f"codebook version {codebook.version} was built with text model {text_model}, "
+                f"not {self._text.name}"
+            )
+        if self._vlm is not None:
+            new.check_model_revision(self._vlm.revision)
+        return new
+
+    def reload_if_changed(self) -> Editor | None:
+        """An editor on the newest committed version, loaded and verified, when it is not
+        this editor's; None when nothing changed.
+
+        Raises CodebookError (damaged version) or UsageError (other model) and leaves this
+        editor as it was, so a server refuses the version and keeps serving this one.
+        """
+        newer = self._require_codebook().newer()
+        if newer is None:
+            return None
+        return self.with_codebook(newer.load())
+
+    @property
+    def version(self) -> int | None:
+        """The codebook version this editor answers with (None without a codebook)."""
+        return self.codebook.version if self.codebook is not None else None
+
     # ------------------------------------------------------------------- ask
+    def _retrievals(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        ks: Sequence[int | None],
+        percentiles: Sequence[float | None],
+        batch_size: int,
+    ) -> list[Retrieval]:
+        """Retrieval for each (image, question), the query embeddings batched."""
+        if not self.codebook_has_keys:
+            return [Retrieval(rejected=True) for _ in questions]
+        default_k = int(self.config.get("top_k", DEFAULT_TOP_K))
+        out: list[Retrieval] = []
+        for start in range(0, len(questions), batch_size):
+            q = self.embedder.embed(
+                images[start : start + batch_size], questions[start : start + batch_size]
+            )
+            for i, vec in enumerate(q, start):
+                out.append(retrieve(self.codebook, vec, k=ks[i] or default_k, p=percentiles[i]))
+        return out
+
+    def ask_each(
+        self,
+        queries: Sequence[Query],
+        *,
+        batch_size: int = 16,
+        on_tokens: Callable[[int, str], None] | None = None,
+    ) -> list[Answer]:
+        """Answer queries that each carry their own settings, in as few VLM calls as the
+        settings allow: the server's batched ask.
+
+        Retrieval embeds all edited queries together; generation runs one batched call per
+        sampling setting (greedy queries together), each row with its own token budget.
+        With the same settings an answer equals `ask`'s. `on_tokens(i, text)` gets query
+        i's answer text so far after every decoding step (streaming).
+        """
+        edited = [i for i, q in enumerate(queries) if not q.no_edit]
+        found = self._retrievals(
+            [queries[i].image for i in edited],
+            [queries[i].question for i in edited],
+            [queries[i].k for i in edited],
+            [queries[i].percentile for i in edited],
+            batch_size,
+        )
+        retrievals: list[Retrieval | None] = [None] * len(queries)
+        for i, r in zip(edited, found):
+            retrievals[i] = r
+        prompts = [
+            build_prompt(r.facts if r else [], q.question) for r, q in zip(retrievals, queries)
+        ]
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, q in enumerate(queries):
+            key = (float(q.temperature), float(q.top_p)) if q.temperature > 0 else (0.0, 1.0)
+            groups.setdefault(key, []).append(i)
+        done: dict[int, Any] = {}
+        vlm = self.vlm
+        for (temperature, top_p), rows in groups.items():
+            step = None
+            if on_tokens is not None:
+
+                def step(j: int, ids: list[int], rows: list[int] = rows) -> None:
+                    on_tokens(rows[j], vlm.decode(ids))
+
+            completions = vlm.complete(
+                [queries[i].image for i in rows],
+                [prompts[i] for i in rows],
+                max_new_tokens=[queries[i].max_new_tokens for i in rows],
+                batch_size=batch_size,
+                temperature=temperature,
+                top_p=top_p,
+                on_tokens=step,
+            )
+            done.update(zip(rows, completions))
+        return [
+            Answer(
+                question=q.question,
+                answer=done[i].text,
+                prompt=prompts[i],
+                retrieval=retrievals[i],
+                tokens=done[i].tokens,
+                prompt_tokens=done[i].prompt_tokens,
+                finished=done[i].finished,
+            )
+            for i, q in enumerate(queries)
+        ]
+
     def ask(
         self,
         images: Sequence[Image.Image],
@@ -506,16 +654,11 @@ class Editor:
         if len(images) != len(questions):
             raise ReasonEditError("ask needs one image per question")
         retrievals: list[Retrieval | None] = [None] * len(questions)
-        if not no_edit and self.codebook_has_keys:
-            top_k = k or int(self.config.get("top_k", DEFAULT_TOP_K))
-            for start in range(0, len(questions), batch_size):
-                q = self.embedder.embed(
-                    images[start : start + batch_size], questions[start : start + batch_size]
-                )
-                for i, vec in enumerate(q):
-                    retrievals[start + i] = retrieve(self.codebook, vec, k=top_k, p=percentile)
-        elif not no_edit:
-            retrievals = [Retrieval(rejected=True) for _ in questions]
+        if not no_edit:
+            n = len(questions)
+            retrievals = list(
+                self._retrievals(images, questions, [k] * n, [percentile] * n, batch_size)
+            )
         prompts = [build_prompt(r.facts if r else [], qu) for r, qu in zip(retrievals, questions)]
         answers = self.vlm.generate(
             images, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,22 +320,78 @@ class VLM:
         batch_size: int = 16,
     ) -> list[str]:
         """Greedy answers, one per (image, prompt), batched with left padding."""
-        answers: list[str] = []
+        done = self.complete(images, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return [c.text for c in done]
+
+    def complete(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int | Sequence[int] = 16,
+        batch_size: int = 16,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[Completion]:
+        """Answers with their token counts, one per (image, prompt), batched.
+
+        `generate` is this with one token budget and greedy decoding, so a server answer
+        and an `ask` answer come from the same code. `max_new_tokens` may differ per
+        prompt: a batch runs to its largest budget and each row is cut at its own, which
+        leaves a greedy row exactly as if run alone with that budget. `temperature` > 0
+        samples (with `top_p`). `on_tokens(row, ids)` is called after every decoding step
+        with the ids generated so far for each row still running (streaming).
+        """
+        budgets = (
+            [int(max_new_tokens)] * len(prompts)
+            if isinstance(max_new_tokens, int)
+            else [int(b) for b in max_new_tokens]
+        )
+        if len(budgets) != len(prompts):
+            raise ReasonEditError("complete needs one token budget per prompt")
+        sampling = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": top_p}
+        eos = _eos_ids(self.model, self.tokenizer)
+        out_all: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
             imgs = images[start : start + batch_size]
             prs = prompts[start : start + batch_size]
+            limits = budgets[start : start + batch_size]
             batch = self._inputs(imgs, prs, "left")
             self.forward_calls += 1
+            streamer = None
+            if on_tokens is not None:
+                streamer = _StepStreamer(on_tokens, start, limits, eos)
             out = self.model.generate(
                 **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
+                max_new_tokens=max(limits),
                 pad_token_id=self.tokenizer.pad_token_id,
+                streamer=streamer,
+                **sampling,
             )
-            new = out[:, batch["input_ids"].shape[1] :]
-            for seq in self.tokenizer.batch_decode(new, skip_special_tokens=True):
-                answers.append(seq.strip())
-        return answers
+            new = out[:, batch["input_ids"].shape[1] :].tolist()
+            prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
+            for ids, limit, n_prompt in zip(new, limits, prompt_lengths):
+                ids = ids[:limit]
+                cut = next((i for i, t in enumerate(ids) if t in eos), None)
+                finished = cut is not None
+                if finished:
+                    ids = ids[:cut]
+                out_all.append(
+                    Completion(
+                        text=self.decode(ids),
+                        tokens=len(ids),
+                        finished=finished,
+                        prompt_tokens=int(n_prompt),
+                    )
+                )
+        return out_all
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Generated token ids as answer text (special tokens dropped, stripped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     # ------------------------------------------------------- hooked embeddings
     def pooled_inputs(
@@ -584,3 +640,60 @@ def load_config_json(path: str) -> dict[str, Any]:
     """The raw config.json of a local model directory (empty for hub ids)."""
     p = Path(path) / "config.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+@dataclass
+class Completion:
+    """One generated answer: its text, the tokens it took, and whether the model ended it
+    (end of sequence) rather than the token budget."""
+
+    text: str
+    tokens: int
+    finished: bool
+    prompt_tokens: int = 0  # the prompt's tokens, image tokens included
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end an answer: the generation config's eos ids and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class _StepStreamer:
+    """A transformers streamer for a whole batch: after each decoding step, hands every
+    still-running row's ids so far to `on_tokens(row, ids)` (the first `put` is the prompt)."""
+
+    def __init__(
+        self, on_tokens: Callable[[int, list[int]], None], offset: int, limits, eos: set[int]
+    ):
+        self.on_tokens = on_tokens
+        self.offset = offset
+        self.limits = list(limits)
+        self.eos = eos
+        self.ids: list[list[int]] = [[] for _ in self.limits]
+        self.done = [False] * len(self.limits)
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        step = value.reshape(len(self.limits), -1)[:, -1].tolist()
+        for row, tok in enumerate(step):
+            if self.done[row]:
+                continue
+            if int(tok) in self.eos:
+                self.done[row] = True
+                continue
+            self.ids[row].append(int(tok))
+            if len(self.ids[row]) >= self.limits[row]:
+                self.done[row] = True
+            self.on_tokens(self.offset + row, list(self.ids[row]))
+
+    def end(self) -> None:
+        pass
