@@ -104,6 +104,14 @@ GpusPerWorkerOpt = Annotated[
         "--gpus-per-worker", min=0, help="With --engine ray: GPUs per worker (0.5 shares one)."
     ),
 ]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="REASONEDIT_API_KEY",
+        help="API key of the server (Authorization: Bearer KEY; env REASONEDIT_API_KEY).",
+    ),
+]
 DEFAULT_CODEBOOK = Path("codebook")
 
 
@@ -432,6 +440,15 @@ def ask(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="Ask a running `reasonedit serve` at this URL (its model and codebook) "
+            "instead of loading the model here.",
+        ),
+    ] = None,
+    api_key: ApiKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question about an image with the edited model.
@@ -441,6 +458,24 @@ def ask(
     from reasonedit_cli.datasets import read_questions
     from reasonedit_cli.edits import read_image_file
 
+    if server is not None:
+        from reasonedit_cli.client import check_url
+
+        check_url(server)
+        local = [
+            name
+            for name, given in (
+                ("--model", model is not None),
+                ("--text-model", text_model is not None),
+                ("--device", device != "auto"),
+                ("--dtype", dtype != "auto"),
+                ("--trust-remote-code", trust_remote_code),
+            )
+            if given
+        ]
+        if local:
+            verb = "applies" if len(local) == 1 else "apply"
+            raise UsageError(f"{', '.join(local)} {verb} to the server, not to ask --server")
     if from_file is not None:
         if image is not None or question is not None:
             raise UsageError("--from cannot be combined with --image/--question")
@@ -453,6 +488,26 @@ def ask(
         question = clean_text(question, "question", "--question")
         data, _, img = read_image_file(image, "--image")
         items = [{"image_bytes": data, "image": img, "question": question, "where": "command line"}]
+    if server is not None:
+        from reasonedit_cli.client import ask_server
+
+        records = ask_server(
+            server,
+            items,
+            no_edit=no_edit,
+            top_k=top_k,
+            percentile=percentile,
+            max_new_tokens=max_new_tokens,
+            api_key=api_key,
+        )
+        for it, record in zip(items, records):
+            if "id" in it:
+                record = {"id": it["id"], **record}
+            if as_json:
+                _print_json(record)
+            else:
+                _render_answer(record, explain)
+        return
     images = [it["image"] for it in items]
     # --no-edit needs no codebook; one that exists still names the model
     use_codebook = None if no_edit and not Path(codebook).exists() else codebook
@@ -969,6 +1024,90 @@ def restore(
         _print_json({"restored": version, "version": new})
     else:
         _stdout().print(f"Restored version {version} as version {new}.")
+
+
+# ------------------------------------------------------------------- serve
+@app.command()
+@handle_errors
+def serve(
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to bind; other than loopback only with --api-key."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port).")] = 8000,
+    api_key: ApiKeyOpt = None,
+    allow_local_files: Annotated[
+        bool,
+        typer.Option(
+            "--allow-local-files",
+            help="Accept image_url parts that name a file on this machine (off by default).",
+        ),
+    ] = False,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Requests per generate call.")
+    ] = 16,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option("--batch-wait-ms", min=0, help="How long a request waits for others."),
+    ] = 5.0,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=1, help="Waiting requests; beyond this 503.")
+    ] = 64,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.001, help="Seconds per request (504 after).")
+    ] = 60.0,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", min=1, help="Largest request body (413).")
+    ] = 20 * 1024 * 1024,
+    max_image_bytes: Annotated[
+        int, typer.Option("--max-image-bytes", min=1, help="Largest image (413).")
+    ] = 10 * 1024 * 1024,
+    max_tokens_limit: Annotated[
+        int, typer.Option("--max-tokens-limit", min=1, help="Largest max_tokens accepted.")
+    ] = 256,
+    poll_interval: Annotated[
+        float,
+        typer.Option(
+            "--poll-interval", min=0.01, help="Seconds between codebook checks when idle."
+        ),
+    ] = 1.0,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    model: ModelOpt = None,
+    text_model: TextModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Serve the edited model over an OpenAI-compatible HTTP API, picking up new edits live.
+
+    Endpoints: POST /v1/chat/completions (one image, one question), GET /v1/models,
+    GET /healthz, GET /v1/codebook.
+
+    Read-only: edits go through add-edit, remove-edit, restore and calibrate.
+
+    Example: reasonedit serve -c cb --port 8000
+    """
+    from reasonedit_cli.server import ServeOptions, check_installed
+    from reasonedit_cli.server import serve as run_server
+
+    options = ServeOptions(
+        host=host,
+        port=port,
+        api_key=api_key,
+        allow_local_files=allow_local_files,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        max_queue=max_queue,
+        timeout=timeout,
+        max_body_bytes=max_body_bytes,
+        max_image_bytes=max_image_bytes,
+        max_tokens_limit=max_tokens_limit,
+        poll_interval=poll_interval,
+    )
+    options.check()  # usage errors before any model loads
+    check_installed()
+    editor = _editor(codebook, model, text_model, device, dtype, trust_remote_code)
+    run_server(editor, options)
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ class ServeOptions:
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_tokens_limit < 1 or not 1 <= self.default_max_tokens:
+        if self.max_tokens_limit < 1:
             raise UsageError("--max-tokens-limit must be at least 1")
         if self.timeout <= 0 or self.poll_interval <= 0 or self.batch_wait_ms < 0:
             raise UsageError("--timeout and --poll-interval must be positive")
