@@ -212,7 +212,7 @@ def parse_chat_request(body: Any, options: ServeOptions, model_ids: set[str]) ->
         raise _bad("only n=1 is supported", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
-        max_tokens = options.default_max_tokens
+        max_tokens = min(options.default_max_tokens, options.max_tokens_limit)
     if type(max_tokens) is not int or not 1 <= max_tokens <= options.max_tokens_limit:
         raise _bad(
             f"'max_tokens' must be an integer from 1 to {options.max_tokens_limit}", "max_tokens"
@@ -660,12 +660,12 @@ class StreamText:
         if found:
             self.stopped = True
         else:
-            text = text.rstrip().rstrip("\ufffd")
             for s in self.stops:
                 for n in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:n]):
                         text = text[:-n]
                         break
+            text = text.rstrip().rstrip("\ufffd")
         if not text.startswith(self.sent) or len(text) <= len(self.sent):
             return ""
         out, self.sent = text[len(self.sent) :], text
