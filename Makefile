@@ -1,4 +1,4 @@
-.PHONY: test reliability test-ray lint
+.PHONY: test reliability test-ray test-serve lint
 
 test:
 	python -m pytest -q
@@ -10,6 +10,10 @@ reliability:
 # The Ray engine against the local one on a local 2-CPU Ray instance (pip install -e '.[ray]')
 test-ray:
 	RAY_USAGE_STATS_ENABLED=0 python -m pytest -q -m slow tests/test_ray.py
+
+# reasonedit serve under load (8 clients x 50 requests) and as real processes
+test-serve:
+	python -m pytest -q -m slow tests/test_serve_slow.py
 
 lint:
 	ruff check . && ruff format --check .

@@ -1077,6 +1077,12 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print {url, model, version} as JSON on stdout once listening."
+        ),
+    ] = False,
 ) -> None:
     """Serve the edited model over an OpenAI-compatible HTTP API, picking up new edits live.
 
@@ -1107,7 +1113,7 @@ def serve(
     options.check()  # usage errors before any model loads
     check_installed()
     editor = _editor(codebook, model, text_model, device, dtype, trust_remote_code)
-    run_server(editor, options)
+    run_server(editor, options, on_ready=_print_json if as_json else None)
 
 
 def main() -> None:

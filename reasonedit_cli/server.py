@@ -904,8 +904,18 @@ def _uvicorn_config(app: Any, options: ServeOptions, log_level: str) -> Any:
     )
 
 
-def serve(editor: Editor, options: ServeOptions, *, log_level: str = "info") -> None:
-    """Load everything, then serve until interrupted (the `reasonedit serve` command)."""
+def serve(
+    editor: Editor,
+    options: ServeOptions,
+    *,
+    log_level: str = "info",
+    on_ready: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Load everything, then serve until interrupted (the `reasonedit serve` command).
+
+    `on_ready` gets `{url, model, version}` once the socket listens (`serve --json`
+    prints it, which tells a script the port `--port 0` chose).
+    """
     import uvicorn
 
     options.check()
@@ -913,10 +923,25 @@ def serve(editor: Editor, options: ServeOptions, *, log_level: str = "info") -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     engine = Engine(editor, options)
     engine.start()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_ready is not None:
+                on_ready(
+                    {"url": _url_of(self), "model": engine.model_id, "version": engine.version}
+                )
+
     try:
-        uvicorn.Server(_uvicorn_config(create_app(engine), options, log_level)).run()
+        Server(_uvicorn_config(create_app(engine), options, log_level)).run()
     finally:
         engine.stop()
+
+
+def _url_of(server: Any) -> str:
+    """The base URL a started uvicorn server listens on (the real port for port 0)."""
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class ServerThread:
@@ -940,9 +965,7 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise ReasonEditError("the server did not start")
             time.sleep(0.02)
-        sock = self.server.servers[0].sockets[0]
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = _url_of(self.server)
 
     def close(self) -> None:
         self.server.should_exit = True
