@@ -427,3 +427,63 @@ def test_binding_beyond_loopback_needs_an_api_key():
     ServeOptions(host="::1").check()
     res = CliRunner().invoke(app, ["serve", "--host", "192.0.2.1", "-c", "/nonexistent"])
     assert res.exit_code == 2 and "--api-key" in res.output
+
+
+# ----------------------------------------------- multi-token answers (tiny LLaVA)
+@pytest.fixture(scope="module")
+def tiny_server(tiny_llava):
+    """No codebook, the tiny random-weight LLaVA: long answers to stream."""
+    editor = Editor(None, model=str(tiny_llava), device="cpu")
+    with ServerThread(editor, ServeOptions(port=0)) as server:
+        yield server, editor
+
+
+def test_complete_cuts_rows_at_their_budgets_and_streams_growing_prefixes(
+    tiny_server, question_files
+):
+    _, editor = tiny_server
+    vlm = editor.vlm
+    imgs = [q["image"] for q in question_files[:3]]
+    prompts = [q["question"] for q in question_files[:3]]
+    full_steps: dict[int, list[list[int]]] = {}
+    full = vlm.complete(
+        imgs,
+        prompts,
+        max_new_tokens=8,
+        on_tokens=lambda r, ids: full_steps.setdefault(r, []).append(ids),
+    )
+    assert full == vlm.complete(imgs, prompts, max_new_tokens=8)  # streaming changes nothing
+    budgets = [2, 5, 8]
+    cut = vlm.complete(imgs, prompts, max_new_tokens=budgets)
+    for i, n in enumerate(budgets):
+        seq = full_steps[i]
+        # one more token per step, each step extending the last
+        assert all(b[: len(a)] == a and len(b) == len(a) + 1 for a, b in zip(seq, seq[1:]))
+        assert vlm.decode(seq[-1]) == full[i].text
+        assert cut[i].text == vlm.decode(seq[min(n, len(seq)) - 1])
+        assert cut[i].tokens == min(n, full[i].tokens)
+    assert vlm.generate(imgs, prompts, max_new_tokens=8) == [c.text for c in full]
+
+
+def test_streamed_deltas_add_up_with_long_answers_and_stops(tiny_server, question_files):
+    server, _ = tiny_server
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    q = question_files[1]
+    msg = messages(Path(q["where_image"]), q["question"])
+    plain = c.chat.completions.create(model="reasonedit", messages=msg, max_tokens=12)
+    text = plain.choices[0].message.content
+    assert len(text) > 4 and plain.usage.completion_tokens > 1
+    ext = plain.model_extra["reasonedit"]
+    assert ext["edited"] and ext["rejected"] and ext["version"] is None  # no codebook
+    for stop in (None, text[len(text) // 2 : len(text) // 2 + 2]):
+        kwargs = {"stop": stop} if stop else {}
+        want = c.chat.completions.create(model="reasonedit", messages=msg, max_tokens=12, **kwargs)
+        chunks = list(
+            c.chat.completions.create(
+                model="reasonedit", messages=msg, max_tokens=12, stream=True, **kwargs
+            )
+        )
+        pieces = [ch.choices[0].delta.content or "" for ch in chunks]
+        assert "".join(pieces) == want.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == want.choices[0].finish_reason
+    assert sum(1 for p in pieces if p) >= 1
