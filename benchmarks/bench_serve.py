@@ -190,42 +190,47 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         results: dict = {"throughput": {}, "batches": {}}
-        for name, extra in (("batched", ()), ("one at a time", ("--max-batch", "1"))):
-            server = Server(cb, *extra)
-            try:
+        servers = {"batched": Server(cb), "one at a time": Server(cb, "--max-batch", "1")}
+        try:
+            for server in servers.values():
                 run_clients(server.port, 4, 16, payloads)  # warm-up
-                before = server.stats()
+            rps: dict[str, list[float]] = {}
+            calls: dict[str, list[int]] = {}
+            # interleaved (run, clients, server), so load from other jobs hits both alike
+            for _ in range(args.runs):
                 for c in CONCURRENCY:
-                    runs = [
-                        run_clients(server.port, c, args.requests, payloads)
-                        for _ in range(args.runs)
-                    ]
-                    assert all(r["errors"] == 0 for r in runs), runs
-                    results["throughput"][f"{name}, {c} clients"] = round(
-                        statistics.median(r["rps"] for r in runs), 2
+                    for name, server in servers.items():
+                        key = f"{name}, {c} clients"
+                        before = server.stats()
+                        r = run_clients(server.port, c, args.requests, payloads)
+                        after = server.stats()
+                        assert r["errors"] == 0, r
+                        rps.setdefault(key, []).append(r["rps"])
+                        calls.setdefault(key, []).append(after["batches"] - before["batches"])
+            for name in servers:
+                for c in CONCURRENCY:
+                    key = f"{name}, {c} clients"
+                    results["throughput"][key] = round(statistics.median(rps[key]), 2)
+                    # requests per generate call at this concurrency
+                    results["batches"][key] = round(
+                        args.requests * args.runs / max(1, sum(calls[key])), 2
                     )
-                after = server.stats()
-                results["batches"][name] = round(
-                    (after["requests"] - before["requests"])
-                    / max(1, after["batches"] - before["batches"]),
-                    2,
-                )
-                if name == "batched":
-                    results["load"] = load_test(
-                        server.port, args.load_clients, args.load_requests, payloads
-                    )
-            finally:
+            results["load"] = load_test(
+                servers["batched"].port, args.load_clients, args.load_requests, payloads
+            )
+        finally:
+            for server in servers.values():
                 server.close()
     base = results["throughput"]["one at a time, 1 clients"]
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print("| server | clients | requests/s | vs one at a time, 1 client |")
-    print("|---|---:|---:|---:|")
+    print("| server | clients | requests/s | vs one at a time, 1 client | requests per call |")
+    print("|---|---:|---:|---:|---:|")
     for key, rps in results["throughput"].items():
         name, clients = key.rsplit(", ", 1)
-        print(f"| {name} | {clients.split()[0]} | {rps:.2f} | {rps / base:.2f}x |")
-    print(f"\nmean requests per generate call: {results['batches']}")
+        per_call = results["batches"][key]
+        print(f"| {name} | {clients.split()[0]} | {rps:.2f} | {rps / base:.2f}x | {per_call} |")
     load = results["load"]
     print(
         f"\nload test (openai client): {load['clients']} clients x "
