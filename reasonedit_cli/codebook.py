@@ -476,7 +476,9 @@ class Codebook:
 
         A snapshot loaded before it serves reads no file afterwards, so a damaged version
         fails here (CodebookError) rather than in the middle of a request, and a later
-        writer's clean-up cannot remove a file from under it.
+        writer's clean-up cannot remove a file from under it. Only the neighbour lists that
+        a query with another percentile needs (`tau_for`) still load on first use; they are
+        rebuilt from the vectors if their files have gone.
         """
         self.keys_table()
         self.edits_table()
