@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +73,7 @@ def post_json(
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _opener(url).open(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         raise ReasonEditError(f"server {url}: {_error_message(exc)} (HTTP {exc.code})") from None
@@ -82,6 +83,17 @@ def post_json(
         raise ReasonEditError(f"cannot reach the server at {url}: {exc}") from None
     except ValueError:
         raise ReasonEditError(f"server {url}: the answer is not JSON") from None
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener; a server on this machine is reached directly, never via a proxy
+    that HTTP_PROXY names (it could not reach this machine's loopback)."""
+    from reasonedit_cli.server import is_loopback
+
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if is_loopback(host):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

@@ -210,8 +210,11 @@ def test_models_healthz_and_codebook(served, client):
     assert health["status"] == "ok" and health["version"] == editor.version
 
 
-def test_ask_server_prints_what_local_ask_prints(served, question_files):
+def test_ask_server_prints_what_local_ask_prints(served, question_files, monkeypatch):
     server, editor, _ = served
+    # a proxy cannot reach this machine's loopback: ask --server goes around it
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     runner = CliRunner()
     args = ["ask", "--server", server.url, "--from", str(SAMPLES / "edits.jsonl")]
     res = runner.invoke(app, [*args, "--json"])
