@@ -782,14 +782,14 @@ class Completion:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Token ids that end an answer: the generation config's eos ids and the tokenizer's."""
-    ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(v) for v in value)
-    return ids
+    """Token ids that end an answer: those `generate` stops on (the generation config's
+    eos ids), else the tokenizer's end of sequence."""
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        value = tokenizer.eos_token_id
+    if value is None:
+        return set()
+    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
 
 
 class _StepStreamer:
