@@ -490,3 +490,43 @@ def test_streamed_deltas_add_up_with_long_answers_and_stops(tiny_server, questio
         assert "".join(pieces) == want.choices[0].message.content
         assert chunks[-1].choices[0].finish_reason == want.choices[0].finish_reason
     assert sum(1 for p in pieces if p) >= 1
+
+
+def test_parse_chat_request_reads_the_openai_fields(question_files):
+    q = question_files[0]
+    msg = messages(Path(q["where_image"]), q["question"])
+    opts = ServeOptions()
+    ids = {"reasonedit"}
+    r = parse_chat_request(
+        {
+            "messages": [{"role": "system", "content": "be brief"}, *msg],
+            "max_tokens": 3,
+            "stop": "x",
+            "temperature": 0.5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "reasonedit": {"no_edit": True, "top_k": 2, "percentile": 40},
+        },
+        opts,
+        ids,
+    )
+    assert (r.question, r.max_tokens, r.stop, r.temperature) == (q["question"], 3, ["x"], 0.5)
+    assert r.stream and r.include_usage and r.no_edit and (r.top_k, r.percentile) == (2, 40.0)
+    assert r.image.size == q["image"].size
+    # model omitted: the served one; defaults: greedy, ask's 16 tokens
+    d = parse_chat_request({"messages": msg}, opts, ids)
+    assert (d.temperature, d.max_tokens, d.stop, d.stream) == (0.0, 16, [], False)
+    bad = [
+        {"messages": [*msg, {"role": "assistant", "content": "circle"}]},
+        {"messages": msg, "stream": "yes"},
+        {"messages": msg, "reasonedit": {"explain": True}},
+        {"messages": msg, "reasonedit": {"top_k": 0}},
+        {"messages": msg, "stop": ["a", "b", "c", "d", "e"]},
+        {"messages": msg, "max_tokens": 2.5},
+        {"messages": []},
+        "not an object",
+    ]
+    for body in bad:
+        with pytest.raises(ApiError) as err:
+            parse_chat_request(body, opts, ids)
+        assert err.value.status == 400, body
