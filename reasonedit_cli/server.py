@@ -858,10 +858,48 @@ def create_app(engine: Engine) -> Any:
         Route("/healthz", guarded(healthz), methods=["GET"]),
         Route("/v1/codebook", guarded(codebook), methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
+    return InFlightLimit(app, options.max_queue + options.max_batch + 16)
+
+
+class InFlightLimit:
+    """ASGI middleware: at most `limit` requests in flight (reading a body, parsing,
+    queued or answering); one more gets an OpenAI-format 503 at once. It bounds the
+    memory that request bodies can hold, where the queue bounds only parsed requests."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0  # the event loop is single-threaded: no lock needed
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            err = ApiError(
+                503,
+                f"the server is busy ({self.limit} requests in flight); retry later",
+                type="server_error",
+                code="too_many_requests",
+            )
+            body = json.dumps(err.body()).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 def _too_large(limit: int) -> ApiError:
@@ -900,7 +938,8 @@ def _uvicorn_config(app: Any, options: ServeOptions, log_level: str) -> Any:
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=5,
-        limit_concurrency=options.max_queue + 64,  # past this uvicorn answers 503 itself
+        # a backstop on open connections; requests in flight are limited by InFlightLimit
+        limit_concurrency=4 * (options.max_queue + options.max_batch + 16),
     )
 
 

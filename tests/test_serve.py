@@ -530,3 +530,30 @@ def test_parse_chat_request_reads_the_openai_fields(question_files):
         with pytest.raises(ApiError) as err:
             parse_chat_request(body, opts, ids)
         assert err.value.status == 400, body
+
+
+def test_requests_beyond_the_in_flight_limit_get_an_openai_503():
+    import asyncio
+
+    from reasonedit_cli.server import InFlightLimit
+
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append(scope["path"])
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        limited = InFlightLimit(app, 1)
+        await limited({"type": "http", "path": "/a"}, None, send)  # under the limit
+        limited.active = 1  # one request in flight
+        await limited({"type": "http", "path": "/b"}, None, send)
+        return limited.active
+
+    assert asyncio.run(run()) == 1 and calls == ["/a"]
+    assert sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"])["error"]["code"] == "too_many_requests"
