@@ -387,7 +387,7 @@ class Engine:
         self._check = threading.Event()  # set between batches: look at the manifest now
         self._threads: list[threading.Thread] = []
         self._refused: str | None = None
-        self.stats = {"requests": 0, "batches": 0, "batched_requests": 0, "reloads": 0}
+        self.stats = {"requests": 0, "batches": 0, "reloads": 0}
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------
@@ -541,7 +541,6 @@ class Engine:
                 j.future.set_exception(err)
             return
         self.stats["batches"] += 1
-        self.stats["batched_requests"] += len(jobs)
         self.stats["requests"] += len(jobs)
         for j, a in zip(jobs, answers):
             j.future.set_result(Result(answer=a, version=version, batch=len(jobs)))
