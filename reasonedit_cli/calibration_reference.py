@@ -364,10 +364,7 @@ def calibrate_reference(
         feats = features(images, texts, layers)
         nn = n * n
         layer_runs.append(
-            [
-                reference_scores(feats[name][:nn], n, feats[name][rows], nodes)
-                for name in layers
-            ]
+            [reference_scores(feats[name][:nn], n, feats[name][rows], nodes) for name in layers]
         )
         step(f"layer run {r + 1}/{n_runs}")
     layer_scores = np.asarray(
@@ -389,7 +386,9 @@ def calibrate_reference(
         h = features(images, texts, [layer])[layer]
         s = np.asarray(text_fn(texts), dtype=np.float64)
         if s.shape[0] != len(texts) or not np.isfinite(s).all():
-            raise ReasonEditError(f"text embeddings have shape {s.shape}; expected ({len(texts)}, d)")
+            raise ReasonEditError(
+                f"text embeddings have shape {s.shape}; expected ({len(texts)}, d)"
+            )
         nn = n * n
         run = []
         for w in grid:
@@ -402,8 +401,7 @@ def calibrate_reference(
     )
     best_w = reference_choice(w_scores)
     w_table = [
-        {"w": w, **_summary([run[k] for run in w_runs], w_scores[:, k])}
-        for k, w in enumerate(grid)
+        {"w": w, **_summary([run[k] for run in w_runs], w_scores[:, k])} for k, w in enumerate(grid)
     ]
     return CalibrationResult(
         layer=layer,

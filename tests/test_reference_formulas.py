@@ -151,3 +151,77 @@ def test_calibrate_reference_rejects_bad_input() -> None:
         CR.calibrate_reference(items, _features, lambda ts: np.zeros((len(ts), 2)), ["vision"])
     with pytest.raises(UsageError):
         CR.calibrate_reference(items, _features, lambda ts: ts, [], n_runs=1)
+
+
+# --------------------------------------------------------------------------- sigma, tau, hits
+
+# three keys on a line at 0, 1 and 3: d01 = 1, d02 = 3, d12 = 2
+LINE3 = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]], dtype=np.float32)
+
+
+def test_reference_sigma_is_the_lower_median() -> None:
+    # neighbours: key 0 -> [1, 3], key 1 -> [1, 2], key 2 -> [2, 3]; lower middle of two
+    assert R.reference_sigma(LINE3).tolist() == [1.0, 1.0, 2.0]
+    assert R.hubness_sigma(LINE3).tolist() == [2.0, 1.5, 2.5]  # ours: numpy median
+    assert np.isnan(R.reference_sigma(LINE3[:1])).all()  # no neighbour: no correction
+    # an odd count has one middle value: both agree
+    v = np.arange(4, dtype=np.float32)[:, None]
+    assert R.reference_sigma(v).tolist() == R.hubness_sigma(v).tolist() == [2.0, 1.0, 1.0, 2.0]
+
+
+def test_reference_tau_on_a_3_key_codebook() -> None:
+    sigma = R.reference_sigma(LINE3)
+    eps = R.REFERENCE_EPS
+    # pairs a < b divided by sigma_b + eps: (0,1) 1/(1+eps), (0,2) 3/(2+eps), (1,2) 2/(2+eps)
+    pairs = sorted([1 / (1 + eps), 3 / (2 + eps), 2 / (2 + eps)])
+    # one edit: p = max(1, 100/1) = 100 -> the largest
+    assert R.reference_threshold(LINE3, sigma, 1) == pytest.approx(pairs[2], rel=1e-12)
+    # three edits: p = 33.3...: linear interpolation at position 2/3 between 1/(1+eps)
+    # and 2/(2+eps)
+    expect = pairs[0] + (2 / 3) * (pairs[1] - pairs[0])
+    assert R.reference_threshold(LINE3, sigma, 3) == pytest.approx(expect, rel=1e-12)
+    # many edits: p = 1 -> position 0.02
+    expect = pairs[0] + 0.02 * (pairs[1] - pairs[0])
+    assert R.reference_threshold(LINE3, sigma, 1000) == pytest.approx(expect, rel=1e-12)
+    # another key order changes which sigma divides a pair: (2, 1, 0) gives
+    # (2,1) 2/(1+eps), (2,0) 3/(1+eps), (1,0) 1/(1+eps)
+    rev = R.reference_threshold(LINE3, sigma, 1, order=np.array([2, 1, 0]))
+    assert rev == pytest.approx(3 / (1 + eps), rel=1e-12)
+    assert R.reference_threshold(LINE3[:1], sigma[:1], 1) is None
+    assert R.reference_percentile(1.0, 4) == 25.0 and R.reference_percentile(1.0, 500) == 1.0
+
+
+def test_reference_hits_rule() -> None:
+    assert R.reference_hits([0.5, 2.0, 3.0], 1.0, k=2) == [0, 1]  # no tau filter after the first
+    assert R.reference_hits([1.5, 2.0], 1.0) == []
+    assert R.reference_hits([9.0, 10.0], None, k=5) == [0, 1]  # no tau: open gate
+    assert R.reference_hits([], 1.0) == []
+
+
+def test_codebook_with_the_reference_tau_rule(tmp_path) -> None:
+    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+
+    cb = Codebook.open(tmp_path / "cb", create=True)
+    edits, keys = [], []
+    for i, vec in enumerate(LINE3):
+        sha = hashlib.sha256(f"img{i}".encode()).hexdigest()
+        edits.append(EditRecord(f"e{i}", sha, f"q{i}", f"a{i}", [f"fact {i}."], None, "t"))
+        keys.append(KeyRecord(f"e{i}", "sentence", f"fact {i}.", f"fact {i}.", sha, None, vec))
+    with cb.writer() as w:
+        w.set_config(tau_rule="reference", hits_rule="reference", percentile=1.0, dim=2)
+        w.add(edits, keys)
+    cb = Codebook.open(tmp_path / "cb")
+    eps = R.REFERENCE_EPS
+    assert cb.tau_rule == "reference"
+    assert cb.sigma() == pytest.approx([1 + eps, 1 + eps, 2 + eps])
+    pairs = sorted([1 / (1 + eps), 3 / (2 + eps), 2 / (2 + eps)])
+    assert cb.tau == pytest.approx(pairs[0] + (2 / 3) * (pairs[1] - pairs[0]), rel=1e-9)
+    # p = 90: position 0.9 * 2 = 1.8, between the 2nd and the 3rd value
+    assert cb.tau_for(90) == pytest.approx(pairs[1] + 0.8 * (pairs[2] - pairs[1]), rel=1e-9)
+    # a query at 0.9: corrected distances 0.9/1 (key 0), 0.1/1 (key 1), 2.1/2 (key 2)
+    r = R.retrieve(cb, np.array([0.9, 0.0]), k=5)
+    assert not r.rejected and [h.edit_id for h in r.hits] == ["e1", "e0", "e2"]
+    assert r.facts == ["fact 1.", "fact 0.", "fact 2."]  # nearest first, no tau filter
+    ours = R.retrieve(cb, np.array([0.9, 0.0]), k=5, hit_rule="tau")
+    assert [h.edit_id for h in ours.hits] == ["e1", "e0"]  # 2.1/2 > tau: filtered
+    assert R.retrieve(cb, np.array([40.0, 0.0]), k=5).rejected
