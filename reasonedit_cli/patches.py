@@ -210,6 +210,28 @@ def sentence_question(sentence: str) -> str:
     return f"Does the image show {text}?"
 
 
+QUESTION_RULES = ("default", "reference")
+
+
+def sentence_question_reference(sentence: str) -> str:
+    """The reference's verification prompt (REFERENCE row 15, `--preset reference`).
+
+    `"Does the image show " + sentence.lower().replace(".", "?")`: the whole sentence
+    lower-cased and EVERY "." turned into "?" ("3.5 cm." -> "3?5 cm?"); no "?" is added
+    when the sentence does not end in ".".
+    """
+    return f"Does the image show {sentence.lower().replace('.', '?')}"
+
+
+def question_for(sentence: str, rule: str = "default") -> str:
+    """The verification prompt of `sentence` under `rule` (QUESTION_RULES)."""
+    if rule == "reference":
+        return sentence_question_reference(sentence)
+    if rule != "default":
+        raise ValueError(f"question rule must be one of {QUESTION_RULES}, got {rule!r}")
+    return sentence_question(sentence)
+
+
 # -------------------------------------------------------------------------- selection
 def rounded_loss(loss: float) -> float:
     """A loss as the tie rule "round" compares it: Python's `round(loss, TIE_DECIMALS)`.
@@ -372,6 +394,7 @@ def _finish(
     loss: np.ndarray,
     top_k: int,
     threshold: float,
+    question_rule: str = "default",
 ) -> PatchSearch:
     """Apply the selection rule to a (n_candidates, n_sentences) score table."""
     sizes = [c.size for c in grid.candidates]
@@ -381,7 +404,7 @@ def _finish(
         result.sentences.append(
             SentencePatches(
                 sentence=sentence,
-                question=sentence_question(sentence),
+                question=question_for(sentence, question_rule),
                 p_yes=p_yes[:, k].copy(),
                 loss=loss[:, k].copy(),
                 selected=chosen,
@@ -402,6 +425,7 @@ def search_patches_detailed(
     top_k: int = 1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threshold: float = PASS_THRESHOLD,
+    question_rule: str = "default",
 ) -> list[PatchSearch]:
     """Batched patch search over several edits, with every candidate's scores.
 
@@ -426,7 +450,7 @@ def search_patches_detailed(
         for k in range(len(s))
         for c in range(len(g.candidates))
     ]
-    questions = [[sentence_question(x) for x in s] for s in sents]
+    questions = [[question_for(x, question_rule) for x in s] for s in sents]
     pairs.sort(key=lambda x: len(questions[x[0]][x[2]]))  # stable: keeps the order otherwise
     if pairs:
         p = vlm.yes_probability(
@@ -450,7 +474,7 @@ def search_patches_detailed(
             l_tables[t][c, k] = v
 
     return [
-        _finish(g, s, p, ls, top_k, threshold)
+        _finish(g, s, p, ls, top_k, threshold, question_rule)
         for g, s, p, ls in zip(grids, sents, p_tables, l_tables)
     ]
 
@@ -462,14 +486,21 @@ def search_patches(
     top_k: int = 1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threshold: float = PASS_THRESHOLD,
+    question_rule: str = "default",
 ) -> list[list[list[list[int]]]]:
     """Selected boxes per item, per sentence: `[[[x0, y0, x1, y1], ...], ...]`.
 
     `items` are `(image, sentences)` pairs, one per edit; boxes are in the image's
-    original pixels. A sentence with no passing crop gets `[]`.
+    original pixels. A sentence with no passing crop gets `[]`. `question_rule`
+    "reference" verifies with the reference's prompt (`sentence_question_reference`).
     """
     found = search_patches_detailed(
-        vlm, items, top_k=top_k, batch_size=batch_size, threshold=threshold
+        vlm,
+        items,
+        top_k=top_k,
+        batch_size=batch_size,
+        threshold=threshold,
+        question_rule=question_rule,
     )
     return [r.boxes for r in found]
 
@@ -480,6 +511,7 @@ def search_patches_naive_detailed(
     *,
     top_k: int = 1,
     threshold: float = PASS_THRESHOLD,
+    question_rule: str = "default",
 ) -> list[PatchSearch]:
     """The literal algorithm: two single-pair VLM calls per crop per sentence.
 
@@ -492,11 +524,11 @@ def search_patches_naive_detailed(
         p = np.zeros((len(grid.candidates), len(sents)), np.float32)
         loss = np.full_like(p, np.nan)
         for k, sentence in enumerate(sents):
-            question = sentence_question(sentence)
+            question = question_for(sentence, question_rule)
             for c, crop in enumerate(grid.crops):
                 p[c, k] = vlm.yes_probability([crop], [question], batch_size=1)[0]
                 loss[c, k] = vlm.answer_loss([crop], [DESCRIBE_PROMPT], [sentence], batch_size=1)[0]
-        out.append(_finish(grid, sents, p, loss, top_k, threshold))
+        out.append(_finish(grid, sents, p, loss, top_k, threshold, question_rule))
     return out
 
 
