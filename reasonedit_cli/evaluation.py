@@ -231,7 +231,7 @@ class CachedEmbedder:
 
 
 def last_vision_layer(vlm: Any) -> str:
-    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision"]
+    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision" and not li.normed]
     if not layers:
         raise InputError("the model has no vision-encoder blocks for the vision-only baseline")
     return layers[-1]

@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,18 +37,53 @@ DEFAULT_MODEL = str(Path(__file__).parent / "models" / "demo_vlm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
-#: The families `--model` accepts (config `model_type` -> name shown to users). Each is
-#: loaded with AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "llava": "LLaVA 1.5",
-    "llava_next": "LLaVA-NeXT (1.6)",
-    "llava_onevision": "LLaVA-OneVision",
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "idefics3": "Idefics3",
-    "smolvlm": "SmolVLM",
-    "instructblip": "InstructBLIP (decoder-only language model)",
+
+@dataclass(frozen=True)
+class Family:
+    """What the backend knows about one family (config `model_type`), in one place.
+
+    Layer roles are found by `_ROLE_PATTERNS` (shared by all families); the rest of a
+    family's quirks live here.
+    """
+
+    name: str  # shown to users
+    #: the prompt around one image when the checkpoint ships no chat template
+    prompt: str | None = None
+    #: how the rows of a vision-side tensor map to samples (see `VLM._image_splits`):
+    #: "grid_thw" (flattened patches, `image_grid_thw`), "crops" (`image_sizes` and the
+    #: grid pinpoints), "tiles" (zero-padded tiles), "none" (one row per image)
+    image_split: str = "none"
+    #: role -> sub-module whose OUTPUT is the normed point, where no Linear follows the
+    #: norm (otherwise the point is found from the module tree, `_first_mlp_linear`)
+    normed_output: dict[str, str] = field(default_factory=dict)
+
+
+_QWEN_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+_IDEFICS_PROMPT = "User:<image>{prompt}<end_of_utterance>\nAssistant:"
+
+#: One record per supported family (config `model_type`). Each is loaded with
+#: AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
+FAMILIES: dict[str, Family] = {
+    "llava": Family("LLaVA 1.5"),
+    "llava_next": Family("LLaVA-NeXT (1.6)", image_split="crops"),
+    "llava_onevision": Family(
+        "LLaVA-OneVision",
+        prompt="<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
+        image_split="crops",
+    ),
+    "qwen2_vl": Family("Qwen2-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
+    "qwen2_5_vl": Family("Qwen2.5-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
+    "idefics3": Family("Idefics3", prompt=_IDEFICS_PROMPT, image_split="tiles"),
+    "smolvlm": Family("SmolVLM", prompt=_IDEFICS_PROMPT, image_split="tiles"),
+    # InstructBLIP's processor puts the query tokens in front of the text itself.
+    "instructblip": Family("InstructBLIP (decoder-only language model)", prompt="{prompt}"),
 }
+
+#: The families `--model` accepts (config `model_type` -> name shown to users).
+SUPPORTED_FAMILIES: dict[str, str] = {k: f.name for k, f in FAMILIES.items()}
 
 # Module-name patterns that identify layer roles across families. The first group of a
 # block pattern is the block index. Order matters: the first matching role wins.
@@ -84,31 +119,41 @@ _ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ),
 ]
 
-# The prompt around one image when the processor has no chat template.
-_FALLBACK_PROMPTS: dict[str, str] = {
-    "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}"
-    "<|im_end|>\n<|im_start|>assistant\n",
-    "idefics3": "User:<image>{prompt}<end_of_utterance>\nAssistant:",
-    # InstructBLIP's processor puts the query tokens in front of the text itself.
-    "instructblip": "{prompt}",
-    "llava_onevision": "<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
-}
-_FALLBACK_PROMPTS["qwen2_5_vl"] = _FALLBACK_PROMPTS["qwen2_vl"]
-_FALLBACK_PROMPTS["smolvlm"] = _FALLBACK_PROMPTS["idefics3"]
+#: The two hook points offered for every candidate layer (REFERENCE row 3).
+#:   "input":  the raw input of the block / projector (the residual stream); label `language.12`
+#:   "normed": the input of the block's MLP's first `Linear`, i.e. after its norm (`mlp.fc1`
+#:             of a CLIP block, `mlp.gate_proj` of a Llama/Qwen block, `linear_1` of the LLaVA
+#:             projector) — the authors' point; label `language.12.normed`
+POINTS = ("input", "normed")
+NORMED_SUFFIX = ".normed"
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer whose input can serve as the VLM half of a key."""
+    """A hook point whose captured tensor can serve as the VLM half of a key."""
 
-    name: str  # the module path inside the model, e.g. model.language_model.layers.2
+    name: str  # the block's module path inside the model, e.g. model.language_model.layers.2
     role: str  # "vision" | "projector" | "language"
     index: int  # position within its role (0 for the projector)
+    point: str = "input"  # "input" (the block's raw input) or "normed" (see POINTS)
+    hook: str = ""  # the module actually hooked; "" = the block itself
+    hook_output: bool = False  # capture the hooked module's output instead of its input
 
     @property
     def label(self) -> str:
-        """Short human name such as `language.2`, accepted wherever a layer is named."""
-        return self.role if self.role == "projector" else f"{self.role}.{self.index}"
+        """Short human name such as `language.2` or `language.2.normed`, accepted wherever
+        a layer is named."""
+        base = self.role if self.role == "projector" else f"{self.role}.{self.index}"
+        return base + (NORMED_SUFFIX if self.point == "normed" else "")
+
+    @property
+    def normed(self) -> bool:
+        return self.point == "normed"
+
+    @property
+    def module(self) -> str:
+        """The module path the capture hook is registered on."""
+        return self.hook or self.name
 
 
 def resolve_device(device: str) -> str:
@@ -217,36 +262,43 @@ class VLM:
         if qformer_tokenizer is not None:  # InstructBLIP: the Q-Former's view of the text
             qformer_tokenizer.padding_side = "right"
         self._splits: list[int] | None = None  # images/patches per sample of the last batch
+        self._layers: list[LayerInfo] | None = None  # candidate_layers, found once
         self._yes_ids = self._word_token_ids(["yes", "Yes", " yes", " Yes"])
         self._no_ids = self._word_token_ids(["no", "No", " no", " No"])
         self.forward_calls = 0  # counted for benchmarks (patch search, batching)
 
     # ------------------------------------------------------------------ layers
     def candidate_layers(self) -> list[LayerInfo]:
-        """Vision blocks, the projector and language blocks, in model order."""
-        found: list[LayerInfo] = []
-        for name, _module in self.model.named_modules():
-            for role, pattern in _ROLE_PATTERNS:
-                m = pattern.match(name)
-                if m:
-                    idx = int(m.group(1)) if m.groups() else 0
-                    found.append(LayerInfo(name=name, role=role, index=idx))
-                    break
-        order = {"vision": 0, "projector": 1, "language": 2}
-        found.sort(key=lambda li: (order[li.role], li.index))
-        return found
+        """Vision blocks, the projector and language blocks, in model order, each with
+        both hook points: the raw block input (`language.2`) and the input of its MLP's
+        first Linear after the norm (`language.2.normed`)."""
+        if self._layers is None:
+            self._layers = _find_layers(self.model, self.family)
+        return list(self._layers)
 
     def resolve_layer(self, layer: str) -> LayerInfo:
-        """Accept a short label (`language.2`, `vision.0`, `projector`) or a module path."""
+        """Accept a short label (`language.2`, `vision.0.normed`, `projector`,
+        `language.mid`, `language.mid.normed`) or a module path (a block: its raw input;
+        the hooked Linear: the normed point)."""
         layers = self.candidate_layers()
         for li in layers:
-            if layer in (li.label, li.name):
+            if layer == li.label or (layer == li.name and not li.normed):
                 return li
-        if layer == "language.mid":
-            lang = [li for li in layers if li.role == "language"]
-            return lang[len(lang) // 2]
-        labels = ", ".join(li.label for li in layers)
-        raise UsageError(f"unknown layer {layer!r}; this model has: {labels}")
+        for li in layers:
+            if li.normed and layer == li.hook:
+                return li
+        normed = layer.endswith(NORMED_SUFFIX)
+        base = layer[: -len(NORMED_SUFFIX)] if normed else layer
+        if base == "language.mid":
+            lang = [li for li in layers if li.role == "language" and not li.normed]
+            if lang:
+                mid = lang[len(lang) // 2]
+                return self.resolve_layer(mid.label + (NORMED_SUFFIX if normed else ""))
+        labels = ", ".join(li.label for li in layers if not li.normed)
+        raise UsageError(
+            f"unknown layer {layer!r}; this model has: {labels} "
+            f"(each also as LABEL{NORMED_SUFFIX}: the input of its first Linear after the norm)"
+        )
 
     # ----------------------------------------------------------------- prompts
     def chat_text(self, prompt: str) -> str:
@@ -257,7 +309,7 @@ class VLM:
         template = getattr(self.processor, "chat_template", None)
         if template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        fallback = _FALLBACK_PROMPTS.get(self.family)
+        fallback = FAMILIES[self.family].prompt
         if fallback is not None:
             return fallback.format(prompt=prompt)
         image_token = getattr(self.processor, "image_token", None) or "<image>"
@@ -279,9 +331,10 @@ class VLM:
         tower on a varying number of crops per image (`image_sizes`); Idefics3/SmolVLM on
         the real (not padding) tiles of each sample. `_pool` means per sample with these.
         """
-        if "image_grid_thw" in batch:
+        rule = FAMILIES[self.family].image_split
+        if rule == "grid_thw" and "image_grid_thw" in batch:
             return [int(x) for x in batch["image_grid_thw"].prod(-1).tolist()]
-        if "image_sizes" in batch and self.family in ("llava_next", "llava_onevision"):
+        if rule == "crops" and "image_sizes" in batch:
             import importlib
 
             module = importlib.import_module(
@@ -299,7 +352,7 @@ class VLM:
                 for size in batch["image_sizes"].tolist()
             ]
         pv = batch.get("pixel_values") if hasattr(batch, "get") else None
-        if pv is not None and pv.dim() == 5:  # (batch, tiles, C, H, W), zero-padded tiles
+        if rule == "tiles" and pv is not None and pv.dim() == 5:  # (batch, tiles, C, H, W)
             per_tile = pv[0, 0].numel()
             real = (pv == 0.0).flatten(2).sum(-1) != per_tile
             return [max(int(r), 1) for r in real.sum(1).tolist()]
@@ -362,11 +415,14 @@ class VLM:
             captured: dict[str, Any] = {}
             handles = []
             for li in infos:
-                handles.append(
-                    modules[li.name].register_forward_pre_hook(
+                module = modules[li.module]
+                if li.hook_output:
+                    handle = module.register_forward_hook(_capture_output(captured, li.label))
+                else:
+                    handle = module.register_forward_pre_hook(
                         _capture(captured, li.label), with_kwargs=True
                     )
-                )
+                handles.append(handle)
             try:
                 self._forward(batch)
             finally:
@@ -481,6 +537,16 @@ def _capture(store: dict[str, Any], label: str):
     return hook
 
 
+def _capture_output(store: dict[str, Any], label: str):
+    """A forward hook that records a module's output (a norm with no Linear after it)."""
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        store[label] = out.detach()
+
+    return hook
+
+
 def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = None) -> np.ndarray:
     """Mean over tokens in float32; language layers use the attention mask.
 
@@ -493,6 +559,13 @@ def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = Non
     if h.dim() == 3 and h.shape[0] == batch and h.shape[1] == mask.shape[1]:
         m = mask.to(h.device).unsqueeze(-1).float()
         return ((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
+    if splits is not None and len(splits) == batch and h.shape[0] != sum(splits):
+        # a tensor after a patch merge (Qwen's merger MLP input): rows = patches / ratio
+        total = sum(splits)
+        if h.shape[0] and total % h.shape[0] == 0 and h.shape[0] != batch:
+            ratio = total // h.shape[0]
+            if all(s % ratio == 0 for s in splits):
+                splits = [s // ratio for s in splits]
     if splits is not None and len(splits) == batch and h.shape[0] == sum(splits) != batch:
         flat = h.reshape(h.shape[0], -1, h.shape[-1])
         parts = torch.split(flat, list(splits), dim=0)
@@ -504,6 +577,61 @@ def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = Non
     if h.dim() == 2 and h.shape[0] % batch == 0:  # flattened patches, equal shares
         return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
     raise ReasonEditError(f"cannot pool a layer input of shape {tuple(h.shape)}")
+
+
+def _find_layers(model: Any, family: str) -> list[LayerInfo]:
+    """Both hook points of every vision block, the projector and every language block.
+
+    The normed point is found from the module tree, not from names: the first `Linear`
+    of the block's MLP (a child `mlp`; a T5 block's last sub-layer, its feed-forward),
+    or, for a projector, its first `Linear` (the module itself when it is one). A
+    family whose projector has no Linear after its norm names the norm whose output is
+    the point instead (`normed_output` of its record, e.g. Gemma 3).
+    """
+    found: list[LayerInfo] = []
+    overrides = FAMILIES[family].normed_output if family in FAMILIES else {}
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        for role, pattern in _ROLE_PATTERNS:
+            m = pattern.match(name)
+            if not m:
+                continue
+            idx = int(m.group(1)) if m.groups() else 0
+            found.append(LayerInfo(name=name, role=role, index=idx))
+            if role in overrides:
+                hook, output = f"{name}.{overrides[role]}", True
+            else:
+                hook, output = _first_mlp_linear(name, module), False
+            if hook is not None:
+                found.append(
+                    LayerInfo(
+                        name=name,
+                        role=role,
+                        index=idx,
+                        point="normed",
+                        hook=hook,
+                        hook_output=output,
+                    )
+                )
+            break
+    order = {"vision": 0, "projector": 1, "language": 2}
+    found.sort(key=lambda li: (order[li.role], li.index, POINTS.index(li.point)))
+    return found
+
+
+def _first_mlp_linear(name: str, block: Any) -> str | None:
+    """The module path of the first Linear after a block's norm (see `_find_layers`)."""
+    import torch
+
+    scope, prefix = block, name
+    if isinstance(getattr(block, "mlp", None), torch.nn.Module):
+        scope, prefix = block.mlp, f"{name}.mlp"
+    elif isinstance(getattr(block, "layer", None), torch.nn.ModuleList):  # T5 block
+        scope, prefix = block.layer[-1], f"{name}.layer.{len(block.layer) - 1}"
+    for sub, module in scope.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            return f"{prefix}.{sub}" if sub else prefix
+    return None
 
 
 def _unsupported_message(model: str, model_type: str) -> str:

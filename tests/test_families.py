@@ -35,7 +35,9 @@ FAMILIES = [
         "smolvlm", marks=pytest.mark.skipif(_NO_NUM2WORDS, reason="num2words not installed")
     ),
 ]
+RAW = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
 LAYERS = ["vision.0", "projector", "language.1"]
+LAYERS += [name + ".normed" for name in LAYERS]
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +81,7 @@ def test_family_backend(vlms, family):
     vlm = vlms(family)
     assert vlm.family == family
     labels = [li.label for li in vlm.candidate_layers()]
-    assert labels == ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    assert labels == [x for name in RAW for x in (name, name + ".normed")]
     imgs = _imgs()
     prompts = ["what shape is in the image?", "what color?", "is there a red shape? yes or no"]
 
