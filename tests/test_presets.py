@@ -82,8 +82,44 @@ def test_cli_rejects_an_unknown_preset_before_loading_a_model(tmp_path) -> None:
 
 @pytest.fixture
 def ref_input():
-    """The reference preset at the raw block input (the tiny LLaVA has no `.normed`)."""
+    """A library variant of the reference preset at the raw block input."""
     return dataclasses.replace(presets.REFERENCE, hook="input")
+
+
+def test_cli_reference_preset_end_to_end(tmp_path, edits_jsonl, model_args):
+    """add-edit --preset reference hooks projector.normed and stores the preset; ask,
+    given no preset, follows the manifest."""
+    from reasonedit_cli.codebook import Codebook
+
+    cb = tmp_path / "cb"
+    args = ["--codebook", str(cb), *model_args, "--json"]
+    result = runner.invoke(
+        app,
+        ["add-edit", "--from", str(edits_jsonl), "--patches", "none", "--preset", "reference"]
+        + args,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["merged"] is not None  # merge on insert
+    cfg = Codebook.open(cb).config
+    assert cfg["layer"] == "projector.normed" and cfg["preset"] == "reference"
+    assert cfg["w"] == 30.0 and cfg["tau_rule"] == "reference" and cfg["hook"] == "normed"
+    image = edits_jsonl.parent / "images" / "red_circle.png"
+    result = runner.invoke(
+        app, ["ask", "-i", str(image), "-q", "what shape is in the image?", *args]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert not record["rejected"] and 1 <= len(record["retrieved"]) <= 5
+    dists = [h["distance"] for h in record["retrieved"]]
+    assert dists == sorted(dists) and record["facts"][0] in record["retrieved"][0]["values"]
+    # adding with the default preset is refused, exit 2, codebook unchanged
+    version = Codebook.open(cb).version
+    result = runner.invoke(
+        app,
+        ["add-edit", "--from", str(edits_jsonl), "--patches", "none", "--preset", "default"] + args,
+    )
+    assert result.exit_code == 2 and "built with --preset reference" in result.output
+    assert Codebook.open(cb).version == version
 
 
 def _editor(path, tiny_llava, preset=None):
@@ -95,7 +131,9 @@ def _editor(path, tiny_llava, preset=None):
     return ed
 
 
-def test_reference_preset_is_stored_and_followed(tmp_path, tiny_llava, edits_jsonl, ref_input):
+def test_reference_preset_variant_is_stored_and_followed(
+    tmp_path, tiny_llava, edits_jsonl, ref_input
+):
     from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.datasets import read_edits
     from reasonedit_cli.editor import Editor
@@ -149,7 +187,7 @@ def test_old_codebook_without_preset_opens_as_default(tmp_path) -> None:
         Editor(tmp_path / "cb", preset="reference").plan_add([])
 
 
-def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl, ref_input):
+def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl):
     from reasonedit_cli.calibration_reference import REFERENCE_W_GRID
     from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.datasets import read_edits
@@ -157,8 +195,13 @@ def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl, 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
     ed = _editor(tmp_path / "cb", tiny_llava)
     ed.add_edits(edits, patches="none")
-    ed.preset = ref_input  # switching preset: calibrate re-embeds every key
+    ed.preset = presets.REFERENCE  # switching preset: calibrate re-embeds every key
     result, version = ed.calibrate(bootstrap=2, seed=0)
+    # every candidate at its normed point
+    assert all(r["layer"].endswith(".normed") for r in result.layer_table)
+    assert len(result.layer_table) == len(
+        {li.label for li in ed.vlm.candidate_layers() if li.label.endswith(".normed")}
+    )
     assert result.w in REFERENCE_W_GRID and result.shift == "global" and result.bootstrap == 2
     assert result.extra["n_samples"] == 3  # three edits: three (image, question) samples
     cfg = Codebook.open(tmp_path / "cb").config
@@ -167,7 +210,7 @@ def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl, 
     assert np.isfinite([r["harmonic"] for r in result.w_table]).all()
 
 
-def test_evaluate_reports_both_presets_in_one_table(tmp_path, tiny_llava, edits_jsonl, ref_input):
+def test_evaluate_reports_both_presets_in_one_table(tmp_path, tiny_llava, edits_jsonl):
     from reasonedit_cli import evaluation as E
     from reasonedit_cli.datasets import read_edits
 
@@ -180,7 +223,6 @@ def test_evaluate_reports_both_presets_in_one_table(tmp_path, tiny_llava, edits_
         methods=("reasonedit", "reasonedit-reference"),
         sweep_p=True,
         workdir=tmp_path / "v",
-        reference_preset=ref_input,
     )
     assert set(report["methods"]) == {"reasonedit", "reasonedit-reference"}
     assert [r["p"] for r in report["sweep_p"]][:2] == [1, 5]
