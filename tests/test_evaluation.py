@@ -129,8 +129,11 @@ def test_every_baseline_reports_every_metric_and_p_sweep(easy, tiny_editor):
     # GRACE replaces the answer on its own edits
     assert rep["methods"]["grace"]["Acc"] == 1.0
     taus = [r["tau"] for r in rep["sweep_p"]]
-    assert [r["p"] for r in rep["sweep_p"]] == [5, *range(10, 100, 10)]
+    assert [r["p"] for r in rep["sweep_p"]] == [1, 5, *range(10, 100, 10)]
     assert taus == sorted(taus)
+    # reasonedit-reference (in METHODS) gets its own sweep, tau by the reference rule
+    ref_taus = [r["tau"] for r in rep["sweep_p_reference"]]
+    assert ref_taus == sorted(ref_taus) and ref_taus[0] is not None
 
 
 def test_retrieval_rejects_more_loc_probes_at_low_p(tiny_editor, easy):
