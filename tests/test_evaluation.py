@@ -250,7 +250,7 @@ def test_aokvqa_and_rationalevqa_through_evaluate(tmp_path, images, model_args):
     )
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
-    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 10
+    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 11  # p = 1, 5, 10..90
     for name in ("metrics.json", "metrics.md", "sweep.md", "sweep.png"):
         assert (report_dir / name).is_file()
 
