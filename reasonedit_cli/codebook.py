@@ -19,17 +19,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,18 +250,67 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+# -- the file-operation seam (issue 23) ----------------------------------------------
+#
+# Every write, fsync, rename, unlink and mkdir the store issues inside a codebook goes
+# through the helpers below, which report it to an optional hook. The power-loss harness
+# (tests/crash_harness.py) records that log and rebuilds the disk at each crash point;
+# tests can also make an operation fail (ENOSPC) at this seam.
+
+#: hook(op, path, other): op is "write" (the temp file holds its full data, not yet
+#: fsynced), "fsync", "fsync_dir", "rename" (path -> other), "unlink", "mkdir", "link".
+FileHook = Callable[[str, Path, "Path | None"], None]
+_file_hooks: list[FileHook] = []
+
+
+@contextlib.contextmanager
+def file_operations(hook: FileHook) -> Iterator[None]:
+    """Call hook(op, path, other) for every file operation the store issues (tests)."""
+    _file_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _file_hooks.remove(hook)
+
+
+def _note(op: str, path: Path, other: Path | None = None) -> None:
+    for hook in list(_file_hooks):
+        hook(op, path, other)
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes a rename durable; some platforms cannot open directories, which is fine.
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(fd)
+        _note("fsync_dir", path)
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def _mkdirs(path: Path) -> None:
+    """mkdir -p whose new directories are durable: each parent is fsynced after."""
+    if path.is_dir():
+        return
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _note("mkdir", d)
+        _fsync_dir(d.parent)
 
 
 def _tmp_name(path: Path) -> Path:
@@ -267,15 +318,133 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temp name, fsync, rename: readers see the old file or the whole new one.
+
+    On any failure (ENOSPC, EROFS, ...) the temp file is removed and the error re-raised.
+    """
+    _mkdirs(path.parent)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            _note("write", tmp)
+            os.fsync(f.fileno())
+            _note("fsync", tmp)
+        _rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    _note("rename", src, dst)
+
+
+def _unlink(path: Path) -> None:
+    """Remove one file the store made (never a directory)."""
+    os.unlink(path)
+    _note("unlink", path)
+
+
+# -- reading files of a codebook that may be hostile -----------------------------------
+
+#: Largest manifest / versions copy / LOCK read (a million-key manifest is ~100 KB).
+MAX_MANIFEST_BYTES = 64 << 20
+#: Largest Parquet footer (file metadata) accepted before pyarrow parses it; ours are KBs.
+MAX_PARQUET_FOOTER = 4 << 20
+
+
+class NotRegularFileError(OSError):
+    """A path of the codebook is a FIFO, device, directory or symlink, not a plain file."""
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: Path, root: Path | None = None) -> int:
+    """An fd for reading `path`, refused unless it is a regular file inside its codebook.
+
+    lstat first (a symlink is refused, never followed out of the codebook), then open
+    with O_NONBLOCK | O_NOFOLLOW (a FIFO swapped in meanwhile cannot block us) and fstat
+    the opened file (S_ISREG). The directories between the codebook root and the file
+    are checked too: `segments/` as a symlink to elsewhere is refused.
+    """
+    for parent in _inner_dirs(path, root):
+        st = os.lstat(parent)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotRegularFileError(
+                errno.EINVAL, f"{parent.name}/ is {_kind_of(st.st_mode)}, not a directory"
+            )
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(errno.EINVAL, f"is {_kind_of(st.st_mode)}, not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(
+                errno.EINVAL, f"is {_kind_of(st.st_mode)}, not a regular file"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _inner_dirs(path: Path, root: Path | None) -> list[Path]:
+    """The directories between the codebook root and `path` (the root itself may be a
+    symlink the user chose; nothing below it may)."""
+    if root is None:
+        return []
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return []
+    return [root / q for q in list(rel.parents)[:-1]]
+
+
+def _read_regular(path: Path, root: Path | None = None, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of the codebook (see `_open_regular`); at most `limit`."""
+    fd = _open_regular(path, root)
+    with os.fdopen(fd, "rb") as f:
+        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            raise NotRegularFileError(errno.EFBIG, f"is larger than {limit} bytes")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise NotRegularFileError(errno.EFBIG, f"is larger than {limit} bytes")
+    return data
+
+
+def _parquet_footer_ok(data: bytes) -> str | None:
+    """Why `data` is not a Parquet file we parse (None: fine), read before pyarrow does.
+
+    pyarrow allocates what the footer declares; a huge or malformed footer is refused
+    here, in O(1), so a hostile file costs neither memory nor time.
+    """
+    if len(data) < 12 or data[:4] != b"PAR1" or data[-4:] != b"PAR1":
+        return "no Parquet magic bytes"
+    meta_len = int.from_bytes(data[-8:-4], "little")
+    if meta_len <= 0 or meta_len > len(data) - 12:
+        return f"its footer claims {meta_len} bytes of metadata in a {len(data)}-byte file"
+    if meta_len > MAX_PARQUET_FOOTER:
+        return f"its metadata is {meta_len} bytes (more than {MAX_PARQUET_FOOTER})"
+    return None
 
 
 def _manifest_bytes(manifest: dict) -> bytes:
@@ -426,7 +595,7 @@ class Codebook:
         if not create:
             raise CodebookError(f"no codebook at {p} (no {MANIFEST}); add an edit to create one")
         try:
-            p.mkdir(parents=True, exist_ok=True)
+            _mkdirs(p)
         except OSError as e:
             raise CodebookError(f"cannot create codebook {p}: {e.strerror or e}") from e
         with _Lock(p, 10.0):
@@ -444,7 +613,7 @@ class Codebook:
                     "derived": None,
                 }
                 for sub in ("segments", "images", "index", "versions"):
-                    (p / sub).mkdir(exist_ok=True)
+                    _mkdirs(p / sub)
                 data = _manifest_bytes(manifest)
                 _atomic_write(p / "versions" / "v000000.json", data)
                 _atomic_write(p / MANIFEST, data)
@@ -534,7 +703,7 @@ class Codebook:
         rel = entry["path"]
         f = self.path / rel
         try:
-            data = f.read_bytes()
+            data = _read_regular(f, self.path)
         except FileNotFoundError:
             raise CodebookError(
                 f"codebook {self.path}: {rel} is missing; {_REPAIR_HINT} "
@@ -549,10 +718,25 @@ class Codebook:
                 f"codebook {self.path}: {rel} is damaged (checksum mismatch); "
                 f"{_REPAIR_HINT} or restore an older version"
             )
+        bad = _parquet_footer_ok(data)
+        if bad:
+            raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({bad})")
         try:
             # ParquetFile.read, not read_table: the latter imports pyarrow.dataset and
-            # pyarrow.compute (~0.2 s of start-up for every `ask`)
-            table = pq.ParquetFile(pa.BufferReader(data)).read()
+            # pyarrow.compute (~0.2 s of start-up for every `ask`). Thrift limits bound
+            # what a crafted footer may make pyarrow allocate.
+            pf = pq.ParquetFile(
+                pa.BufferReader(data),
+                thrift_string_size_limit=MAX_PARQUET_FOOTER,
+                thrift_container_size_limit=1 << 20,
+            )
+            declared = pf.metadata.num_rows
+            if declared != entry.get("rows", declared) or pf.metadata.num_columns > 64:
+                raise CodebookError(
+                    f"codebook {self.path}: {rel} declares {declared} rows and "
+                    f"{pf.metadata.num_columns} columns, manifest says {entry.get('rows')}"
+                )
+            table = pf.read()
         except (pa.ArrowException, OSError, ValueError) as e:
             raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({e})") from e
         meta = table.schema.metadata or {}
@@ -660,7 +844,11 @@ class Codebook:
         if not _SHA_RE.fullmatch(sha or ""):
             raise CodebookError(f"codebook {self.path}: invalid image hash {sha!r}")
         d = self.path / "images" / sha[:2]
-        found = sorted(p for p in d.glob(sha + ".*") if ".tmp-" not in p.name) if d.is_dir() else []
+        found = (
+            sorted(p for p in d.glob(sha + ".*") if ".tmp-" not in p.name)
+            if d.is_dir() and not d.is_symlink()
+            else []
+        )
         if not found:
             raise CodebookError(f"codebook {self.path}: image images/{sha[:2]}/{sha}.* is missing")
         return found[0]
@@ -669,7 +857,7 @@ class Codebook:
         """The stored image bytes, verified against their hash name."""
         p = self.image_path(sha)
         try:
-            data = p.read_bytes()
+            data = _read_regular(p, self.path)
         except OSError as e:
             raise CodebookError(
                 f"codebook {self.path}: cannot read {p.relative_to(self.path)}: {e.strerror or e}"
@@ -694,7 +882,7 @@ class Codebook:
         if not entry:
             return None
         try:
-            data = (self.path / entry["path"]).read_bytes()
+            data = _read_regular(self.path / entry["path"], self.path)
             if _sha256(data) != entry["sha256"]:
                 return None
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -827,7 +1015,8 @@ class Codebook:
         fd, tmp = tempfile.mkstemp(prefix="reasonedit-hnsw-")
         try:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(self.path / entry["path"], "rb") as src:
+            src_fd = _open_regular(self.path / entry["path"], self.path)
+            with os.fdopen(fd, "wb") as out, os.fdopen(src_fd, "rb") as src:
                 while block := src.read(1 << 24):
                     h.update(block)
                     out.write(block)
@@ -1061,9 +1250,17 @@ class Codebook:
             self.refresh()
             w = CodebookWriter(self)
             w._cleanup()
-            yield w
-            if w._pending_config:
-                w.commit()
+            try:
+                yield w
+                if w._pending_config:
+                    w.commit()
+            except BaseException:
+                # a failed change (disk full, read-only, interrupted) leaves the previous
+                # version as it was: remove what it wrote before the error
+                with contextlib.suppress(CodebookError, OSError):
+                    self.refresh()
+                    w._cleanup()
+                raise
 
     # -- checking ---------------------------------------------------------
 
@@ -1080,7 +1277,8 @@ class Codebook:
         rep = CheckReport(self.path, self.version)
         vfile = self.path / "versions" / f"v{self.version:06d}.json"
         try:
-            if _canonical(json.loads(vfile.read_bytes())) != _canonical(self.manifest):
+            raw = _read_regular(vfile, self.path, MAX_MANIFEST_BYTES)
+            if _canonical(json.loads(raw)) != _canonical(self.manifest):
                 rep.problems.append(f"versions/{vfile.name} differs from {MANIFEST}")
         except (OSError, ValueError):
             rep.problems.append(f"versions/{vfile.name} is missing or damaged")
@@ -1166,7 +1364,7 @@ def _read_manifest(path: Path) -> dict:
     f = path / MANIFEST
     where = f"codebook {path}: {MANIFEST}"
     try:
-        raw = f.read_bytes()
+        raw = _read_regular(f, path, MAX_MANIFEST_BYTES)
     except OSError as e:
         raise CodebookError(f"{where} cannot be read: {e.strerror or e}") from e
     try:
@@ -1246,7 +1444,7 @@ def _tmp_files(path: Path) -> list[Path]:
 
 def _lock_owner(lock: Path) -> str:
     try:
-        info = json.loads(lock.read_bytes())
+        info = json.loads(_read_regular(lock, lock.parent, MAX_MANIFEST_BYTES))
         return f"pid {info['pid']} on host {info['host']} since {info['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "an unknown writer"
@@ -1335,13 +1533,15 @@ class _Lock:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.content)
                 f.flush()
+                _note("write", self.file)
                 os.fsync(f.fileno())
+                _note("fsync", self.file)
             return self
 
     def _break_if_stale(self) -> bool:
         try:
-            raw = self.file.read_bytes()
-            age = time.time() - self.file.stat().st_mtime
+            raw = _read_regular(self.file, self.dir, MAX_MANIFEST_BYTES)
+            age = time.time() - self.file.lstat().st_mtime
         except FileNotFoundError:
             return True  # released meanwhile: retry at once
         except OSError:
@@ -1357,23 +1557,25 @@ class _Lock:
         aside = self.dir / f"{LOCK}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(self.file, aside)
+            _note("rename", self.file, aside)
         except FileNotFoundError:
             return True
         except OSError:
             return False
         try:
-            if aside.read_bytes() != raw:
+            if _read_regular(aside, self.dir, MAX_MANIFEST_BYTES) != raw:
                 with contextlib.suppress(OSError):
                     os.link(aside, self.file)  # put the fresh lock back
+                    _note("link", aside, self.file)
         finally:
             with contextlib.suppress(OSError):
-                aside.unlink()
+                _unlink(aside)
         return True
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self.file.read_bytes() == self.content:
-                self.file.unlink()
+            if _read_regular(self.file, self.dir, MAX_MANIFEST_BYTES) == self.content:
+                _unlink(self.file)
         except OSError:
             pass
 
@@ -1399,7 +1601,7 @@ class CodebookWriter:
         """Delete leftovers of crashed writers: temp files, unreferenced newer segments."""
         for p in _tmp_files(self.path):
             with contextlib.suppress(OSError):
-                p.unlink()
+                _unlink(p)
         cur = self.cb.version
         referenced = {s["path"] for s in self.cb.manifest["segments"]}
         for v in (self.path / "versions").glob("v*.json"):
@@ -1409,10 +1611,11 @@ class CodebookWriter:
                 continue
             if num > cur:  # written by a writer that died before replacing the manifest
                 with contextlib.suppress(OSError):
-                    v.unlink()
+                    _unlink(v)
                 continue
             try:
-                referenced |= {s["path"] for s in json.loads(v.read_bytes())["segments"]}
+                raw = _read_regular(v, self.path, MAX_MANIFEST_BYTES)
+                referenced |= {s["path"] for s in json.loads(raw)["segments"]}
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         try:
@@ -1422,8 +1625,18 @@ class CodebookWriter:
         for seg in (self.path / "segments").glob("*.parquet"):
             rel = f"segments/{seg.name}"
             try:
-                if rel not in referenced and seg.stat().st_mtime >= mtime:
-                    seg.unlink()
+                if rel not in referenced and seg.lstat().st_mtime >= mtime:
+                    _unlink(seg)
+            except OSError:
+                pass
+        # derived files newer than the manifest that it does not list: written by a
+        # writer that failed or died before its commit (readers never look at them)
+        listed = _derived_paths(self.cb.manifest)
+        for f in (self.path / "index").glob("*"):
+            try:
+                if f"index/{f.name}" not in listed and f.lstat().st_mtime > mtime:
+                    if stat.S_ISREG(f.lstat().st_mode):
+                        _unlink(f)
             except OSError:
                 pass
 
@@ -1440,7 +1653,7 @@ class CodebookWriter:
             if ".tmp-" in existing.name:
                 continue
             try:
-                if _sha256(existing.read_bytes()) == sha:
+                if _sha256(_read_regular(existing, self.path)) == sha:
                     return sha
             except OSError:
                 pass
@@ -1599,7 +1812,7 @@ class CodebookWriter:
                 f"codebook {self.path}: version {version} is not kept (no versions/{f.name})"
             )
         try:
-            old = json.loads(f.read_bytes())
+            old = json.loads(_read_regular(f, self.path, MAX_MANIFEST_BYTES))
             body = {k: v for k, v in old.items() if k != "checksum"}
             ok = old.get("checksum") == "sha256:" + _sha256(_canonical(body))
         except (OSError, ValueError, AttributeError):
@@ -1974,17 +2187,21 @@ class CodebookWriter:
         """save_index to a temp name, hash and fsync it in place, rename: a manifest entry."""
         tmp = _tmp_name(self.path / rel)
         try:
+            _mkdirs(tmp.parent)
             with self.cb._hnsw_lock:
                 index.save_index(str(tmp))
+            _note("write", tmp)
             # hash and fsync the saved file in place (GBs at a million keys: no copy)
             with open(tmp, "rb+") as f:
                 sha, size = _hash_file(f)
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path / rel)
+                _note("fsync", tmp)
+            _rename(tmp, self.path / rel)
             _fsync_dir(self.path / "index")
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp.exists():
+                with contextlib.suppress(OSError):
+                    _unlink(tmp)
         return {
             "path": rel,
             "sha256": sha,
@@ -2008,7 +2225,7 @@ class CodebookWriter:
         for f in (self.path / "index").glob("*"):
             if f"index/{f.name}" not in keep and ".tmp-" not in f.name:
                 with contextlib.suppress(OSError):
-                    f.unlink()
+                    _unlink(f)
 
 
 def _derived_paths(manifest: dict) -> set[str]:
@@ -2181,7 +2398,7 @@ def history(path: str | Path) -> list[dict[str, Any]]:
     out = []
     for f in sorted((cb.path / "versions").glob("v*.json")):
         try:
-            m = json.loads(f.read_bytes())
+            m = json.loads(_read_regular(f, cb.path, MAX_MANIFEST_BYTES))
             rows = {"keys": 0, "edits": 0}
             for seg in m.get("segments", []):
                 rows[seg["kind"]] = rows.get(seg["kind"], 0) + int(seg.get("rows", 0))
