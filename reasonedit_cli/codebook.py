@@ -65,8 +65,10 @@ TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _EXT_RE = re.compile(r"[a-z0-9]{1,8}")
-_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging"}
+_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging", "damaged"}
 _REPAIR_HINT = "run `reasonedit doctor` to check the codebook"
+_MANIFEST_HINT = "`reasonedit doctor --repair` restores it from versions/"
+DAMAGED = "damaged"  # where repair moves a damaged manifest.json (it never deletes one)
 
 
 # ---------------------------------------------------------------------------
@@ -580,8 +582,14 @@ class Codebook:
     ) -> Codebook:
         """Open the codebook at path; create=True makes an empty one if missing or empty."""
         p = Path(path).expanduser().absolute()
-        if (p / MANIFEST).exists():
+        if os.path.lexists(p / MANIFEST):
             return cls(p, _read_manifest(p), hnsw_min_keys=hnsw_min_keys)
+        kept = _version_files(p)
+        if kept:  # never create a new v0 over a codebook that lost its manifest
+            raise CodebookError(
+                f"codebook {p}: {MANIFEST} is missing but versions/ holds {len(kept)} "
+                f"versions; {_MANIFEST_HINT}"
+            )
         if p.exists() and not p.is_dir():
             raise CodebookError(f"codebook {p}: not a directory")
         foreign = (
@@ -836,6 +844,58 @@ class Codebook:
                 )
             )
         return out
+
+    # -- what survives damage (doctor --repair, reasonedit_cli/repair.py) ---
+
+    def segment_problems(self) -> list[tuple[dict, str]]:
+        """(manifest entry, one-line error) of every listed segment that fails to read."""
+        out = []
+        for entry in self.manifest["segments"]:
+            try:
+                self._read_segment(entry)
+            except CodebookError as e:
+                out.append((entry, str(e)))
+        return out
+
+    def surviving_table(self, kind: str, skip: Iterable[str]) -> pa.Table:
+        """The live view of `kind` built from every listed segment except the `skip`
+        paths (damaged ones): what the rest of the codebook still holds."""
+        bad = set(skip)
+        view = Codebook(
+            self.path,
+            {
+                **self.manifest,
+                "segments": [s for s in self.manifest["segments"] if s["path"] not in bad],
+            },
+            hnsw_min_keys=self.hnsw_min_keys,
+        )
+        return view._live_table(kind)
+
+    def kept_key_tables(self, skip: Iterable[str]) -> list[tuple[int, pa.Table]]:
+        """(version, table) of every keys segment some intact versions/ copy lists, the
+        `skip` paths left out, each verified against that copy: older key layouts (patch
+        boxes, kinds) that repair can re-embed. Newest first."""
+        bad, seen, out = set(skip), set(), []
+        for f in reversed(_version_files(self.path)):
+            try:
+                m = _validate_manifest(
+                    _read_regular(f, self.path, MAX_MANIFEST_BYTES), self.path, str(f)
+                )
+            except (CodebookError, OSError):
+                continue
+            dim = (m.get("config") or {}).get("dim")
+            view = Codebook(self.path, m, hnsw_min_keys=self.hnsw_min_keys)
+            for entry in m["segments"]:
+                if entry["kind"] != "keys" or entry["path"] in bad or entry["path"] in seen:
+                    continue
+                seen.add(entry["path"])
+                if not dim:
+                    continue
+                try:
+                    out.append((int(entry["version"]), view._read_segment(entry)))
+                except CodebookError:
+                    continue
+        return sorted(out, key=lambda t: -t[0])
 
     # -- images -----------------------------------------------------------
 
@@ -1366,13 +1426,16 @@ def _read_manifest(path: Path) -> dict:
     try:
         raw = _read_regular(f, path, MAX_MANIFEST_BYTES)
     except OSError as e:
-        raise CodebookError(f"{where} cannot be read: {e.strerror or e}") from e
+        raise CodebookError(f"{where} cannot be read: {e.strerror or e}; {_MANIFEST_HINT}") from e
+    return _validate_manifest(raw, path, where)
+
+
+def _validate_manifest(raw: bytes, path: Path, where: str) -> dict:
+    """A manifest (manifest.json or a versions/ copy) parsed and validated, else raise."""
     try:
         m = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise CodebookError(
-            f"{where} is damaged (not valid JSON); restore it from versions/ or a backup"
-        ) from None
+        raise CodebookError(f"{where} is damaged (not valid JSON); {_MANIFEST_HINT}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CodebookError(
             f"{path} is not a reasonedit codebook ({MANIFEST} has format "
@@ -1392,9 +1455,7 @@ def _read_manifest(path: Path) -> dict:
     except ValueError:
         ok = False
     if not ok:
-        raise CodebookError(
-            f"{where} is damaged (checksum mismatch); restore it from versions/ or a backup"
-        )
+        raise CodebookError(f"{where} is damaged (checksum mismatch); {_MANIFEST_HINT}")
     try:
         assert isinstance(m["version"], int) and m["version"] >= 0
         assert isinstance(m["config"], dict)
@@ -1432,6 +1493,99 @@ def _check_rel(rel: str) -> None:
     # A shared codebook must not point outside its own directory.
     p = Path(rel)
     assert isinstance(rel, str) and not p.is_absolute() and ".." not in p.parts, rel
+
+
+def _version_files(path: Path) -> list[Path]:
+    """versions/v*.json of a codebook, oldest first (by the number in the name)."""
+    d = path / "versions"
+    out = []
+    if d.is_dir() and not d.is_symlink():
+        for f in d.glob("v*.json"):
+            if re.fullmatch(r"v\d{6,}\.json", f.name):
+                out.append(f)
+    return sorted(out, key=lambda f: int(f.stem[1:]))
+
+
+def manifest_problem(path: str | os.PathLike) -> str | None:
+    """Why manifest.json cannot be used (one line), or None when it reads fine."""
+    p = Path(path).expanduser().absolute()
+    if not os.path.lexists(p / MANIFEST):
+        return f"{MANIFEST} is missing" if _version_files(p) else None
+    try:
+        _read_manifest(p)
+    except CodebookError as e:
+        return str(e)
+    return None
+
+
+def restore_manifest(path: str | os.PathLike, lock_timeout: float = 10.0) -> list[str]:
+    """Bring back a damaged or missing manifest.json from versions/ (doctor --repair).
+
+    Takes the newest versions/ copy that validates and whose segments all verify
+    (sha256). One exception: when a newer copy validates but names damaged or missing
+    segments, that newer copy is taken (the segment repair that follows rebuilds them
+    from what survives, instead of losing whole versions) and the older, fully verified
+    copy is named as the fallback (`reasonedit restore N`). When the chosen copy is the
+    newest one kept, manifest.json becomes a byte-identical copy of it; otherwise its
+    content is committed as a new version after every kept number, so no versions/ file
+    is overwritten or cleaned away. The damaged manifest.json is moved to damaged/,
+    never deleted. Returns the steps taken, one line each.
+    """
+    p = Path(path).expanduser().absolute()
+    problem = manifest_problem(p)
+    if problem is None:
+        return []
+    steps = [f"{MANIFEST}: {problem.split(': ', 1)[-1]}"]
+    with _Lock(p, lock_timeout):
+        files = _version_files(p)
+        newest = int(files[-1].stem[1:]) if files else -1
+        chosen: tuple[Path, bytes, dict, list[str]] | None = None
+        for f in reversed(files):
+            try:
+                raw = _read_regular(f, p, MAX_MANIFEST_BYTES)
+                m = _validate_manifest(raw, p, f"versions/{f.name}")
+            except (CodebookError, OSError) as e:
+                steps.append(f"versions/{f.name} passed over: {str(e).split(': ')[-1]}")
+                continue
+            bad = [s["path"] for s, _ in Codebook(p, m).segment_problems()]
+            if chosen is None:
+                chosen = (f, raw, m, bad)
+            if not bad:
+                if chosen[0] != f:
+                    steps.append(
+                        f"versions/{chosen[0].name} lists {len(chosen[3])} damaged segments "
+                        f"({chosen[3][0]}), rebuilt below; versions/{f.name} is the newest "
+                        f"copy whose files all verify (fallback: `reasonedit restore "
+                        f"{int(f.stem[1:])}`)"
+                    )
+                break
+        if chosen is None:
+            raise CodebookError(
+                f"codebook {p}: {MANIFEST} is damaged and no versions/ copy is intact; "
+                f"restore the codebook from a backup"
+            )
+        f, raw, m, _ = chosen
+        if os.path.lexists(p / MANIFEST):
+            _mkdirs(p / DAMAGED)
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            aside = p / DAMAGED / f"{MANIFEST}.{stamp}"
+            _rename(p / MANIFEST, aside)
+            _fsync_dir(p / DAMAGED)
+            steps.append(f"moved the damaged {MANIFEST} to {aside.relative_to(p)}")
+        if int(m["version"]) == newest:
+            _atomic_write(p / MANIFEST, raw)
+            steps.append(f"restored {MANIFEST} from versions/{f.name} (version {newest})")
+        else:
+            m = {**m, "version": newest + 1, "updated": _now()}
+            data = _manifest_bytes(m)
+            _atomic_write(p / "versions" / f"v{newest + 1:06d}.json", data)
+            _atomic_write(p / MANIFEST, data)
+            steps.append(
+                f"restored {MANIFEST} from versions/{f.name}, committed as version "
+                f"{newest + 1}: the changes of later versions are lost (their copies are "
+                f"damaged)"
+            )
+        return steps
 
 
 def _tmp_files(path: Path) -> list[Path]:
@@ -1835,6 +1989,41 @@ class CodebookWriter:
         return self._commit(
             cb.manifest["segments"], cb.manifest["removed_edits"], state=("compact",)
         )
+
+    def rebuild_segments(
+        self, replacements: Sequence[tuple[dict, Sequence[EditRecord] | Sequence[KeyRecord]]]
+    ) -> int:
+        """Replace damaged segments, in place in the segment list, by new ones holding
+        `records` (rebuilt by reasonedit_cli/repair.py), as one new version.
+
+        An empty record list drops the segment from the new version. The damaged files
+        stay on disk (older versions list them); derived data is rebuilt from scratch.
+        """
+        cb = self.cb
+        version = cb.version + 1
+        new: dict[str, dict | None] = {}
+        for entry, records in replacements:
+            if not records:
+                new[entry["path"]] = None
+            elif entry["kind"] == "edits":
+                table = _edits_to_table(list(records), dt.datetime.now(dt.timezone.utc))
+                new[entry["path"]] = self._write_segment("edits", table, version)
+            else:
+                # replacing=True: the damaged keys cannot be counted, the width is config's
+                dim = self._check_dim([k.vector for k in records], replacing=True)
+                if cb.dim is not None and dim != cb.dim:
+                    raise CodebookError(
+                        f"codebook {self.path}: rebuilt keys are {dim}-d, config says {cb.dim}"
+                    )
+                table = _keys_to_table([(k.key_id, k) for k in records], dim)
+                new[entry["path"]] = self._write_segment("keys", table, version)
+        segs = []
+        for s in cb.manifest["segments"]:
+            if s["path"] not in new:
+                segs.append(s)
+            elif new[s["path"]] is not None:
+                segs.append(new[s["path"]])
+        return self._commit(segs, cb.manifest["removed_edits"], state=None)
 
     def commit(self) -> int:
         """Commit staged config changes (if any); returns the current version."""
