@@ -746,7 +746,10 @@ class Codebook:
                 )
             table = pf.read()
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({e})") from e
+            why = " ".join(str(e).split())[:300]  # pyarrow messages span lines
+            raise CodebookError(
+                f"codebook {self.path}: {rel} is not readable Parquet ({why})"
+            ) from e
         meta = table.schema.metadata or {}
         kind = entry["kind"]
         if meta.get(b"reasonedit.segment") != kind.encode():
@@ -1684,12 +1687,19 @@ class _Lock:
                 raise CodebookError(
                     f"codebook {self.dir}: cannot create {LOCK}: {e.strerror or e}"
                 ) from e
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.content)
-                f.flush()
-                _note("write", self.file)
-                os.fsync(f.fileno())
-                _note("fsync", self.file)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self.content)
+                    f.flush()
+                    _note("write", self.file)
+                    os.fsync(f.fileno())
+                    _note("fsync", self.file)
+            except OSError as e:  # disk full: leave no empty LOCK behind
+                with contextlib.suppress(OSError):
+                    _unlink(self.file)
+                raise CodebookError(
+                    f"codebook {self.dir}: cannot create {LOCK}: {e.strerror or e}"
+                ) from e
             return self
 
     def _break_if_stale(self) -> bool:

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from reasonedit_cli.cli import app
 from reasonedit_cli.codebook import Codebook
+from reasonedit_cli.datasets import read_edits
+from reasonedit_cli.repair import repair_codebook
 
 runner = CliRunner()
 
@@ -49,8 +51,7 @@ def built(tmp_path_factory, tiny_llava):
                 rec["boxes"] = [[8, 8, 56, 56], None]
             lines.append(json.dumps(rec))
         f.write_text("\n".join(lines) + "\n")
-        res = invoke("add-edit", "--from", f, "-c", cb, *model, "--patches", "none")
-        assert res.exit_code == 0, res.output
+        _editor(cb, model, create=True).add_edits(read_edits(str(f))[0], patches="none")
     return {"dir": d, "cb": cb, "model": model, "answers": _answers(cb, d, model)}
 
 
@@ -64,16 +65,36 @@ QUESTIONS = [
 _SHARED: dict = {}
 
 
+def _editor(cb: Path | None, model: list[str], create: bool = False):
+    """An Editor on cb sharing one loaded tiny VLM across the module (speed)."""
+    from reasonedit_cli.editor import Editor
+
+    ed = Editor(cb, model=model[1], device="cpu", create=create)
+    if "vlm" in _SHARED:
+        ed.attach_vlm(_SHARED["vlm"])
+    _SHARED["vlm"] = ed.vlm
+    return ed
+
+
+def _shared_embedder(model: list[str]):
+    """editor_factory for repair_codebook: the codebook's settings, the shared VLM."""
+
+    def make(path: Path):
+        from reasonedit_cli.embedding import DEFAULT_LAYER
+
+        cfg = Codebook.open(path).config
+        ed = _editor(None, model)
+        ed.use_embedding(cfg.get("layer") or DEFAULT_LAYER, cfg.get("w"))
+        return ed
+
+    return make
+
+
 def _answers(cb: Path, d: Path, model: list[str]) -> list[dict]:
     """ask on the three edit images (in process, one VLM load for the module)."""
     from PIL import Image
 
-    from reasonedit_cli.editor import Editor
-
-    ed = Editor(cb, model=model[1], device="cpu")
-    if "vlm" in _SHARED:
-        ed.attach_vlm(_SHARED["vlm"])
-    _SHARED["vlm"] = ed.vlm
+    ed = _editor(cb, model)
     imgs = [Image.open(d / "images" / f"{img}.png").convert("RGB") for img, _ in QUESTIONS]
     out = ed.ask(imgs, [q for _, q in QUESTIONS])
     return [{"answer": a.answer, "facts": a.facts, "prompt": a.prompt} for a in out]
@@ -101,13 +122,19 @@ def _segment(cb: Path, kind: str, version: int) -> Path:
     return cb / s["path"]
 
 
-def _repair_and_compare(built, work: Path, before: set[str]) -> list[str]:
+def _repair_and_compare(built, work: Path, before: set[str], cli: bool = True) -> list[str]:
+    """doctor fails, doctor --repair (CLI, or the core with the shared VLM) fixes it,
+    doctor passes, no file is gone, ask answers as before the damage."""
     bad = invoke("doctor", "-c", work)
     assert bad.exit_code == 1
-    rep = invoke("doctor", "-c", work, "--repair", "--json")
-    assert rep.exit_code == 0, rep.output
-    report = json.loads(rep.stdout)
-    assert report["ok"] and report["repaired"]
+    if cli:
+        rep = invoke("doctor", "-c", work, "--repair", "--json")
+        assert rep.exit_code == 0, rep.output
+        report = json.loads(rep.stdout)
+    else:
+        r = repair_codebook(work, editor_factory=_shared_embedder(built["model"]))
+        report = {"ok": r.ok, "repaired": r.repaired, "problems": r.problems}
+    assert report["ok"] and report["repaired"], report
     assert invoke("doctor", "-c", work).exit_code == 0
     after = _files(work)
     # nothing deleted but the derived cache of older versions (the usual index/ gc)
@@ -156,12 +183,14 @@ def test_manifest_and_newest_version_damaged_restores_older_as_new_version(built
     assert (work / "versions" / "v000002.json").exists()  # kept, not overwritten
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_damaged_keys_segment_is_re_embedded(built, tmp_path, version):
+@pytest.mark.parametrize(
+    "version,cli", [(1, False), (2, False), pytest.param(2, True, marks=pytest.mark.slow)]
+)
+def test_damaged_keys_segment_is_re_embedded(built, tmp_path, version, cli):
     work = _copy(built, tmp_path)
     before = _files(work)
     _flip(_segment(work, "keys", version))
-    steps = _repair_and_compare(built, work, before)
+    steps = _repair_and_compare(built, work, before, cli=cli)
     assert any(s.startswith("keys: re-embedded") for s in steps), steps
     cb = Codebook.open(work)
     assert cb.n_keys == Codebook.open(built["cb"]).n_keys
@@ -199,12 +228,10 @@ def test_edits_and_keys_of_one_commit_damaged_says_what_is_lost(built, tmp_path)
 
 
 def test_repair_core_api_reports_each_step(built, tmp_path):
-    from reasonedit_cli.repair import repair_codebook
-
     work = _copy(built, tmp_path)
     _flip(work / "manifest.json")
     _flip(_segment(work, "keys", 1))
-    rep = repair_codebook(work)
+    rep = repair_codebook(work, editor_factory=_shared_embedder(built["model"]))
     assert rep.ok, rep.problems
     text = "\n".join(rep.repaired)
     assert "restored manifest.json from versions/v000002.json" in text, text
