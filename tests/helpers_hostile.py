@@ -75,10 +75,10 @@ def craft_parquet(work: Path, case: dict) -> None:
     elif kind == "footer-garbage":  # a footer of random bytes of a plausible length
         n = int.from_bytes(data[-8:-4], "little")
         data = data[: -8 - n] + os.urandom(n) + data[-8:]
-    elif kind == "metadata-huge":  # a real Parquet file with 64 MB of key-value metadata
+    elif kind == "metadata-huge":  # a real Parquet file with 24 MB of key-value metadata
         t = pq.read_table(f)
         meta = dict(t.schema.metadata or {})
-        meta[b"junk"] = b"x" * (64 << 20)
+        meta[b"junk"] = b"x" * (24 << 20)
         sink = pa.BufferOutputStream()
         pq.write_table(t.replace_schema_metadata(meta), sink)
         data = sink.getvalue().to_pybytes()

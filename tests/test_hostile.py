@@ -141,7 +141,7 @@ def test_parquet_with_huge_or_malformed_metadata_is_refused_quickly(synth, tmp_p
     assert r["reader"] == "error" and r["doctor"] == "problems", r
     assert "not readable Parquet" in r["error"] or "declares" in r["error"], r["error"]
     assert r["seconds"] < 10, r
-    # the 64 MB file itself is read once (its sha256); nothing near the 2 GB it declares
+    # the 24 MB file itself is read once (its sha256); nothing near the 2 GB it declares
     assert r["rss_growth_mb"] < 400, r
 
 
