@@ -469,6 +469,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _before_boot(started: str) -> bool:
+    """True when an ISO timestamp is older than this machine's boot (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(x.split()[1]) for x in f if x.startswith(b"btime "))
+        return dt.datetime.fromisoformat(started).timestamp() < btime
+    except (OSError, StopIteration, ValueError, IndexError, TypeError):
+        return False
+
+
 def _compute() -> Any:
     """pyarrow.compute, imported only when tombstones filter rows (it is slow to import)."""
     import pyarrow.compute as pc
@@ -1712,7 +1722,10 @@ class _Lock:
             return False
         try:
             info = json.loads(raw)
-            stale = info["host"] == socket.gethostname() and not _pid_alive(int(info["pid"]))
+            here = info["host"] == socket.gethostname()
+            # taken before this machine booted (power loss): its pid may now be another
+            # live process, so the pid test alone would keep the lock forever
+            stale = here and (not _pid_alive(int(info["pid"])) or _before_boot(info["started"]))
         except (ValueError, KeyError, TypeError):
             stale = age > 10.0  # unreadable: a writer died while creating it, or is now
         if not stale:

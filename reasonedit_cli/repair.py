@@ -89,11 +89,19 @@ def _default_editor(path: Path) -> Any:
 
     cfg = Codebook.open(path).config
     editor = Editor(None, model=cfg.get("model"), text_model=cfg.get("text_model"), device="cpu")
+    try:
+        revision = editor.vlm.revision
+    except Exception as e:  # noqa: BLE001 - any loading failure: one clear line
+        why = " ".join(str(e).split())[:200]
+        raise CodebookError(
+            f"codebook {path}: cannot re-embed the lost keys: its model "
+            f"{cfg.get('model')!r} does not load ({type(e).__name__}: {why})"
+        ) from None
     stored = cfg.get("model_revision")
-    if stored and editor.vlm.revision != stored:
+    if stored and revision != stored:
         raise CodebookError(
             f"codebook {path}: its keys were embedded with {cfg.get('model')} revision "
-            f"{stored}, but that model now has revision {editor.vlm.revision}; "
+            f"{stored}, but that model now has revision {revision}; "
             f"cannot re-embed the lost keys"
         )
     editor.use_embedding(cfg.get("layer") or DEFAULT_LAYER, cfg.get("w"))

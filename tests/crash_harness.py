@@ -306,11 +306,13 @@ def crash_states(log: list[dict], seed: int = 0):
         variants = {"durable": []}
         if pending:
             variants["all"] = list(pending)
-            if len(pending) > 1:
-                variants["prefix"] = pending[: rng.randrange(1, len(pending))]
-                dirs = sorted({_parent(p[1]) for p in pending})
+            # names persisted in order up to any point (a journal), and per directory
+            for j in range(1, len(pending)):
+                variants[f"prefix-{j}"] = pending[:j]
+            dirs = sorted({_parent(p[1]) for p in pending})
+            for t in range(3 if len(dirs) > 1 else 0):
                 pick = {d for d in dirs if rng.random() < 0.5}
-                variants["dirs"] = [p for p in pending if _parent(p[1]) in pick]
+                variants[f"dirs-{t}"] = [p for p in pending if _parent(p[1]) in pick]
         for vname, applied in variants.items():
             names = dict(dur)
             for p in applied:

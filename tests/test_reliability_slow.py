@@ -216,6 +216,7 @@ def test_full_damage_fuzz(tmp_path, tiny_llava):
             c.update(id=len(cases), src=str(src), work=str(tmp_path / "work"), hnsw_min_keys=hmk)
             if src == cli_cb and j % 4 == 0:
                 c["ask"] = ask
+            c["repair_sources"] = True  # doctor --repair on source damage (issue 23)
             cases.append(c)
     results = run_fuzz(cases)
     s = summarize(results)
