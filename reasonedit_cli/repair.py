@@ -75,6 +75,24 @@ def repair_codebook(
         with cb.writer(lock_timeout) as w:
             version = w.rebuild_segments(replacements)
         steps.append(f"committed the rebuilt segments as version {version}")
+        rows = sum(int(e["rows"]) for e in keys_bad)
+        if keys_bad and len(keys) > rows:
+            # the lost segment held fewer keys than its edits make: merged keys (DESIGN
+            # 1.6). The same merge plan over the same re-embedded keys merges them again.
+            from .editor import Editor
+
+            plan, version = Editor(cb.path, lock_timeout=lock_timeout).merge_keys()
+            merged = len(plan.merged_into)
+            steps.append(
+                f"keys: the lost segment held {rows} keys, its edits make {len(keys)}: "
+                f"re-ran merge-keys ({merged} keys merged, version {version})"
+            )
+            if len(keys) - merged != rows:
+                steps.append(
+                    f"keys: {len(keys) - merged} keys after merging, {rows} before the "
+                    f"damage (merges made on insert are replanned over all keys)"
+                )
+        cb.refresh()
     rep = cb.check(repair=True, lock_timeout=lock_timeout)
     rep.repaired[:0] = steps
     rep.problems += lost

@@ -238,3 +238,29 @@ def test_repair_core_api_reports_each_step(built, tmp_path):
     assert "versions/v000002.json lists 1 damaged segments" in text, text
     assert "re-embedded" in text
     assert "committed the rebuilt segments" in text
+
+
+def test_damaged_merged_keys_segment_is_re_embedded_and_re_merged(built, tmp_path):
+    """e4 repeats e1's image and question: merge-keys folds their answer keys into one
+    key holding both edits' values; losing that segment, repair re-embeds and re-merges."""
+    work = _copy(built, tmp_path)
+    rows = [json.dumps({"id": "e4", "image": "images/red_circle.png",
+                        "question": "what shape is in the image?", "answer": "circle",
+                        "reasoning": ["A circle has no corners."]})]  # fmt: skip
+    f = built["dir"] / "e4.jsonl"
+    f.write_text("\n".join(rows) + "\n")
+    _editor(work, built["model"]).add_edits(read_edits(str(f))[0], patches="none")
+    plan, _ = _editor(work, built["model"]).merge_keys()
+    assert plan.merged_into, "the duplicate answer key must merge"
+    answers = _answers(work, built["dir"], built["model"])
+    n_keys = Codebook.open(work).n_keys
+    before = _files(work)
+    (seg,) = [s for s in Codebook.open(work).manifest["segments"] if s["kind"] == "keys"]
+    _flip(work / seg["path"])
+    r = repair_codebook(work, editor_factory=_shared_embedder(built["model"]))
+    assert r.ok, r.problems
+    assert any("re-ran merge-keys" in x for x in r.repaired), r.repaired
+    assert Codebook.open(work).n_keys == n_keys
+    assert _answers(work, built["dir"], built["model"]) == answers
+    gone = {x for x in before - _files(work) if not x.startswith("index/")}
+    assert not gone, gone
