@@ -1,7 +1,8 @@
 """Power loss, simulated (issue 23), in the spirit of CrashMonkey and ALICE.
 
 1. `record`: a child process runs a workload of real store operations on a codebook
-   (add-edit, remove-edit, calibrate, merge-keys, compaction; or a synthetic variant
+   (add-edit, remove-edit, calibrate, merge-keys, compaction, add-edit --merge; or a
+   synthetic variant
    without a VLM) with the store's file-operation seam (`codebook.file_operations`)
    logging every write, fsync, rename, unlink, mkdir and directory fsync, and the bytes
    of every file written. After each operation returns it logs what is acknowledged
@@ -11,8 +12,8 @@
    model: a file's data is durable only once it was fsynced, a name (create, rename,
    unlink, mkdir) only once its directory was fsynced. Un-fsynced data is kept, dropped
    (empty), truncated to half or zeroed; un-fsynced names are all kept, all lost, kept
-   up to a prefix, or kept for a random subset of directories. Identical states are
-   tried once.
+   up to each prefix (a journal), kept for random subsets of directories, or any random
+   subset of them (reordering). Identical disk states are tried once.
 3. `check_state`: the codebook opens; its live content is exactly the acknowledged state
    before or after the operation in flight (after, once it returned); every edit is
    there once; search answers as that state did; `check()` is clean, or
@@ -121,7 +122,8 @@ def _synthetic_workload(cb_path: Path, log: Any) -> None:
 
 
 def _real_workload(cb_path: Path, log: Any, model: str) -> None:
-    """add-edit, remove-edit, calibrate, merge-keys, compaction through Editor/CLI code."""
+    """add-edit, remove-edit, calibrate, merge-keys, compaction, add-edit --merge, through
+    the Editor (the code the CLI commands run)."""
     from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.editor import Editor
 
@@ -154,6 +156,8 @@ def _real_workload(cb_path: Path, log: Any, model: str) -> None:
             w.compact()
 
     step("compaction", compact)
+    more = _edit_objects(cb_path.parent, range(5, 7))
+    step("add-edit --merge", lambda: editor().add_edits(more, patches="none", merge=True))
 
 
 def _edit_objects(d: Path, ids: Any) -> list:
@@ -313,6 +317,9 @@ def crash_states(log: list[dict], seed: int = 0):
             for t in range(3 if len(dirs) > 1 else 0):
                 pick = {d for d in dirs if rng.random() < 0.5}
                 variants[f"dirs-{t}"] = [p for p in pending if _parent(p[1]) in pick]
+            # any subset, as a file system that reorders name operations may persist
+            for t in range(6 if len(pending) > 2 else 0):
+                variants[f"subset-{t}"] = [p for p in pending if rng.random() < 0.5]
         for vname, applied in variants.items():
             names = dict(dur)
             for p in applied:

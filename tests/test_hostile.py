@@ -21,7 +21,7 @@ from helpers_reliability import build_synthetic_codebook, tree_hashes
 
 from reasonedit_cli import codebook as C
 from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
-from reasonedit_cli.errors import CodebookError
+from reasonedit_cli.errors import CodebookError, CodebookLockedError
 
 HERE = Path(__file__).resolve().parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -314,3 +314,30 @@ def test_disk_full_on_a_real_small_tmpfs(synth, tmp_path):
         assert seen, "no add ran out of space"
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_lock_taken_before_the_last_boot_is_stale(tmp_path):
+    """After a power loss the pid in LOCK may belong to another live process: a lock
+    taken before this machine booted is broken like one of a dead process."""
+    import socket
+
+    try:
+        btime = next(int(x.split()[1]) for x in open("/proc/stat", "rb") if x.startswith(b"btime "))
+    except (OSError, StopIteration):
+        pytest.skip("no boot time here (/proc/stat)")
+    assert btime > 946684800
+    src = build_synthetic_codebook(tmp_path / "cb", n_edits=2, keys_per_edit=1, batches=1)
+    lock = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": "2000-01-01T00:00:00+00:00",
+    }
+    (src / "LOCK").write_text(json.dumps(lock))
+    with Codebook.open(src).writer(lock_timeout=0.5) as w:  # our own pid: alive
+        w.set_config(after_reboot=True)
+    assert Codebook.open(src).config["after_reboot"] is True
+    lock["started"] = "2999-01-01T00:00:00+00:00"  # after boot and alive: held
+    (src / "LOCK").write_text(json.dumps(lock))
+    with pytest.raises(CodebookLockedError):
+        with Codebook.open(src).writer(lock_timeout=0.3):
+            pass

@@ -315,7 +315,8 @@ def test_power_loss_real_workload_every_crash_state(tmp_path, tiny_llava):
         "real", tmp_path / "crash", int(limit) if limit else None, str(tiny_llava)
     )
     _report("power_loss_real", f)
-    assert f["operations"] == ["add-edit", "remove-edit", "calibrate", "merge-keys", "compaction"]
+    ops = ["add-edit", "remove-edit", "calibrate", "merge-keys", "compaction", "add-edit --merge"]
+    assert f["operations"] == ops
     assert f["states"] >= (int(limit) // 2 if limit else 1000), f
     assert f["violations"] == [], f["violations"][:5]
 

@@ -264,3 +264,22 @@ def test_damaged_merged_keys_segment_is_re_embedded_and_re_merged(built, tmp_pat
     assert _answers(work, built["dir"], built["model"]) == answers
     gone = {x for x in before - _files(work) if not x.startswith("index/")}
     assert not gone, gone
+
+
+def test_read_only_mounted_codebook_answers_ask(built, tmp_path):
+    """A read-only bind mount of a real codebook: `ask` answers as before; writes fail
+    with one line (the hostile tests cover the writes in more commands)."""
+    from test_hostile import _ro_bind
+
+    ro = tmp_path / "ro"
+    if not _ro_bind(built["cb"], ro):
+        pytest.skip("cannot make a read-only bind mount here (needs root and mount rights)")
+    try:
+        assert _answers(ro, built["dir"], built["model"]) == built["answers"]
+        res = invoke("remove-edit", "e1", "-c", ro)
+        assert res.exit_code == 1 and "Read-only file system" in res.stderr, res.output
+        assert len([x for x in res.stderr.splitlines() if x.strip()]) == 1
+    finally:
+        import subprocess
+
+        subprocess.run(["umount", str(ro)], capture_output=True)
