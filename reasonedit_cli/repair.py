@@ -237,13 +237,17 @@ def keys_from_edits(
     if not todo:
         return [], ["keys: every live edit still has its keys"], []
     want = {e["edit_id"] for e in todo}
+    # per edit, the segment holding most of its own keys (a segment written after a
+    # merge lacks the merged-away ones; the add's own segment has them all), newest on ties
     layouts: dict[str, list[dict]] = {}
     for _, table in cb.kept_key_tables(skip):  # newest first
         got: dict[str, list[dict]] = {}
         for r in table.drop_columns(["vector"]).to_pylist():
-            if r["edit_id"] in want and r["edit_id"] not in layouts:
+            if r["edit_id"] in want:
                 got.setdefault(r["edit_id"], []).append(r)
-        layouts.update(got)
+        for eid, rows in got.items():
+            if len(rows) > len(layouts.get(eid, [])):
+                layouts[eid] = rows
     specs: list[dict] = []
     fresh = [e for e in todo if e["edit_id"] not in layouts]
     if fresh:
