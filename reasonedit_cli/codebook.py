@@ -66,7 +66,7 @@ KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _EXT_RE = re.compile(r"[a-z0-9]{1,8}")
 _KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging", "damaged"}
-_REPAIR_HINT = "run `reasonedit doctor` to check the codebook"
+_REPAIR_HINT = "`reasonedit doctor --repair` rebuilds it from the rest of the codebook"
 _MANIFEST_HINT = "`reasonedit doctor --repair` restores it from versions/"
 DAMAGED = "damaged"  # where repair moves a damaged manifest.json (it never deletes one)
 
@@ -724,8 +724,8 @@ class Codebook:
             data = _read_regular(f, self.path)
         except FileNotFoundError:
             raise CodebookError(
-                f"codebook {self.path}: {rel} is missing; {_REPAIR_HINT} "
-                f"or restore an older version"
+                f"codebook {self.path}: {rel} is missing; {_REPAIR_HINT}, or "
+                f"`reasonedit restore` an older version"
             ) from None
         except OSError as e:
             raise CodebookError(
@@ -734,7 +734,7 @@ class Codebook:
         if _sha256(data) != entry["sha256"]:
             raise CodebookError(
                 f"codebook {self.path}: {rel} is damaged (checksum mismatch); "
-                f"{_REPAIR_HINT} or restore an older version"
+                f"{_REPAIR_HINT}, or `reasonedit restore` an older version"
             )
         bad = _parquet_footer_ok(data)
         if bad:
@@ -1342,8 +1342,9 @@ class Codebook:
     ) -> CheckReport:
         """Verify every file the manifest lists (for `reasonedit doctor`).
 
-        Problems with Parquet segments or images are only reported (they are the source
-        of truth; restore an older version instead). With repair=True, damaged or missing
+        Problems with Parquet segments or images are only reported here (they are the
+        source of truth: `reasonedit_cli.repair.repair_codebook`, i.e. `doctor --repair`,
+        rebuilds segments from the rest first). With repair=True, damaged or missing
         derived files are rebuilt and committed as a new version.
         """
         self.refresh()
