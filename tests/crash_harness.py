@@ -453,7 +453,17 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
         if e["op"] not in ("begin", "ack", "start"):
             figures["by_op"][e["op"]] = figures["by_op"].get(e["op"], 0) + 1
     work = out / "state"
-    for upto, vname, names, inodes, mode in states:
+    keys_seen: set[tuple] = set()
+    for n_done, (upto, vname, names, inodes, mode) in enumerate(states):
+        if n_done % 100 == 0:
+            bad = len(figures["violations"])
+            msg = f"{n_done}/{len(states)} candidates, {figures['states']} checked, {bad} bad"
+            print(msg, file=sys.stderr, flush=True)
+        key = _names_key(names, inodes, mode)
+        if key in keys_seen:  # the same disk as one already built: skip without building
+            figures["duplicates"] += 1
+            continue
+        keys_seen.add(key)
         materialize(rec / "snapshot", rec / "blobs", names, inodes, mode, work)
         digest = _tree_digest(work)
         if digest in seen:
@@ -484,6 +494,18 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     figures["seconds"] = round(time.monotonic() - t0, 1)
     (out / "figures.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return figures
+
+
+def _names_key(names: dict, inodes: dict, mode: str) -> tuple:
+    """What `materialize` would build from these names, as a hashable key."""
+    out = []
+    for p, v in sorted(names.items()):
+        if isinstance(v, int):
+            ino = inodes[v]
+            out.append((p, ino["blob"], "full" if ino["synced"] else mode))
+        else:
+            out.append((p, v))
+    return tuple(out)
 
 
 def _tree_digest(root: Path) -> str:

@@ -51,9 +51,10 @@ def writer(cb_path: Path, commits: int, log_path: Path) -> None:
     done = 0
     i = 0
     kinds: dict[str, int] = {}
+    cb = Codebook.open(cb_path)  # one snapshot object: each commit hands it its tables
     while done < commits:
         i += 1
-        cb = Codebook.open(cb_path)
+        cb.refresh()
         before = cb.version
         if i % 7 == 0 and len(live) > 3:
             kind = "remove"
@@ -80,7 +81,8 @@ def writer(cb_path: Path, commits: int, log_path: Path) -> None:
                 ]  # fmt: skip
                 w.add([EditRecord(eid, sha, f"q{eid}?", "a", ["r."], None, "w")], keys)
                 live.append(eid)
-        after = Codebook.open(cb_path)
+        cb.refresh()  # a no-op after its own commits; reloads after merge-keys
+        after = cb
         if after.version == before:
             continue  # nothing to merge: no commit
         done += 1
@@ -125,6 +127,7 @@ def reader(cb_path: Path, stop: Path, out_path: Path, seed: int) -> None:
         rec["s"] = round(time.monotonic() - t0, 4)
         out.write(json.dumps(rec) + "\n")
         n += 1
+        time.sleep(0.02)  # a reader in a loop, not a CPU hog on a shared machine
         if n % 20 == 0:
             out.flush()
     out.close()
