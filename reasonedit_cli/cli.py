@@ -902,20 +902,27 @@ def doctor(
         bool,
         typer.Option(
             "--repair",
-            help="Rebuild damaged derived files; remove staging folders of dead Ray jobs.",
+            help="Rebuild what survives allows: manifest.json from versions/, lost edits "
+            "from their keys, lost keys by re-embedding (codebook's model), the index; "
+            "remove staging folders of dead Ray jobs. Deletes nothing.",
         ),
     ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     lock_timeout: LockOpt = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a codebook's files and checksums; --repair rebuilds the index from Parquet.
+    """Verify a codebook's files and checksums; --repair rebuilds what is damaged.
 
     Example: reasonedit doctor --repair
     """
-    from reasonedit_cli.codebook import Codebook
+    if repair:
+        from reasonedit_cli.repair import repair_codebook
 
-    report = Codebook.open(codebook).check(repair=repair, lock_timeout=lock_timeout)
+        report = repair_codebook(codebook, lock_timeout=lock_timeout)
+    else:
+        from reasonedit_cli.codebook import Codebook
+
+        report = Codebook.open(codebook).check(lock_timeout=lock_timeout)
     if as_json:
         _print_json(
             {

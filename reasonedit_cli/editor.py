@@ -418,9 +418,9 @@ class Editor:
             key_records += kr
             if progress:
                 progress(len(chunk))
-        return self.commit_records(
-            todo, edit_records, key_records, self.config_for_manifest(), report, merge=merge
-        )
+        # how keys were made, so `doctor --repair` can make lost keys again the same way
+        config = {**self.config_for_manifest(), "patches": patches, "top_k_patches": top_k_patches}
+        return self.commit_records(todo, edit_records, key_records, config, report, merge=merge)
 
     def plan_add(
         self, edits: Sequence[Edit], progress: Progress | None = None
