@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,11 @@ class Family:
     #: role -> sub-module whose OUTPUT is the normed point, where no Linear follows the
     #: norm (otherwise the point is found from the module tree, `_first_mlp_linear`)
     normed_output: dict[str, str] = field(default_factory=dict)
+    #: the `token_type_ids` of appended answer tokens (the answer loss): 0, or 1 where
+    #: type 0 marks a bidirectional prefix (PaliGemma)
+    answer_token_type: int = 0
+    #: the processor wants one list of images per prompt (Gemma 3), not a flat list
+    nested_images: bool = False
 
 
 _QWEN_PROMPT = (
@@ -77,9 +83,21 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family("Qwen2-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
     "qwen2_5_vl": Family("Qwen2.5-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
     "idefics3": Family("Idefics3", prompt=_IDEFICS_PROMPT, image_split="tiles"),
-    "smolvlm": Family("SmolVLM", prompt=_IDEFICS_PROMPT, image_split="tiles"),
+    "smolvlm": Family("SmolVLM", prompt=_IDEFICS_PROMPT, image_split="tiles", nested_images=True),
     # InstructBLIP's processor puts the query tokens in front of the text itself.
-    "instructblip": Family("InstructBLIP (decoder-only language model)", prompt="{prompt}"),
+    # InstructBLIP with a decoder-only (Vicuna) or an encoder-decoder (Flan-T5) language model
+    "instructblip": Family("InstructBLIP", prompt="{prompt}"),
+    "qwen3_vl": Family("Qwen3-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
+    # the projector pools and norms, then multiplies by a weight (no Linear module)
+    "gemma3": Family(
+        "Gemma 3",
+        prompt="<start_of_turn>user\n<start_of_image>{prompt}<end_of_turn>\n<start_of_turn>model\n",
+        normed_output={"projector": "mm_soft_emb_norm"},
+        nested_images=True,
+    ),
+    # the processor adds image tokens, BOS and the closing newline; the prompt is a prefix
+    # attended bidirectionally (token type 0), an answer is causal suffix (type 1)
+    "paligemma": Family("PaliGemma", prompt="<image>{prompt}", answer_token_type=1),
 }
 
 #: The families `--model` accepts (config `model_type` -> name shown to users).
@@ -116,6 +134,12 @@ _ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
             r"^(?:model\.)?(?:language_model|text_model)(?:\.model)?"
             r"\.layers\.(\d+)$"
         ),
+    ),
+    # an encoder-decoder language model (InstructBLIP-Flan-T5): encoder blocks are
+    # language.0 .. language.E-1, decoder blocks continue at language.E (model order)
+    (
+        "language",
+        re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(encoder|decoder)\.block\.(\d+)$"),
     ),
 ]
 
@@ -237,6 +261,9 @@ class VLM:
             raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
         self.family = config.model_type
         _check_supported(model, config)
+        #: an encoder-decoder language model (InstructBLIP with Flan-T5): answers are
+        #: decoder tokens, see `_decoder_start`
+        self.encoder_decoder = bool(getattr(config.get_text_config(), "is_encoder_decoder", False))
         try:
             self.processor = _load_processor(model, config, trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
@@ -245,13 +272,15 @@ class VLM:
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
             )
+        except ReasonEditError:
+            raise
         except ValueError as exc:
             msg = _first_line(exc)
             if "Unrecognized configuration class" in msg or "does not recognize" in msg:
                 raise ReasonEditError(_unsupported_message(model, config.model_type)) from None
-            raise ReasonEditError(f"cannot load model {model}: {msg}") from None
-        except (OSError, ImportError) as exc:
-            raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
+            raise ReasonEditError(_load_failure(model, self.family, exc)) from None
+        except Exception as exc:  # any other load failure: one line, never a traceback
+            raise ReasonEditError(_load_failure(model, self.family, exc)) from None
         self.model.to(self.device).eval()
         torch.set_grad_enabled(False)
         self.revision = model_revision(model)
@@ -263,6 +292,7 @@ class VLM:
             qformer_tokenizer.padding_side = "right"
         self._splits: list[int] | None = None  # images/patches per sample of the last batch
         self._layers: list[LayerInfo] | None = None  # candidate_layers, found once
+        self._adds_bos: bool | None = None  # does the tokenizer add BOS itself?
         self._yes_ids = self._word_token_ids(["yes", "Yes", " yes", " Yes"])
         self._no_ids = self._word_token_ids(["no", "No", " no", " No"])
         self.forward_calls = 0  # counted for benchmarks (patch search, batching)
@@ -317,11 +347,26 @@ class VLM:
         return f"USER: {image_token}\n{prompt} ASSISTANT:"
 
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str):
-        texts = [self.chat_text(p) for p in prompts]
+        texts = [self._without_double_bos(self.chat_text(p)) for p in prompts]
         self.tokenizer.padding_side = padding_side
-        batch = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        family = FAMILIES[self.family]
+        imgs: list[Any] = [[i] for i in images] if family.nested_images else list(images)
+        batch = self.processor(images=imgs, text=texts, padding=True, return_tensors="pt")
+        batch.pop("labels", None)  # PaliGemma's processor adds training labels
         self._splits = self._image_splits(batch, len(texts))
         return batch.to(self.device)
+
+    def _without_double_bos(self, text: str) -> str:
+        """Drop a BOS the chat template wrote when the tokenizer adds one itself (Gemma 3,
+        Idefics3 templates start with it), as `apply_chat_template(tokenize=True)` does."""
+        if self._adds_bos is None:
+            bos_id = self.tokenizer.bos_token_id
+            ids = self.tokenizer("a")["input_ids"]
+            self._adds_bos = bos_id is not None and ids[:1] == [bos_id]
+        bos = self.tokenizer.bos_token
+        if self._adds_bos and bos and text.startswith(bos):
+            return text[len(bos) :]
+        return text
 
     def _image_splits(self, batch: Any, n: int) -> list[int] | None:
         """How many rows of a vision-side tensor belong to each sample, where not one each.
@@ -359,9 +404,37 @@ class VLM:
         return None
 
     def _forward(self, batch: dict) -> Any:
+        """One forward pass. An encoder-decoder model gets the decoder's start token as its
+        only decoder input unless the batch brings its own (the answer loss)."""
         self.forward_calls += 1
-        out = self.model(**batch, use_cache=False)
-        return out
+        if self.encoder_decoder and "decoder_input_ids" not in batch:
+            batch = {**batch, "decoder_input_ids": self._decoder_start(len(batch["input_ids"]))}
+        with self._model_errors("forward"):
+            return self.model(**batch, use_cache=False)
+
+    def _decoder_start(self, n: int) -> Any:
+        """(n, 1) decoder start tokens: the decoder state that predicts the first answer
+        token (P(yes), the decoder-block keys)."""
+        import torch
+
+        start = self.model.config.get_text_config().decoder_start_token_id
+        if start is None:
+            start = self.tokenizer.pad_token_id
+        return torch.full((n, 1), int(start), dtype=torch.long, device=self.device)
+
+    @contextmanager
+    def _model_errors(self, what: str):
+        """A family quirk that makes the model itself fail becomes one line naming the
+        model and what to do (the CLI prints it; no traceback)."""
+        try:
+            yield
+        except ReasonEditError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            raise ReasonEditError(
+                f"model {self.name} ({self.family}) failed in {what}: {_first_line(e)}; "
+                f"{_WHAT_TO_DO}"
+            ) from None
 
     # --------------------------------------------------------------- generate
     def generate(
@@ -412,21 +485,25 @@ class VLM:
             imgs = images[start : start + batch_size]
             prs = prompts[start : start + batch_size]
             limits = budgets[start : start + batch_size]
-            batch = self._inputs(imgs, prs, "left")
+            # an encoder reads right-padded text; a decoder-only model continues at the end
+            batch = self._inputs(imgs, prs, "right" if self.encoder_decoder else "left")
             self.forward_calls += 1
             streamer = None
             if on_tokens is not None:
                 streamer = _StepStreamer(on_tokens, start, limits, eos)
-            out = self.model.generate(
-                **batch,
-                max_new_tokens=max(limits),
-                pad_token_id=self.tokenizer.pad_token_id,
-                streamer=streamer,
-                **sampling,
-            )
-            new = out[:, batch["input_ids"].shape[1] :].tolist()
+            with self._model_errors("generate"):
+                out = self.model.generate(
+                    **batch,
+                    max_new_tokens=max(limits),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    streamer=streamer,
+                    **sampling,
+                )
+            # encoder-decoder: the output is the decoder's sequence alone, its start token
+            # first (the streamer's first put); decoder-only: the prompt, then the answer
+            new = out[:, 1:] if self.encoder_decoder else out[:, batch["input_ids"].shape[1] :]
             prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
-            for ids, limit, n_prompt in zip(new, limits, prompt_lengths):
+            for ids, limit, n_prompt in zip(new.tolist(), limits, prompt_lengths):
                 ids = ids[:limit]
                 cut = next((i for i, t in enumerate(ids) if t in eos), None)
                 finished = cut is not None
@@ -503,7 +580,10 @@ class VLM:
                 images[start : start + batch_size], prompts[start : start + batch_size], "right"
             )
             logits = self._forward(batch).logits
-            last = batch["attention_mask"].sum(dim=1) - 1
+            if self.encoder_decoder:  # the decoder's first step
+                last = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            else:
+                last = batch["attention_mask"].sum(dim=1) - 1
             nxt = logits[torch.arange(logits.shape[0]), last].float().softmax(-1)
             p_yes = nxt[:, self._yes_ids].sum(-1)
             p_no = nxt[:, self._no_ids].sum(-1)
@@ -532,6 +612,9 @@ class VLM:
             ans_ids = [
                 self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] for a in ans
             ]
+            if self.encoder_decoder:
+                losses.extend(self._decoder_answer_loss(batch, ans_ids))
+                continue
             total = int((n_prompt + torch.tensor([len(a) for a in ans_ids])).max())
             pad = self.tokenizer.pad_token_id
             new_ids = torch.full((len(prs), total), pad, dtype=ids.dtype)
@@ -545,12 +628,16 @@ class VLM:
                 labels[i, n : n + len(a)] = torch.tensor(a)
             batch["input_ids"] = new_ids.to(self.device)
             batch["attention_mask"] = new_mask.to(self.device)
-            if "token_type_ids" in batch:
-                batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-            if "mm_token_type_ids" in batch:
-                mm = torch.zeros_like(batch["input_ids"])
-                mm[:, : batch["mm_token_type_ids"].shape[1]] = batch["mm_token_type_ids"]
-                batch["mm_token_type_ids"] = mm
+            answer_type = FAMILIES[self.family].answer_token_type
+            for key in ("token_type_ids", "mm_token_type_ids"):
+                if key in batch:  # the prompt keeps its types; answer tokens get the family's
+                    types = torch.zeros_like(batch["input_ids"])
+                    old = batch[key]
+                    for i, a in enumerate(ans_ids):
+                        n = int(n_prompt[i])
+                        types[i, :n] = old[i, :n]
+                        types[i, n : n + len(a)] = answer_type if key == "token_type_ids" else 0
+                    batch[key] = types
             logits = self._forward(batch).logits.float()
             labels = labels.to(self.device)
             shift_logits = logits[:, :-1]
@@ -565,6 +652,35 @@ class VLM:
             per = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
             losses.extend(per.cpu().tolist())
         return np.asarray(losses, dtype=np.float32)
+
+    def _decoder_answer_loss(self, batch: Any, ans_ids: list[list[int]]) -> list[float]:
+        """Encoder-decoder answer loss: the encoder reads the prompt, the decoder is
+        teacher-forced on the answer (start token, then the answer shifted right)."""
+        import torch
+
+        n = len(ans_ids)
+        length = max(1, max(len(a) for a in ans_ids))
+        start = self._decoder_start(n)
+        dec = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        dec_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        for i, a in enumerate(ans_ids):
+            dec[i, 0] = int(start[i, 0])
+            dec[i, 1 : len(a)] = torch.tensor(a[:-1], dtype=torch.long)
+            dec_mask[i, : max(1, len(a))] = 1
+            labels[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        batch["decoder_input_ids"] = dec.to(self.device)
+        batch["decoder_attention_mask"] = dec_mask.to(self.device)
+        logits = self._forward(batch).logits.float()
+        labels = labels.to(self.device)
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(labels.shape)
+        valid = (labels != -100).float()
+        return ((ce * valid).sum(1) / valid.sum(1).clamp_min(1)).cpu().tolist()
 
     # ---------------------------------------------------------------- helpers
     def _word_token_ids(self, words: list[str]) -> list[int]:
@@ -647,12 +763,17 @@ def _find_layers(model: Any, family: str) -> list[LayerInfo]:
     found: list[LayerInfo] = []
     overrides = FAMILIES[family].normed_output if family in FAMILIES else {}
     modules = dict(model.named_modules())
+    n_encoder = sum(1 for n in modules if re.search(r"language_model\.encoder\.block\.\d+$", n))
     for name, module in modules.items():
         for role, pattern in _ROLE_PATTERNS:
             m = pattern.match(name)
             if not m:
                 continue
-            idx = int(m.group(1)) if m.groups() else 0
+            groups = m.groups()
+            if len(groups) == 2:  # encoder-decoder: decoder blocks follow the encoder's
+                idx = int(groups[1]) + (n_encoder if groups[0] == "decoder" else 0)
+            else:
+                idx = int(groups[0]) if groups else 0
             found.append(LayerInfo(name=name, role=role, index=idx))
             if role in overrides:
                 hook, output = f"{name}.{overrides[role]}", True
@@ -698,65 +819,125 @@ def _unsupported_message(model: str, model_type: str) -> str:
 
 
 def _check_supported(model: str, config: Any) -> None:
-    """Refuse text-only models, unknown families and encoder-decoder language models."""
+    """Refuse text-only models and unknown families (the message lists the supported)."""
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_FAMILIES:
         raise ReasonEditError(_unsupported_message(model, model_type))
-    text = getattr(config, "text_config", None)
-    if text is not None and getattr(text, "is_encoder_decoder", False):
-        raise ReasonEditError(
-            f"model {model} ({model_type} with a {text.model_type} language model) is not "
-            "supported: only decoder-only language models are (e.g. InstructBLIP-Vicuna, "
-            "not InstructBLIP-Flan-T5)"
-        )
 
 
-@contextmanager
-def _without_processor_type_checks():
-    """Let a processor be built with a missing part (None) — see `_load_processor`."""
-    from transformers.processing_utils import ProcessorMixin
+#: The transformers releases the families are tested against (pyproject pins the same).
+TESTED_TRANSFORMERS = ">=5.24,<5.25"
 
-    original = ProcessorMixin.check_argument_for_proper_class
+#: The advice closing every model failure message.
+_WHAT_TO_DO = (
+    f"check that the checkpoint is complete and that transformers{TESTED_TRANSFORMERS} "
+    "is installed (the tested range), or report the model id"
+)
 
-    def lenient(self, argument_name, argument):
-        if argument is None:
-            return None
-        return original(self, argument_name, argument)
 
-    ProcessorMixin.check_argument_for_proper_class = lenient
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original
+def _load_failure(model: str, family: str, exc: BaseException) -> str:
+    return f"cannot load model {model} ({family}): {_first_line(exc)}; {_WHAT_TO_DO}"
 
 
 def _load_processor(model: str, config: Any, trust_remote_code: bool) -> Any:
-    """AutoProcessor, or — when its video processor needs torchvision, which is not
-    installed — the family's processor built from its image processor, tokenizer and
-    chat template with no video processor (ReasonEdit never sends videos)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    """The model's processor: `AutoProcessor`, except for a family whose processor carries
+    a video processor while torchvision (which every video processor needs) is missing.
+    That one is built from its image processor, tokenizer and saved settings, with a video
+    processor that never runs (`images_only_processor`): ReasonEdit sends images only."""
+    from transformers import AutoProcessor
 
-    try:
-        return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except ImportError as exc:
-        if "torchvision" not in str(exc).lower():
-            raise
+    cls = _processor_class(config.model_type)
+    if cls is not None and _needs_torchvision(cls):
+        return images_only_processor(model, cls)
+    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def _processor_class(model_type: str) -> Any:
+    """The processor class transformers maps a `model_type` to (None if unknown)."""
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-    from transformers.processing_utils import ProcessorMixin
 
-    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
-    processor_dict, _ = ProcessorMixin.get_processor_dict(model)
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if isinstance(name, str) else None
+
+
+def _needs_torchvision(cls: Any) -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return "video_processor" in cls.get_attributes() and not is_torchvision_available()
+
+
+@lru_cache(maxsize=1)
+def no_video_processor_class() -> type:
+    """A video processor that never runs, for a processor built without torchvision.
+
+    A `VideoProcessorMixin` (importable without torchvision; serialisable like any
+    processor part) that carries the attributes processors read while formatting a
+    prompt (SmolVLM's chat template reads `num_frames` and `fps`) and refuses videos.
+    """
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    class NoVideoProcessor(VideoProcessorMixin):
+        num_frames = None
+        fps = None
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            raise ReasonEditError("this backend sends images only; videos are not supported")
+
+        def preprocess(self, *args: Any, **kwargs: Any) -> Any:
+            return self(*args, **kwargs)
+
+    return NoVideoProcessor
+
+
+def images_only_processor(model: str, cls: Any) -> Any:
+    """`cls` (a processor with a video processor) built from public loaders with a video
+    processor that never runs.
+
+    The parts come from `AutoImageProcessor`, `AutoTokenizer` and the processor's saved
+    settings (`get_processor_dict`, chat template included), assembled with the public
+    `from_args_and_dict`. The one private seam is `processor_type_checks_allowing`: a
+    processor checks each part's base class, and a video processor's base class cannot
+    be resolved without torchvision. `tests/test_families.py` fails loudly if it changes.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
     parts = {
         "image_processor": AutoImageProcessor.from_pretrained(model),
         "tokenizer": AutoTokenizer.from_pretrained(model),
+        "video_processor": no_video_processor_class()(),
     }
-    if "video_processor" in cls.get_attributes():
-        parts["video_processor"] = None
-    skip = {"processor_class", "auto_map", *cls.get_attributes()}
-    kwargs = {k: v for k, v in processor_dict.items() if k not in skip}
-    with _without_processor_type_checks():
-        return cls(**parts, **kwargs)
+    names = cls.get_attributes()
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise ReasonEditError(
+            f"cannot build the {cls.__name__} of {model} without torchvision (it also needs "
+            f"{', '.join(missing)}); install torchvision or report the model id"
+        )
+    processor_dict, _ = cls.get_processor_dict(model)
+    build = processor_type_checks_allowing(cls, no_video_processor_class())
+    return build.from_args_and_dict([parts[n] for n in names], processor_dict)
+
+
+def processor_type_checks_allowing(cls: Any, extra: type) -> Any:
+    """A subclass of processor class `cls` whose part-type check also accepts `extra`.
+
+    PRIVATE SEAM (transformers 5.24): `ProcessorMixin.__init__` calls
+    `self.check_argument_for_proper_class(name, part)` for every part, and for a video
+    processor that looks up `VideoProcessorMixin`, which transformers exports only with
+    torchvision installed. Overriding it in a subclass (no global patch) lets the stand-in
+    through; every other part is still checked. Kept in this one place on purpose.
+    """
+    original = cls.check_argument_for_proper_class
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if isinstance(argument, extra):
+            return extra
+        return original(self, argument_name, argument)
+
+    return type(
+        cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class}
+    )
 
 
 def _first_line(exc: BaseException) -> str:
