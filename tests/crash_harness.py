@@ -434,7 +434,9 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     states = list(crash_states(log))
     rng = random.Random(1)
     if max_states and len(states) > max_states:
-        states = sorted(rng.sample(states, max_states), key=lambda t: t[0])
+        states = rng.sample(states, max_states)
+    else:  # shuffled: a run cut short has sampled every operation alike
+        rng.shuffle(states)
     seen: set[str] = set()
     figures: dict[str, Any] = {
         "workload": workload,
@@ -455,10 +457,13 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     work = out / "state"
     keys_seen: set[tuple] = set()
     for n_done, (upto, vname, names, inodes, mode) in enumerate(states):
-        if n_done % 100 == 0:
+        if n_done % 25 == 0:
             bad = len(figures["violations"])
             msg = f"{n_done}/{len(states)} candidates, {figures['states']} checked, {bad} bad"
             print(msg, file=sys.stderr, flush=True)
+            figures["seconds"] = round(time.monotonic() - t0, 1)
+            partial = dict(figures, partial=f"{n_done}/{len(states)} candidates")
+            (out / "figures.json").write_text(json.dumps(partial, indent=2, default=str) + "\n")
         key = _names_key(names, inodes, mode)
         if key in keys_seen:  # the same disk as one already built: skip without building
             figures["duplicates"] += 1
