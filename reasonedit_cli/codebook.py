@@ -653,6 +653,7 @@ class Codebook:
         self._derived: _Derived | None = None
         self._hnsw: list[D.Graph] | None = None  # base graph + small graphs of recent adds
         self._pair_sample: np.ndarray | None = None
+        self._ref_sigma: np.ndarray | None = None  # tau_rule "reference": lower median
         self._sigma_desc: tuple[np.ndarray, ...] | None = None
         self._lift: D.Lift | None = None  # lifted graph of large-sigma keys (derived.py)
         self._lift_loaded = False
@@ -699,6 +700,12 @@ class Codebook:
 
     def tau_for(self, p: float) -> float | None:
         """tau for another percentile p (sweeps), by the codebook's `tau_rule`."""
+        if self.tau_rule == "reference":
+            if self.n_keys < 2:
+                return None
+            return R.reference_threshold(
+                self.vectors(), self.reference_sigma(), len(self.edit_ids()), p
+            )
         if self.tau_rule in ("nearest", "edits"):
             if self.n_keys < 2:
                 return None
@@ -1064,8 +1071,24 @@ class Codebook:
         return self._derived
 
     def sigma(self) -> np.ndarray:
-        """Per-key hubness scale sigma_k (float64), in keys_table() order."""
+        """Per-key hubness scale sigma_k (float64), in keys_table() order: what search
+        divides raw distances by.
+
+        With `tau_rule: reference` it is the reference's `reference_sigma + 1e-6` (1 for a
+        key without neighbours), computed from the stored neighbour lists; otherwise the
+        numpy median with the duplicate floor (the derived sigma files).
+        """
+        if self.tau_rule == "reference":
+            if self._ref_sigma is None:
+                raw = self.reference_sigma()
+                self._ref_sigma = np.where(np.isnan(raw), 1.0, raw + R.REFERENCE_EPS)
+            return self._ref_sigma
         return self._get_derived().sigma
+
+    def reference_sigma(self) -> np.ndarray:
+        """The reference's sigma (retrieval.reference_sigma_from_knn: lower median of the
+        30 nearest distances, NaN without neighbours), in keys_table() order."""
+        return R.reference_sigma_from_knn(self._get_derived(need_knn=True).knn_dist)
 
     def _load_graph(self, entry: dict, start: int, stop: int) -> Any:
         """One hnswlib graph part from index/ after verifying its checksum, else None.
