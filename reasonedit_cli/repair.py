@@ -104,9 +104,16 @@ def _default_editor(path: Path) -> Any:
     (damaged) keys: opened without a codebook, given the settings like a Ray worker."""
     from .editor import Editor
     from .embedding import DEFAULT_LAYER
+    from .presets import preset_of
 
     cfg = Codebook.open(path).config
-    editor = Editor(None, model=cfg.get("model"), text_model=cfg.get("text_model"), device="cpu")
+    editor = Editor(
+        None,
+        model=cfg.get("model"),
+        text_model=cfg.get("text_model"),
+        device="cpu",
+        preset=preset_of(cfg).name,  # key texts and layouts as the codebook's preset made them
+    )
     try:
         revision = editor.vlm.revision
     except Exception as e:  # noqa: BLE001 - any loading failure: one clear line
