@@ -159,6 +159,14 @@ def _real_workload(cb_path: Path, log: Any, model: str) -> None:
     more = _edit_objects(cb_path.parent, range(5, 7))
     step("add-edit --merge", lambda: editor().add_edits(more, patches="none", merge=True))
 
+    def remove_more():
+        cb = Codebook.open(cb_path)
+        with cb.writer() as w:
+            w.remove_edits(["c3"])
+
+    step("remove-edit", remove_more)
+    step("compaction", compact)
+
 
 def _edit_objects(d: Path, ids: Any) -> list:
     from conftest import shape_image
