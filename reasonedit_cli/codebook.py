@@ -361,7 +361,8 @@ MAX_PARQUET_FOOTER = 4 << 20
 
 
 class NotRegularFileError(OSError):
-    """A path of the codebook is a FIFO, device, directory or symlink, not a plain file."""
+    """A path of the codebook that is not read: a FIFO, device, directory or symlink
+    where a plain file should be, or a file over its size limit."""
 
 
 def _kind_of(mode: int) -> str:
