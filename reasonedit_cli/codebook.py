@@ -504,15 +504,15 @@ class Codebook:
 
     @property
     def tau_rule(self) -> str:
-        """How tau is measured (config `tau_rule`): "edits" (new codebooks), "nearest" or
-        "all" pairs; see retrieval.TAU_RULES."""
+        """How tau is measured (config `tau_rule`): "images" (new codebooks), "edits"
+        (codebooks made before #19), "nearest" or "all" pairs; see retrieval.TAU_RULES."""
         # codebooks made before the rule was configurable measured tau by "nearest"
         rule = self.config.get("tau_rule", "nearest")
         return rule if rule in R.TAU_RULES else "nearest"
 
     def tau_for(self, p: float) -> float | None:
         """tau for another percentile p (sweeps), by the codebook's `tau_rule`."""
-        if self.tau_rule in ("nearest", "edits"):
+        if self.tau_rule in ("nearest", "edits", "images"):
             if self.n_keys < 2:
                 return None
             d = self._get_derived(need_knn=True)
@@ -520,6 +520,12 @@ class Codebook:
                 return R.nearest_threshold(d.knn_dist, d.sigma, p, len(self.edit_ids()))
             edit_of = self.keys_table().column("edit_id").to_numpy(zero_copy_only=False)
             _, codes = np.unique(edit_of, return_inverse=True)
+            if self.tau_rule == "images":
+                image_of = self.keys_table().column("image_sha256").to_numpy(zero_copy_only=False)
+                _, image_codes = np.unique(image_of, return_inverse=True)
+                return R.other_image_threshold(
+                    d.knn_idx, d.knn_dist, d.sigma, image_codes, codes, p
+                )
             return R.other_edit_threshold(
                 d.knn_idx, d.knn_dist, d.sigma, codes, p, len(self.edit_ids())
             )
@@ -634,6 +640,10 @@ class Codebook:
 
     def edit_ids(self) -> set[str]:
         return set(self.edits_table().column("edit_id").to_pylist())
+
+    def n_images(self) -> int:
+        """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
+        return len(set(self.keys_table().column("image_sha256").to_pylist()))
 
     def edits(self) -> list[EditRecord]:
         """Live edits in insertion order."""
@@ -1771,7 +1781,10 @@ class CodebookWriter:
             "edits": n_edits,
             "sigma_k": R.SIGMA_K,
             "percentile": p,
-            "effective_percentile": R.effective_percentile(p, n_edits),
+            # rule "images" floors p by the number of images, the others by edits
+            "effective_percentile": R.effective_percentile(
+                p, new.n_images() if new.tau_rule == "images" else n_edits
+            ),
             "tau": tau,
             "tau_seed": TAU_SEED,
             "tau_rule": new.tau_rule,
