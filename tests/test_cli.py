@@ -580,5 +580,5 @@ def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images,
 
 def test_new_codebook_records_its_threshold_rule(codebook):
     config = json.loads((codebook / "manifest.json").read_text())["config"]
-    assert config["tau_rule"] == "edits" and config["percentile"] == 25.0
+    assert config["tau_rule"] == "images" and config["percentile"] == 25.0
     assert config["layer"] == "projector"  # the default key layer: the image as the LM sees it
