@@ -260,6 +260,14 @@ def add_edit(
         bool,
         typer.Option("--merge", help="Merge the new keys into existing ones (merge on insert)."),
     ] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="An id already stored with other content: replace that edit (one new "
+            "version; undo with restore). Without it that is an error.",
+        ),
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -347,6 +355,7 @@ def add_edit(
                 patches=patches,
                 top_k_patches=top_k_patches,
                 merge=merge,
+                replace=replace,
             )
         else:
             report = editor.add_edits(
@@ -356,6 +365,7 @@ def add_edit(
                 patches=patches,
                 top_k_patches=top_k_patches,
                 merge=merge,
+                replace=replace,
             )
     merged = report.merge.summary() if report.merge is not None else None
     if as_json:
@@ -363,6 +373,7 @@ def add_edit(
             {
                 "added": report.added,
                 "skipped": report.skipped,
+                "replaced": report.replaced,
                 "invalid": errors,
                 "keys": report.keys,
                 "version": report.version,
@@ -373,10 +384,16 @@ def add_edit(
         )
     else:
         out = _stdout()
+        replaced = f" ({len(report.replaced)} replaced)" if report.replaced else ""
         out.print(
-            f"Added {len(report.added)} edit(s) ({report.keys} keys) to {codebook}; "
-            f"{len(report.skipped)} already present; version {report.version}."
+            f"Added {len(report.added)} edit(s){replaced} ({report.keys} keys) to {codebook}; "
+            f"{len(report.skipped)} already present; version {report.version}.",
+            markup=False,
         )
+        if report.added:
+            out.print("Added: " + ", ".join(report.added), markup=False)
+        if report.replaced:
+            out.print("Replaced: " + ", ".join(report.replaced), markup=False)
         if merged:
             out.print(
                 f"Merged keys: {merged['before']} -> {merged['after']} "
@@ -547,6 +564,12 @@ def calibrate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Report only; change nothing.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Commit even when the new settings retrieve fewer of the own edits."
+        ),
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -557,6 +580,10 @@ def calibrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Choose the layer and w by topology-balanced calibration; re-embed every key.
+
+    Before committing, the codebook's own edits are asked back (as is, rephrased, on a
+    perturbed image) under the old and the new settings; a choice that retrieves fewer
+    is refused (exit 1, codebook unchanged) unless --force.
 
     Example: reasonedit calibrate --max-pairs 200 --plot calibration.png
     """
@@ -575,24 +602,43 @@ def calibrate(
         lock_timeout=lock_timeout,
     )
     n_layers = len(layers) if layers else len(editor.vlm.candidate_layers())
+    from reasonedit_cli.selfcheck import CalibrationRefused
+
+    refused: CalibrationRefused | None = None
     with _progress(calibration_steps(n_layers), "Calibrating", not as_json) as advance:
-        result, version = editor.calibrate(
-            pairs,
-            rule=layer_rule,
-            layers=layers,
-            max_pairs=max_pairs,
-            bootstrap=bootstrap,
-            knn=knn,
-            seed=seed,
-            progress=lambda _desc, n: advance(n),
-            dry_run=dry_run,
-        )
+        try:
+            result, version = editor.calibrate(
+                pairs,
+                rule=layer_rule,
+                layers=layers,
+                max_pairs=max_pairs,
+                bootstrap=bootstrap,
+                knn=knn,
+                seed=seed,
+                progress=lambda _desc, n: advance(n),
+                dry_run=dry_run,
+                force=force,
+            )
+        except CalibrationRefused as exc:
+            refused, result, version = exc, exc.result, editor.codebook.version
     if plot is not None:
         plot_calibration(result, plot)
-    summary = result.to_dict() | {"version": version, "dry_run": dry_run}
+    summary = result.to_dict() | {
+        "version": version,
+        "dry_run": dry_run,
+        "committed": not dry_run and refused is None,
+    }
     if as_json:
         _print_json(summary)
-        return
+    else:
+        _render_calibration(result, summary, version, dry_run, refused is not None)
+    if refused is not None:
+        raise refused
+
+
+def _render_calibration(
+    result: Any, summary: dict[str, Any], version: int, dry_run: bool, refused: bool
+) -> None:
     from rich.table import Table
 
     out = _stdout()
@@ -606,19 +652,39 @@ def calibrate(
             *(_fmt(row.get(k)) for k in ("q_vis", "q_lang", "q_bi", "harmonic")),
         )
     out.print(table)
-    wt = Table(title=f"w on {result.layer}")
+    rows = summary["w_table"]
+    step = max(1, len(rows) // 10)
+    shown = rows[::step]
+    shown += [r for r in rows if r["w"] == result.w and r not in shown]
+    lo, hi = (rows[0].get("w_rel"), rows[-1].get("w_rel")) if rows else (None, None)
+    grid = (
+        f"{len(rows)} points, {_fmt(lo)}x..{_fmt(hi)}x the layer's equal-spread w"
+        if lo is not None
+        else f"{len(rows)} points"
+    )
+    wt = Table(title=f"w on {result.layer} ({grid}; every {step}th shown, and the chosen)")
     for col in ("w", "Q_vis", "Q_lang", "Q_bi", "balance"):
         wt.add_column(col, justify="right")
-    rows = summary["w_table"]
-    for row in rows[:: max(1, len(rows) // 10)] + ([r for r in rows if r["w"] == result.w]):
+    for row in shown:
         wt.add_row(
             _fmt(row["w"]), *(_fmt(row.get(k)) for k in ("q_vis", "q_lang", "q_bi", "harmonic"))
         )
     out.print(wt)
-    verb = "would choose" if dry_run else "chose"
+    check = summary.get("check")
+    if check:
+        ct = Table(title="Own edits retrieved (asked back as is, rephrased, on a perturbed image)")
+        old, new = check["old_settings"], check["new_settings"]
+        ct.add_column("probe")
+        ct.add_column(f"now: {old['layer']}, w = {old['w']:.4g}", justify="right")
+        ct.add_column(f"chosen: {new['layer']}, w = {new['w']:.4g}", justify="right")
+        for kind, c in check["kinds"].items():
+            mark = " (lost)" if kind in check["lost"] else ""
+            ct.add_row(kind, f"{c['old']}/{c['total']}", f"{c['new']}/{c['total']}{mark}")
+        out.print(ct)
+    verb = "would choose" if dry_run or refused else "chose"
     out.print(
         f"Calibration {verb} layer [bold]{result.layer}[/bold], w = {result.w:.4g}"
-        + ("" if dry_run else f"; codebook version {version}.")
+        + ("" if dry_run or refused else f"; codebook version {version}.")
     )
 
 

@@ -641,6 +641,20 @@ class Codebook:
     def edit_ids(self) -> set[str]:
         return set(self.edits_table().column("edit_id").to_pylist())
 
+    def edit_versions(self) -> dict[str, int]:
+        """Per live edit, the version that added it (the version of its edits segment)."""
+        tomb = {t["edit_id"]: int(t["version"]) for t in self.manifest["removed_edits"]}
+        live = self.edit_ids()
+        out: dict[str, int] = {}
+        for entry in self.manifest["segments"]:
+            if entry["kind"] != "edits":
+                continue
+            v = int(entry["version"])
+            for eid in self._read_segment(entry).column("edit_id").to_pylist():
+                if eid in live and v > tomb.get(eid, -1):
+                    out[eid] = v
+        return out
+
     def n_images(self) -> int:
         """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
         return len(set(self.keys_table().column("image_sha256").to_pylist()))
@@ -1520,6 +1534,42 @@ class CodebookWriter:
         state = ("append", live_keys, live_edits)
         res.version = self._commit(segs, cb.manifest["removed_edits"], state=state)
         res.added_edits = list(new_edits)
+        res.added_keys = len(new_keys)
+        return res
+
+    def replace_edits(self, edits: Sequence[EditRecord], keys: Sequence[KeyRecord]) -> AddResult:
+        """Replace live edits by new records under the same ids, as ONE new version.
+
+        The old edits are tombstoned up to the current version (which hides every segment
+        written so far, so their keys and the values merged keys hold for them go) and the
+        new records land in a segment of the new version, which the tombstone does not
+        hide. Ids not yet stored are simply added. `restore` of the previous version
+        brings the old edits back.
+        """
+        cb = self.cb
+        ids = {e.edit_id for e in edits}
+        if len(ids) != len(edits):
+            raise CodebookError("replace_edits needs each edit id once")
+        old = ids & cb.edit_ids()
+        for k in keys:
+            if k.edit_id not in ids:
+                raise CodebookError(f"key for edit {k.edit_id!r} has no edit record")
+        new_keys: dict[str, KeyRecord] = {}
+        for k in keys:
+            new_keys.setdefault(k.key_id, k)
+        dim = self._check_dim([k.vector for k in new_keys.values()])
+        version = cb.version + 1
+        tomb = [t for t in cb.manifest["removed_edits"] if t["edit_id"] not in old]
+        tomb += [{"edit_id": e, "version": cb.version} for e in sorted(old)]
+        segs = list(cb.manifest["segments"])
+        now = dt.datetime.now(dt.timezone.utc)
+        segs.append(self._write_segment("edits", _edits_to_table(list(edits), now), version))
+        keys_table = _keys_to_table(list(new_keys.items()), dim)
+        if keys_table.num_rows:
+            segs.append(self._write_segment("keys", keys_table, version))
+        res = AddResult(version=cb.version)
+        res.version = self._commit(segs, tomb, state=None)  # rows renumber: derive afresh
+        res.added_edits = [e.edit_id for e in edits]
         res.added_keys = len(new_keys)
         return res
 
