@@ -119,6 +119,14 @@ def _stdout():
     return Console(highlight=False, soft_wrap=True)
 
 
+def _table_out():
+    """stdout for tables: on a terminal its width; piped, wide enough that no cell (a full
+    timestamp, a long question) is cut or wrapped."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 100_000)
+
+
 def handle_errors(func: F) -> F:
     """Turn expected failures into one line on stderr and a meaningful exit code."""
 
@@ -948,6 +956,138 @@ def doctor(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------- list, show, export
+@app.command("list")
+@handle_errors
+def list_edits(
+    question: Annotated[
+        str | None,
+        typer.Option("--question", "-q", help="Only edits whose question contains TEXT."),
+    ] = None,
+    answer: Annotated[
+        str | None, typer.Option("--answer", "-a", help="Only edits whose answer contains TEXT.")
+    ] = None,
+    edit_id: Annotated[
+        str | None, typer.Option("--id", help="Only edits whose id contains TEXT.")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Only edits whose image hash starts with HEX.")
+    ] = None,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the codebook's edits: id, question, answer, image, keys, version added.
+
+    Filters are case-insensitive substrings and combine. Example: reasonedit list -q color
+    """
+    from reasonedit_cli.editor import Editor
+
+    rows = Editor(codebook).list_edits(
+        question=question, answer=answer, edit_id=edit_id, image=image
+    )
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Edits in {codebook} ({len(rows)})")
+    for col in ("id", "question", "answer", "image", "keys", "added in"):
+        table.add_column(col, justify="right" if col in ("keys", "added in") else "left")
+    for r in rows:
+        table.add_row(
+            _esc(r["id"]),
+            _esc(r["question"]),
+            _esc(r["answer"]),
+            r["image"][:12],
+            str(r["keys"]),
+            f"v{r['version']}" if r["version"] is not None else "?",
+        )
+    _table_out().print(table)
+
+
+@app.command()
+@handle_errors
+def show(
+    edit_id: Annotated[str, typer.Argument(help="The edit id (see `reasonedit list`).")],
+    image_out: Annotated[
+        Path | None,
+        typer.Option("--image-out", help="Write the edit's image with its boxes drawn (PNG)."),
+    ] = None,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one edit: its question, answer, facts, and its keys with kinds, boxes, radii.
+
+    Example: reasonedit show shape-circle-852 --image-out circle.png
+    """
+    from reasonedit_cli.editor import Editor
+
+    info = Editor(codebook).show_edit(edit_id, image_out=image_out)
+    if as_json:
+        _print_json(info)
+        return
+    from rich.table import Table
+
+    out = _table_out()
+    out.print(f"[bold]{_esc(info['id'])}[/bold]  (added in v{info['version']}, {info['added']})")
+    out.print(f"[bold]Q:[/bold] {_esc(info['question'])}")
+    out.print(f"[bold]A:[/bold] {_esc(info['answer'])}")
+    out.print(f"image {info['image_file']}, source {_esc(info['source'] or '-')}")
+    out.print("[bold]Facts:[/bold]")
+    for fact in info["facts"]:
+        out.print(f"  - {_esc(fact)}")
+    table = Table(title=f"Keys ({len(info['keys'])})")
+    for col in ("#", "kind", "text", "box", "radius", "key", "shared with"):
+        table.add_column(col)
+    for i, k in enumerate(info["keys"], start=1):
+        others = [e for e in k["edit_ids"] if e != info["id"]]
+        table.add_row(
+            str(i),
+            k["kind"],
+            _esc(k["text"]),
+            "-" if k["box"] is None else ",".join(map(str, k["box"])),
+            "-" if k["radius"] is None else f"{k['radius']:.3f}",
+            k["key_id"][:12],
+            _esc(", ".join(others)) or "-",
+        )
+    out.print(table)
+    if image_out is not None:
+        numbered = "; ".join(
+            f"{i} = {','.join(map(str, b))}" for i, b in enumerate(info["image_boxes"], start=1)
+        )
+        out.print(f"Wrote {_esc(info['image_out'])}" + (f" (boxes {numbered})" if numbered else ""))
+
+
+@app.command()
+@handle_errors
+def export(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder to write (absent or empty): edits.jsonl, images/.")
+    ],
+    edit_ids: Annotated[
+        list[str] | None, typer.Option("--id", help="Export only this edit (repeat).")
+    ] = None,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the edits as JSONL plus images, which `add-edit --from` reads back.
+
+    Example: reasonedit export backup/ && reasonedit add-edit -c cb2 --from backup/edits.jsonl
+    """
+    from reasonedit_cli.editor import Editor
+
+    record = Editor(codebook).export(out_dir, edit_ids=edit_ids)
+    if as_json:
+        _print_json(record)
+    else:
+        _stdout().print(
+            f"Exported {record['edits']} edit(s) and {record['images']} image(s) to "
+            f"{record['path']}; read back with: reasonedit add-edit --from "
+            f"{Path(record['path']) / 'edits.jsonl'}",
+            markup=False,
+        )
+
+
 # ---------------------------------------------------- remove-edit, history
 @app.command("remove-edit")
 @handle_errors
@@ -961,16 +1101,10 @@ def remove_edit(
 
     Example: reasonedit remove-edit tri-1 && reasonedit restore 3
     """
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.editor import Editor
 
-    cb = Codebook.open(codebook)
-    unknown = sorted(set(edit_ids) - cb.edit_ids())
-    if unknown:
-        raise InputError(f"no such edit in {codebook}: {', '.join(unknown)}")
-    previous = cb.version
-    with cb.writer(lock_timeout=lock_timeout) as w:
-        version = w.remove_edits(edit_ids)
-    record = {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+    record = Editor(codebook, lock_timeout=lock_timeout).remove_edits(edit_ids)
+    version, previous = record["version"], record["previous"]
     if as_json:
         _print_json(record)
     else:
@@ -987,31 +1121,33 @@ def history(codebook: CodebookOpt = DEFAULT_CODEBOOK, as_json: JsonOpt = False) 
 
     Example: reasonedit history
     """
-    from reasonedit_cli.codebook import history as codebook_history
+    from reasonedit_cli.editor import Editor
 
-    rows = codebook_history(codebook)
+    rows = Editor(codebook).history()
     if as_json:
         _print_json(rows)
         return
     from rich.table import Table
 
     table = Table(title=f"Versions of {codebook}")
-    for col in ("version", "updated", "edit rows", "key rows", "removed", "layer"):
-        table.add_column(col)
+    for col in ("version", "updated", "what it did", "edit rows", "key rows", "removed", "layer"):
+        table.add_column(col, no_wrap=col == "updated")
     for r in rows:
         if r.get("damaged"):
-            table.add_row("?", f"{r['file']} is damaged", "", "", "", "")
+            table.add_row("?", f"{r['file']} is damaged", "", "", "", "", "")
             continue
         mark = " (current)" if r["current"] else ""
-        table.add_row(
+        cells = (
             f"{r['version']}{mark}",
             str(r["updated"]),
+            r.get("action", ""),
             str(r["segment_edits"]),
             str(r["segment_keys"]),
             str(r["removed_edits"]),
             str(r["layer"] or "-"),
         )
-    _stdout().print(table)
+        table.add_row(*(_esc(c) for c in cells))
+    _table_out().print(table)
 
 
 @app.command()

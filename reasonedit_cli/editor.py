@@ -549,6 +549,70 @@ class Editor:
 
         self._embedder = DualEmbedder(self.vlm, self.text, layer=layer, w=w)
 
+    # ------------------------------------------- see and manage (no model loads)
+    def list_edits(
+        self,
+        *,
+        question: str | None = None,
+        answer: str | None = None,
+        edit_id: str | None = None,
+        image: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The live edits (id, question, answer, image, keys, version), filtered by
+        case-insensitive substrings; see `catalog.list_edits`."""
+        from reasonedit_cli.catalog import list_edits
+
+        return list_edits(
+            self._require_codebook(), question=question, answer=answer, edit_id=edit_id, image=image
+        )
+
+    def show_edit(self, edit_id: str, *, image_out: str | Path | None = None) -> dict[str, Any]:
+        """One edit, its facts and its keys (kind, box, radius); with `image_out`, also
+        write its image with the boxes drawn (the path is in the result's `image_out`)."""
+        from reasonedit_cli.catalog import draw_edit_boxes, show_edit
+
+        cb = self._require_codebook()
+        info = show_edit(cb, edit_id)
+        if image_out is not None:
+            path, boxes = draw_edit_boxes(cb, edit_id, image_out)
+            info["image_out"], info["image_boxes"] = str(path), boxes
+        return info
+
+    def export(self, out_dir: str | Path, *, edit_ids: Sequence[str] | None = None) -> dict:
+        """Write the edits as `add-edit --from` JSONL plus their images (`catalog`)."""
+        from reasonedit_cli.catalog import export_codebook
+
+        return export_codebook(self._require_codebook(), out_dir, edit_ids=edit_ids)
+
+    def remove_edits(self, edit_ids: Sequence[str]) -> dict[str, Any]:
+        """Tombstone edits in one new version: {removed, version, previous}.
+
+        Unknown ids are an `InputError` before anything is written.
+        """
+        from reasonedit_cli.errors import InputError
+
+        cb = self._require_codebook()
+        unknown = sorted(set(edit_ids) - cb.edit_ids())
+        if unknown:
+            raise InputError(f"no such edit in {cb.path}: {', '.join(unknown)}")
+        previous = cb.version
+        with cb.writer(lock_timeout=self.lock_timeout) as w:
+            version = w.remove_edits(edit_ids)
+        return {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every kept version, oldest first, with `action`: what that version did."""
+        from reasonedit_cli.catalog import version_actions
+        from reasonedit_cli.codebook import history
+
+        cb = self._require_codebook()
+        actions = version_actions(cb)
+        rows = history(cb.path)
+        for r in rows:
+            if r.get("version") is not None:
+                r["action"] = actions.get(r["version"], "?")
+        return rows
+
     # ------------------------------------------------------------------- ask
     def ask(
         self,
