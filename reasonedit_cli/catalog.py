@@ -76,9 +76,8 @@ def list_edits(
 
 
 def _edit_record(cb: Codebook, edit_id: str) -> EditRecord:
-    for rec in cb.edits():
-        if rec.edit_id == edit_id:
-            return rec
+    for rec in cb.edits(ids=[edit_id]):
+        return rec
     raise InputError(f"no such edit in {cb.path}: {edit_id}")
 
 

@@ -659,10 +659,14 @@ class Codebook:
         """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
         return len(set(self.keys_table().column("image_sha256").to_pylist()))
 
-    def edits(self) -> list[EditRecord]:
-        """Live edits in insertion order."""
+    def edits(self, ids: Iterable[str] | None = None) -> list[EditRecord]:
+        """Live edits in insertion order (only those in `ids` when given)."""
         out = []
-        for r in self.edits_table().to_pylist():
+        table = self.edits_table()
+        if ids is not None:
+            wanted = pa.array(sorted(set(ids)), pa.string())
+            table = table.filter(_compute().is_in(table.column("edit_id"), value_set=wanted))
+        for r in table.to_pylist():
             out.append(
                 EditRecord(
                     edit_id=r["edit_id"],

@@ -133,6 +133,12 @@ def edit_content(edit: Edit | EditRecord) -> dict[str, Any]:
     }
 
 
+def _stored_edits(cb: Codebook, ids: set[str]) -> dict[str, EditRecord]:
+    """The stored records of those `ids` the codebook holds (only those rows are built)."""
+    hits = ids & cb.edit_ids()
+    return {r.edit_id: r for r in cb.edits(ids=hits)} if hits else {}
+
+
 def _differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in a if a[k] != b[k]]
 
@@ -426,7 +432,7 @@ class Editor:
         codebook = self._require_codebook()
         report = AddReport(version=codebook.version)
         seen: dict[str, Edit] = {}
-        stored = {r.edit_id: r for r in codebook.edits()}
+        stored = _stored_edits(codebook, {e.ensure_id() for e in edits})
         versions: dict[str, int] | None = None
         todo = []
         for e in edits:
