@@ -263,3 +263,4 @@ def test_refused_calibration_writes_nothing_and_force_commits(codebook, model_ar
     forced = invoke(*args, "--force")
     assert forced.exit_code == 0, forced.output
     assert Codebook.open(codebook).version == before.version + 1
+    assert Editor(codebook).history()[-1]["action"].startswith("calibrated: layer ")
