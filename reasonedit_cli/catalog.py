@@ -293,10 +293,12 @@ def version_actions(cb: Codebook) -> dict[int, str]:
     """Per kept version, what it did ("added 3 edits", "removed b1", "calibrated: ...",
     "restored v4", "merged keys (41 -> 38)"), inferred from consecutive manifests, so
     codebooks written before this existed get one too."""
+    from reasonedit_cli.codebook import read_codebook_file
+
     manifests: list[dict] = []
     for f in sorted((cb.path / "versions").glob("v*.json")):
         try:
-            m = json.loads(f.read_bytes())
+            m = json.loads(read_codebook_file(f, cb.path))  # no FIFO can block history
             int(m["version"]), m["segments"], m["removed_edits"], m["config"]  # noqa: B018
         except (OSError, ValueError, KeyError, TypeError):
             continue

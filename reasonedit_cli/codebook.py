@@ -434,6 +434,12 @@ def _read_regular(path: Path, root: Path | None = None, limit: int | None = None
     return data
 
 
+def read_codebook_file(path: Path, root: Path, limit: int | None = MAX_MANIFEST_BYTES) -> bytes:
+    """Bytes of a file of the codebook at `root`, refused (OSError) unless it is a regular
+    file reached without symlinks below the root; at most `limit` bytes. Never blocks."""
+    return _read_regular(path, root, limit)
+
+
 def _parquet_footer_ok(data: bytes) -> str | None:
     """Why `data` is not a Parquet file we parse (None: fine), read before pyarrow does.
 
