@@ -3,7 +3,8 @@
 Input is an edit JSONL and a probe JSONL. Each probe is `{image, question, answer, kind,
 edit_id?}` with kind one of `t_gen`, `i_gen`, `r_gen`, `coe_gen` (tied to an edit by
 `edit_id`), `loc` (unrelated) or `hard_loc` (an edited image asked about something
-none of its edits touch, e.g. another object of the scene). The edited samples themselves are the `acc` probes.
+none of its edits touch, e.g. another object of the scene). The edited samples
+themselves are the `acc` probes.
 
 Metrics are exact-match accuracies after normalisation (lower case, no punctuation or
 articles). Retrieval diagnostics: for generality probes, the share that retrieved a fact
@@ -238,8 +239,10 @@ class Evaluation:
         top_k: int | None = None,
         percentile: float | None = None,
         gen: Generations | None = None,
+        patch_search: bool = True,
     ) -> None:
         self.editor = editor
+        self.patch_search = patch_search  # False: no patch keys at all (grids, quick runs)
         self.edits = list(edits)
         for e in self.edits:
             e.ensure_id()
@@ -270,7 +273,8 @@ class Evaluation:
             for start in range(0, len(self.edits), self.batch_size):
                 chunk = self.edits[start : start + self.batch_size]
                 imgs = [self.gen.image(e.image_bytes) for e in chunk]
-                for spec in self.editor.key_specs(chunk, imgs, patches="auto"):
+                mode = "auto" if self.patch_search else "none"
+                for spec in self.editor.key_specs(chunk, imgs, patches=mode):
                     self._specs.setdefault(chunk[spec.edit_index].id, []).append(spec)
         return self._specs
 
