@@ -212,7 +212,8 @@ def main() -> None:
         )
         print(
             f"| {r['layer']} | {f} | {r['t_gen']:.2f} | {r['i_gen']:.2f} | "
-            f"{r['r_gen']:.2f} | {r['loc']:.2f} | {_fmt(r.get('hard_loc'))} | {r['t+i']:.3f} | {gen} |"
+            f"{r['r_gen']:.2f} | {r['loc']:.2f} | {_fmt(r.get('hard_loc'))} | "
+            f"{r['t+i']:.3f} | {gen} |"
         )
 
 
