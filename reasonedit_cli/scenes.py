@@ -486,13 +486,15 @@ def build_scenes(
     max_scenes: int | None = None,
     batch_size: int = 64,
     coe_tries: int = 8,
+    max_per_scene: int = 3,
 ):
     """(edits, probes, info) on generated scenes, the protocol of docs/evaluation.md.
 
     `ask(image_bytes_list, questions)` returns the unedited model's answers (the caller
     caches them). Candidate scenes are drawn from `seed`; on each, one colour or shape
     question (training wordings) is asked about every object, and every wrong answer
-    becomes an edit, so a scene can carry two or three edits (one per object). Per edit:
+    becomes an edit (at most `max_per_scene`), so a scene can carry two or three edits,
+    one per object: there the text half of the key must tell them apart. Per edit:
 
     * T-Gen: the same scene and object, a held-out wording of the question;
     * I-Gen: another scene holding the same object (shape and colour) in another place,
@@ -536,7 +538,8 @@ def build_scenes(
         answers = ask([d for _, d, _ in pending], [q.text for _, _, q in pending])
         n_asked += len(pending)
         for (i, data, q), a in zip(pending, answers):
-            if exact_match(a, q.answer) or len(edits) >= n_edits:
+            on_scene = sum(j == i for j, _, _ in edit_q)
+            if exact_match(a, q.answer) or len(edits) >= n_edits or on_scene >= max_per_scene:
                 continue
             e = Edit(
                 image_path=Path(f"scene-{seed}-{i}.png"),

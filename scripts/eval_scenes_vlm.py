@@ -68,6 +68,8 @@ def main() -> None:
         for fam in FAMILY_P:
             for _ in range(args.n):
                 i = rng.randrange(len(scenes))
+                while fam == "spatial" and len(scenes[i].objects) < 2:
+                    i = rng.randrange(len(scenes))
                 rows.append((i, *sample(scenes[i], i, cond, rng, family=fam)[1:]))
     for i, *_ in rows:
         if i not in images:

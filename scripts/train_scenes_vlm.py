@@ -394,6 +394,9 @@ def main() -> None:
         help="condition shares of the LLaVA stage",
     )
     ap.add_argument("--export", default=None, help="only write --out from a ckpt_*.pt")
+    ap.add_argument(
+        "--init", default=None, help="start from a ckpt_*.pt (with --vision_steps 0: continue)"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps")
     args = ap.parse_args()
     if args.smoke:
@@ -431,6 +434,9 @@ def main() -> None:
     model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params:,}", flush=True)
+    if args.init:
+        model.load_state_dict(torch.load(args.init))
+        print(f"initialised from {args.init}", flush=True)
 
     # ---- stage 1: contrastive + per-quadrant perception pretraining of the vision tower
     vt = model.model.vision_tower

@@ -152,3 +152,26 @@ def test_every_family_poses_questions(family):
     rng = random.Random(1)
     got = [S.question(S.make_scene(rng, n_objects=3), family, rng) for _ in range(10)]
     assert all(q is not None and q.answer for q in got)
+
+
+def test_hard_locality_is_scored_like_locality():
+    from reasonedit_cli.evaluation import METRIC_NAMES, Outcome, Probe, summarize
+
+    probes = [Probe(b"", "q1", "red", "hard_loc"), Probe(b"", "q2", "blue", "hard_loc")]
+    outs = [Outcome("red", [], True), Outcome("green", ["e1"], False)]
+    rep = summarize(probes, {"reasonedit": outs})
+    assert rep["methods"]["reasonedit"][METRIC_NAMES["hard_loc"]] == 0.5
+    assert rep["retrieval"]["hard_loc"] == 0.5  # share that retrieved nothing
+
+
+def test_bundled_short_names_resolve_to_packaged_directories():
+    from pathlib import Path
+
+    from reasonedit_cli.vlm import DEFAULT_MODEL, bundled_name, model_path
+
+    assert bundled_name("scenes") == "bundled:scenes_vlm"
+    assert bundled_name("demo") == "bundled:demo_vlm"
+    assert bundled_name("org/model") == "org/model"
+    assert model_path("bundled:demo_vlm") == DEFAULT_MODEL
+    assert Path(model_path("bundled:scenes_vlm")).name == "scenes_vlm"
+    assert model_path("/some/dir") == "/some/dir"
