@@ -175,3 +175,34 @@ def test_bundled_short_names_resolve_to_packaged_directories():
     assert model_path("bundled:demo_vlm") == DEFAULT_MODEL
     assert Path(model_path("bundled:scenes_vlm")).name == "scenes_vlm"
     assert model_path("/some/dir") == "/some/dir"
+
+
+def test_evaluate_scenes_end_to_end_on_the_bundled_scenes_model(tmp_path):
+    """The CLI on the real scenes VLM: mistakes become edits with every probe kind."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from reasonedit_cli.cli import app
+
+    args = ["evaluate", "--dataset", "scenes", "--model", "scenes", "--n-edits", "2"]
+    args += ["--methods", "unedited,reasonedit", "--no-sweep-p", "--json"]
+    result = CliRunner().invoke(app, [*args, "--codebook", str(tmp_path / "cb")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["counts"]["acc"] == 2 and report["counts"]["loc"] == 2
+    assert report["dataset"]["dataset"] == "scenes"
+    assert report["methods"]["unedited"]["Acc"] == 0.0  # edits are the model's mistakes
+    assert report["methods"]["reasonedit"]["Loc"] is not None
+    for kind in ("t_gen", "i_gen", "r_gen"):
+        assert report["counts"][kind] == 2
+
+
+def test_unknown_dataset_is_a_usage_error():
+    from typer.testing import CliRunner
+
+    from reasonedit_cli.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--dataset", "nope"])
+    assert result.exit_code == 2
+    assert "supported: easy-vqa, scenes" in result.output
