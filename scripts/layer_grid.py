@@ -1,13 +1,16 @@
 """Retrieval recall per key layer and w on a dataset: where could a dual key generalise?
 
-For every candidate layer of the model and several multiples of the auto w (0 = the layer
-alone), builds a codebook of the easy-vqa edits (patch search once, keys re-embedded per
-variant) and reports per probe kind the share of probes that retrieve their own edit
-(`loc`: the share that retrieve nothing). `calibrate` chooses among these variants by
-modularity; this grid shows what retrieval each variant actually gives.
+For every candidate layer of the model, at both hook points (`language.2`: the block's raw
+input; `language.2.normed`: the input of its MLP's first Linear, after the norm), and
+several multiples of the auto w (0 = the layer alone), builds a codebook of the easy-vqa
+edits (patch search once, keys re-embedded per variant) and reports per probe kind the
+share of probes that retrieve their own edit (`loc`: the share that retrieve nothing).
+`calibrate` chooses among these variants by modularity; this grid shows what retrieval
+each variant actually gives.
 
-    python scripts/layer_grid.py [--n-edits 100] [--factors 0,0.3,1,3,10,30] [--json]
-    python scripts/layer_grid.py --dataset scenes --model scenes --plot grid.png
+    python scripts/layer_grid.py [--n-edits 100] [--factors 0,0.3,1,3,10,30]
+        [--points input,normed] [--json]
+    python scripts/layer_grid.py --dataset scenes --model scenes --points input --plot grid.png
 """
 
 from __future__ import annotations
@@ -113,6 +116,11 @@ def main() -> None:
         default="0,0.3,1,3,10,30",
         help="multiples of the layer's auto w (0: the layer alone; 10: equal spread)",
     )
+    ap.add_argument(
+        "--points",
+        default="input,normed",
+        help="hook points to grid: input (raw block input), normed (after the norm), or both",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dataset", choices=E.DATASETS, default="easy-vqa")
     ap.add_argument("--model", default=None, help="VLM (default: the bundled demo; scenes)")
@@ -136,7 +144,8 @@ def main() -> None:
         editor = Editor(Path(tmp) / "cb", model=args.model, create=True)
         gen = E.Generations(editor.vlm, 16)
         edits, probes, _ = E.build_dataset(args.dataset, gen, n_edits=args.n_edits, seed=args.seed)
-        layers = [li.label for li in editor.vlm.candidate_layers()]
+        points = set(args.points.split(","))
+        layers = [li.label for li in editor.vlm.candidate_layers() if li.point in points]
         ev = E.Evaluation(
             editor, edits, probes, workdir=Path(tmp) / "v", gen=gen, patch_search=args.patches
         )
