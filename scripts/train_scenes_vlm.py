@@ -17,7 +17,8 @@ Two stages, one script, fixed seed (docs/scenes_vlm.md has the committed command
 The tokenizer/processor/model builders, the batch encoder and the prompt format are
 shared with `train_demo_vlm.py` (same 64x64 input, 16 image tokens, chat template).
 
-    python scripts/train_scenes_vlm.py --minutes 30 --out reasonedit_cli/models/scenes_vlm
+    python scripts/train_scenes_vlm.py --threads 1 --vision_steps 800 --vision_batch 96 \
+        --minutes 35 --eval_every 200 --out reasonedit_cli/models/scenes_vlm --workdir runs/s3
 """
 
 from __future__ import annotations
