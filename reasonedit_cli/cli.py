@@ -51,8 +51,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="VLM: a local directory or a Hugging Face id. Default: the codebook's model, "
-        "else the bundled demo VLM.",
+        help="VLM: a local directory, a Hugging Face id, or a bundled model: demo (easy-vqa) "
+        "or scenes (multi-object scenes). Default: the codebook's model, else demo.",
     ),
 ]
 TextModelOpt = Annotated[
@@ -814,7 +814,11 @@ def evaluate(
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option("--dataset", help="Build edits and probes from a dataset: easy-vqa."),
+        typer.Option(
+            "--dataset",
+            help="Build edits and probes from a dataset: easy-vqa, or scenes (generated "
+            "multi-object scenes, docs/evaluation.md).",
+        ),
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="Layout of --edits: jsonl | aokvqa | rationalevqa.")
@@ -878,8 +882,10 @@ def evaluate(
     import time
 
     from reasonedit_cli.evaluation import (
+        DATASETS,
         METHODS,
         Generations,
+        build_dataset,
         markdown_table,
         read_probes,
         sweep_markdown,
@@ -898,10 +904,10 @@ def evaluate(
             f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
         )
     if (dataset is None) == (edits is None):
-        raise UsageError("give either --dataset easy-vqa or --edits FILE [--probes FILE]")
+        raise UsageError("give either --dataset NAME or --edits FILE [--probes FILE]")
     _check_preset(preset)
-    if dataset is not None and dataset != "easy-vqa":
-        raise UsageError(f"unknown --dataset {dataset!r}; supported: easy-vqa")
+    if dataset is not None and dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset {dataset!r}; supported: {', '.join(DATASETS)}")
     ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
@@ -917,14 +923,9 @@ def evaluate(
         gen = Generations(editor.vlm, batch_size)
         info: dict[str, Any] = {}
         if dataset is not None:
-            from reasonedit_cli.easyvqa import build_easyvqa
-            from reasonedit_cli.evaluation import easyvqa_asker
-
             if not as_json:
-                _stderr().print(f"Finding {n_edits} mistakes of the unedited model on easy-vqa...")
-            edit_list, probe_list, info = build_easyvqa(
-                easyvqa_asker(gen), n_edits=n_edits, seed=seed
-            )
+                _stderr().print(f"Finding {n_edits} mistakes of the unedited model on {dataset}...")
+            edit_list, probe_list, info = build_dataset(dataset, gen, n_edits=n_edits, seed=seed)
         else:
             from reasonedit_cli.datasets import read_edits
 

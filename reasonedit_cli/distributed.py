@@ -610,12 +610,11 @@ class RemoteVLM:
 @contextlib.contextmanager
 def remote_vlm(editor: Editor, options: RayOptions) -> Iterator[RemoteVLM]:
     """Start VLM workers for `editor`'s model, attach them as its VLM; stop them after."""
-    from reasonedit_cli.editor import BUNDLED_MODEL
-    from reasonedit_cli.vlm import DEFAULT_MODEL
+    from reasonedit_cli.vlm import model_path
 
     with ray_session(options) as ray:
         n = worker_count(ray, options, tasks=1 << 30)
-        path = DEFAULT_MODEL if editor.model_name == BUNDLED_MODEL else editor.model_name
+        path = model_path(editor.model_name)
         actor_cls = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)(
             VLMWorker
         )

@@ -192,7 +192,9 @@ class Editor:
 
             self.codebook = Codebook.open(self.codebook_path, create=create)
         cfg = self.codebook.config if self.codebook else {}
-        self.model_name = model or cfg.get("model") or BUNDLED_MODEL
+        from reasonedit_cli.vlm import bundled_name
+
+        self.model_name = bundled_name(model or cfg.get("model") or BUNDLED_MODEL)
         self.text_model_name = text_model or cfg.get("text_model")
         if (
             text_model
@@ -234,9 +236,9 @@ class Editor:
     @property
     def vlm(self) -> VLM:
         if self._vlm is None:
-            from reasonedit_cli.vlm import DEFAULT_MODEL, VLM
+            from reasonedit_cli.vlm import VLM, model_path
 
-            path = DEFAULT_MODEL if self.model_name == BUNDLED_MODEL else self.model_name
+            path = model_path(self.model_name)
             self._vlm = VLM(
                 path, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code
             )
