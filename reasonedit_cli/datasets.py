@@ -14,6 +14,7 @@ from reasonedit_cli.edits import (
     Edit,
     InputError,
     clean_text,
+    clean_words,
     edit_from_record,
     image_path_field,
     iter_jsonl,
@@ -54,14 +55,18 @@ def _collect(records, skip_invalid: bool, source: str) -> tuple[list[Edit], list
     return edits, errors
 
 
-def _find_coco_image(root: Path, image_id: int) -> Path:
-    """COCO 2017 file name for an image id, looked up in the usual sub-folders."""
+def _find_coco_image(root: Path, image_id: int) -> str:
+    """COCO 2017 file name for an image id, looked up in the usual sub-folders.
+
+    Returned relative to `root`: the record's image is joined to its base (`root`) once,
+    by `edit_from_record`, like every other layout's (joining here too applied a
+    relative root twice).
+    """
     name = f"{int(image_id):012d}.jpg"
     for sub in ("", "train2017", "val2017", "test2017", "images"):
-        candidate = root / sub / name
-        if candidate.is_file():
-            return candidate
-    return root / name  # reported as missing by the image reader
+        if (root / sub / name).is_file():
+            return str(Path(sub) / name)
+    return name  # reported as missing by the image reader
 
 
 def aokvqa_records(path: str, images_root: Path | None):
@@ -98,7 +103,7 @@ def aokvqa_records(path: str, images_root: Path | None):
             answer = max(set(answers), key=answers.count) if answers else None
         image_id = item.get("image_id")
         image = (
-            str(_find_coco_image(root, image_id))
+            _find_coco_image(root, image_id)
             if isinstance(image_id, int) and not isinstance(image_id, bool)
             else image_id
         )
@@ -163,7 +168,7 @@ def _question_item(obj: Any, base: Path, where: str) -> dict[str, Any]:
     item = {
         "image_bytes": data,
         "image": img,
-        "question": clean_text(obj["question"], "question", where),
+        "question": clean_words(obj["question"], "question", where),
         "where": where,
     }
     for extra in ("id", "answer", "kind", "edit_id"):

@@ -113,6 +113,8 @@ class Generations:
         self.cache: dict[tuple[str, str], str] = {}
         self.images: dict[str, Any] = {}
         self.calls = 0
+        #: called with the number of questions answered, batch by batch (progress bars)
+        self.on_answers: Callable[[int], None] | None = None
 
     def image(self, data: bytes) -> Any:
         from reasonedit_cli.edits import decode_image
@@ -128,16 +130,21 @@ class Generations:
         for k, b in zip(keys, image_bytes):
             if k not in self.cache:
                 todo.setdefault(k, b)
-        if todo:
-            items = list(todo.items())
+        if self.on_answers and len(keys) > len(todo):
+            self.on_answers(len(keys) - len(todo))  # answered from the cache
+        items = list(todo.items())
+        for start in range(0, len(items), self.batch_size):  # the batches generate() makes
+            chunk = items[start : start + self.batch_size]
             out = self.vlm.generate(
-                [self.image(b) for _, b in items],
-                [k[1] for k, _ in items],
+                [self.image(b) for _, b in chunk],
+                [k[1] for k, _ in chunk],
                 batch_size=self.batch_size,
             )
-            self.calls += len(items)
-            for (k, _), a in zip(items, out):
+            self.calls += len(chunk)
+            for (k, _), a in zip(chunk, out):
                 self.cache[k] = a
+            if self.on_answers:
+                self.on_answers(len(chunk))
         return [self.cache[k] for k in keys]
 
 
@@ -437,6 +444,31 @@ class Evaluation:
             m = summarize(self.probes, {"r": self.retrieval_method(codebook, vecs, None)})
             rows.append({"w": w, "factor": f, **_sweep_row(m)})
         return rows
+
+
+def planned_answers(
+    n_edits: int,
+    probes: Sequence[Probe],
+    edit_ids: Sequence[str],
+    methods: Sequence[str],
+    *,
+    sweep_p: bool = False,
+    sweep_w: bool = False,
+    eval_every: int | None = None,
+) -> int:
+    """How many questions `evaluate` will put to `Generations.answer` (cached ones too),
+    the total of its progress bar: every method asks the edits and the probes once (GRACE
+    twice: its fallback is the unedited answer), every sweep point once more."""
+    asked = n_edits + len(probes)
+    total = asked * sum(2 if m == "grace" else 1 for m in methods)
+    total += asked * (len(SWEEP_P) * sweep_p + len(SWEEP_W_FACTORS) * sweep_w)
+    if eval_every:
+        loc = sum(p.kind == "loc" for p in probes)
+        for i in range(1, n_edits + 1):
+            if i % eval_every == 0 or i == n_edits:
+                done = set(edit_ids[:i])
+                total += i + loc + sum(p.kind != "loc" and p.edit_id in done for p in probes)
+    return total
 
 
 def _sweep_row(m: dict[str, Any]) -> dict[str, Any]:

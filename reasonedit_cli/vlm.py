@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
+from reasonedit_cli.validation import DEVICES, DTYPES  # the CLI checks the same lists
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -34,8 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The model used when `--model` is not given: the demo LLaVA trained on easy-vqa.
 DEFAULT_MODEL = str(Path(__file__).parent / "models" / "demo_vlm")
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 #: The families `--model` accepts (config `model_type` -> name shown to users). Each is
 #: loaded with AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
@@ -174,15 +173,19 @@ class VLM:
         dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from reasonedit_cli.hub import resolve_model
 
         self.name = model
-        self.device = resolve_device(device)
-        self.torch_dtype = resolve_dtype(dtype, self.device)
         path = Path(model)
         if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
             raise UsageError(f"model directory {model} does not exist")
+        # a hub id: its cached snapshot, or one line at once when it cannot be had
+        requested, model = model, resolve_model(model)
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        self.device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(dtype, self.device)
         try:
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -209,7 +212,7 @@ class VLM:
             raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
         self.model.to(self.device).eval()
         torch.set_grad_enabled(False)
-        self.revision = model_revision(model)
+        self.revision = model_revision(requested)
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
