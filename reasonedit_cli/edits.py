@@ -230,6 +230,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
 
     limit = max_image_pixels()
     Image.MAX_IMAGE_PIXELS = limit
+    size: tuple[int, int] | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -248,6 +249,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
             if factor > 1:
                 rgb = rgb.reduce(factor)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        size = size or _header_size(data)
         raise InputError(
             f"{where} has too many pixels to decode safely: {_size_text(size)}, over the limit of "
             f"{limit / 1e6:g} MP (raise it with --max-image-pixels or {MAX_IMAGE_PIXELS_ENV})"
@@ -264,7 +266,25 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     return rgb
 
 
-def _size_text(size: tuple[int, int]) -> str:
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The size an image file declares, read from its header with PIL's guard off (no
+    pixel is decoded), for the message that refuses it."""
+    from PIL import Image
+
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(io.BytesIO(data)).size
+    except Exception:
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _size_text(size: tuple[int, int] | None) -> str:
+    if size is None:
+        return "its size"
     return f"{size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.1f} MP"
 
 

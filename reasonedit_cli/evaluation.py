@@ -699,41 +699,115 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
-    """Gen-mean vs Loc for the sweeps (and the methods as points) as a PNG."""
-    if not report.get("sweep_p") and not report.get("sweep_w"):
+    """The sweeps as a PNG: generality vs locality of every method (with the ends of each
+    sweep), and beside it Gen-mean and Loc against p (and w), where no label can pile up."""
+    sweeps = [
+        (key, label, rows)
+        for key, label in (("sweep_p", "p"), ("sweep_w", "w"))
+        if (
+            rows := [
+                r
+                for r in report.get(key) or []
+                if r["Loc"] is not None and r["Gen-mean"] is not None
+            ]
+        )
+    ]
+    if not sweeps:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for key, label, marker in (("sweep_p", "p", "o-"), ("sweep_w", "w", "s--")):
-        rows = [
-            r for r in report.get(key) or [] if r["Loc"] is not None and r["Gen-mean"] is not None
+    fig, axes = plt.subplots(
+        1, 1 + len(sweeps), figsize=(6.5 + 4 * len(sweeps), 4.8), squeeze=False
+    )
+    ax = axes[0][0]
+    labels: list[tuple[float, float, str, str]] = []  # x, y, text, colour
+    for (_key, label, rows), marker in zip(sweeps, ("o-", "s--")):
+        (line,) = ax.plot(
+            [r["Loc"] for r in rows], [r["Gen-mean"] for r in rows], marker, label=f"sweep {label}"
+        )
+        labels += [
+            (r["Loc"], r["Gen-mean"], f"{label}={r[label]:.3g}", line.get_color())
+            for r in (rows[0], rows[-1])
         ]
-        if rows:
-            ax.plot(
-                [r["Loc"] for r in rows],
-                [r["Gen-mean"] for r in rows],
-                marker,
-                label=f"sweep {label}",
-            )
-            for r in rows:
-                ax.annotate(f"{r[label]:.3g}", (r["Loc"], r["Gen-mean"]), fontsize=7)
     for method, m in report["methods"].items():
         if m.get("Loc") is not None and m.get("Gen-mean") is not None:
-            ax.scatter([m["Loc"]], [m["Gen-mean"]], marker="x")
-            ax.annotate(method, (m["Loc"], m["Gen-mean"]), fontsize=7)
+            ax.scatter([m["Loc"]], [m["Gen-mean"]], marker="x", color="black", zorder=3)
+            labels.append((m["Loc"], m["Gen-mean"], method, "black"))
     ax.set_xlabel("Loc")
     ax.set_ylabel("Gen-mean (T/I/R-Gen)")
     ax.set_title("generality vs locality")
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+    _annotate_spread(ax, labels)
+    ax.legend(fontsize=8, loc="lower left")
+    for sub, (key, label, rows) in zip(axes[0][1:], sweeps):
+        xs = [r[label] for r in rows]
+        sub.plot(xs, [r["Gen-mean"] for r in rows], "o-", label="Gen-mean")
+        sub.plot(xs, [r["Loc"] for r in rows], "s--", label="Loc")
+        if key == "sweep_w":
+            sub.set_xscale("log")
+        sub.set_xlabel("rejection percentile p" if key == "sweep_p" else "key weight w")
+        sub.set_ylim(min(0.0, *(r["Gen-mean"] for r in rows)) - 0.02, 1.02)
+        sub.set_title(f"reasonedit, sweep {label}")
+        sub.grid(alpha=0.3)
+        sub.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def label_positions(ys: Sequence[float], min_gap: float) -> list[float]:
+    """Label heights for points at `ys`, as near them as possible but `min_gap` apart
+    (in the same order), so that labels of points that share an x do not pile up."""
+    if not ys:
+        return []
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [float(ys[i]) for i in order]
+    for i in range(1, len(placed)):  # push each label up past the one below it
+        placed[i] = max(placed[i], placed[i - 1] + min_gap)
+    mean_shift = sum(p - float(ys[i]) for p, i in zip(placed, order)) / len(placed)
+    out = [0.0] * len(ys)
+    for i, y in zip(order, placed):
+        out[i] = y - mean_shift  # centre the stack on its points
+    return out
+
+
+def _annotate_spread(ax: Any, labels: Sequence[tuple[float, float, str, str]]) -> None:
+    """Label points; points at (almost) the same Loc get a stacked column of labels
+    beside them, each joined to its point by a thin line, so none overlap."""
+    xs = [x for x, *_ in labels]
+    x_lo, x_hi = min(xs), max(xs)
+    span = max(x_hi - x_lo, 0.05)
+    ax.set_xlim(x_lo - 0.3 * span, min(x_hi + 0.3 * span, 1.0 + 0.05 * span))
+    y_lo, y_hi = ax.get_ylim()
+    ax.set_ylim(y_lo - 0.08 * (y_hi - y_lo), y_hi + 0.08 * (y_hi - y_lo))
+    y_lo, y_hi = ax.get_ylim()
+    groups: list[list[tuple[float, float, str, str]]] = []
+    for item in sorted(labels, key=lambda t: t[0]):  # runs of points close in Loc
+        if groups and item[0] - groups[-1][0][0] <= 0.05 * span:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    for members in groups:
+        ys = label_positions([y for _, y, _, _ in members], 0.045 * (y_hi - y_lo))
+        top, bottom = y_hi - 0.03 * (y_hi - y_lo), y_lo + 0.03 * (y_hi - y_lo)
+        shift = min(0.0, top - max(ys)) or max(0.0, bottom - min(ys))
+        ys = [y + shift for y in ys]  # keep the column inside the axes
+        right_side = members[0][0] < x_lo + 0.6 * span
+        dx = (0.06 if right_side else -0.12) * span
+        for (x, y, text, color), ty in zip(members, ys):
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=(x + dx, ty),
+                ha="left" if right_side else "right",
+                va="center",
+                fontsize=7,
+                color=color,
+                arrowprops={"arrowstyle": "-", "lw": 0.5, "color": color, "alpha": 0.5},
+            )
 
 
 def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
@@ -743,10 +817,15 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     out = [directory / "metrics.json", directory / "metrics.md"]
     out[0].write_text(json.dumps(report, indent=2) + "\n")
-    out[1].write_text(markdown_table(report))
+    out[1].write_text(
+        "# reasonedit evaluation\n\n## Accuracy per method\n\n"
+        + markdown_table(report).replace(
+            "\nRetrieval recall / precision", "\n## Retrieval\n\nRetrieval recall / precision"
+        )
+    )
     sweeps = sweep_markdown(report)
     if sweeps:
-        (directory / "sweep.md").write_text(sweeps)
+        (directory / "sweep.md").write_text("# reasonedit evaluation: sweeps\n\n" + sweeps)
         out.append(directory / "sweep.md")
         png = plot_sweeps(report, directory / "sweep.png")
         if png:
