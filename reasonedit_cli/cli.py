@@ -763,7 +763,7 @@ def evaluate(
         typer.Option("--dataset", help="Build edits and probes from a dataset: easy-vqa."),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="Layout of --edits: jsonl | aokvqa | rationalevqa.")
+        str, typer.Option("--format", help="Layout of --from: jsonl | aokvqa | rationalevqa.")
     ] = "jsonl",
     images_root: Annotated[
         Path | None, typer.Option("--images-root", help="Image folder for --format.")

@@ -458,9 +458,9 @@ def planned_answers(
 ) -> int:
     """How many questions `evaluate` will put to `Generations.answer` (cached ones too),
     the total of its progress bar: every method asks the edits and the probes once (GRACE
-    twice: its fallback is the unedited answer), every sweep point once more."""
+    asks for its fallback, the unedited answer), every sweep point once more."""
     asked = n_edits + len(probes)
-    total = asked * sum(2 if m == "grace" else 1 for m in methods)
+    total = asked * len(methods)
     total += asked * (len(SWEEP_P) * sweep_p + len(SWEEP_W_FACTORS) * sweep_w)
     if eval_every:
         loc = sum(p.kind == "loc" for p in probes)

@@ -5,6 +5,7 @@ kind of bad value = one exit code and wording, help text."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -236,6 +237,10 @@ def test_a_hub_id_is_read_from_the_cache_without_network(tmp_path, tiny_llava, i
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    import huggingface_hub.constants
+
+    # the hub reads its cache location once, when imported (in a new process: from env)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     snap = _cache_snapshot(tmp_path / "hf", "tiny-org/tiny-llava", tiny_llava)
     from reasonedit_cli.hub import resolve_model
 
@@ -331,6 +336,15 @@ def test_evaluate_progress_counts_every_model_answer(
             }
         )
         + "\n"
+        + json.dumps(
+            {
+                "image": "images/yellow_circle.png",
+                "question": "what color is the shape?",
+                "answer": "yellow",
+                "kind": "loc",
+            }
+        )
+        + "\n"
     )
     kept = tmp_path / "kept"
     result = invoke(
@@ -349,8 +363,8 @@ def test_evaluate_progress_counts_every_model_answer(
         *model_args,
     )
     assert result.exit_code == 0, result.output
-    # (3 edits + 1 probe) x (unedited + reasonedit + grace twice + 10 sweep points)
-    assert seen == {"total": 4 * 14, "done": 4 * 14}
+    # (3 edits + 2 probes) x (unedited + reasonedit + grace + 10 sweep points)
+    assert seen == {"total": 5 * 13, "done": 5 * 13}
     from reasonedit_cli.codebook import Codebook
 
     assert Codebook.open(kept).edit_ids() == {"e1", "e2", "e3"}
@@ -466,7 +480,8 @@ def test_same_wording_for_the_same_bad_value_in_every_command(tmp_path):
 
 def test_old_option_names_are_hidden_aliases(tmp_path):
     help_text = invoke("evaluate", "--help").output + invoke("calibrate", "--help").output
-    assert "--edits" not in help_text and "--pairs" not in help_text
+    options = set(re.findall(r"(--[a-z-]+)", help_text))
+    assert "--from" in options and "--edits" not in options and "--pairs" not in options
     both = invoke("calibrate", "-c", str(tmp_path), "--from", "a.jsonl", "--pairs", "b.jsonl")
     assert both.exit_code == 2 and "--pairs is another name for --from" in both.output
     old = invoke("evaluate", "--edits", str(tmp_path / "missing.jsonl"), "--model", "/nope")
@@ -510,3 +525,15 @@ def test_messages_do_not_name_internals(tmp_path, images):
     f.write_text(json.dumps({**rec, "image": str(images["red_circle"])}) + "\n")
     second = one_error_line(invoke("add-edit", "-c", str(tmp_path / "cb"), "--from", str(f)))
     assert "reasoning[" not in second and "item 2 of the list" in second
+
+
+def test_readme_names_real_ids_and_in_repo_docs():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    ids = {json.loads(line)["id"] for line in (root / "sample_edits" / "edits.jsonl").open()}
+    named = set(re.findall(r"reasonedit remove-edit ([\w.:-]+)", readme))
+    assert named and named <= ids, named - ids
+    assert "DESIGN" not in readme  # the design notes are not in the repository
+    for link in re.findall(r"\]\((docs/[\w.-]+\.md)", readme):
+        assert (root / link).is_file(), link
+    assert "`--one-thread`" not in readme  # a benchmark flag, not a CLI option
