@@ -82,10 +82,14 @@ def aokvqa_records(path: str, images_root: Path | None):
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: file does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a readable A-OKVQA JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
         raise InputError(
-            f"{path}: not a readable A-OKVQA JSON file ({type(exc).__name__})"
+            f"{path}: not a readable A-OKVQA JSON file ({exc.msg} at line {exc.lineno})"
         ) from None
+    except (OSError, ValueError, RecursionError):
+        raise InputError(f"{path}: not a readable A-OKVQA JSON file") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of A-OKVQA questions")
     root = images_root or p.parent
@@ -127,8 +131,10 @@ def rationalevqa_records(path: str, images_root: Path | None):
         raise InputError(f"{path}: file does not exist")
     try:
         table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+    except (pa.ArrowException, OSError):
+        raise InputError(
+            f"{path}: not a readable Parquet file (damaged, or another format)"
+        ) from None
     needed = {"image_path", "question", "answer", "rationale"}
     missing = needed - set(table.column_names)
     if missing:

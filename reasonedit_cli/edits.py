@@ -419,8 +419,8 @@ def _iter_lines(stream, name: str, base: Path) -> Iterator[tuple[str, Path, Any]
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             obj = InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
-        except (ValueError, RecursionError) as exc:  # nesting too deep, int too long
-            obj = InputError(f"{where}: invalid JSON ({type(exc).__name__})")
+        except (ValueError, RecursionError):  # nesting too deep, int too long
+            obj = InputError(f"{where}: invalid JSON (nested too deeply, or a number too long)")
         yield where, base, obj
 
 
