@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from reasonedit_cli.errors import ReasonEditError
@@ -88,6 +90,22 @@ def resolve_model(name: str, what: str = "model") -> str:
         raise ReasonEditError(f"cannot download {what} {name}: {first}") from None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the record (not at creation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_library_logging(*, verbose: bool = False) -> None:
     """Keep transformers' and the hub's logging off stderr unless `verbose`.
 
@@ -101,8 +119,20 @@ def configure_library_logging(*, verbose: bool = False) -> None:
     py_level = logging.INFO if verbose else logging.ERROR
     for name in ("transformers", "huggingface_hub", "sentence_transformers", "urllib3"):
         logging.getLogger(name).setLevel(py_level)
+    if "transformers" in sys.modules:  # already imported: the environment is read
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(py_level)
+        (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if verbose else disable_progress_bars)()
     if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        for name in ("huggingface_hub", "sentence_transformers", "urllib3"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+                logger.addHandler(_StderrHandler())
     else:
         for module in ("transformers", "huggingface_hub", "torch", "sentence_transformers"):
             warnings.filterwarnings("ignore", module=module)

@@ -270,6 +270,16 @@ def test_a_hub_id_not_cached_fails_at_once_in_one_line(tmp_path, images, monkeyp
     assert elapsed < 20, elapsed  # was 28 s of retries; the connect timeout is 3 s
 
 
+def test_library_logging_stays_off_stderr_unless_verbose(tmp_path, images, model_args):
+    args = ["ask", "--no-edit", "-c", str(tmp_path / "none"), "-i", str(images["red_circle"])]
+    quiet = invoke(*args, "-q", "what?", *model_args)
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+    loud = invoke(*args, "-q", "what?", "--verbose", *model_args)
+    assert loud.exit_code == 0 and loud.stderr.strip(), "--verbose showed nothing"
+    again = invoke(*args, "-q", "what?", *model_args)  # the next command is quiet again
+    assert again.stderr == "", again.stderr
+
+
 # ------------------------------------------------------------- 9. edited, JSON
 @pytest.fixture
 def codebook(tmp_path, edits_jsonl, model_args):
