@@ -807,8 +807,9 @@ def evaluate(
             "--codebook",
             "-c",
             callback=cs.inherit_codebook,
-            help="Keep the reasonedit codebook of the run here (a new directory; written when "
-            "the run succeeds).",
+            help="A new directory: keep the run's reasonedit codebook there (written when the "
+            "run succeeds). An existing codebook: evaluate with its model and settings "
+            "(it is not changed). Default: temporary codebooks only.",
         ),
     ] = None,
     model: ModelOpt = None,
@@ -858,15 +859,16 @@ def evaluate(
     if dataset is not None and dataset != "easy-vqa":
         raise UsageError(f"unknown --dataset {dataset!r}; supported: easy-vqa")
     ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
-    if codebook is not None:
-        # --codebook keeps the reasonedit variant's codebook, written once the run succeeded
-        if Path(codebook).exists() and (not Path(codebook).is_dir() or any(codebook.iterdir())):
-            raise UsageError(f"--codebook {codebook} exists; evaluate builds a new codebook")
-        if "reasonedit" not in chosen and not (sweep_p or sweep_w or "grace" in chosen):
-            raise UsageError("--codebook keeps the reasonedit codebook; add it to --methods")
+    # an existing --codebook lends its model and settings (and is not changed); a new one
+    # receives the run's reasonedit codebook once the run succeeded (never an empty one)
+    keep_to = None if codebook is None or Path(codebook).exists() else Path(codebook)
+    if keep_to is not None and not (
+        "reasonedit" in chosen or "grace" in chosen or sweep_p or sweep_w
+    ):
+        raise UsageError("--codebook keeps the reasonedit codebook; add it to --methods")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
-        target = Path(tmp) / "codebook"
+        target = Path(codebook) if codebook is not None and keep_to is None else Path(tmp) / "cb"
         editor = _editor(target, model, text_model, device, dtype, trust_remote_code, create=True)
         if ray_options is not None:
             from reasonedit_cli.distributed import remote_vlm
@@ -917,10 +919,10 @@ def evaluate(
                 eval_every=eval_every if sequential else None,
             )
             gen.on_answers = None
-        if codebook is not None:
+        if keep_to is not None:
             import shutil
 
-            shutil.copytree(Path(tmp) / "variants" / "reasonedit", codebook, dirs_exist_ok=True)
+            shutil.copytree(Path(tmp) / "variants" / "reasonedit", keep_to)
     report["dataset"] = info or {"edits": edits, "probes": probes, "format": fmt}
     report["seed"] = seed
     report["runtime_s"]["total"] = round(time.perf_counter() - t0, 3)

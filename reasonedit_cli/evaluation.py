@@ -700,17 +700,12 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 
 def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     """The sweeps as a PNG: generality vs locality of every method (with the ends of each
-    sweep), and beside it Gen-mean and Loc against p (and w), where no label can pile up."""
+    sweep), and beside it Acc, Gen-mean and Loc against p (and w), where no label can
+    pile up. Written whenever there is a sweep (metrics without probes are left out)."""
     sweeps = [
-        (key, label, rows)
+        (key, label, report[key])
         for key, label in (("sweep_p", "p"), ("sweep_w", "w"))
-        if (
-            rows := [
-                r
-                for r in report.get(key) or []
-                if r["Loc"] is not None and r["Gen-mean"] is not None
-            ]
-        )
+        if report.get(key)
     ]
     if not sweeps:
         return None
@@ -725,6 +720,9 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     ax = axes[0][0]
     labels: list[tuple[float, float, str, str]] = []  # x, y, text, colour
     for (_key, label, rows), marker in zip(sweeps, ("o-", "s--")):
+        rows = [r for r in rows if r.get("Loc") is not None and r.get("Gen-mean") is not None]
+        if not rows:
+            continue
         (line,) = ax.plot(
             [r["Loc"] for r in rows], [r["Gen-mean"] for r in rows], marker, label=f"sweep {label}"
         )
@@ -739,16 +737,21 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("Loc")
     ax.set_ylabel("Gen-mean (T/I/R-Gen)")
     ax.set_title("generality vs locality")
-    _annotate_spread(ax, labels)
-    ax.legend(fontsize=8, loc="lower left")
+    if labels:
+        _annotate_spread(ax, labels)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "no generality and locality probes", ha="center", transform=ax.transAxes)
     for sub, (key, label, rows) in zip(axes[0][1:], sweeps):
         xs = [r[label] for r in rows]
-        sub.plot(xs, [r["Gen-mean"] for r in rows], "o-", label="Gen-mean")
-        sub.plot(xs, [r["Loc"] for r in rows], "s--", label="Loc")
+        for metric, style in (("Acc", ":^"), ("Gen-mean", "o-"), ("Loc", "s--")):
+            if all(r.get(metric) is not None for r in rows):
+                sub.plot(xs, [r[metric] for r in rows], style, label=metric)
         if key == "sweep_w":
             sub.set_xscale("log")
         sub.set_xlabel("rejection percentile p" if key == "sweep_p" else "key weight w")
-        sub.set_ylim(min(0.0, *(r["Gen-mean"] for r in rows)) - 0.02, 1.02)
+        sub.set_ylim(-0.02, 1.02)
         sub.set_title(f"reasonedit, sweep {label}")
         sub.grid(alpha=0.3)
         sub.legend(fontsize=8, loc="lower right")
