@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from reasonedit_cli.errors import InputError
-from reasonedit_cli.retrieval import DEFAULT_PERCENTILE, DEFAULT_TAU_RULE
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc")
 METRIC_NAMES = {
@@ -83,8 +82,18 @@ def read_probes(path: str) -> list[Probe]:
     return probes
 
 
-METHODS = ("unedited", "reasonedit", "ike", "grace", "vision-only", "text-only", "no-patches")
-SWEEP_P = (5, *range(10, 100, 10))
+METHODS = (
+    "unedited",
+    "reasonedit",
+    "reasonedit-reference",
+    "ike",
+    "grace",
+    "vision-only",
+    "text-only",
+    "no-patches",
+)
+#: p of the rejection sweep; 1 is the reference's default (REFERENCE row 12)
+SWEEP_P = (1, 5, *range(10, 100, 10))
 SWEEP_W_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 IKE_K = 3
 
@@ -158,10 +167,17 @@ class HalfCache:
     def __init__(self, vlm: Any, text: Any, layers: Sequence[str], batch_size: int = 16):
         self.vlm = vlm
         self.text = text
-        self.layers = [vlm.resolve_layer(name).label for name in layers]
+        self.layers = list(dict.fromkeys(vlm.resolve_layer(name).label for name in layers))
         self.batch_size = batch_size
         self.h: dict[tuple[str, str, str], np.ndarray] = {}
         self.s: dict[str, np.ndarray] = {}
+
+    def add_layer(self, layer: str) -> None:
+        """Also capture `layer` from now on (inputs seen before are run again for it)."""
+        label = self.vlm.resolve_layer(layer).label
+        if label not in self.layers:
+            self.layers.append(label)
+            self.h.clear()
 
     @staticmethod
     def _img_key(img: Any) -> str:
@@ -222,7 +238,7 @@ class CachedEmbedder:
 
 
 def last_vision_layer(vlm: Any) -> str:
-    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision"]
+    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision" and not li.normed]
     if not layers:
         raise InputError("the model has no vision-encoder blocks for the vision-only baseline")
     return layers[-1]
@@ -260,32 +276,49 @@ class Evaluation:
         self.embedder = CachedEmbedder(self.halves, base.layer, base.w)
         self.top_k = top_k or int(editor.config.get("top_k", 5))
         self.percentile = percentile
-        self._specs: dict[str, list[Any]] | None = None
+        self._specs: dict[str, dict[str, list[Any]]] = {}
         self._codebooks: dict[str, tuple[Any, np.ndarray]] = {}
+        from reasonedit_cli.presets import REFERENCE
+
+        #: the preset of the `reasonedit-reference` method (a library caller may swap it)
+        self.reference_preset = REFERENCE
 
     # -------------------------------------------------------------- pieces
     def probe_images(self) -> list[Any]:
         return [self.gen.image(p.image_bytes) for p in self.probes]
 
-    def specs(self) -> dict[str, list[Any]]:
-        """Key specs per edit id, patch search included, computed once for every variant."""
-        if self._specs is None:
-            self._specs = {}
+    def specs(self, question_rule: str | None = None) -> dict[str, list[Any]]:
+        """Key specs per edit id, patch search included, computed once for every variant
+        (once per verification prompt rule; default: the editor's preset's)."""
+        rule = question_rule or self.editor.preset.question_rule
+        if rule not in self._specs:
+            out: dict[str, list[Any]] = {}
             for start in range(0, len(self.edits), self.batch_size):
                 chunk = self.edits[start : start + self.batch_size]
                 imgs = [self.gen.image(e.image_bytes) for e in chunk]
-                for spec in self.editor.key_specs(chunk, imgs, patches="auto"):
-                    self._specs.setdefault(chunk[spec.edit_index].id, []).append(spec)
-        return self._specs
+                for spec in self.editor.key_specs(chunk, imgs, patches="auto", question_rule=rule):
+                    out.setdefault(chunk[spec.edit_index].id, []).append(spec)
+            self._specs[rule] = out
+        return self._specs[rule]
 
-    def editor_for(self, name: str, embedder: Any, *, patches: bool = True) -> Any:
-        """An Editor on a fresh codebook that shares the models and the cached key specs."""
+    def editor_for(
+        self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
+    ) -> Any:
+        """An Editor on a fresh codebook that shares the models and the cached key specs.
+
+        `preset` (a presets.Preset; default the editor's) sets the sub-codebook's
+        retrieval settings and the verification prompt of its patch search.
+        """
         from dataclasses import replace
 
         from reasonedit_cli.editor import Editor
 
-        specs = self.specs()
-        ed = Editor(self.workdir / name, model=self.editor.model_name, create=True)
+        preset = preset or self.editor.preset
+        specs = self.specs(preset.question_rule)
+        ed = Editor(
+            self.workdir / name, model=self.editor.model_name, create=True, preset=preset.name
+        )
+        ed.preset = preset
         ed.text_model_name = self.editor.text_model_name
         ed._vlm, ed._text, ed._embedder = self.editor.vlm, self.editor.text, embedder
 
@@ -300,11 +333,13 @@ class Evaluation:
         ed.key_specs = key_specs  # type: ignore[method-assign]
         return ed
 
-    def build(self, name: str, embedder: Any, *, patches: bool = True) -> tuple[Any, np.ndarray]:
+    def build(
+        self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
+    ) -> tuple[Any, np.ndarray]:
         """A codebook of all edits under `embedder`, and the query embedding of every probe."""
         if name in self._codebooks:
             return self._codebooks[name]
-        ed = self.editor_for(name, embedder, patches=patches)
+        ed = self.editor_for(name, embedder, patches=patches, preset=preset)
         ed.add_edits(self.edits, batch_size=max(self.batch_size, 32), patches="none")
         vecs = embedder.embed(self.probe_images(), [p.question for p in self.probes])
         self._codebooks[name] = (ed.codebook, vecs)
@@ -366,6 +401,8 @@ class Evaluation:
             return [Outcome(a, [], True) for a in answers]
         if method == "reasonedit":
             return self.retrieval_method(*self.build("reasonedit", self.embedder), None)
+        if method == "reasonedit-reference":
+            return self.retrieval_method(*self.build_reference(), None)
         if method == "no-patches":
             return self.retrieval_method(
                 *self.build("no-patches", self.embedder, patches=False), None
@@ -424,9 +461,37 @@ class Evaluation:
                 out.append(Outcome(unedited[i].answer, [], True))
         return out
 
+    def reference_embedder(self) -> CachedEmbedder:
+        """The dual embedder of `reasonedit-reference`: the editor's layer at the
+        reference preset's hook point, with the editor's w when its codebook was
+        calibrated under that preset, else the preset's text scaler (w = 30)."""
+        from reasonedit_cli.presets import check_hook
+
+        preset = self.reference_preset
+        if self.editor.preset.name == preset.name:
+            return self.embedder
+        layer = check_hook(self.editor.vlm, self.embedder.layer, preset)
+        if layer not in self.halves.layers:
+            self.halves.add_layer(layer)
+        return CachedEmbedder(self.halves, layer, preset.uncalibrated_w)
+
+    def build_reference(self) -> tuple[Any, np.ndarray]:
+        """The codebook and probe queries of `reasonedit-reference` (the reference preset:
+        its hook point, w, verification prompt, merge on insert, tau and hits rules)."""
+        preset = self.reference_preset
+        if self.editor.preset.name == preset.name:
+            return self.build("reasonedit", self.embedder)
+        return self.build("reasonedit-reference", self.reference_embedder(), preset=preset)
+
     # -------------------------------------------------------------- sweeps
-    def sweep_p(self, ps: Sequence[float] = SWEEP_P) -> list[dict[str, Any]]:
-        codebook, vecs = self.build("reasonedit", self.embedder)
+    def sweep_p(
+        self, ps: Sequence[float] = SWEEP_P, *, reference: bool = False
+    ) -> list[dict[str, Any]]:
+        """Gen-mean / Loc per rejection percentile p for `reasonedit` (or, with
+        `reference`, for `reasonedit-reference`), tau by the codebook's own rule."""
+        codebook, vecs = (
+            self.build_reference() if reference else self.build("reasonedit", self.embedder)
+        )
         rows = []
         for p in ps:
             m = summarize(self.probes, {"r": self.retrieval_method(codebook, vecs, float(p))})
@@ -455,13 +520,16 @@ def planned_answers(
     sweep_p: bool = False,
     sweep_w: bool = False,
     eval_every: int | None = None,
+    reference_sweep: bool = False,
 ) -> int:
     """How many questions `evaluate` will put to `Generations.answer` (cached ones too),
     the total of its progress bar: every method asks the edits and the probes once (GRACE
-    asks for its fallback, the unedited answer), every sweep point once more."""
+    asks for its fallback, the unedited answer), every sweep point once more
+    (`reference_sweep`: the p sweep of `reasonedit-reference` too)."""
     asked = n_edits + len(probes)
     total = asked * len(methods)
-    total += asked * (len(SWEEP_P) * sweep_p + len(SWEEP_W_FACTORS) * sweep_w)
+    total += asked * len(SWEEP_P) * (int(sweep_p) + int(reference_sweep))
+    total += asked * len(SWEEP_W_FACTORS) * sweep_w
     if eval_every:
         loc = sum(p.kind == "loc" for p in probes)
         for i in range(1, n_edits + 1):
@@ -496,8 +564,12 @@ def evaluate(
     gen: Generations | None = None,
     progress: Callable[[int], None] | None = None,
     eval_every: int | None = None,
+    reference_preset: Any = None,
 ) -> dict[str, Any]:
     """Run `methods` (and the sweeps) on the same edits and probes; one report dict.
+
+    `reasonedit` runs under the editor's preset, `reasonedit-reference` under
+    `reference_preset` (default presets.REFERENCE; a library caller may pass a variant).
 
     With `eval_every`, also the sequential run (`report["sequential"]`): edits added one
     at a time, reasonedit measured after every `eval_every` edits, so drift is visible.
@@ -524,6 +596,8 @@ def evaluate(
             percentile=percentile,
             gen=gen,
         )
+        if reference_preset is not None:
+            ev.reference_preset = reference_preset
         results: dict[str, list[Outcome]] = {}
         runtime: dict[str, float] = {}
 
@@ -541,6 +615,10 @@ def evaluate(
         report = summarize(ev.probes, results)
         if sweep_p:
             report["sweep_p"] = timed("sweep_p", ev.sweep_p)
+            if "reasonedit-reference" in methods and editor.preset.name != "reference":
+                report["sweep_p_reference"] = timed(
+                    "sweep_p_reference", lambda: ev.sweep_p(reference=True)
+                )
         if sweep_w:
             report["sweep_w"] = timed("sweep_w", ev.sweep_w)
         if eval_every:
@@ -554,8 +632,9 @@ def evaluate(
             "w": ev.embedder.w,
             "vision_layer": last_vision_layer(editor.vlm),
             "top_k": ev.top_k,
-            "percentile": percentile if percentile is not None else DEFAULT_PERCENTILE,
-            "tau_rule": DEFAULT_TAU_RULE,
+            "preset": editor.preset.name,
+            "percentile": percentile if percentile is not None else editor.preset.percentile,
+            "tau_rule": editor.preset.tau_rule,
             "n_edits": len(ev.edits),
             "vlm_answers": ev.gen.calls,
         }
@@ -666,14 +745,19 @@ def _cell(v: Any) -> str:
 def sweep_markdown(report: dict[str, Any]) -> str:
     """The p and w sweeps (generality vs locality) and the sequential run as Markdown."""
     out = []
-    for key, label in (("sweep_p", "p"), ("sweep_w", "w")):
+    titles = {
+        "sweep_p": "rejection percentile p",
+        "sweep_p_reference": "rejection percentile p, reasonedit-reference",
+        "sweep_w": "key weight w",
+    }
+    for key, label in (("sweep_p", "p"), ("sweep_p_reference", "p"), ("sweep_w", "w")):
         rows = report.get(key)
         if not rows:
             continue
         cols = [label, "Acc", "Gen-mean", "Loc", "loc_rejected"]
-        if key == "sweep_p":
+        if key.startswith("sweep_p"):
             cols.insert(1, "tau")
-        out.append(f"### {'rejection percentile p' if key == 'sweep_p' else 'key weight w'}\n")
+        out.append(f"### {titles[key]}\n")
         out.append("| " + " | ".join(cols) + " |")
         out.append("|---" * len(cols) + "|")
         for r in rows:
@@ -703,8 +787,12 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     sweep), and beside it Acc, Gen-mean and Loc against p (and w), where no label can
     pile up. Written whenever there is a sweep (metrics without probes are left out)."""
     sweeps = [
-        (key, label, report[key])
-        for key, label in (("sweep_p", "p"), ("sweep_w", "w"))
+        (key, field, name, marker, report[key])
+        for key, field, name, marker in (
+            ("sweep_p", "p", "p", "o-"),
+            ("sweep_p_reference", "p", "p (reference)", "^:"),
+            ("sweep_w", "w", "w", "s--"),
+        )
         if report.get(key)
     ]
     if not sweeps:
@@ -719,15 +807,15 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     )
     ax = axes[0][0]
     labels: list[tuple[float, float, str, str]] = []  # x, y, text, colour
-    for (_key, label, rows), marker in zip(sweeps, ("o-", "s--")):
+    for _key, field, name, marker, rows in sweeps:
         rows = [r for r in rows if r.get("Loc") is not None and r.get("Gen-mean") is not None]
         if not rows:
             continue
         (line,) = ax.plot(
-            [r["Loc"] for r in rows], [r["Gen-mean"] for r in rows], marker, label=f"sweep {label}"
+            [r["Loc"] for r in rows], [r["Gen-mean"] for r in rows], marker, label=f"sweep {name}"
         )
         labels += [
-            (r["Loc"], r["Gen-mean"], f"{label}={r[label]:.3g}", line.get_color())
+            (r["Loc"], r["Gen-mean"], f"{field}={r[field]:.3g}", line.get_color())
             for r in (rows[0], rows[-1])
         ]
     for method, m in report["methods"].items():
@@ -743,16 +831,20 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
             ax.legend(fontsize=8, loc="lower left")
     else:
         ax.text(0.5, 0.5, "no generality and locality probes", ha="center", transform=ax.transAxes)
-    for sub, (key, label, rows) in zip(axes[0][1:], sweeps):
-        xs = [r[label] for r in rows]
+    for sub, (key, field, name, _marker, rows) in zip(axes[0][1:], sweeps):
+        xs = [r[field] for r in rows]
         for metric, style in (("Acc", ":^"), ("Gen-mean", "o-"), ("Loc", "s--")):
             if all(r.get(metric) is not None for r in rows):
                 sub.plot(xs, [r[metric] for r in rows], style, label=metric)
         if key == "sweep_w":
             sub.set_xscale("log")
-        sub.set_xlabel("rejection percentile p" if key == "sweep_p" else "key weight w")
+        sub.set_xlabel("rejection percentile p" if field == "p" else "key weight w")
         sub.set_ylim(-0.02, 1.02)
-        sub.set_title(f"reasonedit, sweep {label}")
+        sub.set_title(
+            "reasonedit-reference, sweep p"
+            if key == "sweep_p_reference"
+            else f"reasonedit, sweep {name}"
+        )
         sub.grid(alpha=0.3)
         sub.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

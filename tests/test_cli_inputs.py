@@ -373,8 +373,11 @@ def test_evaluate_progress_counts_every_model_answer(
         *model_args,
     )
     assert result.exit_code == 0, result.output
-    # (3 edits + 2 probes) x (unedited + reasonedit + grace + 10 sweep points)
-    assert seen == {"total": 5 * 13, "done": 5 * 13}
+    from reasonedit_cli.evaluation import SWEEP_P
+
+    # (3 edits + 2 probes) x (unedited + reasonedit + grace + the sweep points)
+    asked = 5 * (3 + len(SWEEP_P))
+    assert seen == {"total": asked, "done": asked}
     from reasonedit_cli.codebook import Codebook
 
     assert Codebook.open(kept).edit_ids() == {"e1", "e2", "e3"}

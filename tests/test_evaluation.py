@@ -129,8 +129,11 @@ def test_every_baseline_reports_every_metric_and_p_sweep(easy, tiny_editor):
     # GRACE replaces the answer on its own edits
     assert rep["methods"]["grace"]["Acc"] == 1.0
     taus = [r["tau"] for r in rep["sweep_p"]]
-    assert [r["p"] for r in rep["sweep_p"]] == [5, *range(10, 100, 10)]
+    assert [r["p"] for r in rep["sweep_p"]] == [1, 5, *range(10, 100, 10)]
     assert taus == sorted(taus)
+    # reasonedit-reference (in METHODS) gets its own sweep, tau by the reference rule
+    ref_taus = [r["tau"] for r in rep["sweep_p_reference"]]
+    assert ref_taus == sorted(ref_taus) and ref_taus[0] is not None
 
 
 def test_retrieval_rejects_more_loc_probes_at_low_p(tiny_editor, easy):
@@ -247,7 +250,7 @@ def test_aokvqa_and_rationalevqa_through_evaluate(tmp_path, images, model_args):
     )
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
-    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 10
+    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 11  # p = 1, 5, 10..90
     for name in ("metrics.json", "metrics.md", "sweep.md", "sweep.png"):
         assert (report_dir / name).is_file()
 
