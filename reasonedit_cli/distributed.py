@@ -288,6 +288,7 @@ def add_edits_ray(
     progress: Callable[[int], None] | None = None,
     merge: bool = False,
     fail_batch: int | None = None,
+    replace: bool = False,
 ) -> AddReport:
     """`Editor.add_edits` with the compute on Ray workers; the same keys, values and report.
 
@@ -296,7 +297,7 @@ def add_edits_ray(
     """
     from reasonedit_cli.staging import StagingJob
 
-    report, todo = editor.plan_add(edits, progress)
+    report, todo = editor.plan_add(edits, progress, replace=replace)
     if not todo:
         return report
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
