@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from reasonedit_cli import __version__
+from reasonedit_cli import cli_support as cs
 from reasonedit_cli.errors import InputError, ReasonEditError, UsageError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    cls=cs.Group,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -43,7 +45,8 @@ CodebookOpt = Annotated[
         "--codebook",
         "-c",
         envvar="REASONEDIT_CODEBOOK",
-        help="Codebook directory (env REASONEDIT_CODEBOOK).",
+        callback=cs.inherit_codebook,
+        help="Codebook directory (env REASONEDIT_CODEBOOK; may also go before the command).",
     ),
 ]
 ModelOpt = Annotated[
@@ -61,8 +64,13 @@ TextModelOpt = Annotated[
         "--text-model", help="Sentence-transformers model (default all-MiniLM-L6-v2, bundled)."
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", callback=cs.device_choice, help="auto | cpu | cuda | mps")
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", callback=cs.dtype_choice, help="auto | float32 | bfloat16 | float16"),
+]
 TrustOpt = Annotated[
     bool,
     typer.Option(
@@ -70,6 +78,26 @@ TrustOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        callback=cs.verbose,
+        help="Show the model libraries' log messages and warnings on stderr.",
+    ),
+]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-pixels",
+        min=1,
+        envvar="REASONEDIT_MAX_IMAGE_PIXELS",
+        callback=cs.max_image_pixels,
+        show_default=False,
+        help="Refuse images with more pixels than this, before decoding (default 250 MP; "
+        "env REASONEDIT_MAX_IMAGE_PIXELS). Large images are decoded reduced.",
+    ),
+]
 LockOpt = Annotated[
     float, typer.Option("--lock-timeout", help="Seconds to wait for another writer to finish.")
 ]
@@ -77,8 +105,9 @@ EngineOpt = Annotated[
     str,
     typer.Option(
         "--engine",
+        callback=cs.engine_choice,
         help="local: compute in this process; ray: spread the model work over a Ray cluster "
-        "(pip install 'reasonedit-cli[ray]').",
+        "(pip install 'reasonedit-cli\\[ray]').",
     ),
 ]
 RayAddressOpt = Annotated[
@@ -177,8 +206,9 @@ def _print_json(obj: Any) -> None:
 
 @contextmanager
 def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; a no-op callback when disabled."""
-    if not enabled or total <= 1:
+    """A rich progress bar with an ETA on stderr, shown only when stderr is a terminal;
+    a no-op callback when disabled."""
+    if not enabled or total <= 1 or not sys.stderr.isatty():
         yield lambda n: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -249,6 +279,15 @@ def _root(
             "--version", callback=version_callback, is_eager=True, help="Show the version."
         ),
     ] = False,
+    codebook: Annotated[
+        Path | None,
+        typer.Option(
+            "--codebook",
+            "-c",
+            callback=cs.global_codebook,
+            help="Codebook directory for the command that follows (as if given after it).",
+        ),
+    ] = None,
 ) -> None:
     """Correct vision-language models with human reasoning, without retraining."""
 
@@ -258,14 +297,22 @@ def _root(
 @handle_errors
 def add_edit(
     image: Annotated[Path | None, typer.Option("--image", "-i", help="Image of the edit.")] = None,
-    question: Annotated[str | None, typer.Option("--question", "-q", help="The question.")] = None,
+    question: Annotated[
+        str | None,
+        typer.Option("--question", "-q", callback=cs.text_value, help="The question."),
+    ] = None,
     answer: Annotated[
-        str | None, typer.Option("--answer", "-a", help="The correct answer.")
+        str | None,
+        typer.Option("--answer", "-a", callback=cs.text_value, help="The correct answer."),
     ] = None,
     reason: Annotated[
         list[str] | None,
         typer.Option(
-            "--reason", "-r", help="Reasoning: sentences (repeat the flag or write several)."
+            "--reason",
+            "-r",
+            callback=cs.reasoning_value,
+            help="Reasoning: sentences that say why the answer is right (repeat the flag or "
+            "write several); not empty, not a placeholder such as '...' or TODO.",
         ),
     ] = None,
     box: Annotated[
@@ -320,6 +367,8 @@ def add_edit(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    verbose: VerboseOpt = False,
+    max_image_pixels: MaxPixelsOpt = None,
     lock_timeout: LockOpt = 10.0,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -469,7 +518,10 @@ def _parse_box_flag(text: str) -> list[float] | None:
 @handle_errors
 def ask(
     image: Annotated[Path | None, typer.Option("--image", "-i", help="Image to ask about.")] = None,
-    question: Annotated[str | None, typer.Option("--question", "-q", help="The question.")] = None,
+    question: Annotated[
+        str | None,
+        typer.Option("--question", "-q", callback=cs.text_value, help="The question."),
+    ] = None,
     from_file: Annotated[
         str | None,
         typer.Option(
@@ -508,6 +560,8 @@ def ask(
         ),
     ] = None,
     api_key: ApiKeyOpt = None,
+    verbose: VerboseOpt = False,
+    max_image_pixels: MaxPixelsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer a question about an image with the edited model.
@@ -542,9 +596,9 @@ def ask(
     else:
         if image is None or not question:
             raise UsageError("give --image and --question (or --from FILE)")
-        from reasonedit_cli.edits import clean_text
+        from reasonedit_cli.edits import clean_words
 
-        question = clean_text(question, "question", "--question")
+        question = clean_words(question, "question", "--question")
         data, _, img = read_image_file(image, "--image")
         items = [{"image_bytes": data, "image": img, "question": question, "where": "command line"}]
     if server is not None:
@@ -571,15 +625,21 @@ def ask(
     # --no-edit needs no codebook; one that exists still names the model
     use_codebook = None if no_edit and not Path(codebook).exists() else codebook
     editor = _editor(use_codebook, model, text_model, device, dtype, trust_remote_code)
-    answers = editor.ask(
-        images,
-        [it["question"] for it in items],
-        no_edit=no_edit,
-        k=top_k,
-        percentile=percentile,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+    questions = [it["question"] for it in items]
+    answers = []
+    # one batch at a time, so that a long --from run shows its progress (on a terminal)
+    with _progress(len(items), "Asking", True) as advance:
+        for start in range(0, len(items), batch_size):
+            answers += editor.ask(
+                images[start : start + batch_size],
+                questions[start : start + batch_size],
+                no_edit=no_edit,
+                k=top_k,
+                percentile=percentile,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            )
+            advance(len(answers) - start)
     for it, ans in zip(items, answers):
         record = ans.to_dict()
         if "id" in it:
@@ -599,7 +659,7 @@ def _render_answer(record: dict[str, Any], explain: bool) -> None:
 
     out.print(f"[bold]Q:[/bold] {_esc(record['question'])}")
     out.print(f"[bold]A:[/bold] {_esc(record['answer'])}")
-    if not record["edited"]:
+    if not record["searched"]:
         out.print("[dim]unedited model (--no-edit)[/dim]")
         return
     if record["rejected"]:
@@ -638,9 +698,12 @@ def calibrate(
     pairs: Annotated[
         str | None,
         typer.Option(
-            "--pairs", help="Calibration JSONL of {image, text}; default: the codebook's edits."
+            "--from",
+            "-f",
+            help="Calibration pairs from JSONL ({image, text}); default: the codebook's edits.",
         ),
     ] = None,
+    pairs_alias: Annotated[str | None, typer.Option("--pairs", hidden=True)] = None,
     layer_rule: Annotated[
         str, typer.Option("--layer-rule", help="bimodal (paper) | harmonic (published code)")
     ] = "bimodal",
@@ -681,6 +744,8 @@ def calibrate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    verbose: VerboseOpt = False,
+    max_image_pixels: MaxPixelsOpt = None,
     lock_timeout: LockOpt = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -693,6 +758,8 @@ def calibrate(
     Example: reasonedit calibrate --max-pairs 200 --plot calibration.png
     """
     from reasonedit_cli.calibration import RULES, calibration_steps, plot_calibration
+
+    pairs = cs.one_of_aliases(pairs, pairs_alias, "--from", "--pairs")
 
     if layer_rule not in RULES:
         raise UsageError(f"--layer-rule must be one of {', '.join(RULES)}")
@@ -814,7 +881,7 @@ def merge_keys(
     lock_timeout: LockOpt = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Consolidate overlapping keys (DESIGN 1.6) and report before/after counts.
+    """Consolidate overlapping keys (docs/method.md, merging) and report before/after counts.
 
     A merged key keeps every distinct value of the keys it absorbed, each with its
     edit, so `remove-edit` later drops just that edit's values.
@@ -860,9 +927,12 @@ def evaluate(
     edits: Annotated[
         str | None,
         typer.Option(
-            "--edits", help="Edit file to apply (with --format for A-OKVQA/RationaleVQA)."
+            "--from",
+            "-f",
+            help="Edits to apply, from a file (JSONL; --format for A-OKVQA/RationaleVQA).",
         ),
     ] = None,
+    edits_alias: Annotated[str | None, typer.Option("--edits", hidden=True)] = None,
     probes: Annotated[
         str | None,
         typer.Option("--probes", help="Probe JSONL ({image, question, answer, kind, edit_id})."),
@@ -876,7 +946,7 @@ def evaluate(
         ),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="Layout of --edits: jsonl | aokvqa | rationalevqa.")
+        str, typer.Option("--format", help="Layout of --from: jsonl | aokvqa | rationalevqa.")
     ] = "jsonl",
     images_root: Annotated[
         Path | None, typer.Option("--images-root", help="Image folder for --format.")
@@ -899,7 +969,8 @@ def evaluate(
         bool, typer.Option("--sweep-w", help="Key weight w sweep (re-embeds keys 5 times).")
     ] = False,
     percentile: Annotated[
-        float | None, typer.Option("--percentile", help="Rejection percentile (default 25).")
+        float | None,
+        typer.Option("--percentile", min=0, max=100, help="Rejection percentile (default 25)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling edits and probes.")] = 0,
     sequential: Annotated[
@@ -916,13 +987,22 @@ def evaluate(
     preset: PresetOpt = None,
     codebook: Annotated[
         Path | None,
-        typer.Option("--codebook", "-c", help="Codebook to build (default: a temporary one)."),
+        typer.Option(
+            "--codebook",
+            "-c",
+            callback=cs.inherit_codebook,
+            help="A new directory: keep the run's reasonedit codebook there (written when the "
+            "run succeeds). An existing codebook: evaluate with its model and settings "
+            "(it is not changed). Default: temporary codebooks only.",
+        ),
     ] = None,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
+    verbose: VerboseOpt = False,
+    max_image_pixels: MaxPixelsOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
     workers: WorkersOpt = None,
@@ -942,12 +1022,14 @@ def evaluate(
         Generations,
         build_dataset,
         markdown_table,
+        planned_answers,
         read_probes,
         sweep_markdown,
         write_report,
     )
     from reasonedit_cli.evaluation import evaluate as run_evaluation
 
+    edits = cs.one_of_aliases(edits, edits_alias, "--from", "--edits")
     chosen = (
         list(METHODS)
         if methods.strip() == "all"
@@ -959,14 +1041,21 @@ def evaluate(
             f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
         )
     if (dataset is None) == (edits is None):
-        raise UsageError("give either --dataset NAME or --edits FILE [--probes FILE]")
+        raise UsageError("give either --dataset NAME or --from FILE [--probes FILE]")
     _check_preset(preset)
     if dataset is not None and dataset not in DATASETS:
         raise UsageError(f"unknown --dataset {dataset!r}; supported: {', '.join(DATASETS)}")
     ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
+    # an existing --codebook lends its model and settings (and is not changed); a new one
+    # receives the run's reasonedit codebook once the run succeeded (never an empty one)
+    keep_to = None if codebook is None or Path(codebook).exists() else Path(codebook)
+    if keep_to is not None and not (
+        "reasonedit" in chosen or "grace" in chosen or sweep_p or sweep_w
+    ):
+        raise UsageError("--codebook keeps the reasonedit codebook; add it to --methods")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
-        target = codebook or Path(tmp) / "codebook"
+        target = Path(codebook) if codebook is not None and keep_to is None else Path(tmp) / "cb"
         editor = _editor(
             target, model, text_model, device, dtype, trust_remote_code, create=True, preset=preset
         )
@@ -986,11 +1075,23 @@ def evaluate(
 
             edit_list, _ = read_edits(edits, fmt, images_root=images_root)
             probe_list = read_probes(probes) if probes else []
-        both = "reasonedit-reference" in chosen and editor.preset.name != "reference"
-        total = len(chosen) + int(sweep_p) * (1 + int(both)) + int(sweep_w)
-        if sequential:
-            total += -(-len(edit_list) // eval_every)
-        with _progress(total, "Evaluating", not as_json) as advance:
+        for e in edit_list:
+            e.ensure_id()
+        total = planned_answers(
+            len(edit_list),
+            probe_list,
+            [e.id or "" for e in edit_list],
+            chosen,
+            sweep_p=sweep_p,
+            sweep_w=sweep_w,
+            eval_every=eval_every if sequential else None,
+            reference_sweep=sweep_p
+            and "reasonedit-reference" in chosen
+            and editor.preset.name != "reference",
+        )
+        # the bar counts the questions put to the model (an ETA for long runs)
+        with _progress(total, "Evaluating", True) as advance:
+            gen.on_answers = advance
             report = run_evaluation(
                 editor,
                 edit_list,
@@ -1002,9 +1103,13 @@ def evaluate(
                 percentile=percentile,
                 workdir=Path(tmp) / "variants",
                 gen=gen,
-                progress=advance,
                 eval_every=eval_every if sequential else None,
             )
+            gen.on_answers = None
+        if keep_to is not None:
+            import shutil
+
+            shutil.copytree(Path(tmp) / "variants" / "reasonedit", keep_to)
     report["dataset"] = info or {"edits": edits, "probes": probes, "format": fmt}
     report["seed"] = seed
     report["runtime_s"]["total"] = round(time.perf_counter() - t0, 3)

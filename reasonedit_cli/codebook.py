@@ -2120,7 +2120,8 @@ class CodebookWriter:
         f = self.path / "versions" / f"v{version:06d}.json"
         if not f.exists():
             raise CodebookError(
-                f"codebook {self.path}: version {version} is not kept (no versions/{f.name})"
+                f"codebook {self.path} has no version {version} "
+                "(`reasonedit history` lists the kept versions)"
             )
         try:
             old = json.loads(_read_regular(f, self.path, MAX_MANIFEST_BYTES))

@@ -14,6 +14,7 @@ from reasonedit_cli.edits import (
     Edit,
     InputError,
     clean_text,
+    clean_words,
     edit_from_record,
     image_path_field,
     iter_jsonl,
@@ -54,14 +55,18 @@ def _collect(records, skip_invalid: bool, source: str) -> tuple[list[Edit], list
     return edits, errors
 
 
-def _find_coco_image(root: Path, image_id: int) -> Path:
-    """COCO 2017 file name for an image id, looked up in the usual sub-folders."""
+def _find_coco_image(root: Path, image_id: int) -> str:
+    """COCO 2017 file name for an image id, looked up in the usual sub-folders.
+
+    Returned relative to `root`: the record's image is joined to its base (`root`) once,
+    by `edit_from_record`, like every other layout's (joining here too applied a
+    relative root twice).
+    """
     name = f"{int(image_id):012d}.jpg"
     for sub in ("", "train2017", "val2017", "test2017", "images"):
-        candidate = root / sub / name
-        if candidate.is_file():
-            return candidate
-    return root / name  # reported as missing by the image reader
+        if (root / sub / name).is_file():
+            return str(Path(sub) / name)
+    return name  # reported as missing by the image reader
 
 
 def aokvqa_records(path: str, images_root: Path | None):
@@ -77,10 +82,14 @@ def aokvqa_records(path: str, images_root: Path | None):
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: file does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a readable A-OKVQA JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
         raise InputError(
-            f"{path}: not a readable A-OKVQA JSON file ({type(exc).__name__})"
+            f"{path}: not a readable A-OKVQA JSON file ({exc.msg} at line {exc.lineno})"
         ) from None
+    except (OSError, ValueError, RecursionError):
+        raise InputError(f"{path}: not a readable A-OKVQA JSON file") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of A-OKVQA questions")
     root = images_root or p.parent
@@ -98,7 +107,7 @@ def aokvqa_records(path: str, images_root: Path | None):
             answer = max(set(answers), key=answers.count) if answers else None
         image_id = item.get("image_id")
         image = (
-            str(_find_coco_image(root, image_id))
+            _find_coco_image(root, image_id)
             if isinstance(image_id, int) and not isinstance(image_id, bool)
             else image_id
         )
@@ -122,8 +131,10 @@ def rationalevqa_records(path: str, images_root: Path | None):
         raise InputError(f"{path}: file does not exist")
     try:
         table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({type(exc).__name__})") from None
+    except (pa.ArrowException, OSError):
+        raise InputError(
+            f"{path}: not a readable Parquet file (damaged, or another format)"
+        ) from None
     needed = {"image_path", "question", "answer", "rationale"}
     missing = needed - set(table.column_names)
     if missing:
@@ -163,7 +174,7 @@ def _question_item(obj: Any, base: Path, where: str) -> dict[str, Any]:
     item = {
         "image_bytes": data,
         "image": img,
-        "question": clean_text(obj["question"], "question", where),
+        "question": clean_words(obj["question"], "question", where),
         "where": where,
     }
     for extra in ("id", "answer", "kind", "edit_id"):

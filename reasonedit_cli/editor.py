@@ -98,7 +98,10 @@ class Answer:
             "answer": self.answer,
             "facts": self.facts,
             "rejected": self.rejected,
-            "edited": r is not None,
+            # edited: facts were prepended to the prompt; searched: the codebook was
+            # consulted (false only with no_edit)
+            "edited": bool(self.facts) and not self.rejected,
+            "searched": r is not None,
             "prompt": self.prompt,
             "nearest_distance": r.nearest if r else None,
             "threshold": r.tau if r else None,
@@ -184,7 +187,10 @@ def patch_boxes(
 
 
 def crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
-    return image.crop(tuple(box))
+    """The crop of `box` (in the original image's pixels) from a decoded image."""
+    from reasonedit_cli.edits import box_to_decoded
+
+    return image.crop(tuple(box_to_decoded(box, image)))
 
 
 class Editor:
@@ -378,6 +384,7 @@ class Editor:
             raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
         found: dict[tuple[int, int], list[list[int]]] = {}
         if patches == "auto" and images is not None:
+            from reasonedit_cli.edits import box_to_original
             from reasonedit_cli.patches import search_patches
 
             want = [
@@ -393,7 +400,8 @@ class Editor:
             )
             for i, (js, per_sentence) in enumerate(zip(want, results)):
                 for j, boxes in zip(js, per_sentence):
-                    found[(i, j)] = [list(b) for b in boxes]
+                    # found in the decoded pixels; boxes are stored in the original's
+                    found[(i, j)] = [box_to_original(b, images[i]) for b in boxes]
         specs: list[KeySpec] = []
         for i, edit in enumerate(edits):
             specs.append(

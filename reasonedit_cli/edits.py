@@ -23,13 +23,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reasonedit_cli.errors import InputError
+from reasonedit_cli.validation import sentence_problem, text_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 #: Limits that keep a single bad record from exhausting memory or the VLM's context.
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
-MAX_IMAGE_PIXELS = 40_000_000
+#: Images with more pixels than this are refused before they are decoded (decompression
+#: bombs); 250 MP admits every phone and camera photo. Change it with `--max-image-pixels`
+#: or the environment variable below.
+MAX_IMAGE_PIXELS = 250_000_000
+MAX_IMAGE_PIXELS_ENV = "REASONEDIT_MAX_IMAGE_PIXELS"
+#: Larger images are decoded reduced so that their longer side is at most this (JPEG DCT
+#: scaling, then `Image.reduce`): every supported VLM resizes its input to a few hundred
+#: pixels, so a 48 MP photo costs a fraction of its full decode and gives the same keys.
+DECODE_MAX_SIDE = 2048
 MAX_TEXT_CHARS = 2_000
 MAX_SENTENCES = 32
 MAX_LINE_BYTES = 1_000_000
@@ -95,18 +104,32 @@ def clean_text(value: Any, name: str, where: str, *, allow_empty: bool = False) 
     return text
 
 
+def clean_words(value: Any, name: str, where: str) -> str:
+    """A question or answer: clean text with at least one letter or digit."""
+    text = clean_text(value, name, where)
+    problem = text_problem(text)
+    if problem:
+        raise InputError(f"{where}: field '{name}' {problem}")
+    return text
+
+
 def parse_reasoning(value: Any, where: str) -> list[str]:
     """Reasoning as a string (split into sentences) or a list of sentences."""
     if isinstance(value, str):
         sentences = split_sentences(clean_text(value, "reasoning", where))
     elif isinstance(value, list):
         sentences = []
-        for i, item in enumerate(value):
-            sentences.extend(split_sentences(clean_text(item, f"reasoning[{i}]", where)))
+        for i, item in enumerate(value, start=1):
+            name = "reasoning" if len(value) == 1 else f"reasoning (item {i} of the list)"
+            sentences.extend(split_sentences(clean_text(item, name, where)))
     else:
         raise InputError(f"{where}: field 'reasoning' must be a string or a list of strings")
     if not sentences:
         raise InputError(f"{where}: field 'reasoning' is empty")
+    for i, sentence in enumerate(sentences, start=1):
+        problem = sentence_problem(sentence)
+        if problem:
+            raise InputError(f"{where}: reasoning sentence {i} {problem}")
     if len(sentences) > MAX_SENTENCES:
         raise InputError(
             f"{where}: reasoning has {len(sentences)} sentences (at most {MAX_SENTENCES})"
@@ -164,26 +187,138 @@ def read_image_file(path: Path, where: str) -> tuple[bytes, str, Image.Image]:
     return data, (img.format or path.suffix.lstrip(".") or "png").lower(), img
 
 
+_max_pixels_override: int | None = None
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Set the pixel limit for this process (None: the environment variable or default)."""
+    global _max_pixels_override
+    if limit is not None and limit < 1:
+        raise ValueError("the image pixel limit must be positive")
+    _max_pixels_override = limit
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: `set_max_image_pixels`, else the environment, else default."""
+    if _max_pixels_override is not None:
+        return _max_pixels_override
+    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        from reasonedit_cli.errors import UsageError
+
+        raise UsageError(f"{MAX_IMAGE_PIXELS_ENV}={raw!r}: expected a positive number of pixels")
+    return value
+
+
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Decode image bytes to RGB, turning every PIL failure into an InputError."""
+    """Decode image bytes to RGB, reduced when large, turning every PIL failure into an
+    InputError.
+
+    The declared size is checked against `max_image_pixels()` before any pixel is decoded
+    (PIL's own guard is set to the same limit). An image whose longer side exceeds
+    `DECODE_MAX_SIDE` is decoded reduced (deterministically: the same bytes always give
+    the same pixels); `original_size` and the box helpers map between its pixels and the
+    original's, in which boxes are given and stored.
+    """
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit
+    size: tuple[int, int] | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format
+            size = img.size
+            if size[0] * size[1] > limit:
+                raise Image.DecompressionBombError(size)
+            factor = -(-max(size) // DECODE_MAX_SIDE)
+            if factor > 1 and fmt == "JPEG":
+                # DCT scaling by 1/2..1/8: decodes at the smallest scale >= the request
+                img.draft("RGB", (-(-size[0] // factor), -(-size[1] // factor)))
             img.load()
             rgb = img.convert("RGB")
-            rgb.format = fmt
+            factor = -(-max(rgb.size) // DECODE_MAX_SIDE)
+            if factor > 1:
+                rgb = rgb.reduce(factor)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{where} has too many pixels (possible decompression bomb)") from None
-    except Exception as exc:  # PIL raises many types for damaged files
-        raise InputError(f"{where} is not a readable image ({type(exc).__name__})") from None
+        size = size or _header_size(data)
+        raise InputError(
+            f"{where} has too many pixels to decode safely: {_size_text(size)}, over the limit of "
+            f"{limit / 1e6:g} MP (raise it with --max-image-pixels or {MAX_IMAGE_PIXELS_ENV})"
+        ) from None
+    except Exception:  # PIL raises many types for damaged or foreign files
+        raise InputError(
+            f"{where} is not a readable image (not an image format, or a damaged or truncated file)"
+        ) from None
     if rgb.width < 1 or rgb.height < 1:
         raise InputError(f"{where} has no pixels")
+    rgb.format = fmt
+    if rgb.size != size:
+        rgb.info["reasonedit_original_size"] = size
     return rgb
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The size an image file declares, read from its header with PIL's guard off (no
+    pixel is decoded), for the message that refuses it."""
+    from PIL import Image
+
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(io.BytesIO(data)).size
+    except Exception:
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _size_text(size: tuple[int, int] | None) -> str:
+    if size is None:
+        return "its size"
+    return f"{size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.1f} MP"
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height of the image as stored (before a reduced decode)."""
+    return tuple(img.info.get("reasonedit_original_size", img.size))  # type: ignore[return-value]
+
+
+def box_to_decoded(box: list[int] | tuple[int, ...], img: Image.Image) -> list[int]:
+    """A box in original pixels (as given and stored) in the pixels of the decoded `img`."""
+    (ow, oh), (w, h) = original_size(img), img.size
+    if (ow, oh) == (w, h):
+        return list(box)
+    x0, y0, x1, y1 = box
+    return [
+        min(w - 1, int(x0 * w / ow)),
+        min(h - 1, int(y0 * h / oh)),
+        max(1, min(w, math.ceil(x1 * w / ow))),
+        max(1, min(h, math.ceil(y1 * h / oh))),
+    ]
+
+
+def box_to_original(box: list[int] | tuple[int, ...], img: Image.Image) -> list[int]:
+    """A box in the pixels of the decoded `img` in original pixels."""
+    (ow, oh), (w, h) = original_size(img), img.size
+    if (ow, oh) == (w, h):
+        return list(box)
+    x0, y0, x1, y1 = box
+    return [
+        round(x0 * ow / w),
+        round(y0 * oh / h),
+        min(ow, round(x1 * ow / w)),
+        min(oh, round(y1 * oh / h)),
+    ]
 
 
 def check_box_in_image(box: list[int], width: int, height: int, where: str) -> None:
@@ -212,8 +347,8 @@ def edit_from_record(record: Any, base: Path, where: str, source: str) -> Edit:
             raise InputError(f"{where}: id {edit_id!r} may only use letters, digits and _.:-")
     edit = Edit(
         image_path=image_path,
-        question=clean_text(record["question"], "question", where),
-        answer=clean_text(record["answer"], "answer", where),
+        question=clean_words(record["question"], "question", where),
+        answer=clean_words(record["answer"], "answer", where),
         reasoning=parse_reasoning(record["reasoning"], where),
         id=edit_id,
         source=(
@@ -244,9 +379,10 @@ def load_edit_image(edit: Edit) -> None:
     """Read the image bytes and check the boxes against its size."""
     edit.image_bytes, edit.image_ext, img = read_image_file(edit.image_path, edit.where)
     if edit.boxes:
+        width, height = original_size(img)  # boxes are in the original image's pixels
         for box in edit.boxes:
             if box is not None:
-                check_box_in_image(box, img.width, img.height, edit.where)
+                check_box_in_image(box, width, height, edit.where)
     edit.ensure_id()
 
 
@@ -283,8 +419,8 @@ def _iter_lines(stream, name: str, base: Path) -> Iterator[tuple[str, Path, Any]
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             obj = InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
-        except (ValueError, RecursionError) as exc:  # nesting too deep, int too long
-            obj = InputError(f"{where}: invalid JSON ({type(exc).__name__})")
+        except (ValueError, RecursionError):  # nesting too deep, int too long
+            obj = InputError(f"{where}: invalid JSON (nested too deeply, or a number too long)")
         yield where, base, obj
 
 

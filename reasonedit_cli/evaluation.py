@@ -126,6 +126,8 @@ class Generations:
         self.cache: dict[tuple[str, str], str] = {}
         self.images: dict[str, Any] = {}
         self.calls = 0
+        #: called with the number of questions answered, batch by batch (progress bars)
+        self.on_answers: Callable[[int], None] | None = None
 
     def image(self, data: bytes) -> Any:
         from reasonedit_cli.edits import decode_image
@@ -141,16 +143,21 @@ class Generations:
         for k, b in zip(keys, image_bytes):
             if k not in self.cache:
                 todo.setdefault(k, b)
-        if todo:
-            items = list(todo.items())
+        if self.on_answers and len(keys) > len(todo):
+            self.on_answers(len(keys) - len(todo))  # answered from the cache
+        items = list(todo.items())
+        for start in range(0, len(items), self.batch_size):  # the batches generate() makes
+            chunk = items[start : start + self.batch_size]
             out = self.vlm.generate(
-                [self.image(b) for _, b in items],
-                [k[1] for k, _ in items],
+                [self.image(b) for _, b in chunk],
+                [k[1] for k, _ in chunk],
                 batch_size=self.batch_size,
             )
-            self.calls += len(items)
-            for (k, _), a in zip(items, out):
+            self.calls += len(chunk)
+            for (k, _), a in zip(chunk, out):
                 self.cache[k] = a
+            if self.on_answers:
+                self.on_answers(len(chunk))
         return [self.cache[k] for k in keys]
 
 
@@ -511,6 +518,34 @@ class Evaluation:
         return rows
 
 
+def planned_answers(
+    n_edits: int,
+    probes: Sequence[Probe],
+    edit_ids: Sequence[str],
+    methods: Sequence[str],
+    *,
+    sweep_p: bool = False,
+    sweep_w: bool = False,
+    eval_every: int | None = None,
+    reference_sweep: bool = False,
+) -> int:
+    """How many questions `evaluate` will put to `Generations.answer` (cached ones too),
+    the total of its progress bar: every method asks the edits and the probes once (GRACE
+    asks for its fallback, the unedited answer), every sweep point once more
+    (`reference_sweep`: the p sweep of `reasonedit-reference` too)."""
+    asked = n_edits + len(probes)
+    total = asked * len(methods)
+    total += asked * len(SWEEP_P) * (int(sweep_p) + int(reference_sweep))
+    total += asked * len(SWEEP_W_FACTORS) * sweep_w
+    if eval_every:
+        loc = sum(p.kind == "loc" for p in probes)
+        for i in range(1, n_edits + 1):
+            if i % eval_every == 0 or i == n_edits:
+                done = set(edit_ids[:i])
+                total += i + loc + sum(p.kind != "loc" and p.edit_id in done for p in probes)
+    return total
+
+
 def _sweep_row(m: dict[str, Any]) -> dict[str, Any]:
     r = m["methods"]["r"]
     ret = m["retrieval_by_method"]["r"]
@@ -755,46 +790,126 @@ def sweep_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
-    """Gen-mean vs Loc for the sweeps (and the methods as points) as a PNG."""
-    if not report.get("sweep_p") and not report.get("sweep_w"):
+    """The sweeps as a PNG: generality vs locality of every method (with the ends of each
+    sweep), and beside it Acc, Gen-mean and Loc against p (and w), where no label can
+    pile up. Written whenever there is a sweep (metrics without probes are left out)."""
+    sweeps = [
+        (key, field, name, marker, report[key])
+        for key, field, name, marker in (
+            ("sweep_p", "p", "p", "o-"),
+            ("sweep_p_reference", "p", "p (reference)", "^:"),
+            ("sweep_w", "w", "w", "s--"),
+        )
+        if report.get(key)
+    ]
+    if not sweeps:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for key, label, marker in (
-        ("sweep_p", "p", "o-"),
-        ("sweep_p_reference", "p (reference)", "^:"),
-        ("sweep_w", "w", "s--"),
-    ):
-        rows = [
-            r for r in report.get(key) or [] if r["Loc"] is not None and r["Gen-mean"] is not None
+    fig, axes = plt.subplots(
+        1, 1 + len(sweeps), figsize=(6.5 + 4 * len(sweeps), 4.8), squeeze=False
+    )
+    ax = axes[0][0]
+    labels: list[tuple[float, float, str, str]] = []  # x, y, text, colour
+    for _key, field, name, marker, rows in sweeps:
+        rows = [r for r in rows if r.get("Loc") is not None and r.get("Gen-mean") is not None]
+        if not rows:
+            continue
+        (line,) = ax.plot(
+            [r["Loc"] for r in rows], [r["Gen-mean"] for r in rows], marker, label=f"sweep {name}"
+        )
+        labels += [
+            (r["Loc"], r["Gen-mean"], f"{field}={r[field]:.3g}", line.get_color())
+            for r in (rows[0], rows[-1])
         ]
-        if rows:
-            ax.plot(
-                [r["Loc"] for r in rows],
-                [r["Gen-mean"] for r in rows],
-                marker,
-                label=f"sweep {label}",
-            )
-            for r in rows:
-                x = r["p" if key.startswith("sweep_p") else "w"]
-                ax.annotate(f"{x:.3g}", (r["Loc"], r["Gen-mean"]), fontsize=7)
     for method, m in report["methods"].items():
         if m.get("Loc") is not None and m.get("Gen-mean") is not None:
-            ax.scatter([m["Loc"]], [m["Gen-mean"]], marker="x")
-            ax.annotate(method, (m["Loc"], m["Gen-mean"]), fontsize=7)
+            ax.scatter([m["Loc"]], [m["Gen-mean"]], marker="x", color="black", zorder=3)
+            labels.append((m["Loc"], m["Gen-mean"], method, "black"))
     ax.set_xlabel("Loc")
     ax.set_ylabel("Gen-mean (T/I/R-Gen)")
     ax.set_title("generality vs locality")
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+    if labels:
+        _annotate_spread(ax, labels)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "no generality and locality probes", ha="center", transform=ax.transAxes)
+    for sub, (key, field, name, _marker, rows) in zip(axes[0][1:], sweeps):
+        xs = [r[field] for r in rows]
+        for metric, style in (("Acc", ":^"), ("Gen-mean", "o-"), ("Loc", "s--")):
+            if all(r.get(metric) is not None for r in rows):
+                sub.plot(xs, [r[metric] for r in rows], style, label=metric)
+        if key == "sweep_w":
+            sub.set_xscale("log")
+        sub.set_xlabel("rejection percentile p" if field == "p" else "key weight w")
+        sub.set_ylim(-0.02, 1.02)
+        sub.set_title(
+            "reasonedit-reference, sweep p"
+            if key == "sweep_p_reference"
+            else f"reasonedit, sweep {name}"
+        )
+        sub.grid(alpha=0.3)
+        sub.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def label_positions(ys: Sequence[float], min_gap: float) -> list[float]:
+    """Label heights for points at `ys`, as near them as possible but `min_gap` apart
+    (in the same order), so that labels of points that share an x do not pile up."""
+    if not ys:
+        return []
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [float(ys[i]) for i in order]
+    for i in range(1, len(placed)):  # push each label up past the one below it
+        placed[i] = max(placed[i], placed[i - 1] + min_gap)
+    mean_shift = sum(p - float(ys[i]) for p, i in zip(placed, order)) / len(placed)
+    out = [0.0] * len(ys)
+    for i, y in zip(order, placed):
+        out[i] = y - mean_shift  # centre the stack on its points
+    return out
+
+
+def _annotate_spread(ax: Any, labels: Sequence[tuple[float, float, str, str]]) -> None:
+    """Label points; points at (almost) the same Loc get a stacked column of labels
+    beside them, each joined to its point by a thin line, so none overlap."""
+    xs = [x for x, *_ in labels]
+    x_lo, x_hi = min(xs), max(xs)
+    span = max(x_hi - x_lo, 0.05)
+    ax.set_xlim(x_lo - 0.3 * span, min(x_hi + 0.3 * span, 1.0 + 0.05 * span))
+    y_lo, y_hi = ax.get_ylim()
+    ax.set_ylim(y_lo - 0.08 * (y_hi - y_lo), y_hi + 0.08 * (y_hi - y_lo))
+    y_lo, y_hi = ax.get_ylim()
+    groups: list[list[tuple[float, float, str, str]]] = []
+    for item in sorted(labels, key=lambda t: t[0]):  # runs of points close in Loc
+        if groups and item[0] - groups[-1][0][0] <= 0.05 * span:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    for members in groups:
+        ys = label_positions([y for _, y, _, _ in members], 0.045 * (y_hi - y_lo))
+        top, bottom = y_hi - 0.03 * (y_hi - y_lo), y_lo + 0.03 * (y_hi - y_lo)
+        shift = min(0.0, top - max(ys)) or max(0.0, bottom - min(ys))
+        ys = [y + shift for y in ys]  # keep the column inside the axes
+        right_side = members[0][0] < x_lo + 0.6 * span
+        dx = (0.06 if right_side else -0.12) * span
+        for (x, y, text, color), ty in zip(members, ys):
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=(x + dx, ty),
+                ha="left" if right_side else "right",
+                va="center",
+                fontsize=7,
+                color=color,
+                arrowprops={"arrowstyle": "-", "lw": 0.5, "color": color, "alpha": 0.5},
+            )
 
 
 def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
@@ -804,10 +919,15 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     out = [directory / "metrics.json", directory / "metrics.md"]
     out[0].write_text(json.dumps(report, indent=2) + "\n")
-    out[1].write_text(markdown_table(report))
+    out[1].write_text(
+        "# reasonedit evaluation\n\n## Accuracy per method\n\n"
+        + markdown_table(report).replace(
+            "\nRetrieval recall / precision", "\n## Retrieval\n\nRetrieval recall / precision"
+        )
+    )
     sweeps = sweep_markdown(report)
     if sweeps:
-        (directory / "sweep.md").write_text(sweeps)
+        (directory / "sweep.md").write_text("# reasonedit evaluation: sweeps\n\n" + sweeps)
         out.append(directory / "sweep.md")
         png = plot_sweeps(report, directory / "sweep.png")
         if png:

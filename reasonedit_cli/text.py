@@ -43,7 +43,9 @@ def resolve_text_model(name: str | None) -> str:
     """Map the default name to the bundled directory; pass other names through."""
     if name in (None, "", DEFAULT_TEXT_MODEL, "sentence-transformers/" + DEFAULT_TEXT_MODEL):
         return str(default_text_model_path())
-    return str(name)
+    from reasonedit_cli.hub import resolve_model
+
+    return resolve_model(str(name), "text model")  # a hub id: its cached snapshot
 
 
 class TextEncoder:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
+from reasonedit_cli.validation import DEVICES, DTYPES  # the CLI checks the same lists
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -50,10 +51,6 @@ def model_path(model: str) -> str:
     if model.startswith("bundled:") and model[len("bundled:") :] in BUNDLED_MODELS.values():
         return str(Path(__file__).parent / "models" / model[len("bundled:") :])
     return model
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -260,15 +257,19 @@ class VLM:
         dtype: str = "auto",
         trust_remote_code: bool = False,
     ) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from reasonedit_cli.hub import resolve_model
 
         self.name = model
-        self.device = resolve_device(device)
-        self.torch_dtype = resolve_dtype(dtype, self.device)
         path = Path(model)
         if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
             raise UsageError(f"model directory {model} does not exist")
+        # a hub id: its cached snapshot, or one line at once when it cannot be had
+        requested, model = model, resolve_model(model)
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        self.device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(dtype, self.device)
         try:
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -300,7 +301,7 @@ class VLM:
             raise ReasonEditError(_load_failure(model, self.family, exc)) from None
         self.model.to(self.device).eval()
         torch.set_grad_enabled(False)
-        self.revision = model_revision(model)
+        self.revision = model_revision(requested)
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -498,7 +498,8 @@ def test_evaluate_reports_every_metric(tmp_path, edits_jsonl, images, model_args
     assert set(report["methods"]) == {"unedited", "reasonedit"}
     assert report["counts"] == {"acc": 3, "t_gen": 1, "i_gen": 1, "loc": 1}
     assert report["retrieval"]["acc"] == 1.0
-    assert (report_dir / "metrics.md").read_text().startswith("| method |")
+    md = (report_dir / "metrics.md").read_text()
+    assert md.startswith("# reasonedit evaluation") and "\n| method |" in md
 
 
 def test_doctor_reports_ok_and_damage(codebook):

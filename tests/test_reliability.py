@@ -104,8 +104,8 @@ def _bad_files(d: Path) -> None:
     (img / "empty.png").write_bytes(b"")
     from PIL import Image
 
-    # 49 M pixels > MAX_IMAGE_PIXELS (40 M), a few kB on disk
-    Image.new("1", (7000, 7000)).save(img / "bomb.png")
+    # 289 M pixels > MAX_IMAGE_PIXELS (250 M), a few kB on disk
+    Image.new("1", (17000, 17000)).save(img / "bomb.png")
     (img / "bomb_header.png").write_bytes(_png_header(100_000, 100_000) + _png_iend())
     (img / "a_dir.png").mkdir()
     os.mkfifo(img / "fifo.png")
