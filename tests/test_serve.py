@@ -477,7 +477,8 @@ def test_streamed_deltas_add_up_with_long_answers_and_stops(tiny_server, questio
     text = plain.choices[0].message.content
     assert len(text) > 4 and plain.usage.completion_tokens > 1
     ext = plain.model_extra["reasonedit"]
-    assert ext["edited"] and ext["rejected"] and ext["version"] is None  # no codebook
+    # no codebook: searched, nothing found, nothing prepended
+    assert ext["searched"] and ext["rejected"] and not ext["edited"] and ext["version"] is None
     for stop in (None, text[len(text) // 2 : len(text) // 2 + 2]):
         kwargs = {"stop": stop} if stop else {}
         want = c.chat.completions.create(model="reasonedit", messages=msg, max_tokens=12, **kwargs)
