@@ -705,8 +705,8 @@ def evaluate(
         str,
         typer.Option(
             "--methods",
-            help="Comma list of unedited, reasonedit, ike, grace, vision-only, text-only, "
-            "no-patches, or all.",
+            help="Comma list of unedited, reasonedit, ike, ike-reference, grace (trained "
+            "adaptor), answer-lookup, vision-only, text-only, no-patches, or all.",
         ),
     ] = "all",
     sweep_p: Annotated[
@@ -788,6 +788,7 @@ def evaluate(
             stack.enter_context(remote_vlm(editor, ray_options))
         gen = Generations(editor.vlm, batch_size)
         info: dict[str, Any] = {}
+        choices: dict[str, list[str]] = {}
         if dataset is not None:
             from reasonedit_cli.easyvqa import build_easyvqa
             from reasonedit_cli.evaluation import easyvqa_asker
@@ -797,11 +798,21 @@ def evaluate(
             edit_list, probe_list, info = build_easyvqa(
                 easyvqa_asker(gen), n_edits=n_edits, seed=seed
             )
+        elif fmt == "aokvqa":
+            from reasonedit_cli.fileprobes import build_aokvqa
+
+            # edits = the unedited model's mistakes; probes and locality from the file
+            edit_list, probe_list, choices, info = build_aokvqa(edits, images_root, gen.answer)
+            probe_list += read_probes(probes) if probes else []
         else:
             from reasonedit_cli.datasets import read_edits
 
             edit_list, _ = read_edits(edits, fmt, images_root=images_root)
             probe_list = read_probes(probes) if probes else []
+            if fmt == "rationalevqa":
+                from reasonedit_cli.fileprobes import rationalevqa_choices
+
+                choices = rationalevqa_choices(edits, edit_list)
         total = len(chosen) + int(sweep_p) + int(sweep_w)
         if sequential:
             total += -(-len(edit_list) // eval_every)
@@ -819,6 +830,7 @@ def evaluate(
                 gen=gen,
                 progress=advance,
                 eval_every=eval_every if sequential else None,
+                choices=choices,
             )
     report["dataset"] = info or {"edits": edits, "probes": probes, "format": fmt}
     report["seed"] = seed
