@@ -5,11 +5,12 @@
 rationales`; COCO images `val2017/<image_id:012d>.jpg`):
 
 * edits: the records the unedited model answers wrong (exact match with the correct
-  choice, else the most frequent direct answer);
+  choice, else the most frequent direct answer), in file order;
 * T-Gen: a record's first `rephrasings` entry, same image and answer. The official
   files have no rephrasings, so T-Gen is empty unless the file adds that field;
 * I-Gen: another record, on another image, with the same question (normalised) and the
-  same answer as an edit (at most one per edit);
+  same answer as an edit (at most one per edit; a later mistake of that kind becomes the
+  earlier edit's I-Gen probe rather than an edit of its own);
 * R-Gen and CoE-Gen: none (the file has no question implied by a rationale, and no
   record of a repeated mistake in another context);
 * Loc: records the unedited model answers right whose image no edit uses and whose
@@ -56,59 +57,68 @@ def build_aokvqa(
         raise InputError(f"{path}: no A-OKVQA questions found")
     preds = ask([r.image_bytes for r in records], [r.question for r in records])
     right = [exact_match(p, r.answer) for p, r in zip(preds, records)]
-    edits = [r for r, ok in zip(records, right) if not ok]
+    item_of = {id(r): raw[i] for i, r in enumerate(records)}
+
+    def qa(r: Edit) -> tuple[str, str]:
+        return normalize_answer(r.question), normalize_answer(r.answer)
+
+    def options(r: Edit) -> list[str] | None:
+        return _choices(item_of[id(r)].get("choices"))
+
+    # 1. edits: the mistakes, in file order; a mistake repeating an earlier edit's
+    # question and answer on another image is that edit's I-Gen probe instead
+    edits: list[Edit] = []
+    i_gen: dict[str, Edit] = {}  # edit id -> its I-Gen record
+    first_of: dict[tuple[str, str], Edit] = {}
+    for r, ok in zip(records, right):
+        if ok:
+            continue
+        r.ensure_id()
+        e = first_of.get(qa(r))
+        if e is not None and e.image_sha256 != r.image_sha256 and e.id not in i_gen:
+            i_gen[e.id or ""] = r
+            continue
+        first_of.setdefault(qa(r), r)
+        edits.append(r)
     if not edits:
         raise InputError(f"{path}: the unedited model answers every question right; no edits")
-    for e in edits:
-        e.ensure_id()
-    item_of = {id(r): raw[i] for i, r in enumerate(records)}
-    choices = {
-        e.id or "": c for e in edits if (c := _choices(item_of[id(e)].get("choices"))) is not None
-    }
+    choices = {e.id or "": c for e in edits if (c := options(e)) is not None}
     edit_images = {e.image_sha256: e for e in edits}
     edit_questions = {normalize_answer(e.question) for e in edits}
+    used = {id(r) for r in edits} | {id(r) for r in i_gen.values()}
+    # 2. the right answers: I-Gen of an edit still without one, Hard-Loc, or Loc
+    for r, ok in zip(records, right):
+        if not ok or id(r) in used:
+            continue
+        e = first_of.get(qa(r))
+        if e is not None and e.image_sha256 != r.image_sha256 and e.id not in i_gen:
+            i_gen[e.id or ""] = r
+            used.add(id(r))
     probes: list[Probe] = []
     for e in edits:
         reph = item_of[id(e)].get("rephrasings")
         if isinstance(reph, list) and reph and isinstance(reph[0], str) and reph[0].strip():
+            where = f"{e.where} rephrasing"
             probes.append(
-                Probe(
-                    e.image_bytes,
-                    reph[0].strip(),
-                    e.answer,
-                    "t_gen",
-                    e.id,
-                    f"{e.where} rephrasing",
-                    choices.get(e.id or ""),
-                )
+                Probe(e.image_bytes, reph[0].strip(), e.answer, "t_gen", e.id, where, options(e))
             )
-    i_gen_done: set[str] = set()
-    edit_objs = {id(e) for e in edits}
+        if e.id in i_gen:
+            r = i_gen[e.id or ""]
+            probes.append(
+                Probe(r.image_bytes, r.question, r.answer, "i_gen", e.id, r.where, options(r))
+            )
     for r, ok in zip(records, right):
-        c = _choices(item_of[id(r)].get("choices"))
-        if id(r) in edit_objs:
-            continue
-        if r.image_sha256 not in edit_images:
-            same = [
-                e
-                for e in edits
-                if normalize_answer(e.question) == normalize_answer(r.question)
-                and normalize_answer(e.answer) == normalize_answer(r.answer)
-                and e.id not in i_gen_done
-            ]
-            if same:
-                i_gen_done.add(same[0].id or "")
-                probes.append(
-                    Probe(r.image_bytes, r.question, r.answer, "i_gen", same[0].id, r.where, c)
-                )
-                continue
-        if not ok:
-            continue  # neither an edit's probe nor locality: a mistake left unedited
+        if not ok or id(r) in used:
+            continue  # a mistake left unedited is neither a probe nor locality
         if r.image_sha256 in edit_images:
             e = edit_images[r.image_sha256]
-            probes.append(Probe(r.image_bytes, r.question, r.answer, "hard_loc", e.id, r.where, c))
+            probes.append(
+                Probe(r.image_bytes, r.question, r.answer, "hard_loc", e.id, r.where, options(r))
+            )
         elif normalize_answer(r.question) not in edit_questions:
-            probes.append(Probe(r.image_bytes, r.question, r.answer, "loc", None, r.where, c))
+            probes.append(
+                Probe(r.image_bytes, r.question, r.answer, "loc", None, r.where, options(r))
+            )
     info = {
         "dataset": "aokvqa",
         "file": path,
