@@ -104,7 +104,22 @@ GpusPerWorkerOpt = Annotated[
         "--gpus-per-worker", min=0, help="With --engine ray: GPUs per worker (0.5 shares one)."
     ),
 ]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="default: reasonedit's choices; reference: the authors' code (docs/reference.md). "
+        "Stored in the codebook (ask follows it); default: the codebook's, else default.",
+    ),
+]
 DEFAULT_CODEBOOK = Path("codebook")
+
+
+def _check_preset(preset: str | None) -> None:
+    """A usage error (exit 2) for an unknown --preset, before any model loads."""
+    from reasonedit_cli.presets import get_preset
+
+    get_preset(preset)
 
 
 def _stderr():
@@ -165,7 +180,16 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
 
 
 def _editor(
-    codebook: Path, model, text_model, device, dtype, trust, *, create=False, lock_timeout=10.0
+    codebook: Path,
+    model,
+    text_model,
+    device,
+    dtype,
+    trust,
+    *,
+    create=False,
+    lock_timeout=10.0,
+    preset: str | None = None,
 ):
     from reasonedit_cli.editor import Editor
 
@@ -178,6 +202,7 @@ def _editor(
         trust_remote_code=trust,
         create=create,
         lock_timeout=lock_timeout,
+        preset=preset,
     )
 
 
@@ -257,9 +282,14 @@ def add_edit(
         int, typer.Option("--top-k-patches", min=0, help="Lowest-loss crops kept per sentence.")
     ] = 1,
     merge: Annotated[
-        bool,
-        typer.Option("--merge", help="Merge the new keys into existing ones (merge on insert)."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--merge/--no-merge",
+            help="Merge the new keys into existing ones (merge on insert); "
+            "default: on with --preset reference, else off.",
+        ),
+    ] = None,
+    preset: PresetOpt = None,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -283,6 +313,7 @@ def add_edit(
 
     if patches not in PATCH_MODES:
         raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
+    _check_preset(preset)
     ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
     errors: list[str] = []
     if from_file is not None:
@@ -332,7 +363,10 @@ def add_edit(
         trust_remote_code,
         create=True,
         lock_timeout=lock_timeout,
+        preset=preset,
     )
+    if merge is None:
+        merge = editor.preset.merge_on_insert
     with _progress(len(edits), "Adding edits", not as_json) as advance:
         if ray_options is not None:
             from reasonedit_cli.distributed import add_edits_ray
@@ -536,7 +570,14 @@ def calibrate(
     max_pairs: Annotated[
         int, typer.Option("--max-pairs", min=4, help="Cap on calibration pairs.")
     ] = 400,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples.")] = 5,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(
+            "--bootstrap",
+            min=0,
+            help="Bootstrap resamples (default 5; with --preset reference: runs, default 10).",
+        ),
+    ] = None,
     knn: Annotated[
         int | None, typer.Option("--knn", min=1, help="Mutual-kNN sparsification (e.g. 10).")
     ] = None,
@@ -547,6 +588,7 @@ def calibrate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Report only; change nothing.")
     ] = False,
+    preset: PresetOpt = None,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -564,6 +606,7 @@ def calibrate(
 
     if layer_rule not in RULES:
         raise UsageError(f"--layer-rule must be one of {', '.join(RULES)}")
+    _check_preset(preset)
     editor = _editor(
         codebook,
         model,
@@ -573,9 +616,16 @@ def calibrate(
         trust_remote_code,
         create=True,
         lock_timeout=lock_timeout,
+        preset=preset,
     )
+    reference = editor.preset.calibration == "reference"
+    if bootstrap is None:
+        from reasonedit_cli.calibration_reference import DEFAULT_N_RUNS
+
+        bootstrap = DEFAULT_N_RUNS if reference else 5
     n_layers = len(layers) if layers else len(editor.vlm.candidate_layers())
-    with _progress(calibration_steps(n_layers), "Calibrating", not as_json) as advance:
+    steps = 2 * max(1, bootstrap) if reference else calibration_steps(n_layers)
+    with _progress(steps, "Calibrating", not as_json) as advance:
         result, version = editor.calibrate(
             pairs,
             rule=layer_rule,
@@ -705,8 +755,9 @@ def evaluate(
         str,
         typer.Option(
             "--methods",
-            help="Comma list of unedited, reasonedit, ike, ike-reference, grace (trained "
-            "adaptor), answer-lookup, vision-only, text-only, no-patches, or all.",
+            help="Comma list of unedited, reasonedit, reasonedit-reference, ike, "
+            "ike-reference, grace (trained adaptor), answer-lookup, vision-only, text-only, "
+            "no-patches, or all.",
         ),
     ] = "all",
     sweep_p: Annotated[
@@ -730,6 +781,7 @@ def evaluate(
         typer.Option("--report", help="Write metrics.json, metrics.md, sweep.md, sweep.png here."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    preset: PresetOpt = None,
     codebook: Annotated[
         Path | None,
         typer.Option("--codebook", "-c", help="Codebook to build (default: a temporary one)."),
@@ -774,13 +826,16 @@ def evaluate(
         )
     if (dataset is None) == (edits is None):
         raise UsageError("give either --dataset easy-vqa or --edits FILE [--probes FILE]")
+    _check_preset(preset)
     if dataset is not None and dataset != "easy-vqa":
         raise UsageError(f"unknown --dataset {dataset!r}; supported: easy-vqa")
     ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
         target = codebook or Path(tmp) / "codebook"
-        editor = _editor(target, model, text_model, device, dtype, trust_remote_code, create=True)
+        editor = _editor(
+            target, model, text_model, device, dtype, trust_remote_code, create=True, preset=preset
+        )
         if ray_options is not None:
             from reasonedit_cli.distributed import remote_vlm
 
@@ -813,7 +868,8 @@ def evaluate(
                 from reasonedit_cli.fileprobes import rationalevqa_choices
 
                 choices = rationalevqa_choices(edits, edit_list)
-        total = len(chosen) + int(sweep_p) + int(sweep_w)
+        both = "reasonedit-reference" in chosen and editor.preset.name != "reference"
+        total = len(chosen) + int(sweep_p) * (1 + int(both)) + int(sweep_w)
         if sequential:
             total += -(-len(edit_list) // eval_every)
         with _progress(total, "Evaluating", not as_json) as advance:
@@ -859,20 +915,27 @@ def doctor(
         bool,
         typer.Option(
             "--repair",
-            help="Rebuild damaged derived files; remove staging folders of dead Ray jobs.",
+            help="Rebuild what survives allows: manifest.json from versions/, lost edits "
+            "from their keys, lost keys by re-embedding (codebook's model), the index; "
+            "remove staging folders of dead Ray jobs. Deletes nothing.",
         ),
     ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     lock_timeout: LockOpt = 10.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a codebook's files and checksums; --repair rebuilds the index from Parquet.
+    """Verify a codebook's files and checksums; --repair rebuilds what is damaged.
 
     Example: reasonedit doctor --repair
     """
-    from reasonedit_cli.codebook import Codebook
+    if repair:
+        from reasonedit_cli.repair import repair_codebook
 
-    report = Codebook.open(codebook).check(repair=repair, lock_timeout=lock_timeout)
+        report = repair_codebook(codebook, lock_timeout=lock_timeout)
+    else:
+        from reasonedit_cli.codebook import Codebook
+
+        report = Codebook.open(codebook).check(lock_timeout=lock_timeout)
     if as_json:
         _print_json(
             {

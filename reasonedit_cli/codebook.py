@@ -19,17 +19,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +65,10 @@ TAU_SEED = 0
 KINDS = ("answer", "sentence", "patch")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _EXT_RE = re.compile(r"[a-z0-9]{1,8}")
-_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging"}
-_REPAIR_HINT = "run `reasonedit doctor` to check the codebook"
+_KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging", "damaged"}
+_REPAIR_HINT = "`reasonedit doctor --repair` rebuilds it from the rest of the codebook"
+_MANIFEST_HINT = "`reasonedit doctor --repair` restores it from versions/"
+DAMAGED = "damaged"  # where repair moves a damaged manifest.json (it never deletes one)
 
 
 # ---------------------------------------------------------------------------
@@ -248,18 +252,67 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+# -- the file-operation seam (issue 23) ----------------------------------------------
+#
+# Every write, fsync, rename, unlink and mkdir the store issues inside a codebook goes
+# through the helpers below, which report it to an optional hook. The power-loss harness
+# (tests/crash_harness.py) records that log and rebuilds the disk at each crash point;
+# tests can also make an operation fail (ENOSPC) at this seam.
+
+#: hook(op, path, other): op is "write" (the temp file holds its full data, not yet
+#: fsynced), "fsync", "fsync_dir", "rename" (path -> other), "unlink", "mkdir", "link".
+FileHook = Callable[[str, Path, "Path | None"], None]
+_file_hooks: list[FileHook] = []
+
+
+@contextlib.contextmanager
+def file_operations(hook: FileHook) -> Iterator[None]:
+    """Call hook(op, path, other) for every file operation the store issues (tests)."""
+    _file_hooks.append(hook)
+    try:
+        yield
+    finally:
+        _file_hooks.remove(hook)
+
+
+def _note(op: str, path: Path, other: Path | None = None) -> None:
+    for hook in list(_file_hooks):
+        hook(op, path, other)
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes a rename durable; some platforms cannot open directories, which is fine.
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(fd)
+        _note("fsync_dir", path)
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def _mkdirs(path: Path) -> None:
+    """mkdir -p whose new directories are durable: each parent is fsynced after."""
+    if path.is_dir():
+        return
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _note("mkdir", d)
+        _fsync_dir(d.parent)
 
 
 def _tmp_name(path: Path) -> Path:
@@ -267,15 +320,133 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temp name, fsync, rename: readers see the old file or the whole new one.
+
+    On any failure (ENOSPC, EROFS, ...) the temp file is removed and the error re-raised.
+    """
+    _mkdirs(path.parent)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            _note("write", tmp)
+            os.fsync(f.fileno())
+            _note("fsync", tmp)
+        _rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    _note("rename", src, dst)
+
+
+def _unlink(path: Path) -> None:
+    """Remove one file the store made (never a directory)."""
+    os.unlink(path)
+    _note("unlink", path)
+
+
+# -- reading files of a codebook that may be hostile -----------------------------------
+
+#: Largest manifest / versions copy / LOCK read (a million-key manifest is ~100 KB).
+MAX_MANIFEST_BYTES = 64 << 20
+#: Largest Parquet footer (file metadata) accepted before pyarrow parses it; ours are KBs.
+MAX_PARQUET_FOOTER = 4 << 20
+
+
+class NotRegularFileError(OSError):
+    """A path of the codebook is a FIFO, device, directory or symlink, not a plain file."""
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _open_regular(path: Path, root: Path | None = None) -> int:
+    """An fd for reading `path`, refused unless it is a regular file inside its codebook.
+
+    lstat first (a symlink is refused, never followed out of the codebook), then open
+    with O_NONBLOCK | O_NOFOLLOW (a FIFO swapped in meanwhile cannot block us) and fstat
+    the opened file (S_ISREG). The directories between the codebook root and the file
+    are checked too: `segments/` as a symlink to elsewhere is refused.
+    """
+    for parent in _inner_dirs(path, root):
+        st = os.lstat(parent)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotRegularFileError(
+                errno.EINVAL, f"{parent.name}/ is {_kind_of(st.st_mode)}, not a directory"
+            )
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(errno.EINVAL, f"is {_kind_of(st.st_mode)}, not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(
+                errno.EINVAL, f"is {_kind_of(st.st_mode)}, not a regular file"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _inner_dirs(path: Path, root: Path | None) -> list[Path]:
+    """The directories between the codebook root and `path` (the root itself may be a
+    symlink the user chose; nothing below it may)."""
+    if root is None:
+        return []
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return []
+    return [root / q for q in list(rel.parents)[:-1]]
+
+
+def _read_regular(path: Path, root: Path | None = None, limit: int | None = None) -> bytes:
+    """The bytes of a regular file of the codebook (see `_open_regular`); at most `limit`."""
+    fd = _open_regular(path, root)
+    with os.fdopen(fd, "rb") as f:
+        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            raise NotRegularFileError(errno.EFBIG, f"is larger than {limit} bytes")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise NotRegularFileError(errno.EFBIG, f"is larger than {limit} bytes")
+    return data
+
+
+def _parquet_footer_ok(data: bytes) -> str | None:
+    """Why `data` is not a Parquet file we parse (None: fine), read before pyarrow does.
+
+    pyarrow allocates what the footer declares; a huge or malformed footer is refused
+    here, in O(1), so a hostile file costs neither memory nor time.
+    """
+    if len(data) < 12 or data[:4] != b"PAR1" or data[-4:] != b"PAR1":
+        return "no Parquet magic bytes"
+    meta_len = int.from_bytes(data[-8:-4], "little")
+    if meta_len <= 0 or meta_len > len(data) - 12:
+        return f"its footer claims {meta_len} bytes of metadata in a {len(data)}-byte file"
+    if meta_len > MAX_PARQUET_FOOTER:
+        return f"its metadata is {meta_len} bytes (more than {MAX_PARQUET_FOOTER})"
+    return None
 
 
 def _manifest_bytes(manifest: dict) -> bytes:
@@ -296,6 +467,16 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+def _before_boot(started: str) -> bool:
+    """True when an ISO timestamp is older than this machine's boot (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(x.split()[1]) for x in f if x.startswith(b"btime "))
+        return dt.datetime.fromisoformat(started).timestamp() < btime
+    except (OSError, StopIteration, ValueError, IndexError, TypeError):
+        return False
 
 
 def _compute() -> Any:
@@ -411,8 +592,14 @@ class Codebook:
     ) -> Codebook:
         """Open the codebook at path; create=True makes an empty one if missing or empty."""
         p = Path(path).expanduser().absolute()
-        if (p / MANIFEST).exists():
+        if os.path.lexists(p / MANIFEST):
             return cls(p, _read_manifest(p), hnsw_min_keys=hnsw_min_keys)
+        kept = _version_files(p)
+        if kept:  # never create a new v0 over a codebook that lost its manifest
+            raise CodebookError(
+                f"codebook {p}: {MANIFEST} is missing but versions/ holds {len(kept)} "
+                f"versions; {_MANIFEST_HINT}"
+            )
         if p.exists() and not p.is_dir():
             raise CodebookError(f"codebook {p}: not a directory")
         foreign = (
@@ -426,7 +613,7 @@ class Codebook:
         if not create:
             raise CodebookError(f"no codebook at {p} (no {MANIFEST}); add an edit to create one")
         try:
-            p.mkdir(parents=True, exist_ok=True)
+            _mkdirs(p)
         except OSError as e:
             raise CodebookError(f"cannot create codebook {p}: {e.strerror or e}") from e
         with _Lock(p, 10.0):
@@ -444,7 +631,7 @@ class Codebook:
                     "derived": None,
                 }
                 for sub in ("segments", "images", "index", "versions"):
-                    (p / sub).mkdir(exist_ok=True)
+                    _mkdirs(p / sub)
                 data = _manifest_bytes(manifest)
                 _atomic_write(p / "versions" / "v000000.json", data)
                 _atomic_write(p / MANIFEST, data)
@@ -466,6 +653,7 @@ class Codebook:
         self._derived: _Derived | None = None
         self._hnsw: list[D.Graph] | None = None  # base graph + small graphs of recent adds
         self._pair_sample: np.ndarray | None = None
+        self._ref_sigma: np.ndarray | None = None  # tau_rule "reference": lower median
         self._sigma_desc: tuple[np.ndarray, ...] | None = None
         self._lift: D.Lift | None = None  # lifted graph of large-sigma keys (derived.py)
         self._lift_loaded = False
@@ -512,6 +700,12 @@ class Codebook:
 
     def tau_for(self, p: float) -> float | None:
         """tau for another percentile p (sweeps), by the codebook's `tau_rule`."""
+        if self.tau_rule == "reference":
+            if self.n_keys < 2:
+                return None
+            return R.reference_threshold(
+                self.vectors(), self.reference_sigma(), len(self.edit_ids()), p
+            )
         if self.tau_rule in ("nearest", "edits"):
             if self.n_keys < 2:
                 return None
@@ -534,11 +728,11 @@ class Codebook:
         rel = entry["path"]
         f = self.path / rel
         try:
-            data = f.read_bytes()
+            data = _read_regular(f, self.path)
         except FileNotFoundError:
             raise CodebookError(
-                f"codebook {self.path}: {rel} is missing; {_REPAIR_HINT} "
-                f"or restore an older version"
+                f"codebook {self.path}: {rel} is missing; {_REPAIR_HINT}, or "
+                f"`reasonedit restore` an older version"
             ) from None
         except OSError as e:
             raise CodebookError(
@@ -547,14 +741,32 @@ class Codebook:
         if _sha256(data) != entry["sha256"]:
             raise CodebookError(
                 f"codebook {self.path}: {rel} is damaged (checksum mismatch); "
-                f"{_REPAIR_HINT} or restore an older version"
+                f"{_REPAIR_HINT}, or `reasonedit restore` an older version"
             )
+        bad = _parquet_footer_ok(data)
+        if bad:
+            raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({bad})")
         try:
             # ParquetFile.read, not read_table: the latter imports pyarrow.dataset and
-            # pyarrow.compute (~0.2 s of start-up for every `ask`)
-            table = pq.ParquetFile(pa.BufferReader(data)).read()
+            # pyarrow.compute (~0.2 s of start-up for every `ask`). Thrift limits bound
+            # what a crafted footer may make pyarrow allocate.
+            pf = pq.ParquetFile(
+                pa.BufferReader(data),
+                thrift_string_size_limit=MAX_PARQUET_FOOTER,
+                thrift_container_size_limit=1 << 20,
+            )
+            declared = pf.metadata.num_rows
+            if declared != entry.get("rows", declared) or pf.metadata.num_columns > 64:
+                raise CodebookError(
+                    f"codebook {self.path}: {rel} declares {declared} rows and "
+                    f"{pf.metadata.num_columns} columns, manifest says {entry.get('rows')}"
+                )
+            table = pf.read()
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise CodebookError(f"codebook {self.path}: {rel} is not readable Parquet ({e})") from e
+            why = " ".join(str(e).split())[:300]  # pyarrow messages span lines
+            raise CodebookError(
+                f"codebook {self.path}: {rel} is not readable Parquet ({why})"
+            ) from e
         meta = table.schema.metadata or {}
         kind = entry["kind"]
         if meta.get(b"reasonedit.segment") != kind.encode():
@@ -653,6 +865,58 @@ class Codebook:
             )
         return out
 
+    # -- what survives damage (doctor --repair, reasonedit_cli/repair.py) ---
+
+    def segment_problems(self) -> list[tuple[dict, str]]:
+        """(manifest entry, one-line error) of every listed segment that fails to read."""
+        out = []
+        for entry in self.manifest["segments"]:
+            try:
+                self._read_segment(entry)
+            except CodebookError as e:
+                out.append((entry, str(e)))
+        return out
+
+    def surviving_table(self, kind: str, skip: Iterable[str]) -> pa.Table:
+        """The live view of `kind` built from every listed segment except the `skip`
+        paths (damaged ones): what the rest of the codebook still holds."""
+        bad = set(skip)
+        view = Codebook(
+            self.path,
+            {
+                **self.manifest,
+                "segments": [s for s in self.manifest["segments"] if s["path"] not in bad],
+            },
+            hnsw_min_keys=self.hnsw_min_keys,
+        )
+        return view._live_table(kind)
+
+    def kept_key_tables(self, skip: Iterable[str]) -> list[tuple[int, pa.Table]]:
+        """(version, table) of every keys segment some intact versions/ copy lists, the
+        `skip` paths left out, each verified against that copy: older key layouts (patch
+        boxes, kinds) that repair can re-embed. Newest first."""
+        bad, seen, out = set(skip), set(), []
+        for f in reversed(_version_files(self.path)):
+            try:
+                m = _validate_manifest(
+                    _read_regular(f, self.path, MAX_MANIFEST_BYTES), self.path, str(f)
+                )
+            except (CodebookError, OSError):
+                continue
+            dim = (m.get("config") or {}).get("dim")
+            view = Codebook(self.path, m, hnsw_min_keys=self.hnsw_min_keys)
+            for entry in m["segments"]:
+                if entry["kind"] != "keys" or entry["path"] in bad or entry["path"] in seen:
+                    continue
+                seen.add(entry["path"])
+                if not dim:
+                    continue
+                try:
+                    out.append((int(entry["version"]), view._read_segment(entry)))
+                except CodebookError:
+                    continue
+        return sorted(out, key=lambda t: -t[0])
+
     # -- images -----------------------------------------------------------
 
     def image_path(self, sha: str) -> Path:
@@ -660,7 +924,11 @@ class Codebook:
         if not _SHA_RE.fullmatch(sha or ""):
             raise CodebookError(f"codebook {self.path}: invalid image hash {sha!r}")
         d = self.path / "images" / sha[:2]
-        found = sorted(p for p in d.glob(sha + ".*") if ".tmp-" not in p.name) if d.is_dir() else []
+        found = (
+            sorted(p for p in d.glob(sha + ".*") if ".tmp-" not in p.name)
+            if d.is_dir() and not d.is_symlink()
+            else []
+        )
         if not found:
             raise CodebookError(f"codebook {self.path}: image images/{sha[:2]}/{sha}.* is missing")
         return found[0]
@@ -669,7 +937,7 @@ class Codebook:
         """The stored image bytes, verified against their hash name."""
         p = self.image_path(sha)
         try:
-            data = p.read_bytes()
+            data = _read_regular(p, self.path)
         except OSError as e:
             raise CodebookError(
                 f"codebook {self.path}: cannot read {p.relative_to(self.path)}: {e.strerror or e}"
@@ -694,7 +962,7 @@ class Codebook:
         if not entry:
             return None
         try:
-            data = (self.path / entry["path"]).read_bytes()
+            data = _read_regular(self.path / entry["path"], self.path)
             if _sha256(data) != entry["sha256"]:
                 return None
             arr = np.load(io.BytesIO(data), allow_pickle=False)
@@ -803,8 +1071,24 @@ class Codebook:
         return self._derived
 
     def sigma(self) -> np.ndarray:
-        """Per-key hubness scale sigma_k (float64), in keys_table() order."""
+        """Per-key hubness scale sigma_k (float64), in keys_table() order: what search
+        divides raw distances by.
+
+        With `tau_rule: reference` it is the reference's `reference_sigma + 1e-6` (1 for a
+        key without neighbours), computed from the stored neighbour lists; otherwise the
+        numpy median with the duplicate floor (the derived sigma files).
+        """
+        if self.tau_rule == "reference":
+            if self._ref_sigma is None:
+                raw = self.reference_sigma()
+                self._ref_sigma = np.where(np.isnan(raw), 1.0, raw + R.REFERENCE_EPS)
+            return self._ref_sigma
         return self._get_derived().sigma
+
+    def reference_sigma(self) -> np.ndarray:
+        """The reference's sigma (retrieval.reference_sigma_from_knn: lower median of the
+        30 nearest distances, NaN without neighbours), in keys_table() order."""
+        return R.reference_sigma_from_knn(self._get_derived(need_knn=True).knn_dist)
 
     def _load_graph(self, entry: dict, start: int, stop: int) -> Any:
         """One hnswlib graph part from index/ after verifying its checksum, else None.
@@ -827,7 +1111,8 @@ class Codebook:
         fd, tmp = tempfile.mkstemp(prefix="reasonedit-hnsw-")
         try:
             h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(self.path / entry["path"], "rb") as src:
+            src_fd = _open_regular(self.path / entry["path"], self.path)
+            with os.fdopen(fd, "wb") as out, os.fdopen(src_fd, "rb") as src:
                 while block := src.read(1 << 24):
                     h.update(block)
                     out.write(block)
@@ -1061,9 +1346,17 @@ class Codebook:
             self.refresh()
             w = CodebookWriter(self)
             w._cleanup()
-            yield w
-            if w._pending_config:
-                w.commit()
+            try:
+                yield w
+                if w._pending_config:
+                    w.commit()
+            except BaseException:
+                # a failed change (disk full, read-only, interrupted) leaves the previous
+                # version as it was: remove what it wrote before the error
+                with contextlib.suppress(CodebookError, OSError):
+                    self.refresh()
+                    w._cleanup()
+                raise
 
     # -- checking ---------------------------------------------------------
 
@@ -1072,15 +1365,17 @@ class Codebook:
     ) -> CheckReport:
         """Verify every file the manifest lists (for `reasonedit doctor`).
 
-        Problems with Parquet segments or images are only reported (they are the source
-        of truth; restore an older version instead). With repair=True, damaged or missing
+        Problems with Parquet segments or images are only reported here (they are the
+        source of truth: `reasonedit_cli.repair.repair_codebook`, i.e. `doctor --repair`,
+        rebuilds segments from the rest first). With repair=True, damaged or missing
         derived files are rebuilt and committed as a new version.
         """
         self.refresh()
         rep = CheckReport(self.path, self.version)
         vfile = self.path / "versions" / f"v{self.version:06d}.json"
         try:
-            if _canonical(json.loads(vfile.read_bytes())) != _canonical(self.manifest):
+            raw = _read_regular(vfile, self.path, MAX_MANIFEST_BYTES)
+            if _canonical(json.loads(raw)) != _canonical(self.manifest):
                 rep.problems.append(f"versions/{vfile.name} differs from {MANIFEST}")
         except (OSError, ValueError):
             rep.problems.append(f"versions/{vfile.name} is missing or damaged")
@@ -1166,15 +1461,18 @@ def _read_manifest(path: Path) -> dict:
     f = path / MANIFEST
     where = f"codebook {path}: {MANIFEST}"
     try:
-        raw = f.read_bytes()
+        raw = _read_regular(f, path, MAX_MANIFEST_BYTES)
     except OSError as e:
-        raise CodebookError(f"{where} cannot be read: {e.strerror or e}") from e
+        raise CodebookError(f"{where} cannot be read: {e.strerror or e}; {_MANIFEST_HINT}") from e
+    return _validate_manifest(raw, path, where)
+
+
+def _validate_manifest(raw: bytes, path: Path, where: str) -> dict:
+    """A manifest (manifest.json or a versions/ copy) parsed and validated, else raise."""
     try:
         m = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise CodebookError(
-            f"{where} is damaged (not valid JSON); restore it from versions/ or a backup"
-        ) from None
+        raise CodebookError(f"{where} is damaged (not valid JSON); {_MANIFEST_HINT}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CodebookError(
             f"{path} is not a reasonedit codebook ({MANIFEST} has format "
@@ -1194,9 +1492,7 @@ def _read_manifest(path: Path) -> dict:
     except ValueError:
         ok = False
     if not ok:
-        raise CodebookError(
-            f"{where} is damaged (checksum mismatch); restore it from versions/ or a backup"
-        )
+        raise CodebookError(f"{where} is damaged (checksum mismatch); {_MANIFEST_HINT}")
     try:
         assert isinstance(m["version"], int) and m["version"] >= 0
         assert isinstance(m["config"], dict)
@@ -1236,6 +1532,99 @@ def _check_rel(rel: str) -> None:
     assert isinstance(rel, str) and not p.is_absolute() and ".." not in p.parts, rel
 
 
+def _version_files(path: Path) -> list[Path]:
+    """versions/v*.json of a codebook, oldest first (by the number in the name)."""
+    d = path / "versions"
+    out = []
+    if d.is_dir() and not d.is_symlink():
+        for f in d.glob("v*.json"):
+            if re.fullmatch(r"v\d{6,}\.json", f.name):
+                out.append(f)
+    return sorted(out, key=lambda f: int(f.stem[1:]))
+
+
+def manifest_problem(path: str | os.PathLike) -> str | None:
+    """Why manifest.json cannot be used (one line), or None when it reads fine."""
+    p = Path(path).expanduser().absolute()
+    if not os.path.lexists(p / MANIFEST):
+        return f"{MANIFEST} is missing" if _version_files(p) else None
+    try:
+        _read_manifest(p)
+    except CodebookError as e:
+        return str(e)
+    return None
+
+
+def restore_manifest(path: str | os.PathLike, lock_timeout: float = 10.0) -> list[str]:
+    """Bring back a damaged or missing manifest.json from versions/ (doctor --repair).
+
+    Takes the newest versions/ copy that validates and whose segments all verify
+    (sha256). One exception: when a newer copy validates but names damaged or missing
+    segments, that newer copy is taken (the segment repair that follows rebuilds them
+    from what survives, instead of losing whole versions) and the older, fully verified
+    copy is named as the fallback (`reasonedit restore N`). When the chosen copy is the
+    newest one kept, manifest.json becomes a byte-identical copy of it; otherwise its
+    content is committed as a new version after every kept number, so no versions/ file
+    is overwritten or cleaned away. The damaged manifest.json is moved to damaged/,
+    never deleted. Returns the steps taken, one line each.
+    """
+    p = Path(path).expanduser().absolute()
+    problem = manifest_problem(p)
+    if problem is None:
+        return []
+    steps = [f"{MANIFEST}: {problem.split(': ', 1)[-1]}"]
+    with _Lock(p, lock_timeout):
+        files = _version_files(p)
+        newest = int(files[-1].stem[1:]) if files else -1
+        chosen: tuple[Path, bytes, dict, list[str]] | None = None
+        for f in reversed(files):
+            try:
+                raw = _read_regular(f, p, MAX_MANIFEST_BYTES)
+                m = _validate_manifest(raw, p, f"versions/{f.name}")
+            except (CodebookError, OSError) as e:
+                steps.append(f"versions/{f.name} passed over: {str(e).split(': ')[-1]}")
+                continue
+            bad = [s["path"] for s, _ in Codebook(p, m).segment_problems()]
+            if chosen is None:
+                chosen = (f, raw, m, bad)
+            if not bad:
+                if chosen[0] != f:
+                    steps.append(
+                        f"versions/{chosen[0].name} lists {len(chosen[3])} damaged segments "
+                        f"({chosen[3][0]}), rebuilt below; versions/{f.name} is the newest "
+                        f"copy whose files all verify (fallback: `reasonedit restore "
+                        f"{int(f.stem[1:])}`)"
+                    )
+                break
+        if chosen is None:
+            raise CodebookError(
+                f"codebook {p}: {MANIFEST} is damaged and no versions/ copy is intact; "
+                f"restore the codebook from a backup"
+            )
+        f, raw, m, _ = chosen
+        if os.path.lexists(p / MANIFEST):
+            _mkdirs(p / DAMAGED)
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            aside = p / DAMAGED / f"{MANIFEST}.{stamp}"
+            _rename(p / MANIFEST, aside)
+            _fsync_dir(p / DAMAGED)
+            steps.append(f"moved the damaged {MANIFEST} to {aside.relative_to(p)}")
+        if int(m["version"]) == newest:
+            _atomic_write(p / MANIFEST, raw)
+            steps.append(f"restored {MANIFEST} from versions/{f.name} (version {newest})")
+        else:
+            m = {**m, "version": newest + 1, "updated": _now()}
+            data = _manifest_bytes(m)
+            _atomic_write(p / "versions" / f"v{newest + 1:06d}.json", data)
+            _atomic_write(p / MANIFEST, data)
+            steps.append(
+                f"restored {MANIFEST} from versions/{f.name}, committed as version "
+                f"{newest + 1}: the changes of later versions are lost (their copies are "
+                f"damaged)"
+            )
+        return steps
+
+
 def _tmp_files(path: Path) -> list[Path]:
     out = list(path.glob("*.tmp-*"))
     for sub in ("segments", "index", "versions"):
@@ -1246,7 +1635,7 @@ def _tmp_files(path: Path) -> list[Path]:
 
 def _lock_owner(lock: Path) -> str:
     try:
-        info = json.loads(lock.read_bytes())
+        info = json.loads(_read_regular(lock, lock.parent, MAX_MANIFEST_BYTES))
         return f"pid {info['pid']} on host {info['host']} since {info['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "an unknown writer"
@@ -1332,23 +1721,35 @@ class _Lock:
                 raise CodebookError(
                     f"codebook {self.dir}: cannot create {LOCK}: {e.strerror or e}"
                 ) from e
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.content)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self.content)
+                    f.flush()
+                    _note("write", self.file)
+                    os.fsync(f.fileno())
+                    _note("fsync", self.file)
+            except OSError as e:  # disk full: leave no empty LOCK behind
+                with contextlib.suppress(OSError):
+                    _unlink(self.file)
+                raise CodebookError(
+                    f"codebook {self.dir}: cannot create {LOCK}: {e.strerror or e}"
+                ) from e
             return self
 
     def _break_if_stale(self) -> bool:
         try:
-            raw = self.file.read_bytes()
-            age = time.time() - self.file.stat().st_mtime
+            raw = _read_regular(self.file, self.dir, MAX_MANIFEST_BYTES)
+            age = time.time() - self.file.lstat().st_mtime
         except FileNotFoundError:
             return True  # released meanwhile: retry at once
         except OSError:
             return False
         try:
             info = json.loads(raw)
-            stale = info["host"] == socket.gethostname() and not _pid_alive(int(info["pid"]))
+            here = info["host"] == socket.gethostname()
+            # taken before this machine booted (power loss): its pid may now be another
+            # live process, so the pid test alone would keep the lock forever
+            stale = here and (not _pid_alive(int(info["pid"])) or _before_boot(info["started"]))
         except (ValueError, KeyError, TypeError):
             stale = age > 10.0  # unreadable: a writer died while creating it, or is now
         if not stale:
@@ -1357,23 +1758,25 @@ class _Lock:
         aside = self.dir / f"{LOCK}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(self.file, aside)
+            _note("rename", self.file, aside)
         except FileNotFoundError:
             return True
         except OSError:
             return False
         try:
-            if aside.read_bytes() != raw:
+            if _read_regular(aside, self.dir, MAX_MANIFEST_BYTES) != raw:
                 with contextlib.suppress(OSError):
                     os.link(aside, self.file)  # put the fresh lock back
+                    _note("link", aside, self.file)
         finally:
             with contextlib.suppress(OSError):
-                aside.unlink()
+                _unlink(aside)
         return True
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self.file.read_bytes() == self.content:
-                self.file.unlink()
+            if _read_regular(self.file, self.dir, MAX_MANIFEST_BYTES) == self.content:
+                _unlink(self.file)
         except OSError:
             pass
 
@@ -1399,7 +1802,7 @@ class CodebookWriter:
         """Delete leftovers of crashed writers: temp files, unreferenced newer segments."""
         for p in _tmp_files(self.path):
             with contextlib.suppress(OSError):
-                p.unlink()
+                _unlink(p)
         cur = self.cb.version
         referenced = {s["path"] for s in self.cb.manifest["segments"]}
         for v in (self.path / "versions").glob("v*.json"):
@@ -1409,10 +1812,11 @@ class CodebookWriter:
                 continue
             if num > cur:  # written by a writer that died before replacing the manifest
                 with contextlib.suppress(OSError):
-                    v.unlink()
+                    _unlink(v)
                 continue
             try:
-                referenced |= {s["path"] for s in json.loads(v.read_bytes())["segments"]}
+                raw = _read_regular(v, self.path, MAX_MANIFEST_BYTES)
+                referenced |= {s["path"] for s in json.loads(raw)["segments"]}
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         try:
@@ -1422,8 +1826,18 @@ class CodebookWriter:
         for seg in (self.path / "segments").glob("*.parquet"):
             rel = f"segments/{seg.name}"
             try:
-                if rel not in referenced and seg.stat().st_mtime >= mtime:
-                    seg.unlink()
+                if rel not in referenced and seg.lstat().st_mtime >= mtime:
+                    _unlink(seg)
+            except OSError:
+                pass
+        # derived files newer than the manifest that it does not list: written by a
+        # writer that failed or died before its commit (readers never look at them)
+        listed = _derived_paths(self.cb.manifest)
+        for f in (self.path / "index").glob("*"):
+            try:
+                if f"index/{f.name}" not in listed and f.lstat().st_mtime > mtime:
+                    if stat.S_ISREG(f.lstat().st_mode):
+                        _unlink(f)
             except OSError:
                 pass
 
@@ -1440,7 +1854,7 @@ class CodebookWriter:
             if ".tmp-" in existing.name:
                 continue
             try:
-                if _sha256(existing.read_bytes()) == sha:
+                if _sha256(_read_regular(existing, self.path)) == sha:
                     return sha
             except OSError:
                 pass
@@ -1599,7 +2013,7 @@ class CodebookWriter:
                 f"codebook {self.path}: version {version} is not kept (no versions/{f.name})"
             )
         try:
-            old = json.loads(f.read_bytes())
+            old = json.loads(_read_regular(f, self.path, MAX_MANIFEST_BYTES))
             body = {k: v for k, v in old.items() if k != "checksum"}
             ok = old.get("checksum") == "sha256:" + _sha256(_canonical(body))
         except (OSError, ValueError, AttributeError):
@@ -1622,6 +2036,41 @@ class CodebookWriter:
         return self._commit(
             cb.manifest["segments"], cb.manifest["removed_edits"], state=("compact",)
         )
+
+    def rebuild_segments(
+        self, replacements: Sequence[tuple[dict, Sequence[EditRecord] | Sequence[KeyRecord]]]
+    ) -> int:
+        """Replace damaged segments, in place in the segment list, by new ones holding
+        `records` (rebuilt by reasonedit_cli/repair.py), as one new version.
+
+        An empty record list drops the segment from the new version. The damaged files
+        stay on disk (older versions list them); derived data is rebuilt from scratch.
+        """
+        cb = self.cb
+        version = cb.version + 1
+        new: dict[str, dict | None] = {}
+        for entry, records in replacements:
+            if not records:
+                new[entry["path"]] = None
+            elif entry["kind"] == "edits":
+                table = _edits_to_table(list(records), dt.datetime.now(dt.timezone.utc))
+                new[entry["path"]] = self._write_segment("edits", table, version)
+            else:
+                # replacing=True: the damaged keys cannot be counted, the width is config's
+                dim = self._check_dim([k.vector for k in records], replacing=True)
+                if cb.dim is not None and dim != cb.dim:
+                    raise CodebookError(
+                        f"codebook {self.path}: rebuilt keys are {dim}-d, config says {cb.dim}"
+                    )
+                table = _keys_to_table([(k.key_id, k) for k in records], dim)
+                new[entry["path"]] = self._write_segment("keys", table, version)
+        segs = []
+        for s in cb.manifest["segments"]:
+            if s["path"] not in new:
+                segs.append(s)
+            elif new[s["path"]] is not None:
+                segs.append(new[s["path"]])
+        return self._commit(segs, cb.manifest["removed_edits"], state=None)
 
     def commit(self) -> int:
         """Commit staged config changes (if any); returns the current version."""
@@ -1974,17 +2423,21 @@ class CodebookWriter:
         """save_index to a temp name, hash and fsync it in place, rename: a manifest entry."""
         tmp = _tmp_name(self.path / rel)
         try:
+            _mkdirs(tmp.parent)
             with self.cb._hnsw_lock:
                 index.save_index(str(tmp))
+            _note("write", tmp)
             # hash and fsync the saved file in place (GBs at a million keys: no copy)
             with open(tmp, "rb+") as f:
                 sha, size = _hash_file(f)
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path / rel)
+                _note("fsync", tmp)
+            _rename(tmp, self.path / rel)
             _fsync_dir(self.path / "index")
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp.exists():
+                with contextlib.suppress(OSError):
+                    _unlink(tmp)
         return {
             "path": rel,
             "sha256": sha,
@@ -2008,7 +2461,7 @@ class CodebookWriter:
         for f in (self.path / "index").glob("*"):
             if f"index/{f.name}" not in keep and ".tmp-" not in f.name:
                 with contextlib.suppress(OSError):
-                    f.unlink()
+                    _unlink(f)
 
 
 def _derived_paths(manifest: dict) -> set[str]:
@@ -2181,7 +2634,7 @@ def history(path: str | Path) -> list[dict[str, Any]]:
     out = []
     for f in sorted((cb.path / "versions").glob("v*.json")):
         try:
-            m = json.loads(f.read_bytes())
+            m = json.loads(_read_regular(f, cb.path, MAX_MANIFEST_BYTES))
             rows = {"keys": 0, "edits": 0}
             for seg in m.get("segments", []):
                 rows[seg["kind"]] = rows.get(seg["kind"], 0) + int(seg.get("rows", 0))

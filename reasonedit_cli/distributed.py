@@ -155,14 +155,16 @@ def worker_settings(
 ) -> dict[str, Any]:
     """What a worker needs to compute keys exactly as `editor` would (plain JSON)."""
     from reasonedit_cli.embedding import DEFAULT_LAYER
+    from reasonedit_cli.presets import hook_layer
 
     return {
+        "preset": editor.preset.name,
         "model": editor.model_name,
         "text_model": editor.text_model_name,
         "device": editor.device,
         "dtype": editor.dtype,
         "trust_remote_code": editor.trust_remote_code,
-        "layer": editor.config.get("layer") or DEFAULT_LAYER,
+        "layer": editor.config.get("layer") or hook_layer(DEFAULT_LAYER, editor.preset),
         "w": w,
         "patches": patches,
         "top_k_patches": top_k_patches,
@@ -190,6 +192,7 @@ class EditBatchWorker:
             device=settings["device"],
             dtype=settings["dtype"],
             trust_remote_code=settings["trust_remote_code"],
+            preset=settings.get("preset"),
         )
         self.editor.use_embedding(settings["layer"], settings["w"])  # loads both models
 
@@ -299,6 +302,8 @@ def add_edits_ray(
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     cb = editor._require_codebook()
     w = editor.config.get("w")
+    if w is None:
+        w = editor.preset.uncalibrated_w  # None: auto, from the first batch
     with ray_session(options) as ray, StagingJob(cb.path) as job:
         results: list[dict[str, Any]] = []
         rest = list(enumerate(batches))

@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
 from reasonedit_cli.retrieval import (
-    DEFAULT_PERCENTILE,
-    DEFAULT_TAU_RULE,
     Retrieval,
     build_prompt,
     retrieve,
@@ -155,6 +153,7 @@ class Editor:
         trust_remote_code: bool = False,
         create: bool = False,
         lock_timeout: float = 10.0,
+        preset: str | None = None,
     ) -> None:
         # codebook=None: no codebook at all (`ask --no-edit` without one)
         self.codebook_path = Path(codebook) if codebook is not None else None
@@ -177,6 +176,11 @@ class Editor:
                 f"codebook {codebook} was built with text model {cfg['text_model']}; "
                 f"recalibrate to change it (got --text-model {text_model})"
             )
+        from reasonedit_cli.presets import get_preset, preset_of
+
+        # the preset asked for, else the one the codebook was written with (default for
+        # codebooks from before presets)
+        self.preset = get_preset(preset) if preset is not None else preset_of(cfg)
         self.device = device
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
@@ -240,10 +244,31 @@ class Editor:
             from reasonedit_cli.embedding import DEFAULT_LAYER, DualEmbedder
 
             cfg = self.config
+            w = cfg.get("w")
             self._embedder = DualEmbedder(
-                self.vlm, self.text, layer=cfg.get("layer") or DEFAULT_LAYER, w=cfg.get("w")
+                self.vlm,
+                self.text,
+                layer=cfg.get("layer") or DEFAULT_LAYER,
+                w=w if w is not None else self.preset.uncalibrated_w,
             )
+            if not cfg.get("layer"):
+                # a stored layer is the hook point the keys were made at; a new codebook
+                # takes the default layer at the preset's hook point
+                self._embedder.layer = self.hook_label(self._embedder.layer)
         return self._embedder
+
+    @property
+    def stored_preset(self) -> str:
+        """The preset the codebook was written with ("default" when it records none)."""
+        from reasonedit_cli.presets import preset_of
+
+        return preset_of(self.config).name
+
+    def hook_label(self, layer: str) -> str:
+        """`layer` as this editor's preset hooks it (`X.normed` under `reference`)."""
+        from reasonedit_cli.presets import check_hook
+
+        return check_hook(self.vlm, layer, self.preset)
 
     def model_facts(self) -> dict[str, Any]:
         """What keys are embedded with: model revision and family, text model, layer, w.
@@ -262,14 +287,20 @@ class Editor:
 
     def config_for_manifest(self, model_facts: dict[str, Any] | None = None) -> dict[str, Any]:
         """The model and embedding settings every key of the codebook was made with."""
-        # a codebook that already has keys without a rule predates it: keep "nearest"
-        rule = self.config.get("tau_rule") or (
-            "nearest" if self.codebook_has_keys else DEFAULT_TAU_RULE
-        )
+        preset = self.preset
+        if self.stored_preset == preset.name:
+            # a codebook that already has keys without a rule predates it: keep "nearest"
+            rule = self.config.get("tau_rule") or (
+                "nearest" if self.codebook_has_keys else preset.tau_rule
+            )
+            percentile = self.config.get("percentile", preset.percentile)
+        else:  # switching preset (calibrate --preset): its retrieval settings
+            rule, percentile = preset.tau_rule, preset.percentile
         return {
             "model": self.model_name,
             **(self.model_facts() if model_facts is None else model_facts),
-            "percentile": self.config.get("percentile", DEFAULT_PERCENTILE),
+            **preset.to_config(),
+            "percentile": percentile,
             "tau_rule": rule,
             "top_k": self.config.get("top_k", DEFAULT_TOP_K),
             "calibrated": self.config.get("calibrated", False),
@@ -284,12 +315,14 @@ class Editor:
         patches: str = "none",
         top_k_patches: int = 1,
         batch_size: int = 64,
+        question_rule: str | None = None,
     ) -> list[KeySpec]:
         """The keys of each edit (DESIGN 1.3): answer, sentences, and sentence patches.
 
         A sentence with a manual box gets that crop; with `patches="auto"` every other
         sentence gets the crops chosen by the patch search (DESIGN 1.2), batched over
-        all edits of the call.
+        all edits of the call. `question_rule` (default: the preset's) is the
+        verification prompt of the search (patches.QUESTION_RULES).
         """
         if patches not in PATCH_MODES:
             raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
@@ -306,6 +339,7 @@ class Editor:
                 [(images[i], [e.reasoning[j] for j in want[i]]) for i, e in enumerate(edits)],
                 top_k=top_k_patches,
                 batch_size=batch_size,
+                question_rule=question_rule or self.preset.question_rule,
             )
             for i, (js, per_sentence) in enumerate(zip(want, results)):
                 for j, boxes in zip(js, per_sentence):
@@ -358,9 +392,11 @@ class Editor:
         progress: Progress | None = None,
         patches: str = "auto",
         top_k_patches: int = 1,
-        merge: bool = False,
+        merge: bool | None = None,
     ) -> AddReport:
         """Embed and store edits; edits already in the codebook are skipped (idempotent).
+
+        `merge` None follows the preset (merge on insert under `reference`).
 
         All batches are committed as ONE new codebook version at the end, so an
         interrupted run leaves the codebook exactly as it was (`merge`: see
@@ -368,6 +404,8 @@ class Editor:
         (`reasonedit_cli.distributed`) runs the same three steps: `plan_add` here,
         `edit_records` on its workers, `commit_records` here.
         """
+        if merge is None:
+            merge = self.preset.merge_on_insert
         report, todo = self.plan_add(edits, progress)
         if not todo:
             return report
@@ -380,9 +418,9 @@ class Editor:
             key_records += kr
             if progress:
                 progress(len(chunk))
-        return self.commit_records(
-            todo, edit_records, key_records, self.config_for_manifest(), report, merge=merge
-        )
+        # how keys were made, so `doctor --repair` can make lost keys again the same way
+        config = {**self.config_for_manifest(), "patches": patches, "top_k_patches": top_k_patches}
+        return self.commit_records(todo, edit_records, key_records, config, report, merge=merge)
 
     def plan_add(
         self, edits: Sequence[Edit], progress: Progress | None = None
@@ -392,6 +430,12 @@ class Editor:
         Returns the report so far (skipped ids, current version) and the edits to add.
         """
         codebook = self._require_codebook()
+        if self.codebook_has_keys and self.stored_preset != self.preset.name:
+            raise UsageError(
+                f"codebook {self.codebook_path} was built with --preset {self.stored_preset}; "
+                f"add to it with that preset, or run `calibrate --preset {self.preset.name}` "
+                "first to switch it"
+            )
         report = AddReport(version=codebook.version)
         seen: set[str] = set()
         existing = codebook.edit_ids()
@@ -540,8 +584,12 @@ class Editor:
             return _merge_in(w)
 
     # ------------------------------------------------------------- calibrate
-    def calibration_items(self, pairs_file: str | None) -> list[tuple[Image.Image, str]]:
-        """Anchor (image, text) items: from a JSONL of {image, text} or the codebook's edits."""
+    def calibration_items(
+        self, pairs_file: str | None, *, questions_only: bool = False
+    ) -> list[tuple[Image.Image, str]]:
+        """Anchor (image, text) items: from a JSONL of {image, text} or the codebook's edits
+        (each edit's question and, unless `questions_only` as the reference samples
+        dataset questions, its reasoning sentences)."""
         if pairs_file:
             from reasonedit_cli.datasets import read_calibration_items
 
@@ -553,7 +601,8 @@ class Editor:
         for rec in cb.edits():
             img = decode_image(cb.read_image_bytes(rec.image_sha256), f"edit {rec.edit_id}")
             items.append((img, rec.question))
-            items.extend((img, s) for s in rec.reasoning)
+            if not questions_only:
+                items.extend((img, s) for s in rec.reasoning)
         if not items:
             raise UsageError(
                 "nothing to calibrate on: the codebook has no edits; add edits or pass --pairs FILE"
@@ -582,21 +631,38 @@ class Editor:
         from reasonedit_cli.calibration import build_pairs, calibrate
 
         cb = self._require_codebook()
-        items = self.calibration_items(pairs_file)
-        pairs = build_pairs(items, max_pairs=max_pairs, seed=seed)
+        reference = self.preset.calibration == "reference"
+        items = self.calibration_items(pairs_file, questions_only=reference)
         names = list(layers) if layers else [li.label for li in self.vlm.candidate_layers()]
+        if reference:
+            # the reference hooks every candidate at its normed point (REFERENCE row 3)
+            names = list(dict.fromkeys(self.hook_label(n) for n in names))
         names = [self.vlm.resolve_layer(n).label for n in names]
-        result = calibrate(
-            pairs,
-            lambda imgs, texts, ls: self.vlm.pooled_inputs(imgs, texts, ls),
-            self.text.encode,
-            names,
-            rule=rule,
-            bootstrap=bootstrap,
-            knn=knn,
-            seed=seed,
-            progress=progress,
-        )
+        features = lambda imgs, texts, ls: self.vlm.pooled_inputs(imgs, texts, ls)  # noqa: E731
+        if reference:
+            from reasonedit_cli.calibration_reference import calibrate_reference
+
+            result = calibrate_reference(
+                items,
+                features,
+                self.text.encode,
+                names,
+                n_runs=bootstrap or 1,
+                seed=seed,
+                progress=progress,
+            )
+        else:
+            result = calibrate(
+                build_pairs(items, max_pairs=max_pairs, seed=seed),
+                features,
+                self.text.encode,
+                names,
+                rule=rule,
+                bootstrap=bootstrap,
+                knn=knn,
+                seed=seed,
+                progress=progress,
+            )
         if dry_run:
             return result, cb.version
         from reasonedit_cli.embedding import DualEmbedder

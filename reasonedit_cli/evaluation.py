@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from reasonedit_cli.errors import InputError
-from reasonedit_cli.retrieval import DEFAULT_PERCENTILE, DEFAULT_TAU_RULE
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc")
 LOC_KINDS = ("loc", "hard_loc")  # locality: no edit of their own to retrieve
@@ -110,6 +109,7 @@ def read_probes(path: str) -> list[Probe]:
 METHODS = (
     "unedited",
     "reasonedit",
+    "reasonedit-reference",
     "ike",
     "ike-reference",
     "grace",
@@ -118,7 +118,8 @@ METHODS = (
     "text-only",
     "no-patches",
 )
-SWEEP_P = (5, *range(10, 100, 10))
+#: p of the rejection sweep; 1 is the reference's default (REFERENCE row 12)
+SWEEP_P = (1, 5, *range(10, 100, 10))
 SWEEP_W_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 IKE_K = 3
 
@@ -187,10 +188,17 @@ class HalfCache:
     def __init__(self, vlm: Any, text: Any, layers: Sequence[str], batch_size: int = 16):
         self.vlm = vlm
         self.text = text
-        self.layers = [vlm.resolve_layer(name).label for name in layers]
+        self.layers = list(dict.fromkeys(vlm.resolve_layer(name).label for name in layers))
         self.batch_size = batch_size
         self.h: dict[tuple[str, str, str], np.ndarray] = {}
         self.s: dict[str, np.ndarray] = {}
+
+    def add_layer(self, layer: str) -> None:
+        """Also capture `layer` from now on (inputs seen before are run again for it)."""
+        label = self.vlm.resolve_layer(layer).label
+        if label not in self.layers:
+            self.layers.append(label)
+            self.h.clear()
 
     @staticmethod
     def _img_key(img: Any) -> str:
@@ -251,7 +259,7 @@ class CachedEmbedder:
 
 
 def last_vision_layer(vlm: Any) -> str:
-    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision"]
+    layers = [li.label for li in vlm.candidate_layers() if li.role == "vision" and not li.normed]
     if not layers:
         raise InputError("the model has no vision-encoder blocks for the vision-only baseline")
     return layers[-1]
@@ -294,32 +302,49 @@ class Evaluation:
         self.embedder = CachedEmbedder(self.halves, base.layer, base.w)
         self.top_k = top_k or int(editor.config.get("top_k", 5))
         self.percentile = percentile
-        self._specs: dict[str, list[Any]] | None = None
+        self._specs: dict[str, dict[str, list[Any]]] = {}
         self._codebooks: dict[str, tuple[Any, np.ndarray]] = {}
+        from reasonedit_cli.presets import REFERENCE
+
+        #: the preset of the `reasonedit-reference` method (a library caller may swap it)
+        self.reference_preset = REFERENCE
 
     # -------------------------------------------------------------- pieces
     def probe_images(self) -> list[Any]:
         return [self.gen.image(p.image_bytes) for p in self.probes]
 
-    def specs(self) -> dict[str, list[Any]]:
-        """Key specs per edit id, patch search included, computed once for every variant."""
-        if self._specs is None:
-            self._specs = {}
+    def specs(self, question_rule: str | None = None) -> dict[str, list[Any]]:
+        """Key specs per edit id, patch search included, computed once for every variant
+        (once per verification prompt rule; default: the editor's preset's)."""
+        rule = question_rule or self.editor.preset.question_rule
+        if rule not in self._specs:
+            out: dict[str, list[Any]] = {}
             for start in range(0, len(self.edits), self.batch_size):
                 chunk = self.edits[start : start + self.batch_size]
                 imgs = [self.gen.image(e.image_bytes) for e in chunk]
-                for spec in self.editor.key_specs(chunk, imgs, patches="auto"):
-                    self._specs.setdefault(chunk[spec.edit_index].id, []).append(spec)
-        return self._specs
+                for spec in self.editor.key_specs(chunk, imgs, patches="auto", question_rule=rule):
+                    out.setdefault(chunk[spec.edit_index].id, []).append(spec)
+            self._specs[rule] = out
+        return self._specs[rule]
 
-    def editor_for(self, name: str, embedder: Any, *, patches: bool = True) -> Any:
-        """An Editor on a fresh codebook that shares the models and the cached key specs."""
+    def editor_for(
+        self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
+    ) -> Any:
+        """An Editor on a fresh codebook that shares the models and the cached key specs.
+
+        `preset` (a presets.Preset; default the editor's) sets the sub-codebook's
+        retrieval settings and the verification prompt of its patch search.
+        """
         from dataclasses import replace
 
         from reasonedit_cli.editor import Editor
 
-        specs = self.specs()
-        ed = Editor(self.workdir / name, model=self.editor.model_name, create=True)
+        preset = preset or self.editor.preset
+        specs = self.specs(preset.question_rule)
+        ed = Editor(
+            self.workdir / name, model=self.editor.model_name, create=True, preset=preset.name
+        )
+        ed.preset = preset
         ed.text_model_name = self.editor.text_model_name
         ed._vlm, ed._text, ed._embedder = self.editor.vlm, self.editor.text, embedder
 
@@ -334,11 +359,13 @@ class Evaluation:
         ed.key_specs = key_specs  # type: ignore[method-assign]
         return ed
 
-    def build(self, name: str, embedder: Any, *, patches: bool = True) -> tuple[Any, np.ndarray]:
+    def build(
+        self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
+    ) -> tuple[Any, np.ndarray]:
         """A codebook of all edits under `embedder`, and the query embedding of every probe."""
         if name in self._codebooks:
             return self._codebooks[name]
-        ed = self.editor_for(name, embedder, patches=patches)
+        ed = self.editor_for(name, embedder, patches=patches, preset=preset)
         ed.add_edits(self.edits, batch_size=max(self.batch_size, 32), patches="none")
         vecs = embedder.embed(self.probe_images(), [p.question for p in self.probes])
         self._codebooks[name] = (ed.codebook, vecs)
@@ -417,6 +444,8 @@ class Evaluation:
             return [Outcome(a, [], True, q) for a, q in zip(answers, prompts)]
         if method == "reasonedit":
             return self.retrieval_method(*self.build("reasonedit", self.embedder), None)
+        if method == "reasonedit-reference":
+            return self.retrieval_method(*self.build_reference(), None)
         if method == "no-patches":
             return self.retrieval_method(
                 *self.build("no-patches", self.embedder, patches=False), None
@@ -541,6 +570,28 @@ class Evaluation:
                 out.append(Outcome(unedited[i].answer, [], True, unedited[i].prompt))
         return out
 
+    def reference_embedder(self) -> CachedEmbedder:
+        """The dual embedder of `reasonedit-reference`: the editor's layer at the
+        reference preset's hook point, with the editor's w when its codebook was
+        calibrated under that preset, else the preset's text scaler (w = 30)."""
+        from reasonedit_cli.presets import check_hook
+
+        preset = self.reference_preset
+        if self.editor.preset.name == preset.name:
+            return self.embedder
+        layer = check_hook(self.editor.vlm, self.embedder.layer, preset)
+        if layer not in self.halves.layers:
+            self.halves.add_layer(layer)
+        return CachedEmbedder(self.halves, layer, preset.uncalibrated_w)
+
+    def build_reference(self) -> tuple[Any, np.ndarray]:
+        """The codebook and probe queries of `reasonedit-reference` (the reference preset:
+        its hook point, w, verification prompt, merge on insert, tau and hits rules)."""
+        preset = self.reference_preset
+        if self.editor.preset.name == preset.name:
+            return self.build("reasonedit", self.embedder)
+        return self.build("reasonedit-reference", self.reference_embedder(), preset=preset)
+
     # ------------------------------------------------------ multiple choice
     def choices_of(self, probe: Probe) -> list[str] | None:
         """A probe's answer options: its own, else (acc probes) its edit's."""
@@ -610,8 +661,14 @@ class Evaluation:
         return np.asarray([self._loss_cache[k] for k in keys], dtype=np.float32)
 
     # -------------------------------------------------------------- sweeps
-    def sweep_p(self, ps: Sequence[float] = SWEEP_P) -> list[dict[str, Any]]:
-        codebook, vecs = self.build("reasonedit", self.embedder)
+    def sweep_p(
+        self, ps: Sequence[float] = SWEEP_P, *, reference: bool = False
+    ) -> list[dict[str, Any]]:
+        """Gen-mean / Loc per rejection percentile p for `reasonedit` (or, with
+        `reference`, for `reasonedit-reference`), tau by the codebook's own rule."""
+        codebook, vecs = (
+            self.build_reference() if reference else self.build("reasonedit", self.embedder)
+        )
         rows = []
         for p in ps:
             m = summarize(self.probes, {"r": self.retrieval_method(codebook, vecs, float(p))})
@@ -657,13 +714,17 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     eval_every: int | None = None,
     choices: dict[str, list[str]] | None = None,
+    reference_preset: Any = None,
 ) -> dict[str, Any]:
     """Run `methods` (and the sweeps) on the same edits and probes; one report dict.
 
+    `reasonedit` runs under the editor's preset, `reasonedit-reference` under
+    `reference_preset` (default presets.REFERENCE; a library caller may pass a variant).
     `choices` (edit id -> answer options) adds multiple-choice scoring of the edited
-    samples; probes carry their own. With `eval_every`, also the sequential run
-    (`report["sequential"]`): edits added one at a time, reasonedit measured after
-    every `eval_every` edits, so drift is visible.
+    samples; probes carry their own.
+
+    With `eval_every`, also the sequential run (`report["sequential"]`): edits added one
+    at a time, reasonedit measured after every `eval_every` edits, so drift is visible.
 
     Returns `{"methods": {name: {metric: value}}, "retrieval": {kind: recall of
     reasonedit}, "retrieval_by_method": {...}, "counts": {...}, "sweep_p": [...],
@@ -688,6 +749,8 @@ def evaluate(
             gen=gen,
             choices=choices,
         )
+        if reference_preset is not None:
+            ev.reference_preset = reference_preset
         results: dict[str, list[Outcome]] = {}
         runtime: dict[str, float] = {}
 
@@ -705,6 +768,10 @@ def evaluate(
         report = summarize(ev.probes, results)
         if sweep_p:
             report["sweep_p"] = timed("sweep_p", ev.sweep_p)
+            if "reasonedit-reference" in methods and editor.preset.name != "reference":
+                report["sweep_p_reference"] = timed(
+                    "sweep_p_reference", lambda: ev.sweep_p(reference=True)
+                )
         if sweep_w:
             report["sweep_w"] = timed("sweep_w", ev.sweep_w)
         if eval_every:
@@ -720,8 +787,9 @@ def evaluate(
             "w": ev.embedder.w,
             "vision_layer": last_vision_layer(editor.vlm),
             "top_k": ev.top_k,
-            "percentile": percentile if percentile is not None else DEFAULT_PERCENTILE,
-            "tau_rule": DEFAULT_TAU_RULE,
+            "preset": editor.preset.name,
+            "percentile": percentile if percentile is not None else editor.preset.percentile,
+            "tau_rule": editor.preset.tau_rule,
             "n_edits": len(ev.edits),
             "vlm_answers": ev.gen.calls,
         }
@@ -892,14 +960,19 @@ def _cell(v: Any) -> str:
 def sweep_markdown(report: dict[str, Any]) -> str:
     """The p and w sweeps (generality vs locality) and the sequential run as Markdown."""
     out = []
-    for key, label in (("sweep_p", "p"), ("sweep_w", "w")):
+    titles = {
+        "sweep_p": "rejection percentile p",
+        "sweep_p_reference": "rejection percentile p, reasonedit-reference",
+        "sweep_w": "key weight w",
+    }
+    for key, label in (("sweep_p", "p"), ("sweep_p_reference", "p"), ("sweep_w", "w")):
         rows = report.get(key)
         if not rows:
             continue
         cols = [label, "Acc", "Gen-mean", "Loc", "loc_rejected"]
-        if key == "sweep_p":
+        if key.startswith("sweep_p"):
             cols.insert(1, "tau")
-        out.append(f"### {'rejection percentile p' if key == 'sweep_p' else 'key weight w'}\n")
+        out.append(f"### {titles[key]}\n")
         out.append("| " + " | ".join(cols) + " |")
         out.append("|---" * len(cols) + "|")
         for r in rows:
@@ -934,7 +1007,11 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for key, label, marker in (("sweep_p", "p", "o-"), ("sweep_w", "w", "s--")):
+    for key, label, marker in (
+        ("sweep_p", "p", "o-"),
+        ("sweep_p_reference", "p (reference)", "^:"),
+        ("sweep_w", "w", "s--"),
+    ):
         rows = [
             r for r in report.get(key) or [] if r["Loc"] is not None and r["Gen-mean"] is not None
         ]
@@ -946,7 +1023,8 @@ def plot_sweeps(report: dict[str, Any], path: Path) -> Path | None:
                 label=f"sweep {label}",
             )
             for r in rows:
-                ax.annotate(f"{r[label]:.3g}", (r["Loc"], r["Gen-mean"]), fontsize=7)
+                x = r["p" if key.startswith("sweep_p") else "w"]
+                ax.annotate(f"{x:.3g}", (r["Loc"], r["Gen-mean"]), fontsize=7)
     for method, m in report["methods"].items():
         if m.get("Loc") is not None and m.get("Gen-mean") is not None:
             ax.scatter([m["Loc"]], [m["Gen-mean"]], marker="x")

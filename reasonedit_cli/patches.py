@@ -5,15 +5,19 @@ evidence:
 
 1. **Grid.** A copy of the image is resized so its longer side is at most 512 px and cut
    into a 3x3 grid. Candidate crops are rectangles of grid cells of sizes (width x height
-   in cells) 1x1, 1x2, 2x1, 2x2, 2x3 and 3x2 at every position -- never the whole image.
-   Portrait images drop wide crops and landscape images drop tall ones, because such
-   crops are slivers across the short side that rarely frame a whole object.
+   in cells) 1x1, 2x1, 1x2, 2x2, 3x2 and 2x3 at every position -- never the whole image.
+   Crops are kept near-square *in pixels*, as the authors' code does: a landscape image's
+   cells are already wider than tall, so it drops the crops spanning more cells across
+   than down (2x1, 3x2 here; `1x2`/`2x3` in the reference's rows x cols naming); a
+   portrait image drops those spanning more cells down than across. (Before 0.2 this
+   was the other way round, following an error in the design notes.)
 2. **Verify.** `p_yes` of `Does the image show <sentence as a question>?` on the crop;
    crops with `p_yes > 0.5` pass.
 3. **Score.** The mean token loss of the sentence as the answer to `Describe this image.`
    on the crop (lower is better).
 4. **Select** (per sentence) the union of (a) every passing crop tied for the lowest loss
    among the smallest passing crop size and (b) the `top_k` lowest-loss passing crops.
+   Losses are compared rounded to 2 decimals (`TIE_DECIMALS`), as the reference does.
    A sentence with no passing crop gets no patch; it keeps its whole-image key.
 
 The literal algorithm costs two VLM forwards per crop per sentence (`search_patches_naive`,
@@ -42,14 +46,21 @@ if TYPE_CHECKING:  # pragma: no cover
 MAX_SIDE = 512
 #: Cells per side of the grid.
 GRID = 3
-#: Crop sizes as (width, height) in grid cells, in the order candidates are enumerated.
-CROP_SIZES: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2))
+#: Crop sizes as (width, height) in grid cells, in the order candidates are enumerated:
+#: the reference's kernel order 1x1, 1x2, 2x1, 2x2, 2x3, 3x2 in its rows x cols naming,
+#: so equal rounded losses break ties the same way.
+CROP_SIZES: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (2, 2), (3, 2), (2, 3))
 #: The prompt a sentence is scored against as an answer.
 DESCRIBE_PROMPT = "Describe this image."
 #: A crop passes verification when p_yes is strictly above this.
 PASS_THRESHOLD = 0.5
-#: Losses this close count as tied. Tight, but wider than the float32 noise that batching
-#: and padding add (~1e-6), so the batched and the naive search pick the same crops.
+#: Losses equal when rounded to this many decimals are tied (the reference's rule; the
+#: default tie rule "round", docs/reference.md row 2).
+TIE_DECIMALS = 2
+#: Tie rules: "round" (TIE_DECIMALS, default) or "tolerance" (the 0.1 rule: np.isclose
+#: with TIE_RTOL / TIE_ATOL, wider than the ~1e-6 float32 noise of batching).
+TIE_RULES = ("round", "tolerance")
+DEFAULT_TIE_RULE = "round"
 TIE_RTOL = 1e-5
 TIE_ATOL = 1e-5
 #: Default batch size of the batched search: big batches are what makes it cheap.
@@ -98,11 +109,17 @@ def orientation(width: int, height: int) -> str:
 
 
 def allowed_sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """The crop sizes kept for an image: no wide crops on portrait, no tall on landscape."""
+    """The crop sizes (width, height in cells) kept for an image: near-square in pixels.
+
+    A landscape image (wider than tall) keeps the crops with at most as many cells across
+    as down, (1,1), (1,2), (2,2), (2,3); a portrait image those with at most as many
+    down as across; a square image all six. Same as the reference's patchifier dropping
+    its kernels `1x2`, `2x3` (rows x cols) on landscape and `2x1`, `3x2` on portrait.
+    """
     kind = orientation(width, height)
-    if kind == "portrait":
-        return [(w, h) for w, h in CROP_SIZES if w <= h]
     if kind == "landscape":
+        return [(w, h) for w, h in CROP_SIZES if w <= h]
+    if kind == "portrait":
         return [(w, h) for w, h in CROP_SIZES if h <= w]
     return list(CROP_SIZES)
 
@@ -193,14 +210,49 @@ def sentence_question(sentence: str) -> str:
     return f"Does the image show {text}?"
 
 
-# -------------------------------------------------------------------------- selection
-def _tie_ordered(indices: Sequence[int], losses: np.ndarray) -> list[int]:
-    """Indices ordered by loss; losses tied within the tie tolerance go by index.
+QUESTION_RULES = ("default", "reference")
 
-    Plain (loss, index) sorting would let float noise of ~1e-7 reorder crops with equal
-    loss (e.g. two blank corners); grouping near-equal losses makes the order -- and so
-    top_k -- the same for the batched and the naive search.
+
+def sentence_question_reference(sentence: str) -> str:
+    """The reference's verification prompt (REFERENCE row 15, `--preset reference`).
+
+    `"Does the image show " + sentence.lower().replace(".", "?")`: the whole sentence
+    lower-cased and EVERY "." turned into "?" ("3.5 cm." -> "3?5 cm?"); no "?" is added
+    when the sentence does not end in ".".
     """
+    return f"Does the image show {sentence.lower().replace('.', '?')}"
+
+
+def question_for(sentence: str, rule: str = "default") -> str:
+    """The verification prompt of `sentence` under `rule` (QUESTION_RULES)."""
+    if rule == "reference":
+        return sentence_question_reference(sentence)
+    if rule != "default":
+        raise ValueError(f"question rule must be one of {QUESTION_RULES}, got {rule!r}")
+    return sentence_question(sentence)
+
+
+# -------------------------------------------------------------------------- selection
+def rounded_loss(loss: float) -> float:
+    """A loss as the tie rule "round" compares it: Python's `round(loss, TIE_DECIMALS)`.
+
+    Python's `round` (correctly rounded from the binary value, half to even), not
+    `np.round` (which scales by 100 first and can differ at x.xx5), because that is what
+    the reference applies to its float losses.
+    """
+    return round(float(loss), TIE_DECIMALS)
+
+
+def _tie_ordered(indices: Sequence[int], losses: np.ndarray, tie: str = "tolerance") -> list[int]:
+    """Indices ordered by loss; tied losses (by the `tie` rule) go by index.
+
+    With "round" that is a stable sort on the rounded loss. With "tolerance", plain
+    (loss, index) sorting would let float noise of ~1e-7 reorder crops with equal loss
+    (e.g. two blank corners); grouping near-equal losses makes the order -- and so top_k
+    -- the same for the batched and the naive search.
+    """
+    if tie == "round":
+        return sorted(indices, key=lambda i: (rounded_loss(losses[i]), i))
     by_loss = sorted(indices, key=lambda i: (float(losses[i]), i))
     out: list[int] = []
     k = 0
@@ -214,7 +266,9 @@ def _tie_ordered(indices: Sequence[int], losses: np.ndarray) -> list[int]:
     return out
 
 
-def _tied(a: float, b: float) -> bool:
+def _tied(a: float, b: float, tie: str = "tolerance") -> bool:
+    if tie == "round":
+        return rounded_loss(a) == rounded_loss(b)
     return bool(np.isclose(a, b, rtol=TIE_RTOL, atol=TIE_ATOL)) or a == b
 
 
@@ -225,16 +279,26 @@ def select_crops(
     *,
     top_k: int = 1,
     threshold: float = PASS_THRESHOLD,
+    tie: str = DEFAULT_TIE_RULE,
 ) -> list[int]:
     """The selection rule of DESIGN 1.2 for one sentence; returns candidate indices.
 
-    Union of (a) every passing crop tied (tight `np.isclose`) for the lowest loss among
-    the smallest passing crop size and (b) the `top_k` lowest-loss passing crops, in
-    order of loss, then candidate index. Empty when no crop has `p_yes > threshold`.
-    Losses of crops that fail verification are never read (they may be NaN).
+    Union of (a) every passing crop tied for the lowest loss among the smallest passing
+    crop size (size = cells, width x height) and (b) the `top_k` lowest-loss passing
+    crops, in order of loss, then candidate index. Empty when no crop has
+    `p_yes > threshold`. Losses of crops that fail verification are never read (they
+    may be NaN).
+
+    `tie` "round" (default) is the reference's rule: losses are compared as
+    `round(loss, 2)`; (a) keeps every smallest-size crop whose rounded loss equals the
+    smallest rounded loss of that size, (b) is a stable sort of the passing crops by
+    rounded loss (candidate order breaks ties), cut at top_k. "tolerance" compares with
+    `np.isclose(rtol=1e-5, atol=1e-5)` instead (reasonedit 0.1).
     """
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if tie not in TIE_RULES:
+        raise ValueError(f"tie must be one of {TIE_RULES}, got {tie!r}")
     size = np.asarray(sizes)
     p = np.asarray(p_yes, dtype=np.float64)
     loss = np.asarray(losses, dtype=np.float64)
@@ -245,8 +309,8 @@ def select_crops(
     smallest = min(int(size[i]) for i in passing)
     group = [i for i in passing if size[i] == smallest]
     best = min(float(loss[i]) for i in group)
-    chosen = {i for i in group if _tied(float(loss[i]), best)}
-    ordered = _tie_ordered(passing, loss)
+    chosen = {i for i in group if _tied(float(loss[i]), best, tie)}
+    ordered = _tie_ordered(passing, loss, tie)
     chosen.update(ordered[:top_k])
     return [i for i in ordered if i in chosen]
 
@@ -330,6 +394,7 @@ def _finish(
     loss: np.ndarray,
     top_k: int,
     threshold: float,
+    question_rule: str = "default",
 ) -> PatchSearch:
     """Apply the selection rule to a (n_candidates, n_sentences) score table."""
     sizes = [c.size for c in grid.candidates]
@@ -339,7 +404,7 @@ def _finish(
         result.sentences.append(
             SentencePatches(
                 sentence=sentence,
-                question=sentence_question(sentence),
+                question=question_for(sentence, question_rule),
                 p_yes=p_yes[:, k].copy(),
                 loss=loss[:, k].copy(),
                 selected=chosen,
@@ -360,6 +425,7 @@ def search_patches_detailed(
     top_k: int = 1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threshold: float = PASS_THRESHOLD,
+    question_rule: str = "default",
 ) -> list[PatchSearch]:
     """Batched patch search over several edits, with every candidate's scores.
 
@@ -384,7 +450,7 @@ def search_patches_detailed(
         for k in range(len(s))
         for c in range(len(g.candidates))
     ]
-    questions = [[sentence_question(x) for x in s] for s in sents]
+    questions = [[question_for(x, question_rule) for x in s] for s in sents]
     pairs.sort(key=lambda x: len(questions[x[0]][x[2]]))  # stable: keeps the order otherwise
     if pairs:
         p = vlm.yes_probability(
@@ -408,7 +474,7 @@ def search_patches_detailed(
             l_tables[t][c, k] = v
 
     return [
-        _finish(g, s, p, ls, top_k, threshold)
+        _finish(g, s, p, ls, top_k, threshold, question_rule)
         for g, s, p, ls in zip(grids, sents, p_tables, l_tables)
     ]
 
@@ -420,14 +486,21 @@ def search_patches(
     top_k: int = 1,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threshold: float = PASS_THRESHOLD,
+    question_rule: str = "default",
 ) -> list[list[list[list[int]]]]:
     """Selected boxes per item, per sentence: `[[[x0, y0, x1, y1], ...], ...]`.
 
     `items` are `(image, sentences)` pairs, one per edit; boxes are in the image's
-    original pixels. A sentence with no passing crop gets `[]`.
+    original pixels. A sentence with no passing crop gets `[]`. `question_rule`
+    "reference" verifies with the reference's prompt (`sentence_question_reference`).
     """
     found = search_patches_detailed(
-        vlm, items, top_k=top_k, batch_size=batch_size, threshold=threshold
+        vlm,
+        items,
+        top_k=top_k,
+        batch_size=batch_size,
+        threshold=threshold,
+        question_rule=question_rule,
     )
     return [r.boxes for r in found]
 
@@ -438,6 +511,7 @@ def search_patches_naive_detailed(
     *,
     top_k: int = 1,
     threshold: float = PASS_THRESHOLD,
+    question_rule: str = "default",
 ) -> list[PatchSearch]:
     """The literal algorithm: two single-pair VLM calls per crop per sentence.
 
@@ -450,11 +524,11 @@ def search_patches_naive_detailed(
         p = np.zeros((len(grid.candidates), len(sents)), np.float32)
         loss = np.full_like(p, np.nan)
         for k, sentence in enumerate(sents):
-            question = sentence_question(sentence)
+            question = question_for(sentence, question_rule)
             for c, crop in enumerate(grid.crops):
                 p[c, k] = vlm.yes_probability([crop], [question], batch_size=1)[0]
                 loss[c, k] = vlm.answer_loss([crop], [DESCRIBE_PROMPT], [sentence], batch_size=1)[0]
-        out.append(_finish(grid, sents, p, loss, top_k, threshold))
+        out.append(_finish(grid, sents, p, loss, top_k, threshold, question_rule))
     return out
 
 

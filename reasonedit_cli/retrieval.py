@@ -502,7 +502,7 @@ def corrected_pair_sample(
     return out
 
 
-TAU_RULES = ("edits", "nearest", "all")
+TAU_RULES = ("edits", "nearest", "all", "reference")
 DEFAULT_TAU_RULE = "edits"
 HALFWAY = 0.5  # rule "edits": a query must come within half the gap to the next edit
 
@@ -596,6 +596,99 @@ def rejection_threshold(
 
 
 # ---------------------------------------------------------------------------
+# the reference's rules (REFERENCE rows 11-13; `tau_rule: reference`)
+
+REFERENCE_EPS = 1e-6  # added to sigma before dividing (the reference's hubness_eps)
+REFERENCE_PERCENTILE = 1.0  # the reference's reject_threshold_pct
+REFERENCE_MAX_KEYS = 2000  # the reference measures tau on at most this many keys
+HIT_RULES = ("tau", "reference")
+
+
+def reference_sigma_from_knn(knn_dist: np.ndarray) -> np.ndarray:
+    """sigma_k as the reference computes it: the LOWER middle value of the distances to
+    the min(30, n - 1) nearest other keys (torch's median), float64.
+
+    `knn_dist` rows are ascending and padded with inf (as `knn_lists` returns them); with
+    m finite distances sigma is the ((m - 1) // 2)-th smallest, e.g. the 15th of 30 (the
+    numpy median would average the 15th and 16th). Keys with no neighbour get NaN: the
+    reference applies no correction then (see `reference_corrected`).
+    """
+    d = np.asarray(knn_dist, dtype=np.float64)
+    n = len(d)
+    if n == 0 or d.ndim != 2 or d.shape[1] == 0:
+        return np.full(n, np.nan)
+    srt = np.sort(d, axis=1)
+    m = np.isfinite(srt).sum(axis=1)
+    pos = np.maximum(m - 1, 0) // 2
+    out = srt[np.arange(n), pos]
+    return np.where(m > 0, out, np.nan)
+
+
+def reference_sigma(vectors: np.ndarray, k: int = SIGMA_K) -> np.ndarray:
+    """`reference_sigma_from_knn` of exact neighbour lists of `vectors`."""
+    return reference_sigma_from_knn(knn_lists(vectors, k)[1])
+
+
+def reference_corrected(raw: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """d / (sigma + REFERENCE_EPS) per key (last axis); unchanged where sigma is NaN."""
+    s = np.asarray(sigma, dtype=np.float64)
+    scale = np.where(np.isnan(s), 1.0, s + REFERENCE_EPS)
+    return np.asarray(raw, dtype=np.float64) / scale
+
+
+def reference_percentile(p: float, n_edits: int) -> float:
+    """max(p, 100 / n_edits) (the reference's "stat" warm-up; n_edits >= 1)."""
+    return float(max(p, 100.0 / max(1, int(n_edits))))
+
+
+def reference_threshold(
+    vectors: np.ndarray,
+    sigma: np.ndarray,
+    n_edits: int,
+    p: float = REFERENCE_PERCENTILE,
+    *,
+    order: np.ndarray | None = None,
+) -> float | None:
+    """tau as the reference computes it (REFERENCE row 12, `tau_rule: reference`).
+
+    Over every unordered pair of keys a < b (positions in `order`, default key order),
+    the corrected distance `d(key_a, key_b) / (sigma_b + 1e-6)` -- the sigma of the pair's
+    LATER key, the reference's upper triangle of `cdist / sigma[None, :]` -- and tau is
+    `np.percentile` (linear interpolation) of these at max(p, 100 / n_edits). None with
+    fewer than two keys (the reference then leaves the gate open). The reference draws
+    `order` as a fresh random permutation of at most 2000 keys each time; here the order
+    is the codebook's key order (above 2000 keys: a seeded sample of 2000, in key order),
+    so tau is reproducible. `sigma` is `reference_sigma_from_knn` (NaN: no correction).
+    """
+    v = _as_2d_f32(vectors)
+    n = len(v)
+    idx = np.arange(n) if order is None else np.asarray(order, dtype=np.int64)
+    if order is None and n > REFERENCE_MAX_KEYS:
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.choice(n, size=REFERENCE_MAX_KEYS, replace=False))
+    if len(idx) < 2:
+        return None
+    sub = v[idx]
+    d = pairwise_l2(sub, sub)
+    corr = reference_corrected(d, np.asarray(sigma, dtype=np.float64)[idx])
+    iu = np.triu_indices(len(idx), k=1)
+    return float(np.percentile(corr[iu], reference_percentile(p, n_edits)))
+
+
+def reference_hits(corrected: Sequence[float], tau: float | None, k: int = 5) -> list[int]:
+    """Positions of the hits under the reference's rule (REFERENCE row 13).
+
+    `corrected` are the candidates' corrected distances, nearest first. Rejected (empty)
+    when the nearest exceeds tau; otherwise the k nearest, with no further tau filter.
+    tau None (fewer than two keys) is an open gate: the k nearest.
+    """
+    c = list(corrected)
+    if not c or (tau is not None and c[0] > tau):
+        return []
+    return list(range(min(k, len(c))))
+
+
+# ---------------------------------------------------------------------------
 # retrieval and prompt
 
 
@@ -660,7 +753,12 @@ def distinct_values(hits: Sequence[Hit]) -> list[str]:
 
 
 def retrieve(
-    codebook: Any, query_vector: np.ndarray, k: int = 5, p: float | None = None
+    codebook: Any,
+    query_vector: np.ndarray,
+    k: int = 5,
+    p: float | None = None,
+    *,
+    hit_rule: str | None = None,
 ) -> Retrieval:
     """Retrieve the facts that apply to one query embedding (DESIGN 1.7).
 
@@ -670,15 +768,24 @@ def retrieve(
 
     A codebook with a single key has no tau; then the key applies only within its
     deferral radius (raw distance <= radius), and never when it has no radius.
+
+    `hit_rule` (default: the codebook's config `hits_rule`, else "tau") "reference" is the
+    reference's rule instead (`reference_hits`): the k nearest once the nearest passes,
+    an open gate without tau, and facts in hit order, nearest first.
     """
     q = np.asarray(query_vector, dtype=np.float32).reshape(1, -1)
+    rule = hit_rule or getattr(codebook, "config", {}).get("hits_rule") or "tau"
+    if rule not in HIT_RULES:
+        raise ValueError(f"unknown hits rule {rule!r}; choose one of {HIT_RULES}")
     tau = codebook.tau if p is None else codebook.tau_for(p)
     results = codebook.search(q, k=k)[0]
     if not results:
         return Retrieval(rejected=True, tau=tau)
     table = codebook.keys_table()
     nearest = results[0][2]
-    if tau is None:
+    if rule == "reference":
+        ok = [results[i] for i in reference_hits([r[2] for r in results], tau, k)]
+    elif tau is None:
         radius = table.column("radius")[results[0][0]].as_py()
         ok = [r for r in results[:1] if radius is not None and r[1] <= radius]
     else:
@@ -709,8 +816,9 @@ def retrieve(
         rejected=False,
         hits=hits,
         # nearest fact LAST, right before the question: measured on the demo VLM, the fact
-        # next to the question weighs most (sample edits 2/6 -> 5/6 right with K=5)
-        facts=distinct_values(hits)[::-1],
+        # next to the question weighs most (sample edits 2/6 -> 5/6 right with K=5). The
+        # reference joins a Python set (no defined order); its rule keeps hit order.
+        facts=distinct_values(hits) if rule == "reference" else distinct_values(hits)[::-1],
         tau=tau,
         nearest=nearest,
     )

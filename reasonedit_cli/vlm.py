@@ -20,7 +20,8 @@ import json
 import re
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,18 +38,70 @@ DEFAULT_MODEL = str(Path(__file__).parent / "models" / "demo_vlm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
-#: The families `--model` accepts (config `model_type` -> name shown to users). Each is
-#: loaded with AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "llava": "LLaVA 1.5",
-    "llava_next": "LLaVA-NeXT (1.6)",
-    "llava_onevision": "LLaVA-OneVision",
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "idefics3": "Idefics3",
-    "smolvlm": "SmolVLM",
-    "instructblip": "InstructBLIP (decoder-only language model)",
+
+@dataclass(frozen=True)
+class Family:
+    """What the backend knows about one family (config `model_type`), in one place.
+
+    Layer roles are found by `_ROLE_PATTERNS` (shared by all families); the rest of a
+    family's quirks live here.
+    """
+
+    name: str  # shown to users
+    #: the prompt around one image when the checkpoint ships no chat template
+    prompt: str | None = None
+    #: how the rows of a vision-side tensor map to samples (see `VLM._image_splits`):
+    #: "grid_thw" (flattened patches, `image_grid_thw`), "crops" (`image_sizes` and the
+    #: grid pinpoints), "tiles" (zero-padded tiles), "none" (one row per image)
+    image_split: str = "none"
+    #: role -> sub-module whose OUTPUT is the normed point, where no Linear follows the
+    #: norm (otherwise the point is found from the module tree, `_first_mlp_linear`)
+    normed_output: dict[str, str] = field(default_factory=dict)
+    #: the `token_type_ids` of appended answer tokens (the answer loss): 0, or 1 where
+    #: type 0 marks a bidirectional prefix (PaliGemma)
+    answer_token_type: int = 0
+    #: the processor wants one list of images per prompt (Gemma 3), not a flat list
+    nested_images: bool = False
+
+
+_QWEN_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+_IDEFICS_PROMPT = "User:<image>{prompt}<end_of_utterance>\nAssistant:"
+
+#: One record per supported family (config `model_type`). Each is loaded with
+#: AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
+FAMILIES: dict[str, Family] = {
+    "llava": Family("LLaVA 1.5"),
+    "llava_next": Family("LLaVA-NeXT (1.6)", image_split="crops"),
+    "llava_onevision": Family(
+        "LLaVA-OneVision",
+        prompt="<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
+        image_split="crops",
+    ),
+    "qwen2_vl": Family("Qwen2-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
+    "qwen2_5_vl": Family("Qwen2.5-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
+    "idefics3": Family("Idefics3", prompt=_IDEFICS_PROMPT, image_split="tiles"),
+    "smolvlm": Family("SmolVLM", prompt=_IDEFICS_PROMPT, image_split="tiles", nested_images=True),
+    # InstructBLIP's processor puts the query tokens in front of the text itself.
+    # InstructBLIP with a decoder-only (Vicuna) or an encoder-decoder (Flan-T5) language model
+    "instructblip": Family("InstructBLIP", prompt="{prompt}"),
+    "qwen3_vl": Family("Qwen3-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
+    # the projector pools and norms, then multiplies by a weight (no Linear module)
+    "gemma3": Family(
+        "Gemma 3",
+        prompt="<start_of_turn>user\n<start_of_image>{prompt}<end_of_turn>\n<start_of_turn>model\n",
+        normed_output={"projector": "mm_soft_emb_norm"},
+        nested_images=True,
+    ),
+    # the processor adds image tokens, BOS and the closing newline; the prompt is a prefix
+    # attended bidirectionally (token type 0), an answer is causal suffix (type 1)
+    "paligemma": Family("PaliGemma", prompt="<image>{prompt}", answer_token_type=1),
 }
+
+#: The families `--model` accepts (config `model_type` -> name shown to users).
+SUPPORTED_FAMILIES: dict[str, str] = {k: f.name for k, f in FAMILIES.items()}
 
 # Module-name patterns that identify layer roles across families. The first group of a
 # block pattern is the block index. Order matters: the first matching role wins.
@@ -82,33 +135,49 @@ _ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
             r"\.layers\.(\d+)$"
         ),
     ),
+    # an encoder-decoder language model (InstructBLIP-Flan-T5): encoder blocks are
+    # language.0 .. language.E-1, decoder blocks continue at language.E (model order)
+    (
+        "language",
+        re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(encoder|decoder)\.block\.(\d+)$"),
+    ),
 ]
 
-# The prompt around one image when the processor has no chat template.
-_FALLBACK_PROMPTS: dict[str, str] = {
-    "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}"
-    "<|im_end|>\n<|im_start|>assistant\n",
-    "idefics3": "User:<image>{prompt}<end_of_utterance>\nAssistant:",
-    # InstructBLIP's processor puts the query tokens in front of the text itself.
-    "instructblip": "{prompt}",
-    "llava_onevision": "<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
-}
-_FALLBACK_PROMPTS["qwen2_5_vl"] = _FALLBACK_PROMPTS["qwen2_vl"]
-_FALLBACK_PROMPTS["smolvlm"] = _FALLBACK_PROMPTS["idefics3"]
+#: The two hook points offered for every candidate layer (REFERENCE row 3).
+#:   "input":  the raw input of the block / projector (the residual stream); label `language.12`
+#:   "normed": the input of the block's MLP's first `Linear`, i.e. after its norm (`mlp.fc1`
+#:             of a CLIP block, `mlp.gate_proj` of a Llama/Qwen block, `linear_1` of the LLaVA
+#:             projector) — the authors' point; label `language.12.normed`
+POINTS = ("input", "normed")
+NORMED_SUFFIX = ".normed"
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer whose input can serve as the VLM half of a key."""
+    """A hook point whose captured tensor can serve as the VLM half of a key."""
 
-    name: str  # the module path inside the model, e.g. model.language_model.layers.2
+    name: str  # the block's module path inside the model, e.g. model.language_model.layers.2
     role: str  # "vision" | "projector" | "language"
     index: int  # position within its role (0 for the projector)
+    point: str = "input"  # "input" (the block's raw input) or "normed" (see POINTS)
+    hook: str = ""  # the module actually hooked; "" = the block itself
+    hook_output: bool = False  # capture the hooked module's output instead of its input
 
     @property
     def label(self) -> str:
-        """Short human name such as `language.2`, accepted wherever a layer is named."""
-        return self.role if self.role == "projector" else f"{self.role}.{self.index}"
+        """Short human name such as `language.2` or `language.2.normed`, accepted wherever
+        a layer is named."""
+        base = self.role if self.role == "projector" else f"{self.role}.{self.index}"
+        return base + (NORMED_SUFFIX if self.point == "normed" else "")
+
+    @property
+    def normed(self) -> bool:
+        return self.point == "normed"
+
+    @property
+    def module(self) -> str:
+        """The module path the capture hook is registered on."""
+        return self.hook or self.name
 
 
 def resolve_device(device: str) -> str:
@@ -192,6 +261,9 @@ class VLM:
             raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
         self.family = config.model_type
         _check_supported(model, config)
+        #: an encoder-decoder language model (InstructBLIP with Flan-T5): answers are
+        #: decoder tokens, see `_decoder_start`
+        self.encoder_decoder = bool(getattr(config.get_text_config(), "is_encoder_decoder", False))
         try:
             self.processor = _load_processor(model, config, trust_remote_code)
             self.model = AutoModelForImageTextToText.from_pretrained(
@@ -200,13 +272,15 @@ class VLM:
                 trust_remote_code=trust_remote_code,
                 use_safetensors=True,
             )
+        except ReasonEditError:
+            raise
         except ValueError as exc:
             msg = _first_line(exc)
             if "Unrecognized configuration class" in msg or "does not recognize" in msg:
                 raise ReasonEditError(_unsupported_message(model, config.model_type)) from None
-            raise ReasonEditError(f"cannot load model {model}: {msg}") from None
-        except (OSError, ImportError) as exc:
-            raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
+            raise ReasonEditError(_load_failure(model, self.family, exc)) from None
+        except Exception as exc:  # any other load failure: one line, never a traceback
+            raise ReasonEditError(_load_failure(model, self.family, exc)) from None
         self.model.to(self.device).eval()
         torch.set_grad_enabled(False)
         self.revision = model_revision(model)
@@ -217,36 +291,44 @@ class VLM:
         if qformer_tokenizer is not None:  # InstructBLIP: the Q-Former's view of the text
             qformer_tokenizer.padding_side = "right"
         self._splits: list[int] | None = None  # images/patches per sample of the last batch
+        self._layers: list[LayerInfo] | None = None  # candidate_layers, found once
+        self._adds_bos: bool | None = None  # does the tokenizer add BOS itself?
         self._yes_ids = self._word_token_ids(["yes", "Yes", " yes", " Yes"])
         self._no_ids = self._word_token_ids(["no", "No", " no", " No"])
         self.forward_calls = 0  # counted for benchmarks (patch search, batching)
 
     # ------------------------------------------------------------------ layers
     def candidate_layers(self) -> list[LayerInfo]:
-        """Vision blocks, the projector and language blocks, in model order."""
-        found: list[LayerInfo] = []
-        for name, _module in self.model.named_modules():
-            for role, pattern in _ROLE_PATTERNS:
-                m = pattern.match(name)
-                if m:
-                    idx = int(m.group(1)) if m.groups() else 0
-                    found.append(LayerInfo(name=name, role=role, index=idx))
-                    break
-        order = {"vision": 0, "projector": 1, "language": 2}
-        found.sort(key=lambda li: (order[li.role], li.index))
-        return found
+        """Vision blocks, the projector and language blocks, in model order, each with
+        both hook points: the raw block input (`language.2`) and the input of its MLP's
+        first Linear after the norm (`language.2.normed`)."""
+        if self._layers is None:
+            self._layers = _find_layers(self.model, self.family)
+        return list(self._layers)
 
     def resolve_layer(self, layer: str) -> LayerInfo:
-        """Accept a short label (`language.2`, `vision.0`, `projector`) or a module path."""
+        """Accept a short label (`language.2`, `vision.0.normed`, `projector`,
+        `language.mid`, `language.mid.normed`) or a module path (a block: its raw input;
+        the hooked Linear: the normed point)."""
         layers = self.candidate_layers()
         for li in layers:
-            if layer in (li.label, li.name):
+            if layer == li.label or (layer == li.name and not li.normed):
                 return li
-        if layer == "language.mid":
-            lang = [li for li in layers if li.role == "language"]
-            return lang[len(lang) // 2]
-        labels = ", ".join(li.label for li in layers)
-        raise UsageError(f"unknown layer {layer!r}; this model has: {labels}")
+        for li in layers:
+            if li.normed and layer == li.hook:
+                return li
+        normed = layer.endswith(NORMED_SUFFIX)
+        base = layer[: -len(NORMED_SUFFIX)] if normed else layer
+        if base == "language.mid":
+            lang = [li for li in layers if li.role == "language" and not li.normed]
+            if lang:
+                mid = lang[len(lang) // 2]
+                return self.resolve_layer(mid.label + (NORMED_SUFFIX if normed else ""))
+        labels = ", ".join(li.label for li in layers if not li.normed)
+        raise UsageError(
+            f"unknown layer {layer!r}; this model has: {labels} "
+            f"(each also as LABEL{NORMED_SUFFIX}: the input of its first Linear after the norm)"
+        )
 
     # ----------------------------------------------------------------- prompts
     def chat_text(self, prompt: str) -> str:
@@ -257,7 +339,7 @@ class VLM:
         template = getattr(self.processor, "chat_template", None)
         if template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        fallback = _FALLBACK_PROMPTS.get(self.family)
+        fallback = FAMILIES[self.family].prompt
         if fallback is not None:
             return fallback.format(prompt=prompt)
         image_token = getattr(self.processor, "image_token", None) or "<image>"
@@ -265,11 +347,26 @@ class VLM:
         return f"USER: {image_token}\n{prompt} ASSISTANT:"
 
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str):
-        texts = [self.chat_text(p) for p in prompts]
+        texts = [self._without_double_bos(self.chat_text(p)) for p in prompts]
         self.tokenizer.padding_side = padding_side
-        batch = self.processor(images=list(images), text=texts, padding=True, return_tensors="pt")
+        family = FAMILIES[self.family]
+        imgs: list[Any] = [[i] for i in images] if family.nested_images else list(images)
+        batch = self.processor(images=imgs, text=texts, padding=True, return_tensors="pt")
+        batch.pop("labels", None)  # PaliGemma's processor adds training labels
         self._splits = self._image_splits(batch, len(texts))
         return batch.to(self.device)
+
+    def _without_double_bos(self, text: str) -> str:
+        """Drop a BOS the chat template wrote when the tokenizer adds one itself (Gemma 3,
+        Idefics3 templates start with it), as `apply_chat_template(tokenize=True)` does."""
+        if self._adds_bos is None:
+            bos_id = self.tokenizer.bos_token_id
+            ids = self.tokenizer("a")["input_ids"]
+            self._adds_bos = bos_id is not None and ids[:1] == [bos_id]
+        bos = self.tokenizer.bos_token
+        if self._adds_bos and bos and text.startswith(bos):
+            return text[len(bos) :]
+        return text
 
     def _image_splits(self, batch: Any, n: int) -> list[int] | None:
         """How many rows of a vision-side tensor belong to each sample, where not one each.
@@ -279,9 +376,10 @@ class VLM:
         tower on a varying number of crops per image (`image_sizes`); Idefics3/SmolVLM on
         the real (not padding) tiles of each sample. `_pool` means per sample with these.
         """
-        if "image_grid_thw" in batch:
+        rule = FAMILIES[self.family].image_split
+        if rule == "grid_thw" and "image_grid_thw" in batch:
             return [int(x) for x in batch["image_grid_thw"].prod(-1).tolist()]
-        if "image_sizes" in batch and self.family in ("llava_next", "llava_onevision"):
+        if rule == "crops" and "image_sizes" in batch:
             import importlib
 
             module = importlib.import_module(
@@ -299,16 +397,44 @@ class VLM:
                 for size in batch["image_sizes"].tolist()
             ]
         pv = batch.get("pixel_values") if hasattr(batch, "get") else None
-        if pv is not None and pv.dim() == 5:  # (batch, tiles, C, H, W), zero-padded tiles
+        if rule == "tiles" and pv is not None and pv.dim() == 5:  # (batch, tiles, C, H, W)
             per_tile = pv[0, 0].numel()
             real = (pv == 0.0).flatten(2).sum(-1) != per_tile
             return [max(int(r), 1) for r in real.sum(1).tolist()]
         return None
 
     def _forward(self, batch: dict) -> Any:
+        """One forward pass. An encoder-decoder model gets the decoder's start token as its
+        only decoder input unless the batch brings its own (the answer loss)."""
         self.forward_calls += 1
-        out = self.model(**batch, use_cache=False)
-        return out
+        if self.encoder_decoder and "decoder_input_ids" not in batch:
+            batch = {**batch, "decoder_input_ids": self._decoder_start(len(batch["input_ids"]))}
+        with self._model_errors("forward"):
+            return self.model(**batch, use_cache=False)
+
+    def _decoder_start(self, n: int) -> Any:
+        """(n, 1) decoder start tokens: the decoder state that predicts the first answer
+        token (P(yes), the decoder-block keys)."""
+        import torch
+
+        start = self.model.config.get_text_config().decoder_start_token_id
+        if start is None:
+            start = self.tokenizer.pad_token_id
+        return torch.full((n, 1), int(start), dtype=torch.long, device=self.device)
+
+    @contextmanager
+    def _model_errors(self, what: str):
+        """A family quirk that makes the model itself fail becomes one line naming the
+        model and what to do (the CLI prints it; no traceback)."""
+        try:
+            yield
+        except ReasonEditError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            raise ReasonEditError(
+                f"model {self.name} ({self.family}) failed in {what}: {_first_line(e)}; "
+                f"{_WHAT_TO_DO}"
+            ) from None
 
     # --------------------------------------------------------------- generate
     def generate(
@@ -324,15 +450,18 @@ class VLM:
         for start in range(0, len(prompts), batch_size):
             imgs = images[start : start + batch_size]
             prs = prompts[start : start + batch_size]
-            batch = self._inputs(imgs, prs, "left")
+            # an encoder reads right-padded text; a decoder-only model continues at the end
+            batch = self._inputs(imgs, prs, "right" if self.encoder_decoder else "left")
             self.forward_calls += 1
-            out = self.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            new = out[:, batch["input_ids"].shape[1] :]
+            with self._model_errors("generate"):
+                out = self.model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+            # encoder-decoder: the output is the decoder's sequence alone (start token first)
+            new = out if self.encoder_decoder else out[:, batch["input_ids"].shape[1] :]
             for seq in self.tokenizer.batch_decode(new, skip_special_tokens=True):
                 answers.append(seq.strip())
         return answers
@@ -362,11 +491,14 @@ class VLM:
             captured: dict[str, Any] = {}
             handles = []
             for li in infos:
-                handles.append(
-                    modules[li.name].register_forward_pre_hook(
+                module = modules[li.module]
+                if li.hook_output:
+                    handle = module.register_forward_hook(_capture_output(captured, li.label))
+                else:
+                    handle = module.register_forward_pre_hook(
                         _capture(captured, li.label), with_kwargs=True
                     )
-                )
+                handles.append(handle)
             try:
                 self._forward(batch)
             finally:
@@ -391,7 +523,10 @@ class VLM:
                 images[start : start + batch_size], prompts[start : start + batch_size], "right"
             )
             logits = self._forward(batch).logits
-            last = batch["attention_mask"].sum(dim=1) - 1
+            if self.encoder_decoder:  # the decoder's first step
+                last = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            else:
+                last = batch["attention_mask"].sum(dim=1) - 1
             nxt = logits[torch.arange(logits.shape[0]), last].float().softmax(-1)
             p_yes = nxt[:, self._yes_ids].sum(-1)
             p_no = nxt[:, self._no_ids].sum(-1)
@@ -409,11 +544,17 @@ class VLM:
         """Mean cross-entropy of each answer's tokens given image and prompt (lower = better)."""
         losses: list[float] = []
         for start in range(0, len(prompts), batch_size):
-            batch, labels, _ = self.answer_inputs(
-                images[start : start + batch_size],
-                prompts[start : start + batch_size],
-                answers[start : start + batch_size],
-            )
+            imgs = images[start : start + batch_size]
+            prs = prompts[start : start + batch_size]
+            ans = answers[start : start + batch_size]
+            if self.encoder_decoder:
+                ans_ids = [
+                    self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"]
+                    for a in ans
+                ]
+                losses.extend(self._decoder_answer_loss(self._inputs(imgs, prs, "right"), ans_ids))
+                continue
+            batch, labels, _ = self.answer_inputs(imgs, prs, ans)
             per = answer_token_loss(self._forward(batch).logits, labels)
             losses.extend(per.cpu().tolist())
         return np.asarray(losses, dtype=np.float32)
@@ -421,7 +562,8 @@ class VLM:
     def answer_inputs(
         self, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str]
     ) -> tuple[Any, Any, Any]:
-        """One right-padded batch of prompt + answer tokens, for scoring or training.
+        """One right-padded batch of prompt + answer tokens, for scoring or training
+        (decoder-only language models).
 
         Returns `(batch, labels, prompt_lengths)`: the model inputs, the label ids (-100
         outside the answer) and each sample's prompt length in tokens, so position
@@ -449,21 +591,55 @@ class VLM:
             labels[i, n : n + len(a)] = torch.tensor(a)
         batch["input_ids"] = new_ids.to(self.device)
         batch["attention_mask"] = new_mask.to(self.device)
-        if "token_type_ids" in batch:
-            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-        if "mm_token_type_ids" in batch:
-            mm = torch.zeros_like(batch["input_ids"])
-            mm[:, : batch["mm_token_type_ids"].shape[1]] = batch["mm_token_type_ids"]
-            batch["mm_token_type_ids"] = mm
+        answer_type = FAMILIES[self.family].answer_token_type
+        for key in ("token_type_ids", "mm_token_type_ids"):
+            if key in batch:  # the prompt keeps its types; answer tokens get the family's
+                types = torch.zeros_like(batch["input_ids"])
+                old = batch[key]
+                for i, a in enumerate(ans_ids):
+                    n = int(n_prompt[i])
+                    types[i, :n] = old[i, :n]
+                    types[i, n : n + len(a)] = answer_type if key == "token_type_ids" else 0
+                batch[key] = types
         return batch, labels.to(self.device), n_prompt.to(self.device)
 
     def layer_module(self, layer: str) -> Any:
-        """The torch module of a named layer (`language.2`, `projector`, a module path).
+        """The torch module a layer name denotes: the block for `language.2`, the hooked
+        Linear for `language.2.normed`, the projector for `projector`.
 
         The seam for adaptors that hook one layer (the GRACE baseline): they register
         their own forward hooks on it and remove them when done.
         """
-        return self.model.get_submodule(self.resolve_layer(layer).name)
+        return self.model.get_submodule(self.resolve_layer(layer).module)
+
+    def _decoder_answer_loss(self, batch: Any, ans_ids: list[list[int]]) -> list[float]:
+        """Encoder-decoder answer loss: the encoder reads the prompt, the decoder is
+        teacher-forced on the answer (start token, then the answer shifted right)."""
+        import torch
+
+        n = len(ans_ids)
+        length = max(1, max(len(a) for a in ans_ids))
+        start = self._decoder_start(n)
+        dec = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        dec_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        for i, a in enumerate(ans_ids):
+            dec[i, 0] = int(start[i, 0])
+            dec[i, 1 : len(a)] = torch.tensor(a[:-1], dtype=torch.long)
+            dec_mask[i, : max(1, len(a))] = 1
+            labels[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        batch["decoder_input_ids"] = dec.to(self.device)
+        batch["decoder_attention_mask"] = dec_mask.to(self.device)
+        logits = self._forward(batch).logits.float()
+        labels = labels.to(self.device)
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(labels.shape)
+        valid = (labels != -100).float()
+        return ((ce * valid).sum(1) / valid.sum(1).clamp_min(1)).cpu().tolist()
 
     # ---------------------------------------------------------------- helpers
     def _word_token_ids(self, words: list[str]) -> list[int]:
@@ -512,6 +688,16 @@ def _capture(store: dict[str, Any], label: str):
     return hook
 
 
+def _capture_output(store: dict[str, Any], label: str):
+    """A forward hook that records a module's output (a norm with no Linear after it)."""
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        store[label] = out.detach()
+
+    return hook
+
+
 def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = None) -> np.ndarray:
     """Mean over tokens in float32; language layers use the attention mask.
 
@@ -524,6 +710,13 @@ def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = Non
     if h.dim() == 3 and h.shape[0] == batch and h.shape[1] == mask.shape[1]:
         m = mask.to(h.device).unsqueeze(-1).float()
         return ((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
+    if splits is not None and len(splits) == batch and h.shape[0] != sum(splits):
+        # a tensor after a patch merge (Qwen's merger MLP input): rows = patches / ratio
+        total = sum(splits)
+        if h.shape[0] and total % h.shape[0] == 0 and h.shape[0] != batch:
+            ratio = total // h.shape[0]
+            if all(s % ratio == 0 for s in splits):
+                splits = [s // ratio for s in splits]
     if splits is not None and len(splits) == batch and h.shape[0] == sum(splits) != batch:
         flat = h.reshape(h.shape[0], -1, h.shape[-1])
         parts = torch.split(flat, list(splits), dim=0)
@@ -537,6 +730,66 @@ def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = Non
     raise ReasonEditError(f"cannot pool a layer input of shape {tuple(h.shape)}")
 
 
+def _find_layers(model: Any, family: str) -> list[LayerInfo]:
+    """Both hook points of every vision block, the projector and every language block.
+
+    The normed point is found from the module tree, not from names: the first `Linear`
+    of the block's MLP (a child `mlp`; a T5 block's last sub-layer, its feed-forward),
+    or, for a projector, its first `Linear` (the module itself when it is one). A
+    family whose projector has no Linear after its norm names the norm whose output is
+    the point instead (`normed_output` of its record, e.g. Gemma 3).
+    """
+    found: list[LayerInfo] = []
+    overrides = FAMILIES[family].normed_output if family in FAMILIES else {}
+    modules = dict(model.named_modules())
+    n_encoder = sum(1 for n in modules if re.search(r"language_model\.encoder\.block\.\d+$", n))
+    for name, module in modules.items():
+        for role, pattern in _ROLE_PATTERNS:
+            m = pattern.match(name)
+            if not m:
+                continue
+            groups = m.groups()
+            if len(groups) == 2:  # encoder-decoder: decoder blocks follow the encoder's
+                idx = int(groups[1]) + (n_encoder if groups[0] == "decoder" else 0)
+            else:
+                idx = int(groups[0]) if groups else 0
+            found.append(LayerInfo(name=name, role=role, index=idx))
+            if role in overrides:
+                hook, output = f"{name}.{overrides[role]}", True
+            else:
+                hook, output = _first_mlp_linear(name, module), False
+            if hook is not None:
+                found.append(
+                    LayerInfo(
+                        name=name,
+                        role=role,
+                        index=idx,
+                        point="normed",
+                        hook=hook,
+                        hook_output=output,
+                    )
+                )
+            break
+    order = {"vision": 0, "projector": 1, "language": 2}
+    found.sort(key=lambda li: (order[li.role], li.index, POINTS.index(li.point)))
+    return found
+
+
+def _first_mlp_linear(name: str, block: Any) -> str | None:
+    """The module path of the first Linear after a block's norm (see `_find_layers`)."""
+    import torch
+
+    scope, prefix = block, name
+    if isinstance(getattr(block, "mlp", None), torch.nn.Module):
+        scope, prefix = block.mlp, f"{name}.mlp"
+    elif isinstance(getattr(block, "layer", None), torch.nn.ModuleList):  # T5 block
+        scope, prefix = block.layer[-1], f"{name}.layer.{len(block.layer) - 1}"
+    for sub, module in scope.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            return f"{prefix}.{sub}" if sub else prefix
+    return None
+
+
 def _unsupported_message(model: str, model_type: str) -> str:
     return (
         f"model {model} ({model_type}) is not a supported image-text-to-text model; "
@@ -545,65 +798,125 @@ def _unsupported_message(model: str, model_type: str) -> str:
 
 
 def _check_supported(model: str, config: Any) -> None:
-    """Refuse text-only models, unknown families and encoder-decoder language models."""
+    """Refuse text-only models and unknown families (the message lists the supported)."""
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_FAMILIES:
         raise ReasonEditError(_unsupported_message(model, model_type))
-    text = getattr(config, "text_config", None)
-    if text is not None and getattr(text, "is_encoder_decoder", False):
-        raise ReasonEditError(
-            f"model {model} ({model_type} with a {text.model_type} language model) is not "
-            "supported: only decoder-only language models are (e.g. InstructBLIP-Vicuna, "
-            "not InstructBLIP-Flan-T5)"
-        )
 
 
-@contextmanager
-def _without_processor_type_checks():
-    """Let a processor be built with a missing part (None) — see `_load_processor`."""
-    from transformers.processing_utils import ProcessorMixin
+#: The transformers releases the families are tested against (pyproject pins the same).
+TESTED_TRANSFORMERS = ">=5.24,<5.25"
 
-    original = ProcessorMixin.check_argument_for_proper_class
+#: The advice closing every model failure message.
+_WHAT_TO_DO = (
+    f"check that the checkpoint is complete and that transformers{TESTED_TRANSFORMERS} "
+    "is installed (the tested range), or report the model id"
+)
 
-    def lenient(self, argument_name, argument):
-        if argument is None:
-            return None
-        return original(self, argument_name, argument)
 
-    ProcessorMixin.check_argument_for_proper_class = lenient
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original
+def _load_failure(model: str, family: str, exc: BaseException) -> str:
+    return f"cannot load model {model} ({family}): {_first_line(exc)}; {_WHAT_TO_DO}"
 
 
 def _load_processor(model: str, config: Any, trust_remote_code: bool) -> Any:
-    """AutoProcessor, or — when its video processor needs torchvision, which is not
-    installed — the family's processor built from its image processor, tokenizer and
-    chat template with no video processor (ReasonEdit never sends videos)."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    """The model's processor: `AutoProcessor`, except for a family whose processor carries
+    a video processor while torchvision (which every video processor needs) is missing.
+    That one is built from its image processor, tokenizer and saved settings, with a video
+    processor that never runs (`images_only_processor`): ReasonEdit sends images only."""
+    from transformers import AutoProcessor
 
-    try:
-        return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except ImportError as exc:
-        if "torchvision" not in str(exc).lower():
-            raise
+    cls = _processor_class(config.model_type)
+    if cls is not None and _needs_torchvision(cls):
+        return images_only_processor(model, cls)
+    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def _processor_class(model_type: str) -> Any:
+    """The processor class transformers maps a `model_type` to (None if unknown)."""
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-    from transformers.processing_utils import ProcessorMixin
 
-    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
-    processor_dict, _ = ProcessorMixin.get_processor_dict(model)
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if isinstance(name, str) else None
+
+
+def _needs_torchvision(cls: Any) -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return "video_processor" in cls.get_attributes() and not is_torchvision_available()
+
+
+@lru_cache(maxsize=1)
+def no_video_processor_class() -> type:
+    """A video processor that never runs, for a processor built without torchvision.
+
+    A `VideoProcessorMixin` (importable without torchvision; serialisable like any
+    processor part) that carries the attributes processors read while formatting a
+    prompt (SmolVLM's chat template reads `num_frames` and `fps`) and refuses videos.
+    """
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    class NoVideoProcessor(VideoProcessorMixin):
+        num_frames = None
+        fps = None
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            raise ReasonEditError("this backend sends images only; videos are not supported")
+
+        def preprocess(self, *args: Any, **kwargs: Any) -> Any:
+            return self(*args, **kwargs)
+
+    return NoVideoProcessor
+
+
+def images_only_processor(model: str, cls: Any) -> Any:
+    """`cls` (a processor with a video processor) built from public loaders with a video
+    processor that never runs.
+
+    The parts come from `AutoImageProcessor`, `AutoTokenizer` and the processor's saved
+    settings (`get_processor_dict`, chat template included), assembled with the public
+    `from_args_and_dict`. The one private seam is `processor_type_checks_allowing`: a
+    processor checks each part's base class, and a video processor's base class cannot
+    be resolved without torchvision. `tests/test_families.py` fails loudly if it changes.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
     parts = {
         "image_processor": AutoImageProcessor.from_pretrained(model),
         "tokenizer": AutoTokenizer.from_pretrained(model),
+        "video_processor": no_video_processor_class()(),
     }
-    if "video_processor" in cls.get_attributes():
-        parts["video_processor"] = None
-    skip = {"processor_class", "auto_map", *cls.get_attributes()}
-    kwargs = {k: v for k, v in processor_dict.items() if k not in skip}
-    with _without_processor_type_checks():
-        return cls(**parts, **kwargs)
+    names = cls.get_attributes()
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise ReasonEditError(
+            f"cannot build the {cls.__name__} of {model} without torchvision (it also needs "
+            f"{', '.join(missing)}); install torchvision or report the model id"
+        )
+    processor_dict, _ = cls.get_processor_dict(model)
+    build = processor_type_checks_allowing(cls, no_video_processor_class())
+    return build.from_args_and_dict([parts[n] for n in names], processor_dict)
+
+
+def processor_type_checks_allowing(cls: Any, extra: type) -> Any:
+    """A subclass of processor class `cls` whose part-type check also accepts `extra`.
+
+    PRIVATE SEAM (transformers 5.24): `ProcessorMixin.__init__` calls
+    `self.check_argument_for_proper_class(name, part)` for every part, and for a video
+    processor that looks up `VideoProcessorMixin`, which transformers exports only with
+    torchvision installed. Overriding it in a subclass (no global patch) lets the stand-in
+    through; every other part is still checked. Kept in this one place on purpose.
+    """
+    original = cls.check_argument_for_proper_class
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if isinstance(argument, extra):
+            return extra
+        return original(self, argument_name, argument)
+
+    return type(
+        cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class}
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,12 +1,15 @@
 """Retrieval recall per key layer and w on easy-vqa: where could a dual key generalise?
 
-For every candidate layer of the model and several multiples of the auto w (0 = the layer
-alone), builds a codebook of the easy-vqa edits (patch search once, keys re-embedded per
-variant) and reports per probe kind the share of probes that retrieve their own edit
-(`loc`: the share that retrieve nothing). `calibrate` chooses among these variants by
-modularity; this grid shows what retrieval each variant actually gives.
+For every candidate layer of the model, at both hook points (`language.2`: the block's raw
+input; `language.2.normed`: the input of its MLP's first Linear, after the norm), and
+several multiples of the auto w (0 = the layer alone), builds a codebook of the easy-vqa
+edits (patch search once, keys re-embedded per variant) and reports per probe kind the
+share of probes that retrieve their own edit (`loc`: the share that retrieve nothing).
+`calibrate` chooses among these variants by modularity; this grid shows what retrieval
+each variant actually gives.
 
-    python scripts/layer_grid.py [--n-edits 100] [--factors 0,0.3,1,3,10,30] [--json]
+    python scripts/layer_grid.py [--n-edits 100] [--factors 0,0.3,1,3,10,30]
+        [--points input,normed] [--json]
 """
 
 from __future__ import annotations
@@ -49,13 +52,19 @@ def main() -> None:
         default="0,0.3,1,3,10,30",
         help="multiples of the layer's auto w (0: the layer alone; 10: equal spread)",
     )
+    ap.add_argument(
+        "--points",
+        default="input,normed",
+        help="hook points to grid: input (raw block input), normed (after the norm), or both",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         editor = Editor(Path(tmp) / "cb", create=True)
         gen = E.Generations(editor.vlm, 16)
         edits, probes, _ = build_easyvqa(E.easyvqa_asker(gen), n_edits=args.n_edits, seed=args.seed)
-        layers = [li.label for li in editor.vlm.candidate_layers()]
+        points = set(args.points.split(","))
+        layers = [li.label for li in editor.vlm.candidate_layers() if li.point in points]
         ev = E.Evaluation(editor, edits, probes, workdir=Path(tmp) / "v", gen=gen)
         ev.halves = E.HalfCache(editor.vlm, editor.text, layers, 16)  # all layers, one pass
         images = [ev.gen.image(e.image_bytes) for e in ev.edits]

@@ -273,6 +273,32 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
         out["repair"] = [rep.exit_code, again.exit_code]
         if rep.exit_code != 0 or again.exit_code != 0 or not _clean_output(rep.output):
             out["problems"].append(f"repair failed: {rep.output[-300:]}")
+    # 3b. source damage (issue 23): `doctor --repair` rebuilds from what survives, giving
+    # the undamaged results, or fails with one line (e.g. keys of a synthetic codebook
+    # cannot be re-embedded: its "model" does not exist)
+    if reader == "error" and kind in ("manifest", "segments") and case.get("repair_sources"):
+        rep = runner.invoke(app, ["doctor", "-c", str(work), "--repair"])
+        text = rep.output + (rep.stderr if rep.stderr_bytes is not None else "")
+        out["source_repair"] = rep.exit_code
+        if not _clean_output(text) or rep.exit_code not in (0, 1):
+            out["problems"].append(f"doctor --repair: exit {rep.exit_code} {text[-300:]}")
+        elif rep.exit_code == 1:
+            errs = [x for x in rep.stderr.splitlines() if x.startswith("Error")]
+            if len(errs) > 1:
+                out["problems"].append(f"doctor --repair error is not one line: {errs}")
+        else:
+            try:
+                cb = Codebook.open(work, hnsw_min_keys=hmk)
+                same = _same_hits(cb.search(queries, k=5, method="exact"), base["exact"])
+                tau = cb.tau
+                if not same or sorted(cb.edit_ids()) != base["edits"]:
+                    out["problems"].append("doctor --repair gave different search results")
+                elif (tau is None) != (base["tau"] is None) or (
+                    tau is not None and abs(tau - base["tau"]) > 1e-6 * max(1, abs(base["tau"]))
+                ):
+                    out["problems"].append(f"doctor --repair changed tau {tau} != {base['tau']}")
+            except CodebookError as e:
+                out["problems"].append(f"doctor --repair exit 0 but the reader fails: {e}")
     # 4. some cases: ask through the CLI with the real (tiny) VLM
     if case.get("ask"):
         a = runner.invoke(
@@ -297,7 +323,9 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
             else:
                 out["ask_unaffected"] = True
     # classify
-    if reader == "error":
+    if reader == "error" and out.get("source_repair") == 0:
+        out["outcome"] = "repaired by doctor --repair"
+    elif reader == "error":
         out["outcome"] = "clear error"
     elif res.exit_code == 0:
         out["outcome"] = "harmless"

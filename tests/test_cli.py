@@ -271,7 +271,12 @@ def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_pat
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["layer"] in {"vision.0", "vision.1", "projector", "language.0", "language.1"}
+    raw = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    # both hook points of every layer are candidates (#17 item 3)
+    assert [r["layer"] for r in summary["layer_table"]] == [
+        x for name in raw for x in (name, name + ".normed")
+    ]
+    assert summary["layer"] in {r["layer"] for r in summary["layer_table"]}
     assert {"q_vis", "q_lang", "q_bi"} <= set(summary["layer_table"][0])
     after = Codebook.open(codebook)
     assert after.version > before.version

@@ -166,8 +166,11 @@ def test_every_baseline_reports_every_metric_and_p_sweep(easy, tiny_editor):
     assert rep["grace"]["edits"] == len(edits) and sum(rep["grace"]["actions"].values()) == 3
     assert "Hard-Loc" in rep["methods"]["grace"] and "Gen-hmean" in rep["methods"]["grace"]
     taus = [r["tau"] for r in rep["sweep_p"]]
-    assert [r["p"] for r in rep["sweep_p"]] == [5, *range(10, 100, 10)]
+    assert [r["p"] for r in rep["sweep_p"]] == [1, 5, *range(10, 100, 10)]
     assert taus == sorted(taus)
+    # reasonedit-reference (in METHODS) gets its own sweep, tau by the reference rule
+    ref_taus = [r["tau"] for r in rep["sweep_p_reference"]]
+    assert ref_taus == sorted(ref_taus) and ref_taus[0] is not None
 
 
 def test_retrieval_rejects_more_loc_probes_at_low_p(tiny_editor, easy):
@@ -287,7 +290,7 @@ def test_aokvqa_and_rationalevqa_through_evaluate(tmp_path, images, model_args):
     )
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
-    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 10
+    assert rep["counts"] == {"acc": 2} and len(rep["sweep_p"]) == 11  # p = 1, 5, 10..90
     assert {"MC-Acc"} <= set(rep["methods"]["ike"])  # the `choices` column
     for name in ("metrics.json", "metrics.md", "sweep.md", "sweep.png"):
         assert (report_dir / name).is_file()

@@ -9,7 +9,6 @@ that batching never changes a result.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -22,25 +21,49 @@ from reasonedit_cli.cli import app
 from reasonedit_cli.errors import ReasonEditError
 from reasonedit_cli.vlm import SUPPORTED_FAMILIES, VLM
 
-_NO_NUM2WORDS = importlib.util.find_spec("num2words") is None
 FAMILIES = [
     "qwen2_vl",
     "qwen2_5_vl",
+    "qwen3_vl",
     "idefics3",
+    "smolvlm",  # SmolVLM2: needs `num2words` (a dependency) and a video-processor stand-in
     "llava_next",
     "llava_onevision",
     "instructblip",
-    # SmolVLM2's processor needs the `num2words` package (SmolVLM v1 is idefics3).
-    pytest.param(
-        "smolvlm", marks=pytest.mark.skipif(_NO_NUM2WORDS, reason="num2words not installed")
-    ),
+    "instructblip_t5",  # encoder-decoder language model
+    "gemma3",
+    "paligemma",
 ]
+#: the config `model_type` of each tiny model (InstructBLIP-Flan-T5 is an instructblip)
+MODEL_TYPE = {"instructblip_t5": "instructblip"}
+RAW = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+#: T5: encoder blocks are language.0-1, decoder blocks language.2-3
+RAW_T5 = [*RAW, "language.2", "language.3"]
 LAYERS = ["vision.0", "projector", "language.1"]
+LAYERS += [name + ".normed" for name in LAYERS]
+
+# The normed point of each role (#17 item 3): the module whose input is captured (output
+# for Gemma 3's projector norm), as a suffix of its path. Knowledge checked here, found
+# by vlm.py from the module tree.
+_LLAMA = {"vision": "mlp.fc1", "projector": "multi_modal_projector.linear_1"}
+NORMED_HOOKS = {
+    "qwen2_vl": {"vision": "mlp.fc1", "projector": "visual.merger.mlp.0"},
+    "qwen2_5_vl": {"vision": "mlp.gate_proj", "projector": "visual.merger.mlp.0"},
+    "qwen3_vl": {"vision": "mlp.linear_fc1", "projector": "visual.merger.linear_fc1"},
+    "idefics3": {"vision": "mlp.fc1", "projector": "connector.modality_projection.proj"},
+    "smolvlm": {"vision": "mlp.fc1", "projector": "connector.modality_projection.proj"},
+    "llava_next": _LLAMA,
+    "llava_onevision": _LLAMA,
+    "instructblip": {"vision": "mlp.fc1", "projector": "language_projection"},
+    "instructblip_t5": {"vision": "mlp.fc1", "projector": "language_projection"},
+    "gemma3": {"vision": "mlp.fc1", "projector": "multi_modal_projector.mm_soft_emb_norm"},
+    "paligemma": {"vision": "mlp.fc1", "projector": "multi_modal_projector.linear"},
+}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
-    """Model directories built on first use, shared by every test of the session."""
+    """Model directories built on first use, shared by every test of this module."""
     root = tmp_path_factory.mktemp("families")
     built: dict = {}
 
@@ -52,7 +75,7 @@ def family_dirs(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vlms(family_dirs):
     loaded: dict = {}
 
@@ -77,9 +100,20 @@ def _imgs():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_backend(vlms, family):
     vlm = vlms(family)
-    assert vlm.family == family
-    labels = [li.label for li in vlm.candidate_layers()]
-    assert labels == ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    assert vlm.family == MODEL_TYPE.get(family, family)
+    layers = vlm.candidate_layers()
+    raw = RAW_T5 if family == "instructblip_t5" else RAW
+    assert [li.label for li in layers] == [x for name in raw for x in (name, name + ".normed")]
+    hooks = NORMED_HOOKS[family]
+    for li in layers:
+        if li.normed and li.role in hooks:
+            assert li.module.endswith(hooks[li.role]), (li.label, li.module)
+        elif li.normed:  # language blocks: the MLP's first Linear, after the norm
+            t5 = "DenseReluDense.wi_0" if family == "instructblip_t5" else None
+            assert li.module.endswith(t5 or "mlp.gate_proj"), (li.label, li.module)
+    if family == "instructblip_t5":  # decoder blocks continue the encoder's numbering
+        assert vlm.resolve_layer("language.2").name.endswith("decoder.block.0")
+        assert vlm.resolve_layer("language.1").name.endswith("encoder.block.1")
     imgs = _imgs()
     prompts = ["what shape is in the image?", "what color?", "is there a red shape? yes or no"]
 
@@ -205,3 +239,66 @@ def test_unsupported_models_are_refused_with_the_supported_list(tmp_path):
         ],
     )
     assert result.exit_code != 0
+
+
+def test_images_only_processor_seam(vlms):
+    """The one private transformers seam (`vlm.processor_type_checks_allowing`) is still
+    needed and still the hook ProcessorMixin calls: this fails loudly if transformers
+    changes either, instead of the families breaking somewhere else."""
+    import inspect
+
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import is_torchvision_available
+
+    from reasonedit_cli.vlm import no_video_processor_class
+
+    params = list(inspect.signature(ProcessorMixin.check_argument_for_proper_class).parameters)
+    assert params == ["self", "argument_name", "argument"]
+    assert "self.check_argument_for_proper_class(" in inspect.getsource(ProcessorMixin.__init__)
+    vlm = vlms("qwen3_vl")
+    processor = vlm.processor
+    assert isinstance(processor.video_processor, no_video_processor_class())
+    with pytest.raises(ReasonEditError, match="images only"):
+        processor.video_processor([np.zeros((2, 8, 8, 3), dtype=np.uint8)])
+    if not is_torchvision_available():
+        # without the seam transformers refuses the stand-in: the seam is still needed
+        from transformers import Qwen3VLProcessor
+
+        with pytest.raises((TypeError, ValueError, AttributeError)):
+            Qwen3VLProcessor(
+                image_processor=processor.image_processor,
+                tokenizer=processor.tokenizer,
+                video_processor=no_video_processor_class()(),
+            )
+
+
+def test_broken_family_checkpoints_fail_in_one_line(family_dirs, tmp_path):
+    """A damaged checkpoint of a new family: one line naming the model and what to do,
+    exit 1, no traceback, from add-edit, ask and calibrate."""
+    import shutil
+
+    broken = tmp_path / "gemma3-broken"
+    shutil.copytree(family_dirs("gemma3"), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    no_tokenizer = tmp_path / "smolvlm-no-tokenizer"
+    shutil.copytree(family_dirs("smolvlm"), no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    (no_tokenizer / "tokenizer_config.json").unlink()
+    from conftest import shape_image
+
+    image = str(shape_image(tmp_path / "red_circle.png", "circle", "red"))
+    runner = CliRunner()
+    for model in (broken, no_tokenizer):
+        common = ["--codebook", str(tmp_path / "cb"), "--model", str(model), "--device", "cpu"]
+        for args in (
+            ["add-edit", *common, "--image", image, "--question", "q?", "--answer", "a"]
+            + ["--reason", "The shape is round."],
+            ["ask", *common, "--image", image, "--question", "q?", "--no-edit"],
+            ["calibrate", *common],
+        ):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 1, result.output
+            lines = [ln for ln in result.output.splitlines() if ln.strip()]
+            assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+            assert str(model) in lines[0] and "Traceback" not in result.output
+            assert "transformers>=" in lines[0] or "report" in lines[0]

@@ -34,23 +34,46 @@ def test_grid_counts_square() -> None:
     assert sum(counts.values()) == 29
 
 
-def test_grid_counts_landscape_drops_tall() -> None:
+def test_grid_counts_landscape_drops_wide() -> None:
+    # (width, height) in cells: a landscape image keeps crops no wider than tall in cells
     counts = _size_counts(96, 64)
-    assert counts == {(1, 1): 9, (2, 1): 6, (2, 2): 4, (3, 2): 2}
-
-
-def test_grid_counts_portrait_drops_wide() -> None:
-    counts = _size_counts(48, 80)
     assert counts == {(1, 1): 9, (1, 2): 6, (2, 2): 4, (2, 3): 2}
+
+
+def test_grid_counts_portrait_drops_tall() -> None:
+    counts = _size_counts(48, 80)
+    assert counts == {(1, 1): 9, (2, 1): 6, (2, 2): 4, (3, 2): 2}
 
 
 def test_orientation_filter() -> None:
     assert P.orientation(10, 20) == "portrait"
     assert P.orientation(20, 10) == "landscape"
     assert P.orientation(7, 7) == "square"
-    assert P.allowed_sizes(20, 10) == [(1, 1), (2, 1), (2, 2), (3, 2)]
-    assert P.allowed_sizes(10, 20) == [(1, 1), (1, 2), (2, 2), (2, 3)]
+    assert P.allowed_sizes(20, 10) == [(1, 1), (1, 2), (2, 2), (2, 3)]
+    assert P.allowed_sizes(10, 20) == [(1, 1), (2, 1), (2, 2), (3, 2)]
     assert P.allowed_sizes(7, 7) == list(P.CROP_SIZES)
+
+
+@pytest.mark.parametrize(
+    ("size", "dropped"),
+    [((600, 300), {(400, 100), (600, 200)}), ((300, 600), {(100, 400), (200, 600)})],
+)
+def test_crops_stay_near_square_in_pixels(size, dropped) -> None:
+    """REFERENCE row 1: a 600x300 image has 200x100-px cells; the crops 2 cells across
+    by 1 down (400x100, 4:1) and 3 by 2 (600x200, 3:1) are dropped, so no kept crop is
+    more elongated than one cell (2:1). The portrait image is the transpose."""
+    grid = P.crop_grid(Image.new("RGB", size, "white"))
+    pixel_sizes = {(c.box[2] - c.box[0], c.box[3] - c.box[1]) for c in grid.candidates}
+    assert pixel_sizes.isdisjoint(dropped)
+    assert max(max(w / h, h / w) for w, h in pixel_sizes) == 2.0
+    assert len(grid.candidates) == 9 + 6 + 4 + 2
+    for crop in grid.crops:  # cut from the 512-px copy: same shapes, scaled
+        assert max(crop.size[0] / crop.size[1], crop.size[1] / crop.size[0]) < 2.05
+    # the reference's kernel names (rows x cols) of what is kept, in enumeration order
+    kept = list(dict.fromkeys(f"{c.height}x{c.width}" for c in grid.candidates))
+    assert kept == (
+        ["1x1", "2x1", "2x2", "3x2"] if size[0] > size[1] else ["1x1", "1x2", "2x2", "2x3"]
+    )
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 64), (48, 80), (1200, 800), (5, 4), (3, 3)])
@@ -152,8 +175,26 @@ def test_select_smallest_size_ties_plus_top_k() -> None:
 def test_select_tie_tolerance_is_tight() -> None:
     sizes = [1, 1, 1]
     p_yes = [0.9, 0.9, 0.9]
-    assert P.select_crops(sizes, p_yes, [1.0, 1.001, 1.0], top_k=1) == [0, 2]
-    assert P.select_crops(sizes, p_yes, [1.0, 1.0 + 1e-6, 2.0], top_k=1) == [0, 1]
+    sel = P.select_crops(sizes, p_yes, [1.0, 1.001, 1.0], top_k=1, tie="tolerance")
+    assert sel == [0, 2]
+    sel = P.select_crops(sizes, p_yes, [1.0, 1.0 + 1e-6, 2.0], top_k=1, tie="tolerance")
+    assert sel == [0, 1]
+
+
+def test_select_ties_at_two_decimals_by_default() -> None:
+    """REFERENCE row 2: losses equal to 2 decimals tie (Python round, half to even)."""
+    sizes = [1, 1, 1, 2, 2]
+    p_yes = [0.9, 0.9, 0.9, 0.9, 0.9]
+    loss = [1.004, 0.996, 1.006, 0.9951, 0.99]
+    # rounded: 1.0, 1.0, 1.01, 1.0, 0.99 -> (a) size-1 crops 0 and 1 tie at 1.00;
+    # (b) top_k=2 of the stable sort by rounded loss: 4 (0.99), then 0 (1.00, first index)
+    assert P.select_crops(sizes, p_yes, loss, top_k=2) == [4, 0, 1]
+    assert P.select_crops(sizes, p_yes, loss, top_k=2, tie="round") == [4, 0, 1]
+    # the old tolerance sees no tie: crop 1 alone is best of size 1, then 4 and 3 by loss
+    assert P.select_crops(sizes, p_yes, loss, top_k=2, tie="tolerance") == [4, 3, 1]
+    assert P.rounded_loss(0.125) == 0.12 and P.rounded_loss(2.675) == 2.67  # binary value
+    with pytest.raises(ValueError):
+        P.select_crops(sizes, p_yes, loss, tie="two")
 
 
 def test_select_top_k_overlapping_with_ties() -> None:

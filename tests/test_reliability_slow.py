@@ -216,6 +216,7 @@ def test_full_damage_fuzz(tmp_path, tiny_llava):
             c.update(id=len(cases), src=str(src), work=str(tmp_path / "work"), hnsw_min_keys=hmk)
             if src == cli_cb and j % 4 == 0:
                 c["ask"] = ask
+            c["repair_sources"] = True  # doctor --repair on source damage (issue 23)
             cases.append(c)
     results = run_fuzz(cases)
     s = summarize(results)
@@ -299,3 +300,51 @@ def test_four_writers_fifty_edits_each(tmp_path, tiny_llava):
             "elapsed_seconds": round(elapsed, 1),
         },
     )
+
+
+# ---------------------------------------------------------------- issue 23
+
+
+def test_power_loss_real_workload_every_crash_state(tmp_path, tiny_llava):
+    """Every crash point of add-edit, remove-edit, calibrate, merge-keys and compaction on
+    the tiny LLaVA, under every persistence variant (tests/crash_harness.py)."""
+    import crash_harness
+
+    limit = os.environ.get("RELIABILITY_CRASH_STATES")
+    f = crash_harness.run(
+        "real", tmp_path / "crash", int(limit) if limit else None, str(tiny_llava)
+    )
+    _report("power_loss_real", f)
+    ops = ["add-edit", "remove-edit", "calibrate", "merge-keys", "compaction", "add-edit --merge"]
+    assert f["operations"] == ops
+    assert f["states"] >= (int(limit) // 2 if limit else 1000), f
+    assert f["violations"] == [], f["violations"][:5]
+
+
+def test_power_loss_synthetic_every_crash_state(tmp_path):
+    import crash_harness
+
+    f = crash_harness.run("synthetic", tmp_path / "crash", None, None)
+    _report("power_loss_synthetic", f)
+    assert f["violations"] == [], f["violations"][:5]
+
+
+def test_power_loss_harness_catches_missing_directory_fsync(tmp_path, monkeypatch):
+    """A planted bug (no directory fsync after renames) must show up as violations."""
+    import crash_harness
+
+    monkeypatch.setenv("CRASH_HARNESS_MUTATION", "no-dir-fsync")
+    f = crash_harness.run("synthetic", tmp_path / "crash", 150, None)
+    _report("power_loss_mutation", {k: v for k, v in f.items() if k != "violations"})
+    assert len(f["violations"]) >= 10, f
+
+
+def test_four_readers_under_two_hundred_commits(tmp_path):
+    import readers_harness
+
+    commits = int(os.environ.get("RELIABILITY_READER_COMMITS", "200"))
+    f = readers_harness.run(tmp_path / "rw", commits=commits, readers=4)
+    _report("readers_under_writes", f)
+    assert f["commits"] == commits and f["reads"] >= 100, f
+    assert f["errors"] == [] and f["inconsistent"] == [], f
+    assert f["max_read_s"] < 30, f

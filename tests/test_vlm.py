@@ -22,9 +22,21 @@ def _imgs():
 def test_candidate_layers_cover_all_roles(vlm):
     layers = vlm.candidate_layers()
     labels = [li.label for li in layers]
-    assert labels == ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    raw = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
+    assert labels == [x for name in raw for x in (name, name + ".normed")]
     assert vlm.resolve_layer("language.mid").label == "language.1"
+    assert vlm.resolve_layer("language.mid.normed").label == "language.1.normed"
     assert vlm.resolve_layer("model.language_model.layers.0").label == "language.0"
+    # the normed point: the input of the MLP's first Linear, after the block's norm
+    hooks = {li.label: li.module for li in layers if li.normed}
+    assert hooks == {
+        "vision.0.normed": "model.vision_tower.encoder.layers.0.mlp.fc1",
+        "vision.1.normed": "model.vision_tower.encoder.layers.1.mlp.fc1",
+        "projector.normed": "model.multi_modal_projector.linear_1",
+        "language.0.normed": "model.language_model.layers.0.mlp.gate_proj",
+        "language.1.normed": "model.language_model.layers.1.mlp.gate_proj",
+    }
+    assert vlm.resolve_layer(hooks["language.0.normed"]).label == "language.0.normed"
     with pytest.raises(UsageError, match="this model has"):
         vlm.resolve_layer("language.9")
 
@@ -98,3 +110,49 @@ def test_unknown_device_and_dtype(tiny_llava):
         VLM(str(tiny_llava), device="tpu")
     with pytest.raises(UsageError, match="unknown dtype"):
         VLM(str(tiny_llava), device="cpu", dtype="int3")
+
+
+def test_normed_points_are_the_norm_outputs_and_share_the_forward(vlm):
+    """`language.N.normed` is what the block's post-attention norm hands its MLP and
+    `vision.N.normed` what the CLIP block's second norm hands `mlp.fc1`: checked against
+    forward hooks on the norms themselves, pooled the same way."""
+    import torch
+
+    imgs = _imgs()
+    texts = ["short", "a much longer prompt about the shape in the image", "mid size text"]
+    names = ["language.1", "language.1.normed", "vision.0", "vision.0.normed"]
+    before = vlm.forward_calls
+    out = vlm.pooled_inputs(imgs, texts, names)
+    assert vlm.forward_calls - before == 1
+    norms = {
+        "language.1.normed": vlm.model.model.language_model.layers[1].post_attention_layernorm,
+        "vision.0.normed": vlm.model.model.vision_tower.encoder.layers[0].layer_norm2,
+    }
+    seen: dict = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _a, o, k=k: seen.__setitem__(k, o))
+        for k, m in norms.items()
+    ]
+    try:
+        batch = vlm.processor(
+            images=imgs,
+            text=[vlm.chat_text(t) for t in texts],
+            padding=True,
+            return_tensors="pt",
+        )
+        vlm.model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    lang = (seen["language.1.normed"] * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(out["language.1.normed"], lang.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        out["vision.0.normed"], seen["vision.0.normed"].mean(1).numpy(), atol=1e-5
+    )
+    # the raw residual stream is a different tensor
+    assert not np.allclose(out["language.1"], out["language.1.normed"], atol=1e-3)
+    single = [vlm.pooled_inputs([i], [t], names) for i, t in zip(imgs, texts)]
+    for name in names:
+        np.testing.assert_allclose(out[name], np.concatenate([s[name] for s in single]), atol=1e-5)
+    assert torch.is_grad_enabled() is False

@@ -216,7 +216,24 @@ def _qwen(path: Path, version: str, seed: int) -> Path:
         vision_start_token_id=ids["vision_start"],
         vision_end_token_id=ids["vision_end"],
     )
-    if version == "2":
+    if version == "3":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLProcessor as Processor
+
+        text.update(
+            head_dim=32,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [6, 5, 5],
+                "mrope_interleaved": True,
+            },
+        )
+        vision.update(
+            intermediate_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0]
+        )
+    elif version == "2":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
         from transformers import Qwen2VLProcessor as Processor
@@ -240,6 +257,12 @@ def build_tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
 
 def build_tiny_qwen2_5_vl(path: Path, seed: int = 0) -> Path:
     return _qwen(path, "2.5", seed)
+
+
+def build_tiny_qwen3_vl(path: Path, seed: int = 0) -> Path:
+    """Qwen3-VL (the paper's model): Qwen2-VL's processor layout, a merger with its own
+    norm, DeepStack features added into the first language block."""
+    return _qwen(path, "3", seed)
 
 
 # ------------------------------------------------------------------- Idefics3 / SmolVLM
@@ -373,7 +396,9 @@ def build_tiny_llava_onevision(path: Path, seed: int = 0) -> Path:
 
 
 # ---------------------------------------------------------------------- InstructBLIP
-def build_tiny_instructblip(path: Path, seed: int = 0) -> Path:
+def build_tiny_instructblip(path: Path, seed: int = 0, *, lm: str = "llama") -> Path:
+    """InstructBLIP: a vision tower, the Q-Former (which also reads the instruction) and a
+    Llama decoder (`lm="llama"`, as Vicuna) or a Flan-T5 encoder-decoder (`lm="t5"`)."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import (
@@ -386,7 +411,10 @@ def build_tiny_instructblip(path: Path, seed: int = 0) -> Path:
         InstructBlipVisionConfig,
     )
 
-    tok = _tokenizer(["<image>"])  # the processor registers <image> itself
+    if lm == "t5":  # T5's special ids: pad 0 (also the decoder start), eos 1, no BOS
+        tok = _tokenizer(["<image>"], bos=None, eos="</s>", pad="<pad>")
+    else:
+        tok = _tokenizer(["<image>"])  # the processor registers <image> itself
     # A word-level BERT-style tokenizer for the Q-Former's view of the instruction.
     words = sorted({w.strip("?.,'").lower() for line in CORPUS for w in line.split()})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
@@ -425,7 +453,7 @@ def build_tiny_instructblip(path: Path, seed: int = 0) -> Path:
             max_position_embeddings=128,
             pad_token_id=0,
         ).to_dict(),
-        text_config=_llama(tok).to_dict(),
+        text_config=(_t5(tok) if lm == "t5" else _llama(tok)).to_dict(),
         num_query_tokens=num_query,
         image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
@@ -436,12 +464,153 @@ def build_tiny_instructblip(path: Path, seed: int = 0) -> Path:
     return _save(InstructBlipForConditionalGeneration(config), processor, tok, path)
 
 
+# ---------------------------------------------------------------- Gemma 3 / PaliGemma
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type']=='image' %}<start_of_image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _siglip(**kw):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        **kw,
+    )
+
+
+def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
+    """Gemma 3: SigLIP tower, a projector that pools and norms (no Linear), Gemma 3 LM."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+    )
+
+    names = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    specials = [*names.values(), "<start_of_turn>", "<end_of_turn>"]
+    tok = _tokenizer(specials, bos="<bos>", eos="<eos>", pad="<pad>", extra=names)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+    text = Gemma3TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        sliding_window=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=_siglip(vision_use_head=False),
+        mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(
+        image_processor=ip, tokenizer=tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4
+    )
+    torch.manual_seed(seed)
+    return _save(Gemma3ForConditionalGeneration(config), processor, tok, path)
+
+
+def build_tiny_paligemma(path: Path, seed: int = 0) -> Path:
+    """PaliGemma: SigLIP tower, one-Linear projector, Gemma LM with a bidirectional
+    prefix (token_type_ids); no chat template (the processor adds image tokens and BOS)."""
+    import torch
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+    )
+
+    tok = _tokenizer(["<image>"], bos="<bos>", eos="<eos>", pad="<pad>")
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16  # (32 / 8) ** 2 patches
+    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds <loc>/<seg>
+    text = GemmaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = PaliGemmaConfig(
+        text_config=text,
+        vision_config=_siglip(projection_dim=32),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projection_dim=32,
+        hidden_size=32,
+    )
+    torch.manual_seed(seed)
+    return _save(PaliGemmaForConditionalGeneration(config), processor, tok, path)
+
+
+def _t5(tok):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",  # Flan-T5's feed-forward
+        is_encoder_decoder=True,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+
+
+def build_tiny_instructblip_t5(path: Path, seed: int = 0) -> Path:
+    return build_tiny_instructblip(path, seed, lm="t5")
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "gemma3": build_tiny_gemma3,
+    "paligemma": build_tiny_paligemma,
     "idefics3": build_tiny_idefics3,
     "smolvlm": build_tiny_smolvlm,
     "llava_next": build_tiny_llava_next,
     "llava_onevision": build_tiny_llava_onevision,
     "instructblip": build_tiny_instructblip,
+    "instructblip_t5": build_tiny_instructblip_t5,
 }

@@ -103,12 +103,15 @@ class GraceAdaptor:
             from reasonedit_cli.errors import InputError
 
             raise InputError("GRACE needs the model in this process (not --engine ray)")
-        self.vlm = vlm
-        self.layer = vlm.resolve_layer(layer).label
-        if not self.layer.startswith("language."):
-            from reasonedit_cli.errors import UsageError
+        from reasonedit_cli.errors import UsageError
 
+        self.vlm = vlm
+        info = vlm.resolve_layer(layer)
+        self.layer = info.label
+        if info.role != "language" or getattr(info, "normed", False):
             raise UsageError(f"GRACE wraps a language-model block, not {self.layer!r}")
+        if getattr(vlm, "encoder_decoder", False):
+            raise UsageError("GRACE here needs a decoder-only language model")
         self.module = vlm.layer_module(self.layer)
         self.eps_init = eps_init
         self.steps = steps
