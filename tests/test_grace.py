@@ -74,10 +74,22 @@ def two_images(images):
     return [Image.open(images[n]).convert("RGB") for n in ("red_circle", "blue_triangle")]
 
 
-def test_grace_on_a_tiny_qwen2_vl(tiny_qwen, two_images):
+@pytest.fixture(scope="module")
+def tiny_paligemma(tmp_path_factory):
+    from tiny_models import BUILDERS
+
+    from reasonedit_cli.vlm import VLM
+
+    path = BUILDERS["paligemma"](tmp_path_factory.mktemp("models") / "tiny-paligemma")
+    return VLM(str(path), device="cpu")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
+def test_grace_on_tiny_architectures(family, request, two_images):
+    vlm = request.getfixturevalue("tiny_qwen" if family == "qwen2_vl" else "tiny_paligemma")
     img, other = two_images
-    before = tiny_qwen.generate([img, other], [QUESTION, UNRELATED])
-    grace = GraceAdaptor(tiny_qwen)
+    before = vlm.generate([img, other], [QUESTION, UNRELATED])
+    grace = GraceAdaptor(vlm)
     try:
         k = grace.keys_of([img, img], [QUESTION, UNRELATED])
         grace.eps_init = 0.1 * float(np.linalg.norm(k[0] - k[1]))
@@ -91,7 +103,7 @@ def test_grace_on_a_tiny_qwen2_vl(tiny_qwen, two_images):
         assert losses[0] < losses[1]
     finally:
         grace.close()
-    assert tiny_qwen.generate([img, other], [QUESTION, UNRELATED]) == before
+    assert vlm.generate([img, other], [QUESTION, UNRELATED]) == before
 
 
 def test_grace_codebook_rules_expand_and_split(tiny_qwen, two_images):
