@@ -423,3 +423,19 @@ def test_evaluate_aokvqa_end_to_end_with_choices(tmp_path, model_args):
     assert sum(rep["counts"].values()) >= rep["dataset"]["edits"] + 1  # probes beyond Acc
     for metrics in rep["methods"].values():
         assert "MC-Acc" in metrics and "Gen-hmean" in metrics
+
+
+def test_probe_file_accepts_hard_loc_and_checks_choices(tmp_path, images):
+    from reasonedit_cli.errors import InputError
+    from reasonedit_cli.evaluation import read_probes
+
+    good = {"image": str(images["red_circle"]), "question": "what color is the shape?"}
+    path = tmp_path / "probes.jsonl"
+    path.write_text(
+        json.dumps({**good, "answer": "red", "kind": "hard_loc", "choices": ["red", "blue"]}) + "\n"
+    )
+    (probe,) = read_probes(str(path))
+    assert probe.kind == "hard_loc" and probe.edit_id is None and probe.choices == ["red", "blue"]
+    path.write_text(json.dumps({**good, "answer": "red", "kind": "loc", "choices": "red"}) + "\n")
+    with pytest.raises(InputError, match="choices"):
+        read_probes(str(path))
