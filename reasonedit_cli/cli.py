@@ -51,8 +51,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="VLM: a local directory or a Hugging Face id. Default: the codebook's model, "
-        "else the bundled demo VLM.",
+        help="VLM: a local directory, a Hugging Face id, or a bundled model: demo (easy-vqa) "
+        "or scenes (multi-object scenes). Default: the codebook's model, else demo.",
     ),
 ]
 TextModelOpt = Annotated[
@@ -132,6 +132,14 @@ def _stdout():
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=True)
+
+
+def _table_out():
+    """stdout for tables: on a terminal its width; piped, wide enough that no cell (a full
+    timestamp, a long question) is cut or wrapped."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 100_000)
 
 
 def handle_errors(func: F) -> F:
@@ -290,6 +298,14 @@ def add_edit(
         ),
     ] = None,
     preset: PresetOpt = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="An id already stored with other content: replace that edit (one new "
+            "version; undo with restore). Without it that is an error.",
+        ),
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
     text_model: TextModelOpt = None,
@@ -381,6 +397,7 @@ def add_edit(
                 patches=patches,
                 top_k_patches=top_k_patches,
                 merge=merge,
+                replace=replace,
             )
         else:
             report = editor.add_edits(
@@ -390,6 +407,7 @@ def add_edit(
                 patches=patches,
                 top_k_patches=top_k_patches,
                 merge=merge,
+                replace=replace,
             )
     merged = report.merge.summary() if report.merge is not None else None
     if as_json:
@@ -397,6 +415,7 @@ def add_edit(
             {
                 "added": report.added,
                 "skipped": report.skipped,
+                "replaced": report.replaced,
                 "invalid": errors,
                 "keys": report.keys,
                 "version": report.version,
@@ -407,10 +426,16 @@ def add_edit(
         )
     else:
         out = _stdout()
+        replaced = f" ({len(report.replaced)} replaced)" if report.replaced else ""
         out.print(
-            f"Added {len(report.added)} edit(s) ({report.keys} keys) to {codebook}; "
-            f"{len(report.skipped)} already present; version {report.version}."
+            f"Added {len(report.added)} edit(s){replaced} ({report.keys} keys) to {codebook}; "
+            f"{len(report.skipped)} already present; version {report.version}.",
+            markup=False,
         )
+        if report.added:
+            out.print("Added: " + ", ".join(report.added), markup=False)
+        if report.replaced:
+            out.print("Replaced: " + ", ".join(report.replaced), markup=False)
         if merged:
             out.print(
                 f"Merged keys: {merged['before']} -> {merged['after']} "
@@ -588,6 +613,12 @@ def calibrate(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Report only; change nothing.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Commit even when the new settings retrieve fewer of the own edits."
+        ),
+    ] = False,
     preset: PresetOpt = None,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     model: ModelOpt = None,
@@ -599,6 +630,10 @@ def calibrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Choose the layer and w by topology-balanced calibration; re-embed every key.
+
+    Before committing, the codebook's own edits are asked back (as is, rephrased, on a
+    perturbed image) under the old and the new settings; a choice that retrieves fewer
+    is refused (exit 1, codebook unchanged) unless --force.
 
     Example: reasonedit calibrate --max-pairs 200 --plot calibration.png
     """
@@ -625,24 +660,43 @@ def calibrate(
         bootstrap = DEFAULT_N_RUNS if reference else 5
     n_layers = len(layers) if layers else len(editor.vlm.candidate_layers())
     steps = 2 * max(1, bootstrap) if reference else calibration_steps(n_layers)
+    from reasonedit_cli.selfcheck import CalibrationRefused
+
+    refused: CalibrationRefused | None = None
     with _progress(steps, "Calibrating", not as_json) as advance:
-        result, version = editor.calibrate(
-            pairs,
-            rule=layer_rule,
-            layers=layers,
-            max_pairs=max_pairs,
-            bootstrap=bootstrap,
-            knn=knn,
-            seed=seed,
-            progress=lambda _desc, n: advance(n),
-            dry_run=dry_run,
-        )
+        try:
+            result, version = editor.calibrate(
+                pairs,
+                rule=layer_rule,
+                layers=layers,
+                max_pairs=max_pairs,
+                bootstrap=bootstrap,
+                knn=knn,
+                seed=seed,
+                progress=lambda _desc, n: advance(n),
+                dry_run=dry_run,
+                force=force,
+            )
+        except CalibrationRefused as exc:
+            refused, result, version = exc, exc.result, editor.codebook.version
     if plot is not None:
         plot_calibration(result, plot)
-    summary = result.to_dict() | {"version": version, "dry_run": dry_run}
+    summary = result.to_dict() | {
+        "version": version,
+        "dry_run": dry_run,
+        "committed": not dry_run and refused is None,
+    }
     if as_json:
         _print_json(summary)
-        return
+    else:
+        _render_calibration(result, summary, version, dry_run, refused is not None)
+    if refused is not None:
+        raise refused
+
+
+def _render_calibration(
+    result: Any, summary: dict[str, Any], version: int, dry_run: bool, refused: bool
+) -> None:
     from rich.table import Table
 
     out = _stdout()
@@ -656,19 +710,39 @@ def calibrate(
             *(_fmt(row.get(k)) for k in ("q_vis", "q_lang", "q_bi", "harmonic")),
         )
     out.print(table)
-    wt = Table(title=f"w on {result.layer}")
+    rows = summary["w_table"]
+    step = max(1, len(rows) // 10)
+    shown = rows[::step]
+    shown += [r for r in rows if r["w"] == result.w and r not in shown]
+    lo, hi = (rows[0].get("w_rel"), rows[-1].get("w_rel")) if rows else (None, None)
+    grid = (
+        f"{len(rows)} points, {_fmt(lo)}x..{_fmt(hi)}x the layer's equal-spread w"
+        if lo is not None
+        else f"{len(rows)} points"
+    )
+    wt = Table(title=f"w on {result.layer} ({grid}; every {step}th shown, and the chosen)")
     for col in ("w", "Q_vis", "Q_lang", "Q_bi", "balance"):
         wt.add_column(col, justify="right")
-    rows = summary["w_table"]
-    for row in rows[:: max(1, len(rows) // 10)] + ([r for r in rows if r["w"] == result.w]):
+    for row in shown:
         wt.add_row(
             _fmt(row["w"]), *(_fmt(row.get(k)) for k in ("q_vis", "q_lang", "q_bi", "harmonic"))
         )
     out.print(wt)
-    verb = "would choose" if dry_run else "chose"
+    check = summary.get("check")
+    if check:
+        ct = Table(title="Own edits retrieved (asked back as is, rephrased, on a perturbed image)")
+        old, new = check["old_settings"], check["new_settings"]
+        ct.add_column("probe")
+        ct.add_column(f"now: {old['layer']}, w = {old['w']:.4g}", justify="right")
+        ct.add_column(f"chosen: {new['layer']}, w = {new['w']:.4g}", justify="right")
+        for kind, c in check["kinds"].items():
+            mark = " (lost)" if kind in check["lost"] else ""
+            ct.add_row(kind, f"{c['old']}/{c['total']}", f"{c['new']}/{c['total']}{mark}")
+        out.print(ct)
+    verb = "would choose" if dry_run or refused else "chose"
     out.print(
         f"Calibration {verb} layer [bold]{result.layer}[/bold], w = {result.w:.4g}"
-        + ("" if dry_run else f"; codebook version {version}.")
+        + ("" if dry_run or refused else f"; codebook version {version}.")
     )
 
 
@@ -740,7 +814,11 @@ def evaluate(
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option("--dataset", help="Build edits and probes from a dataset: easy-vqa."),
+        typer.Option(
+            "--dataset",
+            help="Build edits and probes from a dataset: easy-vqa, or scenes (generated "
+            "multi-object scenes, docs/evaluation.md).",
+        ),
     ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="Layout of --edits: jsonl | aokvqa | rationalevqa.")
@@ -805,8 +883,10 @@ def evaluate(
     import time
 
     from reasonedit_cli.evaluation import (
+        DATASETS,
         METHODS,
         Generations,
+        build_dataset,
         markdown_table,
         read_probes,
         sweep_markdown,
@@ -825,10 +905,10 @@ def evaluate(
             f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
         )
     if (dataset is None) == (edits is None):
-        raise UsageError("give either --dataset easy-vqa or --edits FILE [--probes FILE]")
+        raise UsageError("give either --dataset NAME or --edits FILE [--probes FILE]")
     _check_preset(preset)
-    if dataset is not None and dataset != "easy-vqa":
-        raise UsageError(f"unknown --dataset {dataset!r}; supported: easy-vqa")
+    if dataset is not None and dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset {dataset!r}; supported: {', '.join(DATASETS)}")
     ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
@@ -845,14 +925,9 @@ def evaluate(
         info: dict[str, Any] = {}
         choices: dict[str, list[str]] = {}
         if dataset is not None:
-            from reasonedit_cli.easyvqa import build_easyvqa
-            from reasonedit_cli.evaluation import easyvqa_asker
-
             if not as_json:
-                _stderr().print(f"Finding {n_edits} mistakes of the unedited model on easy-vqa...")
-            edit_list, probe_list, info = build_easyvqa(
-                easyvqa_asker(gen), n_edits=n_edits, seed=seed
-            )
+                _stderr().print(f"Finding {n_edits} mistakes of the unedited model on {dataset}...")
+            edit_list, probe_list, info = build_dataset(dataset, gen, n_edits=n_edits, seed=seed)
         elif fmt == "aokvqa":
             from reasonedit_cli.fileprobes import build_aokvqa
 
@@ -957,6 +1032,138 @@ def doctor(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------- list, show, export
+@app.command("list")
+@handle_errors
+def list_edits(
+    question: Annotated[
+        str | None,
+        typer.Option("--question", "-q", help="Only edits whose question contains TEXT."),
+    ] = None,
+    answer: Annotated[
+        str | None, typer.Option("--answer", "-a", help="Only edits whose answer contains TEXT.")
+    ] = None,
+    edit_id: Annotated[
+        str | None, typer.Option("--id", help="Only edits whose id contains TEXT.")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Only edits whose image hash starts with HEX.")
+    ] = None,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the codebook's edits: id, question, answer, image, keys, version added.
+
+    Filters are case-insensitive substrings and combine. Example: reasonedit list -q color
+    """
+    from reasonedit_cli.editor import Editor
+
+    rows = Editor(codebook).list_edits(
+        question=question, answer=answer, edit_id=edit_id, image=image
+    )
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Edits in {codebook} ({len(rows)})")
+    for col in ("id", "question", "answer", "image", "keys", "added in"):
+        table.add_column(col, justify="right" if col in ("keys", "added in") else "left")
+    for r in rows:
+        table.add_row(
+            _esc(r["id"]),
+            _esc(r["question"]),
+            _esc(r["answer"]),
+            r["image"][:12],
+            str(r["keys"]),
+            f"v{r['version']}" if r["version"] is not None else "?",
+        )
+    _table_out().print(table)
+
+
+@app.command()
+@handle_errors
+def show(
+    edit_id: Annotated[str, typer.Argument(help="The edit id (see `reasonedit list`).")],
+    image_out: Annotated[
+        Path | None,
+        typer.Option("--image-out", help="Write the edit's image with its boxes drawn (PNG)."),
+    ] = None,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one edit: its question, answer, facts, and its keys with kinds, boxes, radii.
+
+    Example: reasonedit show shape-circle-852 --image-out circle.png
+    """
+    from reasonedit_cli.editor import Editor
+
+    info = Editor(codebook).show_edit(edit_id, image_out=image_out)
+    if as_json:
+        _print_json(info)
+        return
+    from rich.table import Table
+
+    out = _table_out()
+    out.print(f"[bold]{_esc(info['id'])}[/bold]  (added in v{info['version']}, {info['added']})")
+    out.print(f"[bold]Q:[/bold] {_esc(info['question'])}")
+    out.print(f"[bold]A:[/bold] {_esc(info['answer'])}")
+    out.print(f"image {info['image_file']}, source {_esc(info['source'] or '-')}")
+    out.print("[bold]Facts:[/bold]")
+    for fact in info["facts"]:
+        out.print(f"  - {_esc(fact)}")
+    table = Table(title=f"Keys ({len(info['keys'])})")
+    for col in ("#", "kind", "text", "box", "radius", "key", "shared with"):
+        table.add_column(col)
+    for i, k in enumerate(info["keys"], start=1):
+        others = [e for e in k["edit_ids"] if e != info["id"]]
+        table.add_row(
+            str(i),
+            k["kind"],
+            _esc(k["text"]),
+            "-" if k["box"] is None else ",".join(map(str, k["box"])),
+            "-" if k["radius"] is None else f"{k['radius']:.3f}",
+            k["key_id"][:12],
+            _esc(", ".join(others)) or "-",
+        )
+    out.print(table)
+    if image_out is not None:
+        numbered = "; ".join(
+            f"{i} = {','.join(map(str, b))}" for i, b in enumerate(info["image_boxes"], start=1)
+        )
+        out.print(f"Wrote {_esc(info['image_out'])}" + (f" (boxes {numbered})" if numbered else ""))
+
+
+@app.command()
+@handle_errors
+def export(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder to write (absent or empty): edits.jsonl, images/.")
+    ],
+    edit_ids: Annotated[
+        list[str] | None, typer.Option("--id", help="Export only this edit (repeat).")
+    ] = None,
+    codebook: CodebookOpt = DEFAULT_CODEBOOK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the edits as JSONL plus images, which `add-edit --from` reads back.
+
+    Example: reasonedit export backup/ && reasonedit add-edit -c cb2 --from backup/edits.jsonl
+    """
+    from reasonedit_cli.editor import Editor
+
+    record = Editor(codebook).export(out_dir, edit_ids=edit_ids)
+    if as_json:
+        _print_json(record)
+    else:
+        _stdout().print(
+            f"Exported {record['edits']} edit(s) and {record['images']} image(s) to "
+            f"{record['path']}; read back with: reasonedit add-edit --from "
+            f"{Path(record['path']) / 'edits.jsonl'}",
+            markup=False,
+        )
+
+
 # ---------------------------------------------------- remove-edit, history
 @app.command("remove-edit")
 @handle_errors
@@ -970,16 +1177,10 @@ def remove_edit(
 
     Example: reasonedit remove-edit tri-1 && reasonedit restore 3
     """
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.editor import Editor
 
-    cb = Codebook.open(codebook)
-    unknown = sorted(set(edit_ids) - cb.edit_ids())
-    if unknown:
-        raise InputError(f"no such edit in {codebook}: {', '.join(unknown)}")
-    previous = cb.version
-    with cb.writer(lock_timeout=lock_timeout) as w:
-        version = w.remove_edits(edit_ids)
-    record = {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+    record = Editor(codebook, lock_timeout=lock_timeout).remove_edits(edit_ids)
+    version, previous = record["version"], record["previous"]
     if as_json:
         _print_json(record)
     else:
@@ -996,31 +1197,33 @@ def history(codebook: CodebookOpt = DEFAULT_CODEBOOK, as_json: JsonOpt = False) 
 
     Example: reasonedit history
     """
-    from reasonedit_cli.codebook import history as codebook_history
+    from reasonedit_cli.editor import Editor
 
-    rows = codebook_history(codebook)
+    rows = Editor(codebook).history()
     if as_json:
         _print_json(rows)
         return
     from rich.table import Table
 
     table = Table(title=f"Versions of {codebook}")
-    for col in ("version", "updated", "edit rows", "key rows", "removed", "layer"):
-        table.add_column(col)
+    for col in ("version", "updated", "what it did", "edit rows", "key rows", "removed", "layer"):
+        table.add_column(col, no_wrap=col == "updated")
     for r in rows:
         if r.get("damaged"):
-            table.add_row("?", f"{r['file']} is damaged", "", "", "", "")
+            table.add_row("?", f"{r['file']} is damaged", "", "", "", "", "")
             continue
         mark = " (current)" if r["current"] else ""
-        table.add_row(
+        cells = (
             f"{r['version']}{mark}",
             str(r["updated"]),
+            r.get("action", ""),
             str(r["segment_edits"]),
             str(r["segment_keys"]),
             str(r["removed_edits"]),
             str(r["layer"] or "-"),
         )
-    _stdout().print(table)
+        table.add_row(*(_esc(c) for c in cells))
+    _table_out().print(table)
 
 
 @app.command()

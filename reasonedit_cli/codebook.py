@@ -361,7 +361,8 @@ MAX_PARQUET_FOOTER = 4 << 20
 
 
 class NotRegularFileError(OSError):
-    """A path of the codebook is a FIFO, device, directory or symlink, not a plain file."""
+    """A path of the codebook that is not read: a FIFO, device, directory or symlink
+    where a plain file should be, or a file over its size limit."""
 
 
 def _kind_of(mode: int) -> str:
@@ -431,6 +432,12 @@ def _read_regular(path: Path, root: Path | None = None, limit: int | None = None
     if limit is not None and len(data) > limit:
         raise NotRegularFileError(errno.EFBIG, f"is larger than {limit} bytes")
     return data
+
+
+def read_codebook_file(path: Path, root: Path, limit: int | None = MAX_MANIFEST_BYTES) -> bytes:
+    """Bytes of a file of the codebook at `root`, refused (OSError) unless it is a regular
+    file reached without symlinks below the root; at most `limit` bytes. Never blocks."""
+    return _read_regular(path, root, limit)
 
 
 def _parquet_footer_ok(data: bytes) -> str | None:
@@ -692,8 +699,9 @@ class Codebook:
 
     @property
     def tau_rule(self) -> str:
-        """How tau is measured (config `tau_rule`): "edits" (new codebooks), "nearest" or
-        "all" pairs; see retrieval.TAU_RULES."""
+        """How tau is measured (config `tau_rule`): "images" (new codebooks), "edits"
+        (codebooks made before #19), "nearest", "all" pairs or "reference"; see
+        retrieval.TAU_RULES."""
         # codebooks made before the rule was configurable measured tau by "nearest"
         rule = self.config.get("tau_rule", "nearest")
         return rule if rule in R.TAU_RULES else "nearest"
@@ -706,7 +714,7 @@ class Codebook:
             return R.reference_threshold(
                 self.vectors(), self.reference_sigma(), len(self.edit_ids()), p
             )
-        if self.tau_rule in ("nearest", "edits"):
+        if self.tau_rule in ("nearest", "edits", "images"):
             if self.n_keys < 2:
                 return None
             d = self._get_derived(need_knn=True)
@@ -714,6 +722,12 @@ class Codebook:
                 return R.nearest_threshold(d.knn_dist, d.sigma, p, len(self.edit_ids()))
             edit_of = self.keys_table().column("edit_id").to_numpy(zero_copy_only=False)
             _, codes = np.unique(edit_of, return_inverse=True)
+            if self.tau_rule == "images":
+                image_of = self.keys_table().column("image_sha256").to_numpy(zero_copy_only=False)
+                _, image_codes = np.unique(image_of, return_inverse=True)
+                return R.other_image_threshold(
+                    d.knn_idx, d.knn_dist, d.sigma, image_codes, codes, p
+                )
             return R.other_edit_threshold(
                 d.knn_idx, d.knn_dist, d.sigma, codes, p, len(self.edit_ids())
             )
@@ -847,10 +861,32 @@ class Codebook:
     def edit_ids(self) -> set[str]:
         return set(self.edits_table().column("edit_id").to_pylist())
 
-    def edits(self) -> list[EditRecord]:
-        """Live edits in insertion order."""
+    def edit_versions(self) -> dict[str, int]:
+        """Per live edit, the version that added it (the version of its edits segment)."""
+        tomb = {t["edit_id"]: int(t["version"]) for t in self.manifest["removed_edits"]}
+        live = self.edit_ids()
+        out: dict[str, int] = {}
+        for entry in self.manifest["segments"]:
+            if entry["kind"] != "edits":
+                continue
+            v = int(entry["version"])
+            for eid in self._read_segment(entry).column("edit_id").to_pylist():
+                if eid in live and v > tomb.get(eid, -1):
+                    out[eid] = v
+        return out
+
+    def n_images(self) -> int:
+        """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
+        return len(set(self.keys_table().column("image_sha256").to_pylist()))
+
+    def edits(self, ids: Iterable[str] | None = None) -> list[EditRecord]:
+        """Live edits in insertion order (only those in `ids` when given)."""
         out = []
-        for r in self.edits_table().to_pylist():
+        table = self.edits_table()
+        if ids is not None:
+            wanted = pa.array(sorted(set(ids)), pa.string())
+            table = table.filter(_compute().is_in(table.column("edit_id"), value_set=wanted))
+        for r in table.to_pylist():
             out.append(
                 EditRecord(
                     edit_id=r["edit_id"],
@@ -1927,6 +1963,42 @@ class CodebookWriter:
         res.added_keys = len(new_keys)
         return res
 
+    def replace_edits(self, edits: Sequence[EditRecord], keys: Sequence[KeyRecord]) -> AddResult:
+        """Replace live edits by new records under the same ids, as ONE new version.
+
+        The old edits are tombstoned up to the current version (which hides every segment
+        written so far, so their keys and the values merged keys hold for them go) and the
+        new records land in a segment of the new version, which the tombstone does not
+        hide. Ids not yet stored are simply added. `restore` of the previous version
+        brings the old edits back.
+        """
+        cb = self.cb
+        ids = {e.edit_id for e in edits}
+        if len(ids) != len(edits):
+            raise CodebookError("replace_edits needs each edit id once")
+        old = ids & cb.edit_ids()
+        for k in keys:
+            if k.edit_id not in ids:
+                raise CodebookError(f"key for edit {k.edit_id!r} has no edit record")
+        new_keys: dict[str, KeyRecord] = {}
+        for k in keys:
+            new_keys.setdefault(k.key_id, k)
+        dim = self._check_dim([k.vector for k in new_keys.values()])
+        version = cb.version + 1
+        tomb = [t for t in cb.manifest["removed_edits"] if t["edit_id"] not in old]
+        tomb += [{"edit_id": e, "version": cb.version} for e in sorted(old)]
+        segs = list(cb.manifest["segments"])
+        now = dt.datetime.now(dt.timezone.utc)
+        segs.append(self._write_segment("edits", _edits_to_table(list(edits), now), version))
+        keys_table = _keys_to_table(list(new_keys.items()), dim)
+        if keys_table.num_rows:
+            segs.append(self._write_segment("keys", keys_table, version))
+        res = AddResult(version=cb.version)
+        res.version = self._commit(segs, tomb, state=None)  # rows renumber: derive afresh
+        res.added_edits = [e.edit_id for e in edits]
+        res.added_keys = len(new_keys)
+        return res
+
     def remove_edits(self, edit_ids: Iterable[str]) -> int:
         """Tombstone edits (their values stop being retrieved); returns the new version.
 
@@ -2220,7 +2292,10 @@ class CodebookWriter:
             "edits": n_edits,
             "sigma_k": R.SIGMA_K,
             "percentile": p,
-            "effective_percentile": R.effective_percentile(p, n_edits),
+            # rule "images" floors p by the number of images, the others by edits
+            "effective_percentile": R.effective_percentile(
+                p, new.n_images() if new.tau_rule == "images" else n_edits
+            ),
             "tau": tau,
             "tau_seed": TAU_SEED,
             "tau_rule": new.tau_rule,

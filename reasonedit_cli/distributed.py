@@ -288,6 +288,7 @@ def add_edits_ray(
     progress: Callable[[int], None] | None = None,
     merge: bool = False,
     fail_batch: int | None = None,
+    replace: bool = False,
 ) -> AddReport:
     """`Editor.add_edits` with the compute on Ray workers; the same keys, values and report.
 
@@ -296,7 +297,7 @@ def add_edits_ray(
     """
     from reasonedit_cli.staging import StagingJob
 
-    report, todo = editor.plan_add(edits, progress)
+    report, todo = editor.plan_add(edits, progress, replace=replace)
     if not todo:
         return report
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -609,12 +610,11 @@ class RemoteVLM:
 @contextlib.contextmanager
 def remote_vlm(editor: Editor, options: RayOptions) -> Iterator[RemoteVLM]:
     """Start VLM workers for `editor`'s model, attach them as its VLM; stop them after."""
-    from reasonedit_cli.editor import BUNDLED_MODEL
-    from reasonedit_cli.vlm import DEFAULT_MODEL
+    from reasonedit_cli.vlm import model_path
 
     with ray_session(options) as ray:
         n = worker_count(ray, options, tasks=1 << 30)
-        path = DEFAULT_MODEL if editor.model_name == BUNDLED_MODEL else editor.model_name
+        path = model_path(editor.model_name)
         actor_cls = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)(
             VLMWorker
         )

@@ -59,6 +59,7 @@ class AddReport:
 
     added: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already in the codebook
+    replaced: list[str] = field(default_factory=list)  # stored edits replaced (--replace)
     keys: int = 0
     version: int = 0
     boxes: dict[str, list[list[list[int]]]] = field(
@@ -113,6 +114,33 @@ class Answer:
         }
 
 
+def edit_content(edit: Edit | EditRecord) -> dict[str, Any]:
+    """What makes two edits with one id the same edit: image bytes, texts and boxes.
+
+    Works on an input `Edit` and a stored `EditRecord` alike; the source does not count.
+    """
+    boxes = edit.boxes
+    if boxes is not None and all(b is None for b in boxes):
+        boxes = None  # no manual box at all: the same keys as no boxes field
+    return {
+        "image": edit.image_sha256,
+        "question": edit.question,
+        "answer": edit.answer,
+        "reasoning": list(edit.reasoning),
+        "boxes": None if boxes is None else [None if b is None else list(b) for b in boxes],
+    }
+
+
+def _stored_edits(cb: Codebook, ids: set[str]) -> dict[str, EditRecord]:
+    """The stored records of those `ids` the codebook holds (only those rows are built)."""
+    hits = ids & cb.edit_ids()
+    return {r.edit_id: r for r in cb.edits(ids=hits)} if hits else {}
+
+
+def _differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [k for k in a if a[k] != b[k]]
+
+
 def answer_value(question: str, answer: str) -> str:
     """The fact stored under the `(image, question)` key (DESIGN 1.3)."""
     return f"The answer to '{question}' is {answer}."
@@ -164,7 +192,9 @@ class Editor:
 
             self.codebook = Codebook.open(self.codebook_path, create=create)
         cfg = self.codebook.config if self.codebook else {}
-        self.model_name = model or cfg.get("model") or BUNDLED_MODEL
+        from reasonedit_cli.vlm import bundled_name
+
+        self.model_name = bundled_name(model or cfg.get("model") or BUNDLED_MODEL)
         self.text_model_name = text_model or cfg.get("text_model")
         if (
             text_model
@@ -206,9 +236,9 @@ class Editor:
     @property
     def vlm(self) -> VLM:
         if self._vlm is None:
-            from reasonedit_cli.vlm import DEFAULT_MODEL, VLM
+            from reasonedit_cli.vlm import VLM, model_path
 
-            path = DEFAULT_MODEL if self.model_name == BUNDLED_MODEL else self.model_name
+            path = model_path(self.model_name)
             self._vlm = VLM(
                 path, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code
             )
@@ -393,10 +423,13 @@ class Editor:
         patches: str = "auto",
         top_k_patches: int = 1,
         merge: bool | None = None,
+        replace: bool = False,
     ) -> AddReport:
         """Embed and store edits; edits already in the codebook are skipped (idempotent).
 
-        `merge` None follows the preset (merge on insert under `reference`).
+        `merge` None follows the preset (merge on insert under `reference`). An id
+        already stored with other content is an error unless `replace`, which swaps the
+        stored edit for the new one in the same single version (`plan_add`).
 
         All batches are committed as ONE new codebook version at the end, so an
         interrupted run leaves the codebook exactly as it was (`merge`: see
@@ -406,7 +439,7 @@ class Editor:
         """
         if merge is None:
             merge = self.preset.merge_on_insert
-        report, todo = self.plan_add(edits, progress)
+        report, todo = self.plan_add(edits, progress, replace=replace)
         if not todo:
             return report
         edit_records: list[EditRecord] = []
@@ -423,12 +456,18 @@ class Editor:
         return self.commit_records(todo, edit_records, key_records, config, report, merge=merge)
 
     def plan_add(
-        self, edits: Sequence[Edit], progress: Progress | None = None
+        self, edits: Sequence[Edit], progress: Progress | None = None, *, replace: bool = False
     ) -> tuple[AddReport, list[Edit]]:
         """The edits to compute: those not yet stored, each once (idempotence).
 
-        Returns the report so far (skipped ids, current version) and the edits to add.
+        An edit whose id is stored (or given earlier in `edits`) with the same content is
+        skipped. With other content it is an `InputError` naming the id and both
+        sources, so no edit is ever dropped silently: two records of one input always
+        are; a stored edit is replaced instead when `replace` (listed in
+        `report.replaced`). Returns the report so far and the edits to add.
         """
+        from reasonedit_cli.errors import InputError
+
         codebook = self._require_codebook()
         if self.codebook_has_keys and self.stored_preset != self.preset.name:
             raise UsageError(
@@ -437,18 +476,41 @@ class Editor:
                 "first to switch it"
             )
         report = AddReport(version=codebook.version)
-        seen: set[str] = set()
-        existing = codebook.edit_ids()
+        seen: dict[str, Edit] = {}
+        stored = _stored_edits(codebook, {e.ensure_id() for e in edits})
+        versions: dict[str, int] | None = None
         todo = []
         for e in edits:
             eid = e.ensure_id()
-            if eid in existing or eid in seen:
+            first = seen.get(eid)
+            if first is not None:
+                if edit_content(first) != edit_content(e):
+                    raise InputError(
+                        f"edit id {eid!r} is given twice with different content: "
+                        f"{first.where or 'first record'} and {e.where or 'a later record'}"
+                    )
                 report.skipped.append(eid)
-                if progress:
-                    progress(1)
+            elif eid in stored and edit_content(stored[eid]) == edit_content(e):
+                report.skipped.append(eid)
+            elif eid in stored and not replace:
+                versions = codebook.edit_versions() if versions is None else versions
+                rec = stored[eid]
+                differs = _differing_fields(edit_content(rec), edit_content(e))
+                raise InputError(
+                    f"edit id {eid!r} already exists in {codebook.path} with other content "
+                    f"(added in version {versions.get(eid, '?')} from {rec.source or 'unknown'}); "
+                    f"the new one ({e.where or 'input'}) differs in {', '.join(differs)}; "
+                    "use --replace to replace it"
+                )
+            else:
+                if eid in stored:
+                    report.replaced.append(eid)
+                seen[eid] = e
+                todo.append(e)
                 continue
-            seen.add(eid)
-            todo.append(e)
+            seen.setdefault(eid, e)
+            if progress:
+                progress(1)
         return report, todo
 
     def edit_records(
@@ -514,11 +576,15 @@ class Editor:
             for e in todo:
                 w.store_image(e.image_bytes, e.image_ext)
             w.set_config(**config, dim=int(key_records[0].vector.shape[0]))
-            n_old = codebook.n_keys
-            w.add(edit_records, key_records)
+            if report.replaced:
+                w.replace_edits(edit_records, key_records)
+            else:
+                w.add(edit_records, key_records)
             report.version = w.commit()
             if merge:
-                report.merge, report.version = _merge_in(w, new_from=n_old)
+                # the new keys are the last rows (a replacement renumbers the others)
+                new_from = codebook.n_keys - len({k.key_id for k in key_records})
+                report.merge, report.version = _merge_in(w, new_from=new_from)
         report.added = [e.id or "" for e in todo]
         report.keys = len(key_records)
         report.boxes.update(patch_boxes(todo, key_records))
@@ -533,6 +599,70 @@ class Editor:
         from reasonedit_cli.embedding import DualEmbedder
 
         self._embedder = DualEmbedder(self.vlm, self.text, layer=layer, w=w)
+
+    # ------------------------------------------- see and manage (no model loads)
+    def list_edits(
+        self,
+        *,
+        question: str | None = None,
+        answer: str | None = None,
+        edit_id: str | None = None,
+        image: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The live edits (id, question, answer, image, keys, version), filtered by
+        case-insensitive substrings; see `catalog.list_edits`."""
+        from reasonedit_cli.catalog import list_edits
+
+        return list_edits(
+            self._require_codebook(), question=question, answer=answer, edit_id=edit_id, image=image
+        )
+
+    def show_edit(self, edit_id: str, *, image_out: str | Path | None = None) -> dict[str, Any]:
+        """One edit, its facts and its keys (kind, box, radius); with `image_out`, also
+        write its image with the boxes drawn (the path is in the result's `image_out`)."""
+        from reasonedit_cli.catalog import draw_edit_boxes, show_edit
+
+        cb = self._require_codebook()
+        info = show_edit(cb, edit_id)
+        if image_out is not None:
+            path, boxes = draw_edit_boxes(cb, edit_id, image_out)
+            info["image_out"], info["image_boxes"] = str(path), boxes
+        return info
+
+    def export(self, out_dir: str | Path, *, edit_ids: Sequence[str] | None = None) -> dict:
+        """Write the edits as `add-edit --from` JSONL plus their images (`catalog`)."""
+        from reasonedit_cli.catalog import export_codebook
+
+        return export_codebook(self._require_codebook(), out_dir, edit_ids=edit_ids)
+
+    def remove_edits(self, edit_ids: Sequence[str]) -> dict[str, Any]:
+        """Tombstone edits in one new version: {removed, version, previous}.
+
+        Unknown ids are an `InputError` before anything is written.
+        """
+        from reasonedit_cli.errors import InputError
+
+        cb = self._require_codebook()
+        unknown = sorted(set(edit_ids) - cb.edit_ids())
+        if unknown:
+            raise InputError(f"no such edit in {cb.path}: {', '.join(unknown)}")
+        previous = cb.version
+        with cb.writer(lock_timeout=self.lock_timeout) as w:
+            version = w.remove_edits(edit_ids)
+        return {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every kept version, oldest first, with `action`: what that version did."""
+        from reasonedit_cli.catalog import version_actions
+        from reasonedit_cli.codebook import history
+
+        cb = self._require_codebook()
+        actions = version_actions(cb)
+        rows = history(cb.path)
+        for r in rows:
+            if r.get("version") is not None:
+                r["action"] = actions.get(r["version"], "?")
+        return rows
 
     # ------------------------------------------------------------------- ask
     def ask(
@@ -621,12 +751,18 @@ class Editor:
         seed: int = 0,
         progress: Callable[[str, int], None] | None = None,
         dry_run: bool = False,
+        force: bool = False,
     ) -> tuple[Any, int]:
-        """Choose layer and w (DESIGN 1.5), store them, and re-embed every key.
+        """Choose layer and w (DESIGN 1.5), check them, store them, and re-embed every key.
 
         Returns the CalibrationResult and the new codebook version (the old version when
         `dry_run`). The new keys and settings are committed as one version, so readers
         see either the old codebook or the fully re-embedded one.
+
+        Before committing, a codebook with keys asks its own edits back (as is, rephrased,
+        on a perturbed image; `selfcheck`) under the old and the new settings; the counts
+        are in `result.extra["check"]`. A choice that retrieves fewer of any kind raises
+        `CalibrationRefused` and writes nothing, unless `force`.
         """
         from reasonedit_cli.calibration import build_pairs, calibrate
 
@@ -663,10 +799,23 @@ class Editor:
                 seed=seed,
                 progress=progress,
             )
-        if dry_run:
-            return result, cb.version
         from reasonedit_cli.embedding import DualEmbedder
 
+        keys: list[KeyRecord] = []
+        if self.codebook_has_keys:
+            old_embedder = self.embedder
+            self._embedder = DualEmbedder(self.vlm, self.text, layer=result.layer, w=result.w)
+            keys = self.reembed_keys()
+            check = self.check_settings(old_embedder, self._embedder, keys)
+            result.extra["check"] = check.to_dict()
+            if dry_run or (check.loses_retrieval and not force):
+                self._embedder = old_embedder
+                if not dry_run:
+                    from reasonedit_cli.selfcheck import CalibrationRefused
+
+                    raise CalibrationRefused(result, check)
+        if dry_run:
+            return result, cb.version
         self._embedder = DualEmbedder(self.vlm, self.text, layer=result.layer, w=result.w)
         summary = result.to_dict()
         config = {
@@ -679,7 +828,6 @@ class Editor:
             }
             | {"chosen": _chosen_row(summary, result.layer)},
         }
-        keys = self.reembed_keys() if self.codebook_has_keys else []
         with cb.writer(lock_timeout=self.lock_timeout) as w:
             if keys:
                 w.set_config(**config, dim=int(keys[0].vector.shape[0]))
@@ -688,6 +836,39 @@ class Editor:
                 w.set_config(**config)
             version = w.commit()
         return result, version
+
+    def check_settings(
+        self, old: DualEmbedder, new: DualEmbedder, new_keys: Sequence[KeyRecord]
+    ) -> Any:
+        """Retrieval of the codebook's own edits under its current keys (embedded by
+        `old`) and under `new_keys` (embedded by `new`): a `selfcheck.RetrievalCheck`.
+
+        The new keys go into a scratch codebook with this one's edits and tau rule, so
+        sigma, tau and search are exactly those the committed version would have.
+        """
+        import tempfile
+
+        from reasonedit_cli.codebook import Codebook
+        from reasonedit_cli.selfcheck import RetrievalCheck, check_probes, count_retrieved, totals
+
+        cb = self._require_codebook()
+        k = int(self.config.get("top_k", DEFAULT_TOP_K))
+        probes = check_probes(cb)
+        before = count_retrieved(cb, old.embed, probes, k=k)
+        with tempfile.TemporaryDirectory(prefix="reasonedit-check-") as tmp:
+            scratch = Codebook.open(Path(tmp) / "cb", create=True)
+            with scratch.writer() as w:
+                dim = int(new_keys[0].vector.shape[0])
+                w.set_config(**{**self.config, "layer": new.layer, "w": float(new.w), "dim": dim})
+                w.add(cb.edits(), list(new_keys))
+            after = count_retrieved(scratch, new.embed, probes, k=k)
+        return RetrievalCheck(
+            total=totals(probes),
+            old=before,
+            new=after,
+            old_settings={"layer": old.layer, "w": float(old.w)},
+            new_settings={"layer": new.layer, "w": float(new.w)},
+        )
 
     def reembed_keys(self, batch_size: int = 64) -> list[KeyRecord]:
         """Every live key embedded again from its stored image and text (same ids/values)."""

@@ -2,9 +2,10 @@
 
 Input is an edit JSONL and a probe JSONL. Each probe is `{image, question, answer, kind,
 edit_id?}` with kind one of `t_gen`, `i_gen`, `r_gen`, `coe_gen` (tied to an edit by
-`edit_id`), `loc` (unrelated) or `hard_loc` (an edited image asked an unrelated
-question, whose unedited answer must stay). The edited samples themselves are the `acc`
-probes. A probe may carry `choices` (multiple choice).
+`edit_id`), `loc` (unrelated) or `hard_loc` (an edited image asked about something
+none of its edits touch, e.g. another object of the scene or the other attribute of an
+easy-vqa shape; its unedited answer must stay). The edited samples themselves are the
+`acc` probes. A probe may carry `choices` (multiple choice).
 
 Metrics are exact-match accuracies after normalisation (lower case, no punctuation or
 articles). Gen-mean is the arithmetic mean of T/I/R-Gen, Gen-hmean their harmonic mean
@@ -30,7 +31,7 @@ import numpy as np
 from reasonedit_cli.errors import InputError
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc")
-LOC_KINDS = ("loc", "hard_loc")  # locality: no edit of their own to retrieve
+LOC_KINDS = ("loc", "hard_loc")  # probes tied to no edit: the answer must not change
 METRIC_NAMES = {
     "acc": "Acc",
     "t_gen": "T-Gen",
@@ -38,7 +39,7 @@ METRIC_NAMES = {
     "r_gen": "R-Gen",
     "coe_gen": "CoE-Gen",
     "loc": "Loc",
-    "hard_loc": "Hard-Loc",
+    "hard_loc": "Hard-Loc",  # an edited image asked about something its edits do not touch
 }
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -280,8 +281,10 @@ class Evaluation:
         percentile: float | None = None,
         gen: Generations | None = None,
         choices: dict[str, list[str]] | None = None,
+        patch_search: bool = True,
     ) -> None:
         self.editor = editor
+        self.patch_search = patch_search  # False: no patch keys at all (grids, quick runs)
         self.choices = dict(choices or {})  # edit id -> answer options of its acc probe
         self._loss_cache: dict[tuple[str, str, str], float] = {}
         self._grace_choices: list[str | None] = []
@@ -322,7 +325,8 @@ class Evaluation:
             for start in range(0, len(self.edits), self.batch_size):
                 chunk = self.edits[start : start + self.batch_size]
                 imgs = [self.gen.image(e.image_bytes) for e in chunk]
-                for spec in self.editor.key_specs(chunk, imgs, patches="auto", question_rule=rule):
+                mode = "auto" if self.patch_search else "none"
+                for spec in self.editor.key_specs(chunk, imgs, patches=mode, question_rule=rule):
                     out.setdefault(chunk[spec.edit_index].id, []).append(spec)
             self._specs[rule] = out
         return self._specs[rule]
@@ -387,7 +391,7 @@ class Evaluation:
             done.add(edit.id)
             if i % eval_every and i != len(self.edits):
                 continue
-            idx = [j for j, p in enumerate(self.probes) if p.kind == "loc" or p.edit_id in done]
+            idx = [j for j, p in enumerate(self.probes) if p.kind in LOC_KINDS or p.edit_id in done]
             rs = [retrieve(ed.codebook, vecs[j], k=self.top_k, p=self.percentile) for j in idx]
             now = [self.probes[j] for j in idx]
             answers = self.gen.answer(
@@ -1058,6 +1062,15 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
     return out
 
 
+def bytes_asker(gen: Generations) -> Callable[[Sequence[bytes], Sequence[str]], list[str]]:
+    """The unedited `ask` for the scenes builder (images as PNG bytes), through the cache."""
+
+    def ask(images: Sequence[bytes], questions: Sequence[str]) -> list[str]:
+        return gen.answer(list(images), list(questions))
+
+    return ask
+
+
 def easyvqa_asker(gen: Generations) -> Callable[[Sequence[Path], Sequence[str]], list[str]]:
     """The unedited `ask` for the easy-vqa builder, through the run's answer cache."""
 
@@ -1065,3 +1078,21 @@ def easyvqa_asker(gen: Generations) -> Callable[[Sequence[Path], Sequence[str]],
         return gen.answer([Path(p).read_bytes() for p in paths], list(questions))
 
     return ask
+
+
+DATASETS = ("easy-vqa", "scenes")
+
+
+def build_dataset(
+    name: str, gen: Generations, *, n_edits: int, seed: int
+) -> tuple[list[Any], list[Probe], dict[str, Any]]:
+    """(edits, probes, info) of a built-in dataset, asking the unedited model via `gen`."""
+    if name == "easy-vqa":
+        from reasonedit_cli.easyvqa import build_easyvqa
+
+        return build_easyvqa(easyvqa_asker(gen), n_edits=n_edits, seed=seed)
+    if name == "scenes":
+        from reasonedit_cli.scenes import build_scenes
+
+        return build_scenes(bytes_asker(gen), n_edits=n_edits, seed=seed)
+    raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")

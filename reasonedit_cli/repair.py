@@ -65,6 +65,7 @@ def repair_codebook(
             recovered_edits, notes = edits_from_keys(cb, skip)
             steps += notes
             lost += [n for n in notes if "not recoverable (" in n]
+            lost += _unaccounted_edits(cb, edits_bad, skip, recovered_edits)
             replacements += _spread(edits_bad, recovered_edits)
         if keys_bad:
             editor = (editor_factory or _default_editor)(cb.path)
@@ -99,14 +100,58 @@ def repair_codebook(
     return rep
 
 
+def _unaccounted_edits(
+    cb: Codebook, bad: list[dict], skip: set[str], recovered: list[EditRecord]
+) -> list[str]:
+    """A problem line when the damaged edits segments held more edits than keys could
+    rebuild (edits whose keys are lost too): their count from the manifest, and the
+    images no surviving edit or key uses, which are all that is left of them."""
+    held = sum(int(e["rows"]) for e in bad)
+    first = min(int(e["version"]) for e in bad)
+    have = set(cb.surviving_table("edits", skip).column("edit_id").to_pylist())
+    removed = {
+        t["edit_id"]
+        for t in cb.manifest["removed_edits"]
+        if int(t["version"]) >= first and t["edit_id"] not in have
+    }
+    missing = held - len(recovered) - len(removed)
+    if missing <= 0:
+        return []
+    used = set(cb.surviving_table("edits", skip).column("image_sha256").to_pylist())
+    used |= set(cb.surviving_table("keys", skip).column("image_sha256").to_pylist())
+    used |= {e.image_sha256 for e in recovered}
+    orphans = sorted(
+        f"images/{p.parent.name}/{p.name}"
+        for p in (cb.path / "images").glob("*/*")
+        if ".tmp-" not in p.name and p.name.split(".")[0] not in used
+    )
+    where = ", ".join(e["path"] for e in bad)
+    return [
+        f"{missing} edit(s) of {where} are not recoverable: their keys are lost too (their "
+        f"ids are unknown; add them again)"
+        + (
+            f"; images no live edit uses (theirs, or of removed edits): {', '.join(orphans[:5])}"
+            if orphans
+            else ""
+        )
+    ]
+
+
 def _default_editor(path: Path) -> Any:
     """An Editor with the codebook's model, text model, layer and w that never reads the
     (damaged) keys: opened without a codebook, given the settings like a Ray worker."""
     from .editor import Editor
     from .embedding import DEFAULT_LAYER
+    from .presets import preset_of
 
     cfg = Codebook.open(path).config
-    editor = Editor(None, model=cfg.get("model"), text_model=cfg.get("text_model"), device="cpu")
+    editor = Editor(
+        None,
+        model=cfg.get("model"),
+        text_model=cfg.get("text_model"),
+        device="cpu",
+        preset=preset_of(cfg).name,  # key texts and layouts as the codebook's preset made them
+    )
     try:
         revision = editor.vlm.revision
     except Exception as e:  # noqa: BLE001 - any loading failure: one clear line

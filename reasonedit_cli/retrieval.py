@@ -502,8 +502,9 @@ def corrected_pair_sample(
     return out
 
 
-TAU_RULES = ("edits", "nearest", "all", "reference")
-DEFAULT_TAU_RULE = "edits"
+TAU_RULES = ("images", "edits", "nearest", "all", "reference")
+#: new codebooks measure tau between images (#19); "edits" stays readable for older ones
+DEFAULT_TAU_RULE = "images"
 HALFWAY = 0.5  # rule "edits": a query must come within half the gap to the next edit
 
 
@@ -547,6 +548,41 @@ def other_edit_threshold(
     if len(nn) == 0:
         return None
     return HALFWAY * float(np.percentile(nn, effective_percentile(p, n_edits)))
+
+
+def other_image_threshold(
+    knn_idx: np.ndarray,
+    knn_dist: np.ndarray,
+    sigma: np.ndarray,
+    image_codes: np.ndarray,
+    edit_codes: np.ndarray,
+    p: float,
+) -> float | None:
+    """tau from each key's nearest key on ANOTHER image (the default `tau_rule`, "images"):
+    HALFWAY x the max(p, 100/n_images)-th percentile of d(k, nearest other-image key) /
+    sigma_k.
+
+    Why another image, not another edit (rule "edits"): several edits on one image are
+    normal use (one per question or object), and their keys share the image half of the
+    dual key, so they sit almost on top of each other. Under "edits" one such pair set
+    the threshold for the whole codebook: on the demo a second edit on an edited image
+    moved tau from 0.237 to 0.093 and lost four probes on *other* images (issue #19). The
+    image half decides which image a query is about (README, "Why these defaults"), so
+    the gap to be measured is the one between images; which of an image's edits applies
+    is left to the text half, which ranks that image's keys. A key's image is its
+    `image_sha256` (crops share their edit's image). The percentile floor counts images
+    for the same reason. Keys whose listed neighbours are all on their own image give no
+    measurement and are left out; with no measurement at all (one image only) this
+    falls back to rule "edits", the only gap there is.
+    """
+    images = np.asarray(image_codes)
+    n_images = len(np.unique(images)) if len(images) else 0
+    tau = other_edit_threshold(knn_idx, knn_dist, sigma, images, p, n_images)
+    if tau is not None:
+        return tau
+    edits = np.asarray(edit_codes)
+    n_edits = len(np.unique(edits)) if len(edits) else 0
+    return other_edit_threshold(knn_idx, knn_dist, sigma, edits, p, n_edits)
 
 
 def nearest_threshold(

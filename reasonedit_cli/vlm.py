@@ -35,6 +35,23 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The model used when `--model` is not given: the demo LLaVA trained on easy-vqa.
 DEFAULT_MODEL = str(Path(__file__).parent / "models" / "demo_vlm")
 
+#: Short `--model` names of the bundled models -> their directory under models/
+#: (docs/demo_vlm.md, docs/scenes_vlm.md). Codebooks record them as `bundled:<dir>`.
+BUNDLED_MODELS = {"demo": "demo_vlm", "scenes": "scenes_vlm"}
+
+
+def bundled_name(model: str) -> str:
+    """`demo` / `scenes` -> `bundled:demo_vlm` / `bundled:scenes_vlm`; others unchanged."""
+    return f"bundled:{BUNDLED_MODELS[model]}" if model in BUNDLED_MODELS else model
+
+
+def model_path(model: str) -> str:
+    """Where a recorded model name loads from: `bundled:<dir>` is a packaged directory."""
+    if model.startswith("bundled:") and model[len("bundled:") :] in BUNDLED_MODELS.values():
+        return str(Path(__file__).parent / "models" / model[len("bundled:") :])
+    return model
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

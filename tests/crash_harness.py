@@ -159,6 +159,14 @@ def _real_workload(cb_path: Path, log: Any, model: str) -> None:
     more = _edit_objects(cb_path.parent, range(5, 7))
     step("add-edit --merge", lambda: editor().add_edits(more, patches="none", merge=True))
 
+    def remove_more():
+        cb = Codebook.open(cb_path)
+        with cb.writer() as w:
+            w.remove_edits(["c3"])
+
+    step("remove-edit", remove_more)
+    step("compaction", compact)
+
 
 def _edit_objects(d: Path, ids: Any) -> list:
     from conftest import shape_image
@@ -425,6 +433,9 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     log = json.loads((rec / "log.json").read_text())
     # acknowledged states: before step s = after step s-1
     acks = [e["state"] for e in log if e["op"] in ("start", "ack")]
+    # versions an operation commits before the one it returns with (add-edit --merge:
+    # the add, then the merge): complete versions, allowed while it is in flight
+    inter = [_intermediates(rec / "cb", a["version"], b["version"]) for a, b in zip(acks, acks[1:])]
     step_of, ack_at, s = [], [], 0
     for i, e in enumerate(log):
         if e["op"] == "ack":
@@ -434,7 +445,9 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     states = list(crash_states(log))
     rng = random.Random(1)
     if max_states and len(states) > max_states:
-        states = sorted(rng.sample(states, max_states), key=lambda t: t[0])
+        states = rng.sample(states, max_states)
+    else:  # shuffled: a run cut short has sampled every operation alike
+        rng.shuffle(states)
     seen: set[str] = set()
     figures: dict[str, Any] = {
         "workload": workload,
@@ -455,10 +468,13 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     work = out / "state"
     keys_seen: set[tuple] = set()
     for n_done, (upto, vname, names, inodes, mode) in enumerate(states):
-        if n_done % 100 == 0:
+        if n_done % 25 == 0:
             bad = len(figures["violations"])
             msg = f"{n_done}/{len(states)} candidates, {figures['states']} checked, {bad} bad"
             print(msg, file=sys.stderr, flush=True)
+            figures["seconds"] = round(time.monotonic() - t0, 1)
+            partial = dict(figures, partial=f"{n_done}/{len(states)} candidates")
+            (out / "figures.json").write_text(json.dumps(partial, indent=2, default=str) + "\n")
         key = _names_key(names, inodes, mode)
         if key in keys_seen:  # the same disk as one already built: skip without building
             figures["duplicates"] += 1
@@ -473,7 +489,9 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
         # the crash hit step s (0-based) after log[:upto]; done once its ack is in the prefix
         s = step_of[upto - 1] if upto else 0
         in_flight = s < len(ack_at) and upto <= ack_at[s]
-        allowed = [acks[s], acks[s + 1]] if in_flight and s + 1 < len(acks) else [acks[s]]
+        allowed = [acks[s]]
+        if in_flight and s + 1 < len(acks):
+            allowed = [acks[s], *inter[s], acks[s + 1]]
         problems, info = check_state(work, allowed, model is not None)
         figures["states"] += 1
         figures["doctor_0"] += info.get("doctor") == 0
@@ -494,6 +512,18 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
     figures["seconds"] = round(time.monotonic() - t0, 1)
     (out / "figures.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     return figures
+
+
+def _intermediates(cb_path: Path, first: int, last: int) -> list[dict]:
+    """Summaries of versions first+1 .. last-1, read from the final codebook's versions/
+    copies (segments are never deleted, so every kept version can be read)."""
+    from reasonedit_cli.codebook import Codebook
+
+    out = []
+    for v in range(first + 1, last):
+        m = json.loads((cb_path / "versions" / f"v{v:06d}.json").read_text())
+        out.append(_summary(Codebook(cb_path, m)))
+    return out
 
 
 def _names_key(names: dict, inodes: dict, mode: str) -> tuple:

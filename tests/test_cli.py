@@ -256,7 +256,7 @@ def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_pat
 
     before = Codebook.open(codebook)
     plot = tmp_path / "cal.png"
-    result = invoke(
+    args = [
         "calibrate",
         "--codebook",
         str(codebook),
@@ -268,9 +268,27 @@ def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_pat
         "--plot",
         str(plot),
         "--json",
+    ]
+    # the choice is checked on the codebook's own edits before anything is written (#19)
+    first = invoke(*args)
+    check = json.loads(first.stdout)["check"]
+    assert {k: v["total"] for k, v in check["kinds"].items()} == dict.fromkeys(
+        ("edit", "rephrased", "perturbed"), 3
     )
+    assert check["old_settings"]["layer"] == "projector"
+    lost = [k for k, v in check["kinds"].items() if v["new"] < v["old"]]
+    assert check["lost"] == lost and check["loses_retrieval"] is bool(lost)
+    if lost:  # refused: exit 1, one line naming what was lost, nothing written
+        assert first.exit_code == 1
+        assert first.stderr.count("Error:") == 1 and lost[0] in first.stderr
+        assert "--force" in first.stderr
+        assert Codebook.open(codebook).version == before.version
+    else:
+        assert first.exit_code == 0, first.output
+    result = invoke(*args, "--force")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    assert summary["check"] == check and summary["committed"] is True
     raw = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
     # both hook points of every layer are candidates (#17 item 3)
     assert [r["layer"] for r in summary["layer_table"]] == [
@@ -279,7 +297,7 @@ def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_pat
     assert summary["layer"] in {r["layer"] for r in summary["layer_table"]}
     assert {"q_vis", "q_lang", "q_bi"} <= set(summary["layer_table"][0])
     after = Codebook.open(codebook)
-    assert after.version > before.version
+    assert after.version == before.version + 1
     assert after.config["layer"] == summary["layer"] and after.config["w"] == summary["w"]
     assert after.config["calibrated"] is True
     assert after.keys_table().num_rows == before.keys_table().num_rows
@@ -585,5 +603,5 @@ def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images,
 
 def test_new_codebook_records_its_threshold_rule(codebook):
     config = json.loads((codebook / "manifest.json").read_text())["config"]
-    assert config["tau_rule"] == "edits" and config["percentile"] == 25.0
+    assert config["tau_rule"] == "images" and config["percentile"] == 25.0
     assert config["layer"] == "projector"  # the default key layer: the image as the LM sees it

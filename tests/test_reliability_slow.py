@@ -316,6 +316,7 @@ def test_power_loss_real_workload_every_crash_state(tmp_path, tiny_llava):
     )
     _report("power_loss_real", f)
     ops = ["add-edit", "remove-edit", "calibrate", "merge-keys", "compaction", "add-edit --merge"]
+    ops += ["remove-edit", "compaction"]
     assert f["operations"] == ops
     assert f["states"] >= (int(limit) // 2 if limit else 1000), f
     assert f["violations"] == [], f["violations"][:5]

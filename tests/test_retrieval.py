@@ -191,8 +191,87 @@ def test_other_edit_threshold_skips_siblings_of_the_same_edit():
     assert R.other_edit_threshold(idx, dist, 2 * sigma, codes, 50, 3) == pytest.approx(tau / 2)
 
 
-def test_new_codebooks_use_the_edits_rule(tmp_path):
+def test_new_codebooks_use_the_images_rule(tmp_path):
     cb = Codebook.open(tmp_path / "cb", create=True)
-    assert R.DEFAULT_TAU_RULE == "edits" and R.DEFAULT_PERCENTILE == 25.0
+    assert R.DEFAULT_TAU_RULE == "images" and R.DEFAULT_PERCENTILE == 25.0
     # a codebook without a configured rule predates it and keeps "nearest"
     assert cb.tau_rule == "nearest"
+
+
+def test_other_image_threshold_groups_edits_on_one_image():
+    # image X holds edits A (keys 0, 1) and B (key 2, right on top of A); image Y holds C.
+    vecs = np.array([[0.0], [1.0], [1.05], [10.0], [12.0]])
+    idx, dist = R.knn_lists(vecs, 4)
+    sigma = np.ones(5)
+    edits = np.array([0, 0, 1, 2, 2])
+    images = np.array([0, 0, 0, 1, 1])
+    # nearest key on another image: 0 -> 3 at 10, 1 -> 3 at 9, 2 -> 3 at 8.95, 3 -> 2, 4 -> 2
+    gaps = [10.0, 9.0, 8.95, 8.95, 10.95]
+    tau = R.other_image_threshold(idx, dist, sigma, images, edits, p=50)
+    assert tau == pytest.approx(0.5 * np.percentile(gaps, 50))
+    # the "edits" rule is set by the two edits on image X (0.05 apart)
+    by_edit = R.other_edit_threshold(idx, dist, sigma, edits, 25, 3)
+    assert by_edit < 0.2 * R.other_image_threshold(idx, dist, sigma, images, edits, 25)
+    # one image only: no gap between images, the gap between edits is all there is
+    one = np.zeros(5, int)
+    assert R.other_image_threshold(idx, dist, sigma, one, edits, 50) == pytest.approx(
+        R.other_edit_threshold(idx, dist, sigma, edits, 50, 3)
+    )
+    # the percentile floor counts images: 2 images -> p >= 50
+    assert R.other_image_threshold(idx, dist, sigma, images, edits, 10) == pytest.approx(tau)
+
+
+def _keys_on(image: str, edit_id: str, centre: np.ndarray, rng, n: int, scale: float):
+    return [
+        KeyRecord(
+            edit_id,
+            "answer" if j == 0 else "sentence",
+            f"fact {edit_id}.{j}",
+            f"text {j}",
+            image,
+            None,
+            (centre + rng.normal(scale=scale, size=centre.shape)).astype(np.float32),
+        )
+        for j in range(n)
+    ]
+
+
+@pytest.mark.parametrize("rule", ["images", "edits"])
+def test_a_second_edit_on_an_image_moves_tau_only_under_edits(tmp_path, rule):
+    """Issue #19: two edits on one image sit on top of each other; under "edits" that pair
+    sets tau for the whole codebook, under "images" (new codebooks) tau barely moves."""
+    rng = np.random.default_rng(3)
+    cb = Codebook.open(tmp_path / rule, create=True)
+    edits, keys, centres = [], [], []
+    for i in range(6):  # the demo's shape: 6 edits on 6 images, a handful of keys each
+        img = hashlib.sha256(f"img{i}".encode()).hexdigest()
+        centres.append(rng.normal(size=8) * 4)
+        edits.append(EditRecord(f"e{i}", img, "q?", "a", ["F."], None, "test"))
+        keys += _keys_on(img, f"e{i}", centres[-1], rng, 5, 1.0)
+    with cb.writer() as w:
+        w.set_config(tau_rule=rule)
+        w.add(edits, keys)
+    before = cb.tau
+    img0 = edits[0].image_sha256
+    extra = [EditRecord("x0", img0, "q2?", "a2", ["G."], None, "test")]
+    # the second edit's keys share image 0's image half: each lies next to one of its keys
+    near = [
+        KeyRecord(
+            "x0",
+            k.kind,
+            "x" + k.value,
+            k.key_text,
+            img0,
+            None,
+            k.vector + rng.normal(scale=0.02, size=8).astype(np.float32),
+        )
+        for k in keys[:5]
+    ]
+    with cb.writer() as w:
+        w.add(extra, near)
+    reopened = Codebook.open(tmp_path / rule)
+    assert reopened.tau_rule == rule and reopened.tau == pytest.approx(cb.tau)
+    if rule == "images":
+        assert reopened.tau == pytest.approx(before, rel=0.15)
+    else:  # the old rule, still readable by its name, collapses
+        assert reopened.tau < 0.5 * before
