@@ -958,8 +958,9 @@ def evaluate(
         str,
         typer.Option(
             "--methods",
-            help="Comma list of unedited, reasonedit, reasonedit-reference, ike, grace, "
-            "vision-only, text-only, no-patches, or all.",
+            help="Comma list of unedited, reasonedit, reasonedit-reference, ike, "
+            "ike-reference, grace (trained adaptor), answer-lookup, vision-only, text-only, "
+            "no-patches, or all.",
         ),
     ] = "all",
     sweep_p: Annotated[
@@ -1066,15 +1067,26 @@ def evaluate(
             stack.enter_context(remote_vlm(editor, ray_options))
         gen = Generations(editor.vlm, batch_size)
         info: dict[str, Any] = {}
+        choices: dict[str, list[str]] = {}
         if dataset is not None:
             if not as_json:
                 _stderr().print(f"Finding {n_edits} mistakes of the unedited model on {dataset}...")
             edit_list, probe_list, info = build_dataset(dataset, gen, n_edits=n_edits, seed=seed)
+        elif fmt == "aokvqa":
+            from reasonedit_cli.fileprobes import build_aokvqa
+
+            # edits = the unedited model's mistakes; probes and locality from the file
+            edit_list, probe_list, choices, info = build_aokvqa(edits, images_root, gen.answer)
+            probe_list += read_probes(probes) if probes else []
         else:
             from reasonedit_cli.datasets import read_edits
 
             edit_list, _ = read_edits(edits, fmt, images_root=images_root)
             probe_list = read_probes(probes) if probes else []
+            if fmt == "rationalevqa":
+                from reasonedit_cli.fileprobes import rationalevqa_choices
+
+                choices = rationalevqa_choices(edits, edit_list)
         for e in edit_list:
             e.ensure_id()
         total = planned_answers(
@@ -1104,6 +1116,7 @@ def evaluate(
                 workdir=Path(tmp) / "variants",
                 gen=gen,
                 eval_every=eval_every if sequential else None,
+                choices=choices,
             )
             gen.on_answers = None
         if keep_to is not None:

@@ -177,7 +177,7 @@ def _question_item(obj: Any, base: Path, where: str) -> dict[str, Any]:
         "question": clean_words(obj["question"], "question", where),
         "where": where,
     }
-    for extra in ("id", "answer", "kind", "edit_id"):
+    for extra in ("id", "answer", "kind", "edit_id", "choices"):
         if extra in obj:
             item[extra] = obj[extra]
     return item

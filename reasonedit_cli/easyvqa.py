@@ -13,8 +13,11 @@ templates below (documented in docs/evaluation.md). Probes per edit, at most one
   colour), asked its own question.
 
 Loc: `n_edits` samples on images no edit or probe uses that the unedited model answers
-correctly. easy-vqa gives no per-image metadata, so each image's shape and colour are
-read off its own question/answer pairs.
+correctly. Hard-Loc: each edited image asked about its other attribute (a colour question
+on a shape-edited image, a shape question on a colour-edited one), kept where the
+unedited model answers it correctly: the edit must not change it. easy-vqa gives no
+per-image metadata, so each image's shape and colour are read off its own question/answer
+pairs.
 
 Unedited answers go through `ask(images, questions)`, which the caller caches, so a
 sample is never asked twice within a run.
@@ -263,6 +266,32 @@ def build_easyvqa(
                 f"easy-vqa loc {s.index}",
             )
         )
+    # 4. hard locality: each edited image asked about its OTHER attribute (a colour
+    # question on a shape-edited image and vice versa), kept where the unedited model
+    # answers it right; its own rng, so the probes above do not depend on it.
+    hard_rng = random.Random(f"{seed}-hard_loc")
+    hard: list[tuple[Edit, Sample, str, str]] = []
+    for e, s in zip(edits, edit_samples):
+        own = attrs[s.image_id]
+        other = "color" if s.kind == "shape" else "shape"
+        if other not in own:
+            continue
+        templates = COLOR_QUESTIONS if other == "color" else SHAPE_QUESTIONS
+        filled = [q for q in (_fill(t, own) for t in templates) if q]
+        hard.append((e, s, hard_rng.choice(filled), own[other]))
+    preds = ask([paths[s.image_id] for _, s, _, _ in hard], [q for _, _, q, _ in hard])
+    for (e, s, q, a), p in zip(hard, preds):
+        if exact_match(p, a):
+            probes.append(
+                Probe(
+                    image_bytes(s.image_id),
+                    q,
+                    a,
+                    "hard_loc",
+                    e.id,
+                    f"easy-vqa hard_loc image {s.image_id} (edit {s.index})",
+                )
+            )
     info = {
         "dataset": "easy-vqa",
         "split": "test",
@@ -270,6 +299,7 @@ def build_easyvqa(
         "asked_for_edits": pos,
         "mistakes_found": len(edit_samples),
         "asked_for_loc": pos_loc,
+        "hard_loc": sum(p.kind == "hard_loc" for p in probes),
         "edit_kinds": {k: sum(s.kind == k for s in edit_samples) for k in ("shape", "color")},
     }
     return edits, probes, info

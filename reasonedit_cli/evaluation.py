@@ -3,12 +3,17 @@
 Input is an edit JSONL and a probe JSONL. Each probe is `{image, question, answer, kind,
 edit_id?}` with kind one of `t_gen`, `i_gen`, `r_gen`, `coe_gen` (tied to an edit by
 `edit_id`), `loc` (unrelated) or `hard_loc` (an edited image asked about something
-none of its edits touch, e.g. another object of the scene). The edited samples
-themselves are the `acc` probes.
+none of its edits touch, e.g. another object of the scene or the other attribute of an
+easy-vqa shape; its unedited answer must stay). The edited samples themselves are the
+`acc` probes. A probe may carry `choices` (multiple choice).
 
 Metrics are exact-match accuracies after normalisation (lower case, no punctuation or
-articles). Retrieval diagnostics: for generality probes, the share that retrieved a fact
-of their own edit (recall); for locality probes, the share that retrieved nothing.
+articles). Gen-mean is the arithmetic mean of T/I/R-Gen, Gen-hmean their harmonic mean
+(the paper's aggregate). Where probes have choices, `MC-<metric>` scores the choice of
+highest likelihood (lowest mean answer-token loss), compared with `strip().lower()` as
+the reference does. Retrieval diagnostics: for generality probes, the share that
+retrieved a fact of their own edit (recall); for locality probes (`loc`, `hard_loc`),
+the share that retrieved nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Probe:
     kind: str
     edit_id: str | None = None
     where: str = ""
+    choices: list[str] | None = None  # answer options, for multiple-choice scoring
 
 
 def read_probes(path: str) -> list[Probe]:
@@ -80,8 +86,23 @@ def read_probes(path: str) -> list[Probe]:
         edit_id = item.get("edit_id")
         if kind not in LOC_KINDS and not isinstance(edit_id, str):
             raise InputError(f"{where}: a {kind} probe needs the 'edit_id' of its edit")
+        choices = item.get("choices")
+        if choices is not None and (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
+            raise InputError(f"{where}: 'choices' must be a list of at least two strings")
         probes.append(
-            Probe(item["image_bytes"], item["question"], item["answer"], kind, edit_id, where)
+            Probe(
+                item["image_bytes"],
+                item["question"],
+                item["answer"],
+                kind,
+                edit_id if isinstance(edit_id, str) else None,
+                where,
+                choices,
+            )
         )
     return probes
 
@@ -91,7 +112,9 @@ METHODS = (
     "reasonedit",
     "reasonedit-reference",
     "ike",
+    "ike-reference",
     "grace",
+    "answer-lookup",
     "vision-only",
     "text-only",
     "no-patches",
@@ -109,6 +132,8 @@ class Outcome:
     answer: str
     edit_ids: list[str]
     rejected: bool
+    prompt: str | None = None  # the prompt asked (multiple-choice scoring re-uses it)
+    choice: str | None = None  # the highest-likelihood choice, where the probe has choices
 
 
 def _digest(data: bytes) -> str:
@@ -262,10 +287,15 @@ class Evaluation:
         top_k: int | None = None,
         percentile: float | None = None,
         gen: Generations | None = None,
+        choices: dict[str, list[str]] | None = None,
         patch_search: bool = True,
     ) -> None:
         self.editor = editor
         self.patch_search = patch_search  # False: no patch keys at all (grids, quick runs)
+        self.choices = dict(choices or {})  # edit id -> answer options of its acc probe
+        self._loss_cache: dict[tuple[str, str, str], float] = {}
+        self._grace_choices: list[str | None] = []
+        self.grace_log: list[Any] = []
         self.edits = list(edits)
         for e in self.edits:
             e.ensure_id()
@@ -384,13 +414,19 @@ class Evaluation:
                 progress(1)
         return rows
 
-    def answer_with_facts(self, facts: Sequence[Sequence[str]], prefix: str = "") -> list[str]:
+    def prompts_with_facts(
+        self, facts: Sequence[Sequence[str]], prefix: str = "", sep: str = " "
+    ) -> list[str]:
+        """Per probe, its question after `prefix + facts joined by sep` (none: the question)."""
         from reasonedit_cli.retrieval import build_prompt
 
-        prompts = [
-            build_prompt([prefix + " ".join(f)] if f and prefix else list(f), p.question)
+        return [
+            build_prompt([prefix + sep.join(f)] if f and prefix else list(f), p.question)
             for f, p in zip(facts, self.probes)
         ]
+
+    def answer_with_facts(self, facts: Sequence[Sequence[str]], prefix: str = "") -> list[str]:
+        prompts = self.prompts_with_facts(facts, prefix)
         return self.gen.answer([p.image_bytes for p in self.probes], prompts)
 
     def retrieval_method(self, codebook: Any, vecs: np.ndarray, p: float | None) -> list[Outcome]:
@@ -398,14 +434,25 @@ class Evaluation:
 
         pp = self.percentile if p is None else p
         rs = [retrieve(codebook, v, k=self.top_k, p=pp) for v in vecs]
-        answers = self.answer_with_facts([r.facts for r in rs])
-        return [Outcome(a, r.edit_ids, r.rejected) for a, r in zip(answers, rs)]
+        prompts = self.prompts_with_facts([r.facts for r in rs])
+        answers = self.gen.answer([p.image_bytes for p in self.probes], prompts)
+        return [
+            Outcome(a, r.edit_ids, r.rejected, prompt) for a, r, prompt in zip(answers, rs, prompts)
+        ]
 
     # ------------------------------------------------------------- methods
     def run(self, method: str) -> list[Outcome]:
+        """One method's outcome per probe, with its multiple-choice pick where choices exist."""
+        outcomes = self._run(method)
+        if any(self.choices_of(p) for p in self.probes):
+            self.score_choices(method, outcomes)
+        return outcomes
+
+    def _run(self, method: str) -> list[Outcome]:
         if method == "unedited":
-            answers = self.answer_with_facts([[] for _ in self.probes])
-            return [Outcome(a, [], True) for a in answers]
+            prompts = [p.question for p in self.probes]
+            answers = self.gen.answer([p.image_bytes for p in self.probes], prompts)
+            return [Outcome(a, [], True, q) for a, q in zip(answers, prompts)]
         if method == "reasonedit":
             return self.retrieval_method(*self.build("reasonedit", self.embedder), None)
         if method == "reasonedit-reference":
@@ -422,8 +469,12 @@ class Evaluation:
             return self.retrieval_method(*self.build("text-only", emb), None)
         if method == "ike":
             return self.ike()
+        if method == "ike-reference":
+            return self.ike_reference()
         if method == "grace":
             return self.grace()
+        if method == "answer-lookup":
+            return self.answer_lookup()
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def ike(self) -> list[Outcome]:
@@ -441,12 +492,74 @@ class Evaluation:
             facts.append(
                 [" ".join([answer_value(e.question, e.answer), *e.reasoning]) for e in chosen]
             )
-        answers = self.answer_with_facts(facts, prefix="New Fact: ")
-        return [Outcome(a, i, False) for a, i in zip(answers, ids)]
+        prompts = self.prompts_with_facts(facts, prefix="New Fact: ")
+        answers = self.gen.answer([p.image_bytes for p in self.probes], prompts)
+        return [Outcome(a, i, False, q) for a, i, q in zip(answers, ids, prompts)]
+
+    def ike_reference(self) -> list[Outcome]:
+        """IKE as the authors' code runs it (`revlm/editors/ike.py`): each edit is stored
+        as `<normalised prompt> <target>` (no reasoning), the query is the full prompt,
+        the 3 nearest by MiniLM are always prepended as `New Fact: ` joined by newlines.
+
+        The reference normalises the stored prompt by asking a small LLM to simplify it;
+        that is not reproducible offline, so here the normalisation is deterministic:
+        whitespace squeezed and the text stripped. The prompt is the question (reasonedit
+        sends the question alone inside the model's chat template)."""
+        stored = [f"{' '.join(e.question.split())} {e.answer.strip()}" for e in self.edits]
+        keys = self.halves.text_half(stored)
+        queries = self.halves.text_half([p.question for p in self.probes])
+        sims = queries @ keys.T
+        facts, ids = [], []
+        for row in sims:
+            top = np.argsort(-row, kind="stable")[:IKE_K]
+            ids.append([self.edits[j].id for j in top])
+            facts.append([stored[j] for j in top])
+        # the reference builds "New Fact: " + "\n".join(facts) + "\n" + prompt
+        prompts = [f"New Fact: {chr(10).join(f)}\n{p.question}" for f, p in zip(facts, self.probes)]
+        answers = self.gen.answer([p.image_bytes for p in self.probes], prompts)
+        return [Outcome(a, i, False, q) for a, i, q in zip(answers, ids, prompts)]
 
     def grace(self) -> list[Outcome]:
-        """GRACE-style: nearest answer key by the dual embedding; inside its radius the
-        stored answer replaces the model's (no reasoning), else the unedited answer."""
+        """GRACE as published: a trained key-value adaptor at one language layer
+        (`reasonedit_cli.baselines.grace`), edits inserted one at a time."""
+        adaptor = self.grace_adaptor()
+        images = self.probe_images()
+        try:
+            answers, hits = adaptor.generate(
+                images, [p.question for p in self.probes], batch_size=self.batch_size
+            )
+            outcomes = [
+                Outcome(
+                    a,
+                    list(adaptor.entries[h].edit_ids) if h >= 0 else [],
+                    h < 0,
+                    p.question,
+                )
+                for a, h, p in zip(answers, hits, self.probes)
+            ]
+            if any(self.choices_of(p) for p in self.probes):
+                self._grace_choices = self._choices_by(adaptor.answer_loss, outcomes)
+        finally:
+            adaptor.close()
+        return outcomes
+
+    def grace_adaptor(self) -> Any:
+        """A GRACE adaptor holding every edit, added in order (its own eps calibration)."""
+        from reasonedit_cli.baselines.grace import GraceAdaptor
+
+        vlm = self.editor.vlm
+        adaptor = GraceAdaptor(vlm)
+        images = [self.gen.image(e.image_bytes) for e in self.edits]
+        adaptor.calibrate_eps(images[:32], [e.question for e in self.edits[:32]])
+        for e, img in zip(self.edits, images):
+            adaptor.add_edit(img, e.question, e.answer, e.id or "")
+        self.grace_log = adaptor.log
+        return adaptor
+
+    def answer_lookup(self) -> list[Outcome]:
+        """Answer lookup (called "GRACE-style" before 0.2): nearest answer key by the dual
+        embedding; inside its radius the stored answer replaces the model's (no reasoning,
+        no model change), else the unedited answer."""
         from reasonedit_cli.retrieval import pairwise_l2
 
         codebook, vecs = self.build("reasonedit", self.embedder)
@@ -457,7 +570,7 @@ class Evaluation:
         radii = np.array([table.column("radius")[i].as_py() or 0.0 for i in rows])
         edit_of = [table.column("edit_id")[i].as_py() for i in rows]
         answer_of = {e.id: e.answer for e in self.edits}
-        unedited = self.run("unedited")
+        unedited = self._run("unedited")
         d = pairwise_l2(vecs, keys)
         out = []
         for i, row in enumerate(d):
@@ -465,7 +578,7 @@ class Evaluation:
             if row[j] <= radii[j]:
                 out.append(Outcome(answer_of[edit_of[j]], [edit_of[j]], False))
             else:
-                out.append(Outcome(unedited[i].answer, [], True))
+                out.append(Outcome(unedited[i].answer, [], True, unedited[i].prompt))
         return out
 
     def reference_embedder(self) -> CachedEmbedder:
@@ -489,6 +602,74 @@ class Evaluation:
         if self.editor.preset.name == preset.name:
             return self.build("reasonedit", self.embedder)
         return self.build("reasonedit-reference", self.reference_embedder(), preset=preset)
+
+    # ------------------------------------------------------ multiple choice
+    def choices_of(self, probe: Probe) -> list[str] | None:
+        """A probe's answer options: its own, else (acc probes) its edit's."""
+        if probe.choices:
+            return probe.choices
+        if probe.kind == "acc" and probe.edit_id:
+            return self.choices.get(probe.edit_id)
+        return None
+
+    def _choices_by(
+        self,
+        loss: Callable[[Sequence[Any], Sequence[str], Sequence[str]], np.ndarray],
+        outcomes: Sequence[Outcome],
+    ) -> list[str | None]:
+        """Per probe with choices, the choice of lowest mean answer-token loss under
+        `loss(images, prompts, answers)` (ties: the first listed), else None."""
+        rows: list[tuple[int, int]] = []
+        images, prompts, answers = [], [], []
+        for i, (p, o) in enumerate(zip(self.probes, outcomes)):
+            ch = self.choices_of(p)
+            if not ch or o.prompt is None:
+                continue
+            for c in ch:
+                rows.append((i, len(rows)))
+                images.append(self.gen.image(p.image_bytes))
+                prompts.append(o.prompt)
+                answers.append(c)
+        losses = loss(images, prompts, answers) if answers else np.zeros(0)
+        picks: list[str | None] = [None] * len(self.probes)
+        best: dict[int, float] = {}
+        for (i, n), c in zip(rows, answers):
+            if i not in best or losses[n] < best[i]:
+                best[i], picks[i] = float(losses[n]), c
+        return picks
+
+    def score_choices(self, method: str, outcomes: list[Outcome]) -> None:
+        """Fill `Outcome.choice` for every probe with choices (the reference's metric)."""
+        if method == "grace":  # scored with the adaptor on, while it existed
+            picks = self._grace_choices
+        else:
+            picks = self._choices_by(self.choice_loss, outcomes)
+            if method == "answer-lookup":  # a hit's stored answer, else the unedited pick
+                for i, o in enumerate(outcomes):
+                    ch = self.choices_of(self.probes[i])
+                    if ch and o.prompt is None:
+                        hit = [c for c in ch if c.strip().lower() == o.answer.strip().lower()]
+                        picks[i] = hit[0] if hit else None
+        for o, c in zip(outcomes, picks):
+            o.choice = c
+
+    def choice_loss(
+        self, images: Sequence[Any], prompts: Sequence[str], answers: Sequence[str]
+    ) -> np.ndarray:
+        """Answer-token losses, cached by (image, prompt, answer) across methods."""
+        keys = [(self.halves._img_key(i), p, a) for i, p, a in zip(images, prompts, answers)]
+        todo = {k: j for j, k in enumerate(keys) if k not in self._loss_cache}
+        if todo:
+            idx = list(todo.values())
+            out = self.editor.vlm.answer_loss(
+                [images[j] for j in idx],
+                [prompts[j] for j in idx],
+                [answers[j] for j in idx],
+                batch_size=self.batch_size,
+            )
+            for j, v in zip(idx, out):
+                self._loss_cache[keys[j]] = float(v)
+        return np.asarray([self._loss_cache[k] for k in keys], dtype=np.float32)
 
     # -------------------------------------------------------------- sweeps
     def sweep_p(
@@ -571,12 +752,15 @@ def evaluate(
     gen: Generations | None = None,
     progress: Callable[[int], None] | None = None,
     eval_every: int | None = None,
+    choices: dict[str, list[str]] | None = None,
     reference_preset: Any = None,
 ) -> dict[str, Any]:
     """Run `methods` (and the sweeps) on the same edits and probes; one report dict.
 
     `reasonedit` runs under the editor's preset, `reasonedit-reference` under
     `reference_preset` (default presets.REFERENCE; a library caller may pass a variant).
+    `choices` (edit id -> answer options) adds multiple-choice scoring of the edited
+    samples; probes carry their own.
 
     With `eval_every`, also the sequential run (`report["sequential"]`): edits added one
     at a time, reasonedit measured after every `eval_every` edits, so drift is visible.
@@ -602,6 +786,7 @@ def evaluate(
             batch_size=batch_size,
             percentile=percentile,
             gen=gen,
+            choices=choices,
         )
         if reference_preset is not None:
             ev.reference_preset = reference_preset
@@ -634,6 +819,8 @@ def evaluate(
                 "sequential", lambda: ev.sequential(eval_every, progress), tick=False
             )
         report["runtime_s"] = runtime
+        if ev.grace_log:
+            report["grace"] = grace_summary(ev.grace_log)
         report["settings"] = {
             "layer": ev.embedder.layer,
             "w": ev.embedder.w,
@@ -664,15 +851,23 @@ def summarize(probes: Sequence[Probe], results: dict[str, list[Any]]) -> dict[st
     for method, answers in results.items():
         outcomes = [_as_outcome(a) for a in answers]
         correct: dict[str, int] = defaultdict(int)
+        mc_right: dict[str, int] = defaultdict(int)
+        mc_total: dict[str, int] = defaultdict(int)
         for p, a in zip(probes, outcomes):
             correct[p.kind] += exact_match(a.answer, p.answer)
+            if a.choice is not None:
+                mc_total[p.kind] += 1
+                mc_right[p.kind] += choice_match(a.choice, p.answer)
         methods[method] = {
             METRIC_NAMES[k]: (correct[k] / counts[k] if counts.get(k) else None)
             for k in PROBE_KINDS
         }
         gen = [methods[method][METRIC_NAMES[k]] for k in GEN_KINDS]
-        gen = [g for g in gen if g is not None]
-        methods[method]["Gen-mean"] = sum(gen) / len(gen) if gen else None
+        methods[method]["Gen-mean"] = gen_mean(gen)
+        methods[method]["Gen-hmean"] = gen_hmean(gen)
+        for k in PROBE_KINDS:
+            if mc_total.get(k):
+                methods[method]["MC-" + METRIC_NAMES[k]] = mc_right[k] / mc_total[k]
         by_method[method] = {k: _retrieval_stats(probes, outcomes, k) for k in PROBE_KINDS}
     retrieval: dict[str, float | None] = {}
     main = "reasonedit" if "reasonedit" in by_method else next(iter(by_method), None)
@@ -688,6 +883,47 @@ def summarize(probes: Sequence[Probe], results: dict[str, list[Any]]) -> dict[st
 
 
 GEN_KINDS = ("t_gen", "i_gen", "r_gen")  # Gen-mean: mean of T/I/R-Gen
+
+
+def gen_mean(values: Sequence[float | None]) -> float | None:
+    """Arithmetic mean of the generality scores that exist (a kind without probes is
+    left out; None when none exists)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def gen_hmean(values: Sequence[float | None]) -> float | None:
+    """Harmonic mean of T/I/R-Gen, the paper's generality aggregate.
+
+    0 when any present score is 0 (as the reference: one kind never generalised is a
+    failed generality); a kind without probes is left out, None when none exists. (The
+    reference's non-harmonic option is `0.5 x` the sum of the three, which is not a
+    mean; reasonedit's Gen-mean divides by the count.)
+    """
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if any(v == 0 for v in present):
+        return 0.0
+    return len(present) / sum(1.0 / v for v in present)
+
+
+def choice_match(choice: str, answer: str) -> bool:
+    """The reference's multiple-choice comparison: `strip().lower()` on both sides."""
+    return choice.strip().lower() == answer.strip().lower()
+
+
+def grace_summary(log: Sequence[Any]) -> dict[str, Any]:
+    """Codebook actions and training effort of the GRACE run (for the report)."""
+    actions = defaultdict(int)
+    for entry in log:
+        actions[entry.action] += 1
+    return {
+        "edits": len(log),
+        "actions": dict(actions),
+        "solved": sum(e.solved for e in log) / len(log) if log else None,
+        "mean_steps": float(np.mean([e.steps for e in log])) if log else None,
+    }
 
 
 def _as_outcome(a: Any) -> Outcome:
@@ -716,17 +952,24 @@ def _retrieval_stats(
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The metrics table as Markdown (README, --report)."""
-    cols = [METRIC_NAMES[k] for k in PROBE_KINDS] + ["Gen-mean"]
+    cols = [METRIC_NAMES[k] for k in PROBE_KINDS] + ["Gen-mean", "Gen-hmean"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, metrics in report["methods"].items():
         cells = [_cell(metrics.get(c)) for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    mc = [c for c in ("MC-" + METRIC_NAMES[k] for k in PROBE_KINDS) if _any_has(report, c)]
+    if mc:
+        lines += ["", "Multiple choice (highest-likelihood choice, `strip().lower()` match)", ""]
+        lines.append("| method | " + " | ".join(mc) + " |")
+        lines.append("|---" * (len(mc) + 1) + "|")
+        for method, metrics in report["methods"].items():
+            lines.append(f"| {method} | " + " | ".join(_cell(metrics.get(c)) for c in mc) + " |")
     by = report.get("retrieval_by_method") or {}
     if any(m != "unedited" for m in by):
         kinds = [k for k in PROBE_KINDS if report["counts"].get(k)]
         lines += [
             "",
-            "Retrieval recall / precision per probe kind (Loc: share retrieving nothing)",
+            "Retrieval recall / precision per probe kind (Loc, Hard-Loc: share retrieving nothing)",
             "",
         ]
         lines.append("| method | " + " | ".join(METRIC_NAMES[k] for k in kinds) + " |")
@@ -743,6 +986,10 @@ def markdown_table(report: dict[str, Any]) -> str:
                 )
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _any_has(report: dict[str, Any], column: str) -> bool:
+    return any(m.get(column) is not None for m in report["methods"].values())
 
 
 def _cell(v: Any) -> str:

@@ -617,59 +617,75 @@ class VLM:
         batch_size: int = 16,
     ) -> np.ndarray:
         """Mean cross-entropy of each answer's tokens given image and prompt (lower = better)."""
-        import torch
-
         losses: list[float] = []
         for start in range(0, len(prompts), batch_size):
             imgs = images[start : start + batch_size]
             prs = prompts[start : start + batch_size]
             ans = answers[start : start + batch_size]
-            batch = self._inputs(imgs, prs, "right")
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            n_prompt = mask.sum(dim=1)
-            ans_ids = [
-                self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] for a in ans
-            ]
             if self.encoder_decoder:
-                losses.extend(self._decoder_answer_loss(batch, ans_ids))
+                ans_ids = [
+                    self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"]
+                    for a in ans
+                ]
+                losses.extend(self._decoder_answer_loss(self._inputs(imgs, prs, "right"), ans_ids))
                 continue
-            total = int((n_prompt + torch.tensor([len(a) for a in ans_ids])).max())
-            pad = self.tokenizer.pad_token_id
-            new_ids = torch.full((len(prs), total), pad, dtype=ids.dtype)
-            new_mask = torch.zeros((len(prs), total), dtype=mask.dtype)
-            labels = torch.full((len(prs), total), -100, dtype=torch.long)
-            for i, a in enumerate(ans_ids):
-                n = int(n_prompt[i])
-                new_ids[i, :n] = ids[i, :n]
-                new_ids[i, n : n + len(a)] = torch.tensor(a, dtype=ids.dtype)
-                new_mask[i, : n + len(a)] = 1
-                labels[i, n : n + len(a)] = torch.tensor(a)
-            batch["input_ids"] = new_ids.to(self.device)
-            batch["attention_mask"] = new_mask.to(self.device)
-            answer_type = FAMILIES[self.family].answer_token_type
-            for key in ("token_type_ids", "mm_token_type_ids"):
-                if key in batch:  # the prompt keeps its types; answer tokens get the family's
-                    types = torch.zeros_like(batch["input_ids"])
-                    old = batch[key]
-                    for i, a in enumerate(ans_ids):
-                        n = int(n_prompt[i])
-                        types[i, :n] = old[i, :n]
-                        types[i, n : n + len(a)] = answer_type if key == "token_type_ids" else 0
-                    batch[key] = types
-            logits = self._forward(batch).logits.float()
-            labels = labels.to(self.device)
-            shift_logits = logits[:, :-1]
-            shift_labels = labels[:, 1:]
-            ce = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            ).view(shift_labels.shape)
-            valid = (shift_labels != -100).float()
-            per = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
+            batch, labels, _ = self.answer_inputs(imgs, prs, ans)
+            per = answer_token_loss(self._forward(batch).logits, labels)
             losses.extend(per.cpu().tolist())
         return np.asarray(losses, dtype=np.float32)
+
+    def answer_inputs(
+        self, images: Sequence[Image.Image], prompts: Sequence[str], answers: Sequence[str]
+    ) -> tuple[Any, Any, Any]:
+        """One right-padded batch of prompt + answer tokens, for scoring or training
+        (decoder-only language models).
+
+        Returns `(batch, labels, prompt_lengths)`: the model inputs, the label ids (-100
+        outside the answer) and each sample's prompt length in tokens, so position
+        `prompt_lengths[i] - 1` is the last prompt token (where an adaptor such as
+        GRACE reads its key and writes its value).
+        """
+        import torch
+
+        batch = self._inputs(images, prompts, "right")
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+        n_prompt = mask.sum(dim=1)
+        ans_ids = [
+            self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] for a in answers
+        ]
+        total = int((n_prompt + torch.tensor([len(a) for a in ans_ids])).max())
+        pad = self.tokenizer.pad_token_id
+        new_ids = torch.full((len(prompts), total), pad, dtype=ids.dtype)
+        new_mask = torch.zeros((len(prompts), total), dtype=mask.dtype)
+        labels = torch.full((len(prompts), total), -100, dtype=torch.long)
+        for i, a in enumerate(ans_ids):
+            n = int(n_prompt[i])
+            new_ids[i, :n] = ids[i, :n]
+            new_ids[i, n : n + len(a)] = torch.tensor(a, dtype=ids.dtype)
+            new_mask[i, : n + len(a)] = 1
+            labels[i, n : n + len(a)] = torch.tensor(a)
+        batch["input_ids"] = new_ids.to(self.device)
+        batch["attention_mask"] = new_mask.to(self.device)
+        answer_type = FAMILIES[self.family].answer_token_type
+        for key in ("token_type_ids", "mm_token_type_ids"):
+            if key in batch:  # the prompt keeps its types; answer tokens get the family's
+                types = torch.zeros_like(batch["input_ids"])
+                old = batch[key]
+                for i, a in enumerate(ans_ids):
+                    n = int(n_prompt[i])
+                    types[i, :n] = old[i, :n]
+                    types[i, n : n + len(a)] = answer_type if key == "token_type_ids" else 0
+                batch[key] = types
+        return batch, labels.to(self.device), n_prompt.to(self.device)
+
+    def layer_module(self, layer: str) -> Any:
+        """The torch module a layer name denotes: the block for `language.2`, the hooked
+        Linear for `language.2.normed`, the projector for `projector`.
+
+        The seam for adaptors that hook one layer (the GRACE baseline): they register
+        their own forward hooks on it and remove them when done.
+        """
+        return self.model.get_submodule(self.resolve_layer(layer).module)
 
     def _decoder_answer_loss(self, batch: Any, ans_ids: list[list[int]]) -> list[float]:
         """Encoder-decoder answer loss: the encoder reads the prompt, the decoder is
@@ -709,6 +725,26 @@ class VLM:
             if toks:
                 ids.add(toks[0])
         return sorted(ids)
+
+
+def answer_token_loss(logits: Any, labels: Any) -> Any:
+    """Per sample, the mean next-token cross-entropy over its answer tokens (labels != -100).
+
+    A torch tensor (differentiable when the logits are), shared by `VLM.answer_loss` and
+    the adaptors that train against the same loss.
+    """
+    import torch
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    valid = (shift_labels != -100).float()
+    return (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
 def _capture(store: dict[str, Any], label: str):

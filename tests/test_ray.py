@@ -232,7 +232,7 @@ def test_evaluate_ray_reports_the_local_metrics():
         "--probes",
         str(SAMPLE / "probes.jsonl"),
         "--methods",
-        "unedited,reasonedit,ike,grace",
+        "unedited,reasonedit,ike,answer-lookup",
         "--no-sweep-p",
         "--json",
     ]

@@ -1,0 +1,1 @@
+"""Baseline editors that `evaluate` compares ReasonEdit against (GRACE)."""
