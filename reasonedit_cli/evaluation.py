@@ -162,6 +162,11 @@ class Generations:
             self.images[key] = decode_image(data, "image")
         return self.images[key]
 
+    def note_answers(self, n: int) -> None:
+        """Count `n` answers made outside this cache (GRACE's own adapted generation)."""
+        if self.on_answers:
+            self.on_answers(n)
+
     def answer(self, image_bytes: Sequence[bytes], prompts: Sequence[str]) -> list[str]:
         keys = [(_digest(b), p) for b, p in zip(image_bytes, prompts)]
         todo: dict[tuple[str, str], bytes] = {}
@@ -528,6 +533,7 @@ class Evaluation:
             answers, hits = adaptor.generate(
                 images, [p.question for p in self.probes], batch_size=self.batch_size
             )
+            self.gen.note_answers(len(answers))
             outcomes = [
                 Outcome(
                     a,
