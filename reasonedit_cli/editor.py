@@ -1105,6 +1105,7 @@ def _plan(cb: Codebook, new_from: int = 0, rows: list[dict[str, Any]] | None = N
         [r["radius"] for r in rows],
         [key_entries(r) for r in rows],
         new_from=new_from,
+        rule=cb.config.get("merge_rule") or "ours",
     )
     plan.key_ids = [r["key_id"] for r in rows]
     return plan

@@ -16,6 +16,7 @@ provenance: removing either edit must leave the value to the other one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,38 @@ OVERLAP = 0.9
 CANDIDATES = 8  # nearest earlier surviving keys tested per key
 
 Entry = tuple[str, str]  # (value, edit_id)
+
+
+#: merge rules: "ours" (module docstring) or "reference" (the authors' code, REFERENCE row 14)
+MERGE_RULES = ("ours", "reference")
+
+
+def circle_intersection(d: float, r1: float, r2: float) -> float:
+    """Area of the intersection of two discs of radii r1, r2 whose centres are d apart.
+
+    The reference measures key overlap in 2-D: the balls are treated as discs in the
+    plane through both centres, whatever the key width."""
+    if d >= r1 + r2:
+        return 0.0
+    if d <= abs(r1 - r2):
+        return math.pi * min(r1, r2) ** 2
+    a1 = r1**2 * math.acos(max(-1.0, min(1.0, (d**2 + r1**2 - r2**2) / (2 * d * r1))))
+    a2 = r2**2 * math.acos(max(-1.0, min(1.0, (d**2 + r2**2 - r1**2) / (2 * d * r2))))
+    k = (r1 + r2 - d) * (d + r1 - r2) * (d - r1 + r2) * (d + r1 + r2)
+    return a1 + a2 - 0.5 * math.sqrt(max(0.0, k))
+
+
+def may_merge_reference(d: float, r_old: float, r_new: float) -> bool:
+    """The reference's rule for one pair of keys (its balls must touch, d < r_old + r_new):
+    near-duplicates as ours, or a 2-D intersection over each disc's area above 0.9."""
+    if r_old <= 0 or r_new <= 0:
+        return d <= 1e-6
+    if d >= r_old + r_new:
+        return False
+    if d < NEAR_DUPLICATE * r_new and d < NEAR_DUPLICATE * r_old:
+        return True
+    inter = circle_intersection(d, r_new, r_old)
+    return inter / (math.pi * r_new**2) > OVERLAP and inter / (math.pi * r_old**2) > OVERLAP
 
 
 def may_merge(d: float, r_old: float, r_new: float) -> bool:
@@ -95,15 +128,20 @@ def plan_merges(
     *,
     new_from: int = 0,
     block: int = 4096,
+    rule: str = "ours",
 ) -> MergePlan:
     """Greedy merge in insertion order: each key joins the nearest earlier survivor that
-    the rule allows.
+    the rule allows (`rule="ours"`), or, as the authors' code does (`"reference"`), the
+    FIRST earlier survivor in row order whose ball touches its own and that
+    `may_merge_reference` allows.
 
     `entries[i]` are key i's (value, edit_id) pairs, its own first. Only rows from
     `new_from` on are merge candidates (merge on insert: the new keys of an add); every
     earlier row can absorb them. Exact distances in row blocks, so memory stays bounded
     (O(block * n)).
     """
+    if rule not in MERGE_RULES:
+        raise ValueError(f"plan_merges: rule must be one of {', '.join(MERGE_RULES)}")
     n = len(vectors)
     if len(entries) != n:
         raise ValueError(f"plan_merges: {n} vectors but {len(entries)} entry lists")
@@ -121,14 +159,20 @@ def plan_merges(
         for i in range(start, stop):
             # merged-away keys are no candidates: a run of duplicates all joins the first
             row = np.where(survivor[:i], dist[i - start, :i], np.inf)
-            near = (
-                np.argpartition(row, CANDIDATES - 1)[:CANDIDATES]
-                if i > CANDIDATES
-                else np.arange(i)
-            )
-            for j in near[np.lexsort((near, row[near]))]:  # nearest first, ties by row
+            if rule == "reference":  # every touching survivor, in row order
+                order = np.flatnonzero(row < radius[:i] + radius[i])
+                allowed = may_merge_reference
+            else:
+                near = (
+                    np.argpartition(row, CANDIDATES - 1)[:CANDIDATES]
+                    if i > CANDIDATES
+                    else np.arange(i)
+                )
+                order = near[np.lexsort((near, row[near]))]  # nearest first, ties by row
+                allowed = may_merge
+            for j in order:
                 d = float(row[j])
-                if not np.isfinite(d) or not may_merge(d, float(radius[j]), float(radius[i])):
+                if not np.isfinite(d) or not allowed(d, float(radius[j]), float(radius[i])):
                     continue
                 survivor[i] = False
                 plan.merged_into[i] = int(j)

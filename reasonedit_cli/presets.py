@@ -45,6 +45,9 @@ class Preset:
     hits_rule: str
     #: merge new keys into existing ones on insert [14]
     merge_on_insert: bool
+    #: merging.MERGE_RULES entry: "ours" (nearest of 8, overlap along the line) or
+    #: "reference" (first touching key, 2-D disc intersection over area > 0.9) [14]
+    merge_rule: str
     #: verification prompt of the patch search: "default" or "reference" [15]
     question_rule: str
 
@@ -56,6 +59,7 @@ class Preset:
             "percentile": self.percentile,
             "hits_rule": self.hits_rule,
             "merge_on_insert": self.merge_on_insert,
+            "merge_rule": self.merge_rule,
             "question_rule": self.question_rule,
             "hook": self.hook,
         }
@@ -73,6 +77,7 @@ DEFAULT = Preset(
     percentile=DEFAULT_PERCENTILE,
     hits_rule="tau",
     merge_on_insert=False,
+    merge_rule="ours",
     question_rule="default",
 )
 REFERENCE = Preset(
@@ -84,6 +89,7 @@ REFERENCE = Preset(
     percentile=1.0,  # reject_threshold_pct default
     hits_rule="reference",
     merge_on_insert=True,  # merge_keys default True
+    merge_rule="reference",  # _try_merge_key: first overlapping key, circle IoA > 0.9
     question_rule="reference",
 )
 PRESETS: dict[str, Preset] = {p.name: p for p in (DEFAULT, REFERENCE)}

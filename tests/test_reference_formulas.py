@@ -225,3 +225,37 @@ def test_codebook_with_the_reference_tau_rule(tmp_path) -> None:
     ours = R.retrieve(cb, np.array([0.9, 0.0]), k=5, hit_rule="tau")
     assert [h.edit_id for h in ours.hits] == ["e1", "e0"]  # 2.1/2 > tau: filtered
     assert R.retrieve(cb, np.array([40.0, 0.0]), k=5).rejected
+
+
+def test_reference_merge_rule_discs_and_first_touching_key():
+    """REFERENCE row 14: 2-D disc intersection over each disc's area > 0.9, first
+    touching key in row order (ours: overlap along the line, nearest of 8)."""
+    import math
+
+    import numpy as np
+
+    from reasonedit_cli.merging import (
+        circle_intersection,
+        may_merge,
+        may_merge_reference,
+        plan_merges,
+    )
+
+    assert circle_intersection(2.0, 1.0, 1.0) == 0.0
+    assert circle_intersection(0.0, 1.0, 1.0) == pytest.approx(math.pi)
+    assert circle_intersection(0.5, 1.0, 0.5) == pytest.approx(math.pi * 0.25)  # inside
+    # lens of two unit discs one radius apart: 2 acos(1/2) - sqrt(3)/2
+    assert circle_intersection(1.0, 1.0, 1.0) == pytest.approx(1.2283697, abs=1e-6)
+    # equal radii: ours merges below d = 0.2 r, the reference's area rule below ~0.157 r
+    assert may_merge_reference(0.15, 1.0, 1.0) and may_merge(0.15, 1.0, 1.0)
+    assert not may_merge_reference(0.18, 1.0, 1.0) and may_merge(0.18, 1.0, 1.0)
+    assert may_merge_reference(0.05, 1.0, 1.0)  # near-duplicate, d < 0.1 r both
+    # both earlier keys can absorb the new one: reference takes row 0, ours the nearest
+    vec = np.array([[0.0], [1.0], [1.1]])
+    entries = [[("a", "e1")], [("b", "e2")], [("c", "e3")]]
+    ref = plan_merges(vec, [10.0, 10.0, 10.0], entries, new_from=2, rule="reference")
+    ours = plan_merges(vec, [10.0, 10.0, 10.0], entries, new_from=2)
+    assert ref.merged_into == {2: 0} and ref.radius[0] == pytest.approx(11.1)
+    assert ours.merged_into == {2: 1}
+    with pytest.raises(ValueError):
+        plan_merges(vec, [1.0] * 3, entries, rule="nearest")
