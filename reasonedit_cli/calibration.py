@@ -169,8 +169,11 @@ def similarity_graph(emb: np.ndarray, knn: int | None = None) -> np.ndarray:
     return _graph_from_sq(_sq_dists(emb), knn)
 
 
-def modularity(a: np.ndarray, communities: np.ndarray) -> float:
+def modularity(a: np.ndarray, communities: np.ndarray, *, self_pairs: bool = True) -> float:
     """Newman modularity Q = (1/2m) sum_ij (A_ij - k_i k_j / 2m) delta(c_i, c_j).
+
+    `self_pairs=False` leaves the i = j terms out of both the adjacency (its diagonal is
+    taken as 0) and the null model (the reference's Q, REFERENCE row 6).
 
     `a` is a symmetric non-negative weighted adjacency matrix and `communities` holds one
     label (any hashable numpy-able values) per node. Computed per community as
@@ -184,6 +187,9 @@ def modularity(a: np.ndarray, communities: np.ndarray) -> float:
     labels = np.asarray(communities)
     if labels.shape != (a.shape[0],):
         raise ValueError(f"expected {a.shape[0]} community labels, got shape {labels.shape}")
+    if not self_pairs:
+        a = a.copy()  # the caller's matrix stays as given
+        np.fill_diagonal(a, 0.0)
     deg = a.sum(axis=1)
     two_m = float(deg.sum())
     if two_m <= 0.0:
@@ -192,7 +198,8 @@ def modularity(a: np.ndarray, communities: np.ndarray) -> float:
     inv = inv.ravel()
     within = float(a[inv[:, None] == inv[None, :]].sum())
     deg_c = np.bincount(inv, weights=deg)
-    return (within - float(deg_c @ deg_c) / two_m) / two_m
+    null = float(deg_c @ deg_c) - (0.0 if self_pairs else float(deg @ deg))
+    return (within - null / two_m) / two_m
 
 
 # --------------------------------------------------------------------------- partitions

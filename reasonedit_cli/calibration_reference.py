@@ -121,23 +121,9 @@ def reference_modularity(a: np.ndarray, communities: Sequence[Any] | np.ndarray)
     is higher by sum_i k_i^2 / (2m)^2, about 1/N on a dense graph. 0 for a graph without
     edges.
     """
-    a = np.array(a, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {a.shape}")
-    labels = np.asarray(communities)
-    if labels.shape != (a.shape[0],):
-        raise ValueError(f"expected {a.shape[0]} community labels, got shape {labels.shape}")
-    np.fill_diagonal(a, 0.0)
-    deg = a.sum(axis=1)
-    two_m = float(deg.sum())
-    if two_m <= 0.0:
-        return 0.0
-    _, inv = np.unique(labels, return_inverse=True)
-    inv = inv.ravel()
-    within = float(a[inv[:, None] == inv[None, :]].sum())
-    deg_c = np.bincount(inv, weights=deg)
-    null = (float(deg_c @ deg_c) - float(deg @ deg)) / two_m
-    return (within - null) / two_m
+    from reasonedit_cli.calibration import modularity
+
+    return modularity(a, np.asarray(communities), self_pairs=False)
 
 
 # --------------------------------------------------------------------------- layouts
