@@ -705,16 +705,9 @@ class VLM:
             labels[i, : len(a)] = torch.tensor(a, dtype=torch.long)
         batch["decoder_input_ids"] = dec.to(self.device)
         batch["decoder_attention_mask"] = dec_mask.to(self.device)
-        logits = self._forward(batch).logits.float()
-        labels = labels.to(self.device)
-        ce = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="none",
-        ).view(labels.shape)
-        valid = (labels != -100).float()
-        return ((ce * valid).sum(1) / valid.sum(1).clamp_min(1)).cpu().tolist()
+        logits = self._forward(batch).logits
+        # the decoder's logits already line up with its labels (teacher forcing)
+        return answer_token_loss(logits, labels.to(self.device), shift=False).cpu().tolist()
 
     # ---------------------------------------------------------------- helpers
     def _word_token_ids(self, words: list[str]) -> list[int]:
@@ -727,16 +720,17 @@ class VLM:
         return sorted(ids)
 
 
-def answer_token_loss(logits: Any, labels: Any) -> Any:
+def answer_token_loss(logits: Any, labels: Any, *, shift: bool = True) -> Any:
     """Per sample, the mean next-token cross-entropy over its answer tokens (labels != -100).
 
     A torch tensor (differentiable when the logits are), shared by `VLM.answer_loss` and
-    the adaptors that train against the same loss.
+    the adaptors that train against the same loss. `shift=False` when position t's logits
+    already predict label t (an encoder-decoder's decoder).
     """
     import torch
 
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    shift_logits = (logits[:, :-1] if shift else logits).float()
+    shift_labels = labels[:, 1:] if shift else labels
     ce = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
