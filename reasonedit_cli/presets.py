@@ -19,8 +19,7 @@ from typing import Any
 
 from reasonedit_cli.errors import UsageError
 from reasonedit_cli.retrieval import DEFAULT_PERCENTILE, DEFAULT_TAU_RULE
-
-NORMED_SUFFIX = ".normed"
+from reasonedit_cli.vlm import NORMED_SUFFIX  # the layer-name suffix of the normed point
 
 
 @dataclass(frozen=True)
