@@ -1,4 +1,4 @@
-.PHONY: test reliability test-ray test-serve lint
+.PHONY: test reliability test-ray test-serve lint docs
 
 test:
 	python -m pytest -q
@@ -16,5 +16,6 @@ test-ray:
 test-serve:
 	python -m pytest -q -m slow tests/test_serve_slow.py
 
+# ruff, then mypy with the [tool.mypy] settings of pyproject.toml (the whole package)
 lint:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
