@@ -19,3 +19,7 @@ test-serve:
 # ruff, then mypy with the [tool.mypy] settings of pyproject.toml (the whole package)
 lint:
 	ruff check . && ruff format --check . && mypy
+
+# Regenerate docs/cli.md from the --help of every command (tests/test_cli_docs.py checks it)
+docs:
+	python scripts/gen_cli_docs.py
