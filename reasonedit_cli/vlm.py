@@ -9,8 +9,10 @@ Everything ReasonEdit needs from a VLM goes through `VLM`:
 * `answer_loss` — the mean token loss of an answer text (patch scoring);
 * `candidate_layers` — vision blocks, projector and language blocks, named by role.
 
-torch and transformers are imported inside functions so that importing this module
-(and `reasonedit --help`) stays cheap.
+What differs between model families (where the layers are, prompt fallback, image
+splits, batch fix-ups, processor quirks) is data: one `families.Family` record each,
+read through `VLM.spec`. torch and transformers are imported inside functions so that
+importing this module (and `reasonedit --help`) stays cheap.
 """
 
 from __future__ import annotations
