@@ -114,6 +114,18 @@ def test_every_family_has_a_tiny_model_and_a_well_formed_record():
             assert pattern.pattern.startswith("^") and pattern.pattern.endswith("$"), name
 
 
+def test_a_missing_processor_package_is_one_line():
+    """A record's `requires` (SmolVLM2: num2words) is checked before anything loads."""
+    import dataclasses
+
+    from reasonedit_cli.vlm import _check_requirements
+
+    spec = dataclasses.replace(REGISTRY["smolvlm"], requires=("reasonedit_no_such_package",))
+    with pytest.raises(ReasonEditError, match=r"SmolVLM processor needs the Python package"):
+        _check_requirements("some/model", spec)
+    _check_requirements("some/model", REGISTRY["smolvlm"])  # num2words is installed
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_backend(vlms, family):
     vlm = vlms(family)
