@@ -205,7 +205,7 @@ class EditBatchWorker:
         return pa.Table.from_pylist([self.compute(row) for row in batch.to_pylist()])
 
     def compute(self, row: dict[str, Any]) -> dict[str, Any]:
-        from reasonedit_cli.codebook import staged_segment_bytes
+        from reasonedit_cli.staging import staged_segment_bytes
         from reasonedit_cli.staging import write_staged_file
 
         index = int(row["batch"])
@@ -396,7 +396,7 @@ def _verified_records(
     damaged, a batch holds other edits or keys than its own, or the workers disagree on
     the model or the embedding settings.
     """
-    from reasonedit_cli.codebook import read_staged_segment
+    from reasonedit_cli.staging import read_staged_segment
 
     cb = editor._require_codebook()
     by_batch = {int(r["batch"]): r for r in results}  # a retried batch: its last output

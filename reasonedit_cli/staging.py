@@ -6,6 +6,10 @@ reader ever looks into `staging/` (only the manifest says what the codebook hold
 job that crashes or is cancelled leaves the codebook at its previous version whatever it
 left behind.
 
+Workers write their records with `staged_segment_bytes`, in exactly the format of
+committed segments; the committer reads them back with `read_staged_segment`, verified
+like a committed segment (the store's own reader, store/reader.py).
+
 Each folder holds `JOB.json` ({pid, host, started}) of the driving process. A folder whose
 driver died on this host is *stale*: the next Ray job on the codebook and
 `doctor --repair` remove it. Folders of other hosts are never removed automatically, for
@@ -15,15 +19,32 @@ the same reason as the writer lock: their pid means nothing here.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import CodebookError
+from .store.format import (
+    EditRecord,
+    KeyRecord,
+    edit_records,
+    edits_to_table,
+    key_records,
+    keys_to_table,
+    now_iso,
+    table_bytes,
+    vectors_of,
+)
+from .store.lock import pid_alive
+from .store.reader import Codebook, read_segment
 
 STAGING = "staging"
 JOB_FILE = "JOB.json"
@@ -55,7 +76,7 @@ class StagingJob:
     def __enter__(self) -> StagingJob:
         remove_stale(self.codebook)
         self.dir.mkdir(parents=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso("seconds")}
         (self.dir / JOB_FILE).write_text(json.dumps(info) + "\n")
         return self
 
@@ -141,20 +162,36 @@ def _owner(d: Path) -> tuple[str, bool]:
             return "an unknown job", False
         return "an unknown job", age > UNREADABLE_STALE_S
     owner = f"pid {pid} on host {host} since {info.get('started', '?')}"
-    return owner, host == socket.gethostname() and not _pid_alive(pid)
+    return owner, host == socket.gethostname() and not pid_alive(pid)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
+# ---------------------------------------------------------------------------
+# staged segments: computed elsewhere (Ray workers), committed by one writer
 
 
-def _now() -> str:
-    import datetime as dt
+def staged_segment_bytes(kind: str, records: Sequence[Any], dim: int | None = None) -> bytes:
+    """Parquet bytes of edit or key records in exactly the schema of committed segments.
 
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    Workers of a distributed add-edit write these into `staging/`; the committer reads
+    them back with `read_staged_segment`, so both ends share the segment format.
+    """
+    if kind == "edits":
+        return table_bytes(edits_to_table(list(records), dt.datetime.now(dt.timezone.utc)))
+    if kind != "keys" or dim is None:
+        raise CodebookError(f"staged segment: kind must be keys (with dim) or edits, got {kind!r}")
+    return table_bytes(keys_to_table([(k.key_id, k) for k in records], dim))
+
+
+def read_staged_segment(
+    codebook: Codebook, entry: dict, dim: int | None
+) -> list[KeyRecord] | list[EditRecord]:
+    """Records of a staged segment, verified like a committed one (checksum, schema, rows).
+
+    `entry` is a manifest-style entry {kind, path (relative to the codebook), sha256,
+    rows}; `dim` the key width the workers reported (the codebook may have none yet).
+    Edit records come back without a timestamp: the commit stamps them, as for local adds.
+    """
+    table = read_segment(codebook.path, entry, dim)
+    if entry["kind"] == "edits":
+        return edit_records(table, stamped=False)
+    return key_records(table.to_pylist(), vectors_of(table, int(dim or 0)))

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from helpers_reliability import build_synthetic_codebook, tree_hashes
 
-from reasonedit_cli import codebook as C
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+from reasonedit_cli import store as C
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 from reasonedit_cli.errors import CodebookError, CodebookLockedError
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from reasonedit_cli.codebook import FORMAT_VERSION, Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store import FORMAT_VERSION, Codebook, EditRecord, KeyRecord
 from reasonedit_cli.editor import Editor
 from reasonedit_cli.errors import CodebookError
 from reasonedit_cli.merging import may_merge, plan_merges

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from reasonedit_cli import retrieval as R
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
 
 def _naive_knn(v: np.ndarray, k: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from reasonedit_cli.cli import app
-from reasonedit_cli.codebook import Codebook
+from reasonedit_cli.store import Codebook
 from reasonedit_cli.datasets import read_edits, read_questions
 from reasonedit_cli.editor import Editor
 from reasonedit_cli.errors import UsageError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reasonedit_cli.codebook import Codebook
+from reasonedit_cli.store import Codebook
 from reasonedit_cli.staging import (
     JOB_FILE,
     STAGING,
