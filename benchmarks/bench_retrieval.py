@@ -185,7 +185,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
     rows = []
     saved = DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN
     full = cb.index
-    full.lift()
+    lift = full.lift()
     specs = []
     for spec in args.fetch.split(","):
         parts = [int(x) for x in spec.split(":")]
@@ -242,8 +242,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
 
 def cmd_tau(args: argparse.Namespace) -> dict:
     """What `retrieve` uses: the default search's hits under tau vs exact search's."""
-    from reasonedit_cli import store as C
     from reasonedit_cli import retrieval as R
+    from reasonedit_cli import store as C
 
     cb = C.Codebook.open(args.dir)
     v, sigma, tau = cb.vectors(), cb.sigma(), cb.tau

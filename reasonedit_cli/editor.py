@@ -29,9 +29,9 @@ from reasonedit_cli.retrieval import (
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.edits import Edit
     from reasonedit_cli.embedding import DualEmbedder
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.text import TextEncoder
     from reasonedit_cli.vlm import VLM
 
@@ -1007,8 +1007,8 @@ class Editor:
         """
         import tempfile
 
-        from reasonedit_cli.store import Codebook
         from reasonedit_cli.selfcheck import RetrievalCheck, check_probes, count_retrieved, totals
+        from reasonedit_cli.store import Codebook
 
         cb = self._require_codebook()
         k = int(self.config.get("top_k", DEFAULT_TOP_K))
@@ -1083,8 +1083,8 @@ def _key_rows(cb: Codebook) -> list[dict[str, Any]]:
 
 def _plan(cb: Codebook, new_from: int = 0, rows: list[dict[str, Any]] | None = None) -> Any:
     """The merge plan (DESIGN 1.6) of a codebook's live keys."""
-    from reasonedit_cli.store import key_entries
     from reasonedit_cli.merging import plan_merges
+    from reasonedit_cli.store import key_entries
 
     rows = _key_rows(cb) if rows is None else rows
     plan = plan_merges(

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import CodebookError
 from .store import (
     CheckReport,
     Codebook,
@@ -35,7 +36,6 @@ from .store import (
     key_record,
     restore_manifest,
 )
-from .errors import CodebookError
 
 _ANSWER_RE = re.compile(r"The answer to '(.*)' is (.*)\.", re.S)  # editor.answer_value
 
@@ -328,9 +328,7 @@ def keys_from_edits(
     ]
     seeds = [_seed(s["edit_id"], s["kind"], s["key_text"], s["box"]) for s in usable]
     vectors, radii = editor.embed_with_radii(imgs, [s["key_text"] for s in usable], seeds)
-    keys = [
-        key_record({**s, "radius": float(radii[i])}, vectors[i]) for i, s in enumerate(usable)
-    ]
+    keys = [key_record({**s, "radius": float(radii[i])}, vectors[i]) for i, s in enumerate(usable)]
     cfg = cb.config
     notes = [
         f"keys: re-embedded {len(keys)} keys of {len(todo)} edits with {cfg.get('model')} "

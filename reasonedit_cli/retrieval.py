@@ -210,15 +210,15 @@ def corrected_pair_sample(
     if n < 2:
         return np.zeros(0, dtype=np.float64)
     if n <= max_exact_keys:
-        out = []
+        chunks: list[np.ndarray] = []
         step = row_chunk(n)
         for start in range(0, n, step):
             stop = min(n, start + step)
             d = pairwise_l2(v[start:stop], v) / s[start:stop, None]
             mask = np.ones(d.shape, dtype=bool)
             mask[np.arange(stop - start), np.arange(start, stop)] = False
-            out.append(d[mask])
-        return np.concatenate(out)
+            chunks.append(d[mask])
+        return np.concatenate(chunks)
     rng = np.random.default_rng(seed)
     a = rng.integers(0, n, size=n_pairs)
     b = rng.integers(0, n - 1, size=n_pairs)

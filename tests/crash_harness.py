@@ -67,8 +67,8 @@ def _synthetic_workload(cb_path: Path, log: Any) -> None:
     import numpy as np
     from helpers_reliability import png_bytes
 
-    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord, key_entries
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord, key_entries
 
     rng = np.random.default_rng(3)
 
@@ -124,8 +124,8 @@ def _synthetic_workload(cb_path: Path, log: Any) -> None:
 def _real_workload(cb_path: Path, log: Any, model: str) -> None:
     """add-edit, remove-edit, calibrate, merge-keys, compaction, add-edit --merge, through
     the Editor (the code the CLI commands run)."""
-    from reasonedit_cli.store import Codebook
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook
 
     def editor():
         return Editor(cb_path, model=model, device="cpu")
@@ -371,9 +371,9 @@ def materialize(snapshot: Path, blobs: Path, names: dict, inodes: dict, mode: st
 
 def check_state(cb_path: Path, allowed: list[dict], model_ok: bool) -> tuple[list[str], dict]:
     """Problems of one crash state (empty = fine) and what was found."""
-    from reasonedit_cli.store import Codebook
     from reasonedit_cli.errors import CodebookError
     from reasonedit_cli.repair import repair_codebook
+    from reasonedit_cli.store import Codebook
 
     problems: list[str] = []
     info: dict = {}

@@ -66,8 +66,8 @@ def build_synthetic_codebook(
     """
     import numpy as np
 
-    from reasonedit_cli.store.index import deltas as derived
     from reasonedit_cli.store import HNSW_MIN_KEYS, Codebook, EditRecord, KeyRecord
+    from reasonedit_cli.store.index import deltas as derived
 
     if keep_deltas:
         names = ("SIGMA_DELTA_MAX", "KNN_DELTA_MAX", "GRAPH_DELTA_MAX", "GRAPH_MAX_PARTS")
@@ -209,8 +209,8 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
     """Damage a fresh copy, then: reader ops, `doctor`, (derived) `doctor --repair`, `ask`."""
     import numpy as np
 
-    from reasonedit_cli.store import Codebook
     from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
 
     src, work = Path(case["src"]), Path(case["work"])
     hmk = int(case.get("hnsw_min_keys") or 2000)

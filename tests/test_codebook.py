@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from reasonedit_cli import retrieval as R
+from reasonedit_cli.errors import CodebookError, CodebookLockedError
 from reasonedit_cli.store import (
     FORMAT_VERSION,
     Codebook,
@@ -22,7 +23,6 @@ from reasonedit_cli.store import (
     KeyRecord,
     key_id_for,
 )
-from reasonedit_cli.errors import CodebookError, CodebookLockedError
 
 DIM = 16
 

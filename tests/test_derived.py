@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from test_codebook import DIM, flip_byte, make_edits
 
+from reasonedit_cli import retrieval as R
+from reasonedit_cli.errors import CodebookError
+from reasonedit_cli.store import Codebook
 from reasonedit_cli.store import manifest as M
+from reasonedit_cli.store import writer as W
 from reasonedit_cli.store.index import deltas as D
 from reasonedit_cli.store.index import neighbours as NB
-from reasonedit_cli import retrieval as R
-from reasonedit_cli.store import Codebook
-from reasonedit_cli.errors import CodebookError
 
 BATCHES = [40, 5, 7, 3, 10]  # edits per commit, 3 keys each: 120 keys, then 4 appends
 HMK = 60  # hnsw from 60 keys on, so every append also gets a graph part
@@ -267,7 +268,7 @@ def test_crash_before_the_manifest_leaves_the_old_version(tmp_path, keep_deltas,
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as mp:
-        mp.setattr(C, "_manifest_bytes", no_space)
+        mp.setattr(W, "manifest_bytes", no_space)  # the writer's commit
         with pytest.raises(CodebookError, match="commit of version"):
             with cb.writer() as w:
                 w.add(*make_edits(700, 4))
@@ -331,7 +332,7 @@ def test_knn_patch_round_trip():
     v = rng.normal(size=(90, 6)).astype(np.float32)
     for n_old in (1, 20, 31, 60, 89):
         oi, od = R.knn_lists(v[:n_old])
-        ni, nd = R.update_knn_lists(v[:n_old], oi, od, v[n_old:])
+        ni, nd = NB.update_knn_lists(v[:n_old], oi, od, v[n_old:])
         app = D.knn_append_from_full(oi, od, ni, nd)
         patch = D.knn_patch(app, oi, od)
         assert patch is not None

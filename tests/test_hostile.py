@@ -20,8 +20,8 @@ import pytest
 from helpers_reliability import build_synthetic_codebook, tree_hashes
 
 from reasonedit_cli import store as C
-from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 from reasonedit_cli.errors import CodebookError, CodebookLockedError
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
 HERE = Path(__file__).resolve().parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from test_codebook import flip_byte
 
+from reasonedit_cli import retrieval as R
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 from reasonedit_cli.store import manifest as M
 from reasonedit_cli.store.index import deltas as DL
 from reasonedit_cli.store.index import derived as DI
 from reasonedit_cli.store.index import lift as D
-from reasonedit_cli import retrieval as R
-from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
 DIM = 24
 HMK = 100

@@ -502,9 +502,9 @@ def crafted_manifest_cases(tmp_path, bad_values, min_cases) -> int:
     CodebookError or a working reader, never another exception."""
     import numpy as np
 
+    from reasonedit_cli.errors import CodebookError
     from reasonedit_cli.store import Codebook
     from reasonedit_cli.store.manifest import manifest_bytes
-    from reasonedit_cli.errors import CodebookError
 
     src = build_synthetic_codebook(
         tmp_path / "src", n_edits=12, keys_per_edit=3, batches=3, keep_deltas=True

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from reasonedit_cli.store import Codebook
 from reasonedit_cli.staging import (
     JOB_FILE,
     STAGING,
@@ -23,6 +22,7 @@ from reasonedit_cli.staging import (
     remove_stale,
     write_staged_file,
 )
+from reasonedit_cli.store import Codebook
 
 
 def dead_pid() -> int:

@@ -141,6 +141,12 @@ class Codebook:
     newest version. Writes go through `writer()`.
     """
 
+    _keys: pa.Table | None  # live keys with vectors
+    _edits: pa.Table | None
+    _vectors: np.ndarray | None
+    _index: DerivedIndex | None  # loaded on first use, or handed over by the writer
+    _pair_sample: np.ndarray | None  # tau_rule "all": the seeded sample of pairs
+
     def __init__(
         self,
         path: Path,
@@ -268,11 +274,11 @@ class Codebook:
 
     def _set_manifest(self, manifest: dict) -> None:
         self.manifest = manifest
-        self._keys: pa.Table | None = None  # live keys with vectors
-        self._edits: pa.Table | None = None
-        self._vectors: np.ndarray | None = None
-        self._index: DerivedIndex | None = None
-        self._pair_sample: np.ndarray | None = None
+        self._keys = None
+        self._edits = None
+        self._vectors = None
+        self._index = None
+        self._pair_sample = None
 
     # -- manifest views ---------------------------------------------------
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import CodebookError
+from . import files as fs
 from .files import MAX_MANIFEST_BYTES, atomic_write, mkdirs, read_regular, rename
 from .format import DAMAGED, MANIFEST, now_iso
 from .lock import WriterLock
@@ -71,7 +72,7 @@ def restore_manifest(path: str | os.PathLike, lock_timeout: float = 10.0) -> lis
             stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
             aside = p / DAMAGED / f"{MANIFEST}.{stamp}"
             rename(p / MANIFEST, aside)
-            files.fsync_dir(p / DAMAGED)
+            fs.fsync_dir(p / DAMAGED)
             steps.append(f"moved the damaged {MANIFEST} to {aside.relative_to(p)}")
         if int(m["version"]) == newest:
             atomic_write(p / MANIFEST, raw)

@@ -16,7 +16,7 @@ import stat
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -372,16 +372,18 @@ class CodebookWriter:
             if not records:
                 new[entry["path"]] = None
             elif entry["kind"] == "edits":
-                table = edits_to_table(list(records), dt.datetime.now(dt.timezone.utc))
+                edits = cast("list[EditRecord]", list(records))
+                table = edits_to_table(edits, dt.datetime.now(dt.timezone.utc))
                 new[entry["path"]] = self._write_segment("edits", table, version)
             else:
+                keys = cast("list[KeyRecord]", list(records))
                 # replacing=True: the damaged keys cannot be counted, the width is config's
-                dim = self._check_dim([k.vector for k in records], replacing=True)
+                dim = self._check_dim([k.vector for k in keys], replacing=True)
                 if cb.dim is not None and dim != cb.dim:
                     raise CodebookError(
                         f"codebook {self.path}: rebuilt keys are {dim}-d, config says {cb.dim}"
                     )
-                table = keys_to_table([(k.key_id, k) for k in records], dim)
+                table = keys_to_table([(k.key_id, k) for k in keys], dim)
                 new[entry["path"]] = self._write_segment("keys", table, version)
         segs = []
         for s in cb.manifest["segments"]:
@@ -488,7 +490,7 @@ class CodebookWriter:
         # A scratch reader over the new content computes the derived data.
         kind = state[0] if state else None
         tables: dict[str, Any] = {}
-        if kind in ("append", "remove", "full"):
+        if state is not None and kind in ("append", "remove", "full"):
             tables = {"keys": state[1], "edits": state[2]}
         if kind in ("same", "compact"):
             tables = {"keys": cb.keys_table(), "edits": cb.edits_table()}

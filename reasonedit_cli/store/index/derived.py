@@ -146,7 +146,7 @@ class DerivedIndex:
         """(sigma before the floor, the entries it came from, None) replayed from the base
         file and its patches, or (None, None, the first file that failed)."""
         n = self.n
-        base = self.files().get("sigma")
+        base: Any = self.files().get("sigma")
         deltas = self.deltas("sigma")
         at = base
         try:
@@ -174,7 +174,8 @@ class DerivedIndex:
         (None, None, None, the first file that failed)."""
         n, k = self.n, R.SIGMA_K
         files = self.files()
-        bi, bd = files.get("knn_idx"), files.get("knn_dist")
+        bi: Any = files.get("knn_idx")
+        bd: Any = files.get("knn_dist")
         deltas = self.deltas("knn")
         at = bi
         try:
@@ -216,7 +217,9 @@ class DerivedIndex:
         manifest lists none (codebooks below hnsw_min_keys, or written before it); (None,
         the file that failed) when damaged."""
         files = self.files()
-        eh, er, ep = files.get("lift_hnsw"), files.get("lift_rows"), files.get("lift_params")
+        eh: Any = files.get("lift_hnsw")
+        er: Any = files.get("lift_rows")
+        ep: Any = files.get("lift_params")
         if not (eh or er or ep):
             return None, None
         dim, n = self.dim, self.n

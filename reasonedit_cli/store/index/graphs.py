@@ -20,7 +20,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
-from .. import files
+from .. import files as fs
 from ..files import hash_file, mkdirs, note, open_regular, rename, tmp_name, unlink
 
 HNSW_SPACE = "l2"
@@ -145,7 +145,7 @@ def save_graph(root: Path, index: Any, rel: str, lock: threading.Lock) -> dict:
             os.fsync(f.fileno())
             note("fsync", tmp)
         rename(tmp, root / rel)
-        files.fsync_dir(root / "index")
+        fs.fsync_dir(root / "index")
     finally:
         if tmp.exists():
             with contextlib.suppress(OSError):
