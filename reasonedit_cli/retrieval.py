@@ -116,7 +116,8 @@ def brute_force_knn(
 
 
 # ---------------------------------------------------------------------------
-# neighbour lists and sigma (kept by the codebook as derived data)
+# neighbour lists and sigma from scratch (kept current by the codebook's derived index:
+# reasonedit_cli/store/index/neighbours.py)
 
 
 def knn_lists(vectors: np.ndarray, k: int = SIGMA_K) -> tuple[np.ndarray, np.ndarray]:

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from reasonedit_cli.staging import (
-    JOB_FILE,
-    STAGING,
-    StagingJob,
-    leftovers,
-    remove_stale,
-    write_staged_file,
-)
+from reasonedit_cli.staging import StagingJob, write_staged_file
 from reasonedit_cli.store import Codebook
+from reasonedit_cli.store.staging import JOB_FILE, STAGING, leftovers, remove_stale
 
 
 def dead_pid() -> int:

@@ -18,11 +18,13 @@ One concern per module (dependencies point down this list, never up):
 - index/: the derived index (`DerivedIndex`): sigma, neighbour lists, graphs, deltas,
   the lifted graph;
 - writer.py: `CodebookWriter`;
-- reader.py: `Codebook` (opens writers, hands over nothing but public objects);
+- reader.py: `Codebook`, the snapshot (it opens writers);
+- staging.py: the staging folders of Ray jobs as `doctor` sees them;
 - check.py: `doctor`'s verification; restore.py: a damaged manifest brought back.
 
-Staging I/O of distributed jobs lives with the Ray engine (reasonedit_cli/staging.py),
-segment repair that re-embeds keys with the models in reasonedit_cli/repair.py.
+Staging I/O of distributed jobs (creating a job's folder, staged segments) lives with the
+Ray engine (reasonedit_cli/staging.py); segment repair, which re-embeds keys with the
+codebook's models, in reasonedit_cli/repair.py.
 """
 
 from .files import MAX_MANIFEST_BYTES, NotRegularFileError, file_operations, read_codebook_file

@@ -14,6 +14,7 @@ from ..errors import CodebookError
 from .files import MAX_MANIFEST_BYTES, read_regular, tmp_files
 from .format import LOCK, MANIFEST, CheckReport, canonical
 from .lock import lock_owner
+from .staging import check_staging
 
 if TYPE_CHECKING:
     from .reader import Codebook
@@ -64,10 +65,7 @@ def check_codebook(
         )
     if (cb.path / LOCK).exists():
         rep.notes.append(f"{LOCK} is present: {lock_owner(cb.path / LOCK)}")
-    # staging/ of Ray jobs (reasonedit_cli/staging.py): never read, notes only. Imported
-    # here, not at the top: the Ray side builds on the store, not the other way round.
-    from ..staging import check_staging
-
+    # staging/ of Ray jobs: never read, notes only (repair removes those of dead jobs)
     check_staging(cb.path, rep, repair=repair)
     if (derived_bad or health.n_deltas or lift_missing) and repair:
         # rebuild what is damaged and fold every delta into new base files
