@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from .. import retrieval as R
 from ..errors import CodebookError
 from . import compat
+from .check import check_codebook
 from .files import (
     MAX_MANIFEST_BYTES,
     MAX_PARQUET_FOOTER,
@@ -604,8 +605,6 @@ class Codebook:
     ) -> CheckReport:
         """Verify every file the manifest lists (for `reasonedit doctor`); with
         repair=True rebuild damaged derived files (see store/check.py)."""
-        from .check import check_codebook
-
         return check_codebook(self, repair, lock_timeout=lock_timeout, images=images)
 
 
