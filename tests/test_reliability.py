@@ -583,7 +583,7 @@ def test_every_np_load_refuses_pickles():
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
             calls.append((f.name, text[m.start() : i]))
-    assert calls, "expected np.load in codebook.py"
+    assert calls, "expected np.load in the store (reasonedit_cli/store/index)"
     assert all("allow_pickle=False" in c for _, c in calls), calls
 
 

@@ -347,7 +347,7 @@ class CodebookWriter:
     def compact(self) -> int:
         """Fold every delta of the derived index into new base files, as a new version.
 
-        Inserts append deltas (derived.py) and compact on their own once the deltas
+        Inserts append deltas (store/index/deltas.py) and compact on their own once the deltas
         outgrow the base; this does it now, and rebuilds any damaged derived file
         (`doctor --repair`). Returns the new version.
         """
