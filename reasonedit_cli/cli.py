@@ -662,7 +662,7 @@ def calibrate(
                 force=force,
             )
         except CalibrationRefused as exc:
-            refused, result, version = exc, exc.result, editor.codebook.version
+            refused, result, version = exc, exc.result, editor.require_codebook().version
     if plot is not None:
         plot_calibration(result, plot)
     summary = result.to_dict() | {

@@ -195,7 +195,11 @@ def patch_boxes(
             by_edit.setdefault(k.edit_id, []).append(k)
     return {
         e.id or "": [
-            [list(k.box) for k in by_edit.get(e.id or "", []) if k.key_text == sentence]
+            [
+                list(k.box)
+                for k in by_edit.get(e.id or "", [])
+                if k.key_text == sentence and k.box is not None
+            ]
             for sentence in e.reasoning
         ]
         for e in edits
@@ -206,7 +210,8 @@ def crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
     """The crop of `box` (in the original image's pixels) from a decoded image."""
     from reasonedit_cli.edits import box_to_decoded
 
-    return image.crop(tuple(box_to_decoded(box, image)))
+    x0, y0, x1, y1 = box_to_decoded(list(box), image)
+    return image.crop((x0, y0, x1, y1))
 
 
 class Editor:
@@ -606,7 +611,7 @@ class Editor:
                 value=spec.value,
                 key_text=spec.key_text,
                 image_sha256=chunk[spec.edit_index].image_sha256,
-                box=tuple(spec.box) if spec.box else None,
+                box=_box4(spec.box),
                 vector=vec,
                 radius=float(radius),
             )
@@ -1079,15 +1084,15 @@ class Editor:
             scratch = Codebook.open(Path(tmp) / "cb", create=True)
             with scratch.writer() as w:
                 dim = int(new_keys[0].vector.shape[0])
-                w.set_config(**{**self.config, "layer": new.layer, "w": float(new.w), "dim": dim})
+                w.set_config(**{**self.config, "layer": new.layer, "w": _fixed_w(new), "dim": dim})
                 w.add(cb.edits(), list(new_keys))
             after = count_retrieved(scratch, new.embed, probes, k=k)
         return RetrievalCheck(
             total=totals(probes),
             old=before,
             new=after,
-            old_settings={"layer": old.layer, "w": float(old.w)},
-            new_settings={"layer": new.layer, "w": float(new.w)},
+            old_settings={"layer": old.layer, "w": _fixed_w(old)},
+            new_settings={"layer": new.layer, "w": _fixed_w(new)},
         )
 
     def reembed_keys(self, batch_size: int = 64) -> list[KeyRecord]:
@@ -1130,6 +1135,21 @@ def check_codebook(
     from reasonedit_cli.codebook import Codebook
 
     return Codebook.open(path).check(lock_timeout=lock_timeout)
+
+
+def _box4(box: Sequence[int] | None) -> tuple[int, int, int, int] | None:
+    """A KeySpec's box as a KeyRecord stores it (None: the whole image)."""
+    if not box:
+        return None
+    x0, y0, x1, y1 = box
+    return (int(x0), int(y0), int(x1), int(y1))
+
+
+def _fixed_w(embedder: KeyEmbedder) -> float:
+    """The embedder's w, fixed by the keys it has embedded (auto w is set by the first)."""
+    if embedder.w is None:
+        raise ReasonEditError("the key weight w is not fixed yet: embed keys first")
+    return float(embedder.w)
 
 
 def _seed(edit_id: str, kind: str, key_text: str, box: Any) -> int:

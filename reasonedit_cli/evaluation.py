@@ -18,6 +18,7 @@ the share that retrieved nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import defaultdict
@@ -359,11 +360,11 @@ class Evaluation:
         specs = self.specs(preset.question_rule)
 
         def key_specs(
-            chunk: Sequence[Any], images: Sequence[Any] | None = None, **_: Any
+            edits: Sequence[Any], images: Sequence[Any] | None = None, **_: Any
         ) -> list[Any]:
             return [
                 replace(s, edit_index=i)
-                for i, e in enumerate(chunk)
+                for i, e in enumerate(edits)
                 for s in specs[e.id]
                 if patches or s.kind != "patch"
             ]
@@ -814,7 +815,7 @@ def evaluate(
             return out
 
         for m in methods:
-            results[m] = timed(m, lambda m=m: ev.run(m))
+            results[m] = timed(m, functools.partial(ev.run, m))
         report = summarize(ev.probes, results)
         if sweep_p:
             report["sweep_p"] = timed("sweep_p", ev.sweep_p)
@@ -983,8 +984,8 @@ class EvaluationRun:
             self._tmp = Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="reasonedit-eval-"))
             )
-            use = self.codebook is not None and self.keep_to is None
-            self.editor = self.open_editor(Path(self.codebook) if use else self._tmp / "cb")
+            given = self.codebook if self.keep_to is None else None
+            self.editor = self.open_editor(Path(given) if given is not None else self._tmp / "cb")
             if self.ray is not None:
                 from reasonedit_cli.distributed import remote_vlm
 
@@ -1133,7 +1134,7 @@ def choice_match(choice: str, answer: str) -> bool:
 
 def grace_summary(log: Sequence[Any]) -> dict[str, Any]:
     """Codebook actions and training effort of the GRACE run (for the report)."""
-    actions = defaultdict(int)
+    actions: defaultdict[str, int] = defaultdict(int)
     for entry in log:
         actions[entry.action] += 1
     return {

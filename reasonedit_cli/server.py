@@ -521,8 +521,9 @@ class Engine:
         ]
 
         def on_tokens(i: int, text: str) -> None:
-            if jobs[i].on_text is not None:
-                jobs[i].on_text(text)
+            send = jobs[i].on_text
+            if send is not None:
+                send(text)
 
         streaming = any(j.on_text is not None for j in jobs)
         try:
@@ -586,7 +587,8 @@ class Engine:
             self._editor = new
         self._refused = None
         self.stats["reloads"] += 1
-        log.info("switched to codebook version %s (%d keys)", new.version, new.codebook.n_keys)
+        keys = new.require_codebook().n_keys
+        log.info("switched to codebook version %s (%d keys)", new.version, keys)
         return True
 
 
