@@ -148,4 +148,23 @@ class KeyEmbedder(Protocol):
         ...
 
 
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonedit_cli.distributed import RemoteVLM
+    from reasonedit_cli.embedding import DualEmbedder
+    from reasonedit_cli.evaluation import CachedEmbedder
+    from reasonedit_cli.text import TextEncoder
+    from reasonedit_cli.vlm import VLM
+
+    def _implementations(
+        vlm: VLM, remote: RemoteVLM, text: TextEncoder, dual: DualEmbedder, cached: CachedEmbedder
+    ) -> None:
+        """Never run: the type checker proves here that the real classes satisfy the
+        protocols (a missing method or a changed signature fails `mypy reasonedit_cli`)."""
+        completing: CompletingBackend = vlm
+        remote_backend: VLMBackend = remote
+        encoder: TextBackend = text
+        embedders: list[KeyEmbedder] = [dual, cached]
+        del completing, remote_backend, encoder, embedders
+
+
 __all__ = ["CompletingBackend", "KeyEmbedder", "TextBackend", "VLMBackend"]
