@@ -20,7 +20,7 @@ runner = CliRunner()
 def test_presets_and_hook_names() -> None:
     assert presets.get_preset(None) is presets.DEFAULT
     assert presets.get_preset("reference").tau_rule == "reference"
-    with pytest.raises(UsageError, match="--preset must be one of default, reference"):
+    with pytest.raises(UsageError, match="`preset` must be one of default, reference"):
         presets.get_preset("paper")
     ref = presets.REFERENCE
     assert presets.hook_layer("projector", ref) == "projector.normed"
@@ -46,7 +46,7 @@ def test_missing_hook_point_is_a_one_line_error() -> None:
     with pytest.raises(UsageError) as err:
         presets.check_hook(NoNormed(), "projector", presets.REFERENCE)
     msg = str(err.value)
-    assert "\n" not in msg and "'projector.normed'" in msg and "--preset reference" in msg
+    assert "\n" not in msg and "'projector.normed'" in msg and "`preset` reference" in msg
 
 
 def test_reference_verification_prompt() -> None:
@@ -159,7 +159,7 @@ def test_reference_preset_variant_is_stored_and_followed(
     assert r.facts[0] in r.hits[0].values  # nearest first under the reference rule
     # adding with another preset is refused, codebook unchanged
     version = again.codebook.version
-    with pytest.raises(UsageError, match="built with --preset reference"):
+    with pytest.raises(UsageError, match="built with `preset` reference"):
         Editor(tmp_path / "cb", model=str(tiny_llava), device="cpu", preset="default").add_edits(
             edits[:1], patches="none"
         )
@@ -183,7 +183,7 @@ def test_old_codebook_without_preset_opens_as_default(tmp_path) -> None:
     assert "preset" not in Codebook.open(tmp_path / "cb").config
     ed = Editor(tmp_path / "cb")  # opening loads no model
     assert ed.preset is presets.DEFAULT and ed.stored_preset == "default"
-    with pytest.raises(UsageError, match="built with --preset default"):
+    with pytest.raises(UsageError, match="built with `preset` default"):
         Editor(tmp_path / "cb", preset="reference").plan_add([])
 
 
