@@ -187,13 +187,22 @@ def test_old_codebook_without_preset_opens_as_default(tmp_path) -> None:
         Editor(tmp_path / "cb", preset="reference").plan_add([])
 
 
-def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl):
+def _fake_editor(path):
+    """An editor on the fake backend (tests/fake_backend.py): for the presets' plumbing."""
+    from fake_backend import FakeText, FakeVLM
+
+    from reasonedit_cli.editor import Editor
+
+    return Editor(path, create=True, vlm=FakeVLM(), text=FakeText())
+
+
+def test_calibrate_with_the_reference_preset(tmp_path, edits_jsonl):
     from reasonedit_cli.calibration_reference import REFERENCE_W_GRID
     from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.datasets import read_edits
 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
-    ed = _editor(tmp_path / "cb", tiny_llava)
+    ed = _fake_editor(tmp_path / "cb")
     ed.add_edits(edits, patches="none")
     ed.preset = presets.REFERENCE  # switching preset: calibrate re-embeds every key
     # force: the self-check of #19 judges a random tiny model, not the rule under test
@@ -211,12 +220,12 @@ def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl):
     assert np.isfinite([r["harmonic"] for r in result.w_table]).all()
 
 
-def test_evaluate_reports_both_presets_in_one_table(tmp_path, tiny_llava, edits_jsonl):
+def test_evaluate_reports_both_presets_in_one_table(tmp_path, edits_jsonl):
     from reasonedit_cli import evaluation as E
     from reasonedit_cli.datasets import read_edits
 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
-    ed = _editor(tmp_path / "cb", tiny_llava)
+    ed = _fake_editor(tmp_path / "cb")
     report = E.evaluate(
         ed,
         edits,
