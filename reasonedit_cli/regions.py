@@ -324,19 +324,22 @@ def region_outcomes(ev: Any, method: str, source: str = "named") -> list[Any]:
 
 
 def region_codebook(
-    ev: Any, method: str, source: str = "named", normalize: bool = False
+    ev: Any, method: str, source: str = "named", normalize: bool = False, w: float | None = None
 ) -> tuple[Any, RegionEmbedder]:
     """The codebook of `region_outcomes` (every edit's keys plus its region key) and the
-    region embedder that made it (for the queries)."""
+    region embedder that made it (for the queries). `w` overrides the dual key's weight
+    (default: the evaluation's, `auto` on the first keys); `normalize` gives every image
+    half unit length (times sqrt(d)) and its own `auto` w."""
     from reasonedit_cli.augment import augment_image
     from reasonedit_cli.editor import KeySpec, answer_value
 
     mode = REGION_METHODS[method]
     embedder = ev.embedder
-    if mode == "vision":
+    if mode == "vision" or w is not None:
         from reasonedit_cli.evaluation import CachedEmbedder
 
-        embedder = CachedEmbedder(ev.halves, ev.embedder.layer, 0.0, "dual")
+        w_half = 0.0 if mode == "vision" else w
+        embedder = CachedEmbedder(ev.halves, ev.embedder.layer, w_half, "dual")
     ed = ev.editor_for(method, embedder)
     rk = RegionEmbedder(
         ev.editor.vlm, embedder.layer, ev.halves.text_half, 0.0, ev.batch_size, normalize
@@ -372,6 +375,8 @@ def region_codebook(
             ptexts = [specs[j].key_text for j in rest]
             if mode == "vision":
                 rk.w = 0.0
+            elif w is not None:
+                rk.w = w
             elif not rk.w:
                 h = rk.image_half(np.stack([t.mean(0) for t in rk.tokens(plain)]))
                 rk.w = auto_w(h, ev.halves.text_half(ptexts))
