@@ -27,11 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("boxes", "frontier", "wsweep"))
+    ap.add_argument("what", choices=("boxes", "frontier", "wsweep", "taus", "evaluate"))
+    ap.add_argument("--percentile", type=float, default=None, help="evaluate: tau's p")
+    ap.add_argument("--methods", default="unedited,reasonedit,reasonedit-regions")
+    ap.add_argument("--out", default=None, help="evaluate: write the report JSON here")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--n-edits", type=int, default=30)
     ap.add_argument("--model", default="scenes")
     ap.add_argument("--normalize", action="store_true", help="unit-length image halves")
+    ap.add_argument("--w-factor", type=float, default=None, help="frontier: w = this x auto")
     args = ap.parse_args()
 
     import numpy as np
@@ -62,8 +66,36 @@ def main() -> None:
         print(json.dumps({"edits": len(edits), "patch_crop_on_object_quadrant": hit}))
         return
 
+    if args.what in ("taus", "evaluate"):
+        ev.percentile = args.percentile
+        if args.w_factor is not None:
+            ev.embedder.embed(
+                [gen.image(e.image_bytes) for e in edits], [e.question for e in edits]
+            )
+            ev.embedder.w = float(ev.embedder.w or 0.0) * args.w_factor
+        if args.what == "taus":
+            cb, rk = R.region_codebook(ev, "reasonedit-regions", w=ev.embedder.w)
+            for p in (25, 30, 40, 50, 60, 70, 80):
+                print(json.dumps({"w": round(rk.w, 3), "p": p, "tau": round(cb.tau_for(p), 4)}))
+            return
+        from reasonedit_cli.evaluation import markdown_table, summarize
+
+        methods = [m.strip() for m in args.methods.split(",")]
+        report = summarize(ev.probes, {m: ev.run(m) for m in methods})
+        report["settings"] = {"w": ev.embedder.w, "percentile": args.percentile, "seed": args.seed}
+        print(markdown_table(report))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return
+
     if args.what == "frontier":
-        cb, rk = R.region_codebook(ev, "reasonedit-regions", normalize=args.normalize)
+        w = None
+        if args.w_factor is not None:
+            ev.embedder.embed(
+                [gen.image(e.image_bytes) for e in edits], [e.question for e in edits]
+            )
+            w = float(ev.embedder.w or 0.0) * args.w_factor
+        cb, rk = R.region_codebook(ev, "reasonedit-regions", normalize=args.normalize, w=w)
         vecs = rk.query_vectors(ev.probe_images(), [p.question for p in ev.probes])
         edit_ids = cb.keys_table().column("edit_id").to_pylist()
         own: dict[str, list[float]] = {}
@@ -77,9 +109,9 @@ def main() -> None:
                         bo = min(bo, corr)
             own.setdefault(pr.kind, []).append(bo)
             near.setdefault(pr.kind, []).append(ba)
-        for m in (1.0, 1.25, 1.5, 1.75, 2.0, 2.5):
+        for m in (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0):
             t = cb.tau * m
-            row = {"tau_x": m, "tau": round(t, 3)}
+            row = {"tau_x": m, "tau": round(t, 3), "w": round(rk.w, 3)}
             row |= {
                 k: round(float(np.mean(np.array(own[k]) <= t)), 3)
                 for k in ("t_gen", "i_gen", "coe_gen")
