@@ -571,7 +571,7 @@ def _checked_features(
             )
         if not np.isfinite(arr).all():
             raise ReasonEditError(
-                f"features of layer {name!r} contain NaN or inf (try a float32 --dtype)"
+                f"features of layer {name!r} contain NaN or inf (try a float32 `dtype`)"
             )
         out[name] = arr
     return out

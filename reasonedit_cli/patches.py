@@ -40,7 +40,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.vlm import VLM
+    from reasonedit_cli.backend import VLMBackend as VLM  # any backend (VLM, RemoteVLM)
 
 #: The longer side of the copy the grid is cut from (DESIGN 1.2).
 MAX_SIDE = 512
