@@ -824,7 +824,7 @@ def evaluate(
             "--methods",
             help="Comma list of unedited, reasonedit, reasonedit-reference, ike, "
             "ike-reference, grace (trained adaptor), answer-lookup, vision-only, text-only, "
-            "no-patches, or all.",
+            "no-patches, reasonedit-regions, vision-regions (region keys), or all.",
         ),
     ] = "all",
     sweep_p: Annotated[

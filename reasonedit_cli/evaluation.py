@@ -120,6 +120,8 @@ METHODS = (
     "vision-only",
     "text-only",
     "no-patches",
+    "reasonedit-regions",
+    "vision-regions",
 )
 #: p of the rejection sweep; 1 is the reference's default (REFERENCE row 12)
 SWEEP_P = (1, 5, *range(10, 100, 10))
@@ -479,6 +481,10 @@ class Evaluation:
         if method == "text-only":
             emb = CachedEmbedder(self.halves, self.embedder.layer, 1.0, "text")
             return self.retrieval_method(*self.build("text-only", emb), None)
+        if method in ("reasonedit-regions", "vision-regions"):
+            from reasonedit_cli.regions import region_outcomes
+
+            return region_outcomes(self, method)
         if method == "ike":
             return self.ike()
         if method == "ike-reference":
