@@ -19,7 +19,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
 
 #: public name -> the module that defines it (one line per name, so moving a class to
 #: another module is a one-line change here; tests/test_public_api.py checks that the
