@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer.main import get_current_context
@@ -22,6 +22,9 @@ from typer.main import get_current_context
 from reasonedit_cli import __version__
 from reasonedit_cli import cli_support as cs
 from reasonedit_cli.errors import InputError, ReasonEditError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonedit_cli.editor import AddReport
 
 app = typer.Typer(
     name="reasonedit",
@@ -201,11 +204,8 @@ def _root(
 @cs.model_options
 @cs.ray_options
 def add_edit(
-    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image of the edit.")] = None,
-    question: Annotated[
-        str | None,
-        typer.Option("--question", "-q", callback=cs.text_value, help="The question."),
-    ] = None,
+    image: Annotated[Path | None, cs.option("image", "Image of the edit.")] = None,
+    question: Annotated[str | None, cs.option("question", "The question.")] = None,
     answer: Annotated[
         str | None,
         typer.Option("--answer", "-a", callback=cs.text_value, help="The correct answer."),
@@ -228,21 +228,18 @@ def add_edit(
         str | None, typer.Option("--id", help="Edit id (default: a content hash).")
     ] = None,
     from_file: Annotated[
-        str | None,
-        typer.Option("--from", "-f", help="Edits from a file: JSONL path, or - for stdin."),
+        str | None, cs.option("from", "Edits from a file: JSONL path, or - for stdin.")
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="Layout of --from: jsonl | aokvqa | rationalevqa")
+        str, cs.option("format", "Layout of --from: jsonl | aokvqa | rationalevqa")
     ] = "jsonl",
     images_root: Annotated[
-        Path | None, typer.Option("--images-root", help="Image folder for aokvqa / rationalevqa.")
+        Path | None, cs.option("images_root", "Image folder for aokvqa / rationalevqa.")
     ] = None,
     skip_invalid: Annotated[
         bool, typer.Option("--skip-invalid", help="Add the valid records and report the others.")
     ] = False,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Edits per VLM batch.")
-    ] = 16,
+    batch_size: Annotated[int, cs.option("batch_size", "Edits per VLM batch.")] = 16,
     patches: Annotated[
         str, typer.Option("--patches", help="auto: search evidence crops; none: whole image only.")
     ] = "auto",
@@ -328,32 +325,22 @@ def add_edit(
     editor = models.editor(codebook, create=True, lock_timeout=lock_timeout, preset=preset)
     if merge is None:
         merge = editor.preset.merge_on_insert
-    with _progress(len(edits), "Adding edits", not as_json) as advance:
-        if ray_options is not None:
-            from reasonedit_cli.distributed import add_edits_ray
+    add: Callable[..., AddReport] = editor.add_edits
+    if ray_options is not None:
+        from reasonedit_cli.distributed import add_edits_ray
 
-            # workers compute the keys, this process verifies and commits them
-            report = add_edits_ray(
-                editor,
-                edits,
-                options=ray_options,
-                batch_size=batch_size,
-                progress=advance,
-                patches=patches,
-                top_k_patches=top_k_patches,
-                merge=merge,
-                replace=replace,
-            )
-        else:
-            report = editor.add_edits(
-                edits,
-                batch_size=batch_size,
-                progress=advance,
-                patches=patches,
-                top_k_patches=top_k_patches,
-                merge=merge,
-                replace=replace,
-            )
+        # workers compute the keys, this process verifies and commits them
+        add = functools.partial(add_edits_ray, editor, options=ray_options)
+    with _progress(len(edits), "Adding edits", not as_json) as advance:
+        report = add(
+            edits,
+            batch_size=batch_size,
+            progress=advance,
+            patches=patches,
+            top_k_patches=top_k_patches,
+            merge=merge,
+            replace=replace,
+        )
     merged = report.merge.summary() if report.merge is not None else None
     if as_json:
         _print_json(
@@ -406,16 +393,11 @@ def _parse_box_flag(text: str) -> list[float] | None:
 @handle_errors
 @cs.model_options
 def ask(
-    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image to ask about.")] = None,
-    question: Annotated[
-        str | None,
-        typer.Option("--question", "-q", callback=cs.text_value, help="The question."),
-    ] = None,
+    image: Annotated[Path | None, cs.option("image", "Image to ask about.")] = None,
+    question: Annotated[str | None, cs.option("question", "The question.")] = None,
     from_file: Annotated[
         str | None,
-        typer.Option(
-            "--from", "-f", help="Questions from JSONL ({image, question[, id]}), - for stdin."
-        ),
+        cs.option("from", "Questions from JSONL ({image, question[, id]}), - for stdin."),
     ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Show retrieved facts, distances and patches.")
@@ -427,13 +409,10 @@ def ask(
         int | None, typer.Option("--top-k", min=1, help="Keys to retrieve (default 5).")
     ] = None,
     percentile: Annotated[
-        float | None,
-        typer.Option(
-            "--percentile", min=0, max=100, help="Rejection percentile p (default: codebook's)."
-        ),
+        float | None, cs.option("percentile", "Rejection percentile p (default: codebook's).")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    batch_size: Annotated[int, cs.option("batch_size")] = 16,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
     server: Annotated[
@@ -488,13 +467,7 @@ def ask(
             max_new_tokens=max_new_tokens,
             api_key=api_key,
         )
-        for it, record in zip(items, records):
-            if "id" in it:
-                record = {"id": it["id"], **record}
-            if as_json:
-                _print_json(record)
-            else:
-                _render_answer(record, explain)
+        _print_answers(items, records, as_json, explain)
         return
     images = [it["image"] for it in items]
     # --no-edit needs no codebook; one that exists still names the model
@@ -515,8 +488,14 @@ def ask(
                 batch_size=batch_size,
             )
             advance(len(answers) - start)
-    for it, ans in zip(items, answers):
-        record = ans.to_dict()
+    _print_answers(items, [ans.to_dict() for ans in answers], as_json, explain)
+
+
+def _print_answers(
+    items: list[dict[str, Any]], records: list[dict[str, Any]], as_json: bool, explain: bool
+) -> None:
+    """Each answer record, under its question's `id` when the question had one."""
+    for it, record in zip(items, records):
         if "id" in it:
             record = {"id": it["id"], **record}
         if as_json:
@@ -573,10 +552,8 @@ def _esc(text: str) -> str:
 def calibrate(
     pairs: Annotated[
         str | None,
-        typer.Option(
-            "--from",
-            "-f",
-            help="Calibration pairs from JSONL ({image, text}); default: the codebook's edits.",
+        cs.option(
+            "from", "Calibration pairs from JSONL ({image, text}); default: the codebook's edits."
         ),
     ] = None,
     pairs_alias: Annotated[str | None, typer.Option("--pairs", hidden=True)] = None,
@@ -600,13 +577,11 @@ def calibrate(
     knn: Annotated[
         int | None, typer.Option("--knn", min=1, help="Mutual-kNN sparsification (e.g. 10).")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, cs.option("seed")] = 0,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of modularity curves.")
     ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Report only; change nothing.")
-    ] = False,
+    dry_run: Annotated[bool, cs.option("dry_run", "Report only; change nothing.")] = False,
     force: Annotated[
         bool,
         typer.Option(
@@ -738,7 +713,7 @@ def _fmt(value: Any) -> str:
 @app.command("merge-keys")
 @handle_errors
 def merge_keys(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would merge.")] = False,
+    dry_run: Annotated[bool, cs.option("dry_run", "Report what would merge.")] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     lock_timeout: LockOpt = 10.0,
     as_json: JsonOpt = False,
@@ -790,10 +765,8 @@ def merge_keys(
 def evaluate(
     edits: Annotated[
         str | None,
-        typer.Option(
-            "--from",
-            "-f",
-            help="Edits to apply, from a file (JSONL; --format for A-OKVQA/RationaleVQA).",
+        cs.option(
+            "from", "Edits to apply, from a file (JSONL; --format for A-OKVQA/RationaleVQA)."
         ),
     ] = None,
     edits_alias: Annotated[str | None, typer.Option("--edits", hidden=True)] = None,
@@ -810,10 +783,10 @@ def evaluate(
         ),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="Layout of --from: jsonl | aokvqa | rationalevqa.")
+        str, cs.option("format", "Layout of --from: jsonl | aokvqa | rationalevqa.")
     ] = "jsonl",
     images_root: Annotated[
-        Path | None, typer.Option("--images-root", help="Image folder for --format.")
+        Path | None, cs.option("images_root", "Image folder for --format.")
     ] = None,
     n_edits: Annotated[
         int, typer.Option("--n-edits", min=1, help="Edits to build from --dataset.")
@@ -834,10 +807,9 @@ def evaluate(
         bool, typer.Option("--sweep-w", help="Key weight w sweep (re-embeds keys 5 times).")
     ] = False,
     percentile: Annotated[
-        float | None,
-        typer.Option("--percentile", min=0, max=100, help="Rejection percentile (default 25)."),
+        float | None, cs.option("percentile", "Rejection percentile (default 25).")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling edits and probes.")] = 0,
+    seed: Annotated[int, cs.option("seed", "Seed for sampling edits and probes.")] = 0,
     sequential: Annotated[
         bool, typer.Option("--sequential", help="Also add edits one at a time and track drift.")
     ] = False,
@@ -848,7 +820,7 @@ def evaluate(
         Path | None,
         typer.Option("--report", help="Write metrics.json, metrics.md, sweep.md, sweep.png here."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    batch_size: Annotated[int, cs.option("batch_size")] = 16,
     preset: PresetOpt = None,
     codebook: Annotated[
         Path | None,

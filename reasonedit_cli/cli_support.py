@@ -182,6 +182,29 @@ def one_of_aliases(value: Any, alias: Any, name: str, old: str) -> Any:
     return value if value is not None else alias
 
 
+# ------------------------------------------------------------ shared options
+#: Options that several commands take, by name: their flags and checks. Each command
+#: words its own help (what `--from` reads differs between add-edit, ask, calibrate and
+#: evaluate), so a command declares `Annotated[Path | None, option("image", "...")]`.
+_SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "image": (("--image", "-i"), {}),
+    "question": (("--question", "-q"), {"callback": text_value}),
+    "from": (("--from", "-f"), {}),
+    "format": (("--format",), {}),
+    "images_root": (("--images-root",), {}),
+    "batch_size": (("--batch-size",), {"min": 1}),
+    "percentile": (("--percentile",), {"min": 0, "max": 100}),
+    "seed": (("--seed",), {}),
+    "dry_run": (("--dry-run",), {}),
+}
+
+
+def option(name: str, help: str | None = None) -> Any:
+    """The `typer.Option` of the shared option `name` (see `_SHARED_OPTIONS`) with `help`."""
+    flags, checks = _SHARED_OPTIONS[name]
+    return typer.Option(*flags, help=help, **checks)
+
+
 # ------------------------------------------------------------ option groups
 ModelOpt = Annotated[
     str | None,
