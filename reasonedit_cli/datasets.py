@@ -15,7 +15,7 @@ from reasonedit_cli.edits import (
     InputError,
     clean_text,
     clean_words,
-    edit_from_record,
+    collect_edits,
     image_path_field,
     iter_jsonl,
     read_edits_jsonl,
@@ -39,20 +39,7 @@ def read_edits(
         from reasonedit_cli.errors import UsageError
 
         raise UsageError(f"unknown `fmt` {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return _collect(records, skip_invalid, fmt)
-
-
-def _collect(records, skip_invalid: bool, source: str) -> tuple[list[Edit], list[str]]:
-    edits: list[Edit] = []
-    errors: list[str] = []
-    for where, base, rec in records:
-        try:
-            edits.append(edit_from_record(rec, base, where, source))
-        except InputError as exc:
-            if not skip_invalid:
-                raise
-            errors.append(str(exc))
-    return edits, errors
+    return collect_edits(records, skip_invalid=skip_invalid, source=fmt)
 
 
 def _find_coco_image(root: Path, image_id: int) -> str:

@@ -17,7 +17,7 @@ import stat
 import sys
 import unicodedata
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -428,9 +428,18 @@ def read_edits_jsonl(
     path: str, *, skip_invalid: bool = False, source: str = "jsonl"
 ) -> tuple[list[Edit], list[str]]:
     """All edits of a JSONL file, plus the error lines skipped when `skip_invalid`."""
+    return collect_edits(iter_jsonl(path), skip_invalid=skip_invalid, source=source)
+
+
+def collect_edits(
+    records: Iterable[tuple[str, Path, Any]], *, skip_invalid: bool, source: str
+) -> tuple[list[Edit], list[str]]:
+    """The edits of `(where, base_dir, record)` triples (a record may be the `InputError`
+    its reader met), plus the errors skipped when `skip_invalid`: every input layout
+    turns its records into edits here."""
     edits: list[Edit] = []
     errors: list[str] = []
-    for where, base, obj in iter_jsonl(path):
+    for where, base, obj in records:
         try:
             if isinstance(obj, InputError):
                 raise obj
