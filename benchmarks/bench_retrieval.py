@@ -225,7 +225,9 @@ def _truth(eng, q: np.ndarray, k: int = 5, shortlist: int = 64) -> list[list[int
         np.maximum(sq, 0, out=sq)
         corr = np.sqrt(sq) / eng.sigma[start : start + len(block)][None, :].astype(np.float32)
         cc = np.concatenate([best_c, corr], axis=1)
-        rr = np.concatenate([best_r, np.broadcast_to(np.arange(start, start + len(block)), corr.shape)], 1)
+        rr = np.concatenate(
+            [best_r, np.broadcast_to(np.arange(start, start + len(block)), corr.shape)], 1
+        )
         m = min(shortlist, cc.shape[1])
         part = np.argpartition(cc, m - 1, axis=1)[:, :m]
         best_c, best_r = np.take_along_axis(cc, part, 1), np.take_along_axis(rr, part, 1)

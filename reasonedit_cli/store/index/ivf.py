@@ -153,8 +153,10 @@ class FlatPart:
         k = min(k, self.size)
         v_sq = np.einsum("ij,ij->i", self.vecs, self.vecs)
         sq = _sq_to(q, self.vecs, v_sq)
-        part = np.argpartition(sq, k - 1, axis=1)[:, :k] if k < self.size else np.tile(
-            np.arange(self.size), (len(q), 1)
+        part = (
+            np.argpartition(sq, k - 1, axis=1)[:, :k]
+            if k < self.size
+            else np.tile(np.arange(self.size), (len(q), 1))
         )
         pd = np.take_along_axis(sq, part, 1)
         order = np.argsort(pd, axis=1, kind="stable")

@@ -114,7 +114,8 @@ def write_vectors(
             f.write(head)
             h.update(head)
             for chunk in chunks:
-                c = np.ascontiguousarray(chunk, dtype=dt)
+                with np.errstate(over="ignore"):  # checked just below
+                    c = np.ascontiguousarray(chunk, dtype=dt)
                 if c.ndim != 2 or c.shape[1] != dim:
                     raise ValueError(f"chunk of shape {c.shape}, expected (m, {dim})")
                 if not np.isfinite(c).all():

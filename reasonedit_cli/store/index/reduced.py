@@ -50,12 +50,13 @@ GRAPH_M = 16  # hnsw parts (ann="hnsw"): rank + 1 dims
 GRAPH_EF_CONSTRUCTION = 100
 GRAPH_SEED = 100
 SEARCH_FETCH = 128  # candidates per part, re-ranked on the full vectors
+LIFT_FETCH = 32  # lifted-graph candidates per query (its reduced-space ranking is approximate)
 SIGMA_SCAN = 512  # largest sigmas outside the lifted graph screened per query
 LIST_PROBE = 3  # neighbour lists: a list's keys against the keys of its 3 nearest lists
 LIST_FETCH = 48  # insert: candidates per new key re-ranked for its 30 nearest
 REVERSE_FETCH = 48  # insert: neighbours queried per new key (reverse-neighbour search)
-MIN_IVF_KEYS = 2048
-NEAR_DUPLICATE = 1e-3  # ivf_lists: squared distances below this x the norms are recomputed  # below this a base part is flat (scanned in full)
+MIN_IVF_KEYS = 2048  # below this a base part is flat (scanned in full)
+NEAR_DUPLICATE = 1e-3  # ivf_lists: squared distances below this x the norms are recomputed
 #: graph files above this size are checked by size and mtime on open, not rehashed
 GRAPH_HASH_MAX = 256 << 20
 _BATCH_ROWS = 32  # queries re-ranked together (gather of BATCH x fetch full rows)
@@ -82,7 +83,9 @@ def build_graph(vectors: np.ndarray, start: int = 0, *, M: int = GRAPH_M) -> Any
         max_elements=max(n, 1), M=M, ef_construction=GRAPH_EF_CONSTRUCTION, random_seed=GRAPH_SEED
     )
     if n:
-        index.add_items(np.ascontiguousarray(vectors, dtype=np.float32), np.arange(start, start + n))
+        index.add_items(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.arange(start, start + n)
+        )
     return index
 
 
@@ -327,11 +330,12 @@ class ReducedIndex:
         nprobe: int = NPROBE,
         scan: int = SIGMA_SCAN,
         use_lift: bool = True,
+        lift_fetch: int = LIFT_FETCH,
     ) -> list[list[tuple[int, float, float]]]:
         """k nearest keys per query by corrected distance: (row, raw L2, corrected).
 
         Candidates: each part's `fetch` nearest in the reduced space (IVF: among its
-        `nprobe` nearest lists), the lifted graph's LIFT_FETCH, and every key among the
+        `nprobe` nearest lists), the lifted graph's `lift_fetch`, and every key among the
         `scan` largest sigmas outside the lifted graph that the reduced-space bound cannot
         exclude; all re-ranked exactly on the full vectors (`sq_distances`).
         """
@@ -346,7 +350,7 @@ class ReducedIndex:
             cand, bound = candidates(self.parts, g, fetch, nprobe)
             lift = self.lift if use_lift else None
             if lift is not None:
-                f = min(len(lift.rows), max(D.LIFT_FETCH, k))
+                f = min(len(lift.rows), max(lift_fetch, k))
                 lift.index.set_ef(max(D.LIFT_EF, f))
                 lq = D.lift_queries(Projection.lift_query_vectors(g), lift.params)
                 lab, _ = lift.index.knn_query(lq, k=f)
@@ -484,14 +488,18 @@ class ReducedIndex:
             chunks = (b for _, b in self.vectors.chunks())
             ent = write_vectors(root / rel, chunks, self.n, self.dim, dtype, note=note)
             e["vectors"] = [dict(ent, path=rel)]
-        e["projection"] = _write_npy(root, f"index/proj-{tag}.npy", self.projection.to_array(), note)
+        e["projection"] = _write_npy(
+            root, f"index/proj-{tag}.npy", self.projection.to_array(), note
+        )
         e["sigma"] = dict(
             _write_npy(root, f"index/rsigma-{tag}.npy", self.sigma_raw, note), rows=self.n
         )
         if self.knn_idx is not None and self.knn_dist is not None:
             e["knn_idx"] = _write_npy(root, f"index/rknn_idx-{tag}.npy", self.knn_idx, note)
             e["knn_dist"] = _write_npy(root, f"index/rknn_dist-{tag}.npy", self.knn_dist, note)
-        e["parts"] = [self._save_part(p, root, f"{tag}-{j}", note) for j, p in enumerate(self.parts)]
+        e["parts"] = [
+            self._save_part(p, root, f"{tag}-{j}", note) for j, p in enumerate(self.parts)
+        ]
         if self.lift is not None:
             e["lift_hnsw"] = save_graph(self.lift.index, root, f"index/rlift-{tag}.bin", note)
             e["lift_rows"] = _write_npy(root, f"index/rlift-rows-{tag}.npy", self.lift.rows, note)
@@ -507,9 +515,15 @@ class ReducedIndex:
     def _save_part(p: Any, root: Path, tag: str, note: Note) -> dict:
         base = {"start": p.start, "stop": p.stop}
         if isinstance(p, HnswPart):
-            return {**base, "kind": "hnsw", "graph": save_graph(p.index, root, f"index/rgraph-{tag}.bin", note)}
+            return {
+                **base,
+                "kind": "hnsw",
+                "graph": save_graph(p.index, root, f"index/rgraph-{tag}.bin", note),
+            }
         rel = f"index/reduced-{tag}.npy"
-        vecs = dict(write_vectors(root / rel, [p.vecs], len(p.vecs), p.vecs.shape[1], note=note), path=rel)
+        vecs = dict(
+            write_vectors(root / rel, [p.vecs], len(p.vecs), p.vecs.shape[1], note=note), path=rel
+        )
         if isinstance(p, FlatPart):
             return {**base, "kind": "flat", "vecs": vecs}
         return {
