@@ -252,6 +252,9 @@ def _reference(eng, q1: np.ndarray, sigma32: np.ndarray, k: int = 5) -> np.ndarr
 
 
 def cmd_search(args: argparse.Namespace) -> dict:
+    from reasonedit_cli.store.index.ivf import NPROBE
+    from reasonedit_cli.store.index.reduced import LIFT_FETCH
+
     d = Path(args.dir)
     build = _engine_json(d)["build"]
     t0 = time.perf_counter()
@@ -271,20 +274,21 @@ def cmd_search(args: argparse.Namespace) -> dict:
         ref_t.append(time.perf_counter() - t)
         eng.vectors.release()
     ref_ms = statistics.median(ref_t) * 1e3
-    specs = []
+    specs = []  # fetch:nprobe:lift_fetch (lift_fetch 0 = no lifted graph)
     for s in args.fetch.split(","):
-        f, _, lift = s.partition(":")
-        specs.append((int(f), lift != "0"))
+        parts = [int(x) for x in s.split(":")]
+        parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
+        specs.append(tuple(parts[:3]))
     times: dict = {sp: [] for sp in specs}
     got: dict = {}
     for _ in range(args.rounds):
         for sp in specs:
-            fetch, use_lift = sp
-            eng.search(q[:3], 5, fetch=fetch, ef=fetch, use_lift=use_lift)  # warm
+            kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
+            eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
                 t = time.perf_counter()
-                r = eng.search(q[i], 5, fetch=fetch, ef=fetch, use_lift=use_lift)[0]
+                r = eng.search(q[i], 5, **kw)[0]
                 times[sp].append(time.perf_counter() - t)
                 hits.append([x[0] for x in r])
             got.setdefault(sp, hits)
@@ -296,7 +300,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
         rows.append(
             {
                 "fetch": sp[0],
-                "lift": sp[1] and eng.lift is not None,
+                "nprobe": sp[1],
+                "lift_fetch": sp[2] if eng.lift is not None else 0,
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "recall@5": float(np.mean(per_q)),
@@ -415,7 +420,11 @@ def main() -> None:
         p.add_argument("--json", action="store_true", help="open: print only median_s, peak_rss_mb")
         p.add_argument("--queries", type=int, default=400)
         p.add_argument("--ref-queries", type=int, default=0, help="0: by size")
-        p.add_argument("--fetch", default="64,128,256,128:0", help="F[:0 = no lifted graph],...")
+        p.add_argument(
+            "--fetch",
+            default="64,128,256,128:24,128:12:64,128:12:0",
+            help="search settings FETCH[:NPROBE[:LIFT_FETCH]], LIFT_FETCH 0 = no lifted graph",
+        )
         p.add_argument("--rounds", type=int, default=2)
         p.add_argument("--keys", default="1000,5000", help="insert: keys per batch")
         p.add_argument("--seed", type=int, default=1)

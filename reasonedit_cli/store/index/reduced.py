@@ -53,6 +53,7 @@ SEARCH_FETCH = 128  # candidates per part, re-ranked on the full vectors
 LIFT_FETCH = 32  # lifted-graph candidates per query (its reduced-space ranking is approximate)
 SIGMA_SCAN = 512  # largest sigmas outside the lifted graph screened per query
 LIST_PROBE = 3  # neighbour lists: a list's keys against the keys of its 3 nearest lists
+LIST_CANDIDATES = 768  # ... and more lists until they hold this many keys
 LIST_FETCH = 48  # insert: candidates per new key re-ranked for its 30 nearest
 REVERSE_FETCH = 48  # insert: neighbours queried per new key (reverse-neighbour search)
 MIN_IVF_KEYS = 2048  # below this a base part is flat (scanned in full)
@@ -143,8 +144,8 @@ class RerankedParts:
     `retrieval.append_knn_ann` needs to keep neighbour lists on insert.
     """
 
-    def __init__(self, engine: ReducedIndex, fetch: int = LIST_FETCH):
-        self.engine, self.fetch = engine, fetch
+    def __init__(self, engine: ReducedIndex, fetch: int = LIST_FETCH, nprobe: int = LIST_PROBE):
+        self.engine, self.fetch, self.nprobe = engine, fetch, nprobe
 
     def get_current_count(self) -> int:
         return self.engine.n
@@ -155,7 +156,7 @@ class RerankedParts:
     def knn_query(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self.engine.dim)
         g = self.engine.projection.graph_vectors(q)
-        cand, _ = candidates(self.engine.parts, g, max(k, self.fetch))
+        cand, _ = candidates(self.engine.parts, g, max(k, self.fetch), self.nprobe)
         return self.engine.exact_topk(q, cand, k)
 
 
@@ -178,7 +179,7 @@ def ivf_lists(
         members = part.labels[off[j] : off[j + 1]]
         if not len(members):
             continue
-        near = part.lists_near(part.centroids[j], probe, k + 1)
+        near = part.lists_near(part.centroids[j], probe, max(k + 1, LIST_CANDIDATES))
         cand = np.concatenate([part.labels[off[c] : off[c + 1]] for c in near])
         qv, cv = vectors.take(members), vectors.take(cand)
         q_sq = np.einsum("ij,ij->i", qv, qv)
