@@ -101,7 +101,7 @@ class Projection:
             y = xc @ _orth(xc.T @ _orth(y))
         q = _orth(y)
         b = (q.T @ xc).astype(np.float64)  # (ell, dim): small
-        with _one_thread():
+        with one_thread():
             _, _, vt = np.linalg.svd(b, full_matrices=False)
         basis = _orth(vt[:rank].T.astype(np.float64)).T  # orthonormal to float64 precision
         return cls(mean, np.ascontiguousarray(basis.astype(np.float32)))
@@ -138,7 +138,7 @@ class Projection:
         return np.concatenate([g[:, :-1], z, g[:, -1:]], axis=1)
 
 
-def _one_thread():
+def one_thread():
     """Single-threaded LAPACK for small factorisations: OpenBLAS's threads made a
     288 x 288 eigh 25x slower (0.67 s vs 0.027 s) on this loaded 2-core machine."""
     try:
@@ -153,7 +153,7 @@ def _orth(y: np.ndarray) -> np.ndarray:
     l x l Gram matrix (numpy's QR of a tall matrix took 8 s at 10,000 x 288 here: LAPACK
     threads on a loaded 2-core machine; two GEMMs and an eigh do not)."""
     gram = y.T.astype(np.float64) @ y.astype(np.float64)
-    with _one_thread():
+    with one_thread():
         w, u = np.linalg.eigh(gram)
     keep = w > w.max() * 1e-12
     return (y @ (u[:, keep] / np.sqrt(w[keep])).astype(y.dtype)).astype(y.dtype)

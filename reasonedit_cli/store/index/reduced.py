@@ -44,7 +44,7 @@ from ... import derived as D
 from ... import retrieval as R
 from .ivf import NPROBE, FlatPart, IVFPart, valid_ivf
 from .mapped import MappedError, Note, VectorParts, _noop, open_parts, open_vectors, write_vectors
-from .projection import DEFAULT_RANK, Projection, fit_sample_rows
+from .projection import DEFAULT_RANK, Projection, fit_sample_rows, one_thread
 
 GRAPH_M = 16  # hnsw parts (ann="hnsw"): rank + 1 dims
 GRAPH_EF_CONSTRUCTION = 100
@@ -171,6 +171,19 @@ def ivf_lists(
     for near-duplicates (cancellation in |q|^2 + |k|^2 - 2qk), which are recomputed by
     `sq_distances` (entries below NEAR_DUPLICATE of the squared norms).
     """
+    # small per-list GEMMs: one BLAS thread (threads stall on a loaded machine)
+    small = part.size * vectors.dim * max(LIST_CANDIDATES, 4 * n_per(part)) < 2e8 * len(
+        part.centroids
+    )
+    with one_thread() if small else contextlib.nullcontext():
+        return _ivf_lists(part, vectors, k, probe, log)
+
+
+def n_per(part: IVFPart) -> int:
+    return max(1, part.size // max(1, len(part.centroids)))
+
+
+def _ivf_lists(part: IVFPart, vectors: VectorParts, k: int, probe: int, log) -> tuple:
     n = part.size
     idx = np.full((n, k), -1, dtype=np.int64)
     dist = np.full((n, k), np.inf)
