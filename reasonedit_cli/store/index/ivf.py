@@ -26,6 +26,7 @@ KMEANS_SAMPLE_PER_LIST = 32  # k-means is fitted on this many keys per list (see
 KMEANS_SEED = 0
 NPROBE = 12  # lists scanned per query (at least, until `k` keys are found)
 _ASSIGN_CHUNK = 16_384
+BATCH_QUERIES = 64  # from this many queries on, knn_query works list by list
 
 
 def n_lists(n: int) -> int:
@@ -125,6 +126,8 @@ class IVFPart:
         among the probed lists of each query; k <= size is always filled."""
         q = np.asarray(q, dtype=np.float32).reshape(-1, self.centroids.shape[1])
         k = min(k, self.size)
+        if len(q) >= BATCH_QUERIES:
+            return self._knn_batch(q, k, nprobe)
         lab = np.empty((len(q), k), dtype=np.int64)
         sq = np.empty((len(q), k), dtype=np.float32)
         for i in range(len(q)):
@@ -138,6 +141,45 @@ class IVFPart:
             part = part[np.argsort(dd[part], kind="stable")]
             lab[i], sq[i] = self.labels[idx[part]], dd[part]
         return lab, sq
+
+    def _knn_batch(self, q: np.ndarray, k: int, nprobe: int):
+        """knn_query for many queries (an insert's keys): list by list, one GEMM per
+        list against the queries that probe it, merged into each query's best k."""
+        m, c = len(q), len(self.centroids)
+        p = min(c, nprobe)
+        dc = _sq_to(q, self.centroids, self.c_sq)
+        near = np.argpartition(dc, p - 1, axis=1)[:, :p] if p < c else np.tile(np.arange(c), (m, 1))
+        sizes = (self.offsets[near + 1] - self.offsets[near]).sum(axis=1)
+        best_l = np.full((m, k), -1, dtype=np.int64)
+        best_d = np.full((m, k), np.inf, dtype=np.float32)
+        short = np.flatnonzero(sizes < k)  # too few keys in their lists: one at a time
+        if len(short):
+            best_l[short], best_d[short] = self.knn_query(q[short][: BATCH_QUERIES - 1], k, p)
+            for s0 in range(BATCH_QUERIES - 1, len(short), BATCH_QUERIES - 1):
+                sl = short[s0 : s0 + BATCH_QUERIES - 1]
+                best_l[sl], best_d[sl] = self.knn_query(q[sl], k, p)
+        ok = np.ones(m, bool)
+        ok[short] = False
+        qi = np.repeat(np.arange(m), p)[np.repeat(ok, p)]
+        li = near[ok].reshape(-1)
+        order = np.argsort(li, kind="stable")
+        qi, li = qi[order], li[order]
+        lists, first = np.unique(li, return_index=True)
+        bounds = np.append(first, len(li))
+        for j, a, b in zip(lists, bounds[:-1], bounds[1:], strict=True):
+            qs = qi[a:b]
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            if hi == lo:
+                continue
+            v = self.vecs[lo:hi]
+            d = _sq_to(q[qs], v, np.einsum("ij,ij->i", v, v))
+            cl = np.concatenate([best_l[qs], np.broadcast_to(self.labels[lo:hi], d.shape)], 1)
+            cd = np.concatenate([best_d[qs], d], axis=1)
+            part = np.argpartition(cd, k - 1, axis=1)[:, :k]
+            best_l[qs] = np.take_along_axis(cl, part, 1)
+            best_d[qs] = np.take_along_axis(cd, part, 1)
+        order = np.argsort(best_d, axis=1, kind="stable")
+        return np.take_along_axis(best_l, order, 1), np.take_along_axis(best_d, order, 1)
 
 
 @dataclass
