@@ -262,7 +262,12 @@ def cmd_search(args: argparse.Namespace) -> dict:
     t_open = time.perf_counter() - t0
     q = _queries(eng, args.queries, build)
     t0 = time.perf_counter()
-    truth = _truth(eng, q)
+    cache = d / f"truth-{args.queries}.json"  # exact results of these queries (sweeps)
+    if cache.exists() and json.loads(cache.read_text())["keys"] == eng.n:
+        truth = json.loads(cache.read_text())["truth"]
+    else:
+        truth = _truth(eng, q)
+        cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
     t_truth = time.perf_counter() - t0
     eng.vectors.release()
     sigma32 = eng.sigma.astype(np.float32)

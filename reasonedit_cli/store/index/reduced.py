@@ -564,6 +564,16 @@ class ReducedIndex:
             raise MappedError(f"derived entries: {e}") from e
 
     @classmethod
+    def verify(cls, root: Path, entries: dict) -> list[str]:
+        """What `doctor` reports: every file rehashed in full, every delta replayed;
+        [] when all is well, else one line naming what is damaged."""
+        try:
+            cls.open(root, entries, lists=True, full_check=True)
+        except MappedError as e:
+            return [f"derived cache: {e}"]
+        return []
+
+    @classmethod
     def _open(cls, root: Path, entries: dict, *, lists: bool, full_check: bool):
         n, dim = int(entries["keys"]), int(entries["dim"])
         vectors = open_parts(root, entries["vectors"], full_check=full_check)
