@@ -16,8 +16,10 @@ keys, exact re-rank by corrected distance). Every subcommand prints JSON.
 
 - build streams the keys in chunks into the mapped vector file, then fits, projects and
   builds the graph, neighbour lists, sigma and lifted graph; it reports its peak RSS.
-- open runs `--runs` fresh processes, each importing the engine, opening DIR and answering
-  one query (what `ask` pays for retrieval), and prints {"median_s", "peak_rss_mb"}.
+- open runs `--runs` fresh processes, each importing the engine, opening DIR (mapped
+  vectors, reduced index, sigma, lifted graph, and the facts file: the keys table
+  without vectors, memory-mapped Arrow) and answering one query with its hits' facts
+  (what `ask` pays for retrieval); prints {"median_s", "peak_rss_mb"}.
 - search: median / p95 latency of one query at a time and recall@5 against exact search
   (corrected distance over every key, streamed), for each `--fetch`, in rounds over the
   settings (load drift hits all alike), and the reference brute force (what the
@@ -105,6 +107,42 @@ def _open(d: Path, lists: bool = False):
 # -- build -------------------------------------------------------------------------------
 
 
+def _facts_table(n: int):
+    """The synthetic keys' facts (the keys table minus `vector`), 5 keys per edit."""
+    import pyarrow as pa
+
+    rows = np.arange(n)
+    return pa.table(
+        {
+            "key_id": pa.array(np.char.zfill(rows.astype(str), 64).tolist()),
+            "edit_id": pa.array([f"k{i // 5}" for i in range(n)]),
+            "kind": pa.array(["sentence"] * n),
+            "value": pa.array([f"fact {i}" for i in range(n)]),
+            "merged": pa.array([[]] * n, pa.list_(pa.struct([("value", pa.string()),
+                                                             ("edit_id", pa.string())]))),
+            "key_text": pa.array([f"t{i}" for i in range(n)]),
+            "box": pa.array([None] * n, pa.list_(pa.int32())),
+            "image_sha256": pa.array(["b" * 64] * n),
+            "radius": pa.array(np.full(n, 1.0, np.float32)),
+        }
+    )  # fmt: skip
+
+
+def cmd_facts(args: argparse.Namespace) -> dict:
+    """Write the facts file of DIR (build does this; for directories built before)."""
+    from reasonedit_cli.store.index.facts import write_facts
+
+    d = Path(args.dir)
+    meta = _engine_json(d)
+    t0 = time.perf_counter()
+    rel = "index/facts-000001.arrow"
+    meta["facts"] = dict(write_facts(d / rel, _facts_table(meta["build"]["keys"])), path=rel)
+    (d / ENGINE).write_text(json.dumps(meta, indent=2))
+    out = {"facts_s": time.perf_counter() - t0, "facts_bytes": meta["facts"]["bytes"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def cmd_build(args: argparse.Namespace) -> dict:
     from reasonedit_cli.store.index.mapped import open_parts, write_vectors
     from reasonedit_cli.store.index.reduced import ReducedIndex
@@ -148,6 +186,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
         "load_avg": _load(),
     }
     (d / ENGINE).write_text(json.dumps({"entries": entries, "build": out}, indent=2))
+    out.update(cmd_facts(args))
     print(json.dumps(out, indent=2), flush=True)
     return out
 
@@ -159,12 +198,16 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from reasonedit_cli.store.index.reduced import ReducedIndex
+from reasonedit_cli.store.index.facts import open_facts, row_facts
+from pathlib import Path
 t1 = time.perf_counter()
-d = sys.argv[1]
-entries = json.loads(open(d + "/engine.json").read())["entries"]
-eng = ReducedIndex.open(__import__("pathlib").Path(d), entries)
+d = Path(sys.argv[1])
+meta = json.loads((d / "engine.json").read_text())
+eng = ReducedIndex.open(d, meta["entries"])
+facts = open_facts(d / meta["facts"]["path"], meta["facts"]) if "facts" in meta else None
 t2 = time.perf_counter()
 r = eng.search(np.full(eng.dim, 0.1, np.float32), 5)
+hits = [row_facts(facts, row) for row, _, _ in r[0]] if facts is not None else []
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "first_search_s": t3 - t2,
                   "open_and_search_s": t3 - t1,
@@ -414,7 +457,7 @@ def cmd_all(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "open", "search", "insert", "insert-child", "all"):
+    for name in ("build", "facts", "open", "search", "insert", "insert-child", "all"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=None)
         p.add_argument("--n", type=int, default=10_000)
@@ -441,6 +484,7 @@ def main() -> None:
     args = ap.parse_args()
     {
         "build": cmd_build,
+        "facts": cmd_facts,
         "open": cmd_open,
         "search": cmd_search,
         "insert": cmd_insert,

@@ -341,3 +341,36 @@ def test_damage_fuzz_never_crashes_a_search(engine, tmp_path):
                 f.write_bytes(data)
                 os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert refused and opened  # small files refuse by checksum; mapped ones open
+
+
+def test_facts_file_maps_the_hits_columns(tmp_path):
+    import pyarrow as pa
+
+    from reasonedit_cli.store.index.facts import open_facts, row_facts, write_facts
+
+    n = 3000
+    table = pa.table(
+        {
+            "key_id": [f"{i:064x}" for i in range(n)],
+            "value": [f"fact {i}" for i in range(n)],
+            "box": [None if i % 2 else [i, i, i + 5, i + 5] for i in range(n)],
+            "vector": pa.array([[0.0, 1.0]] * n, pa.list_(pa.float32(), 2)),
+        }
+    )
+    path = tmp_path / "facts.arrow"
+    ent = write_facts(path, table)
+    assert ent["rows"] == n and "vector" not in ent["columns"]
+    got = open_facts(path, ent)
+    assert row_facts(got, 1235) == {"key_id": f"{1235:064x}", "value": "fact 1235", "box": None}
+    assert row_facts(got, 2)["box"] == [2, 2, 7, 7]
+    # a changed mtime means a rehash; damage is then refused
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(MappedError, match="checksum"):
+        open_facts(path, ent)
+    with pytest.raises(MappedError):
+        open_facts(path, dict(ent, bytes=ent["bytes"] + 1))
+    path.unlink()
+    with pytest.raises(MappedError, match="missing"):
+        open_facts(path, ent)
