@@ -37,8 +37,10 @@ def n_lists(n: int) -> int:
 
 
 def _sq_to(x: np.ndarray, c: np.ndarray, c_sq: np.ndarray) -> np.ndarray:
-    """Squared L2 from rows of x to rows of c (float32 GEMM form, clipped at 0)."""
-    sq = (x @ c.T) * -2.0
+    """Squared L2 from rows of x to rows of c (float32 GEMM form, clipped at 0). A few
+    rows use einsum: a threaded BLAS GEMV took 18.7 ms instead of 0.46 ms (3,000 x 600,
+    one thread) on this loaded 2-core machine."""
+    sq = (np.einsum("ij,kj->ik", x, c) if len(x) < 4 else x @ c.T) * -2.0
     sq += np.einsum("ij,ij->i", x, x)[:, None]
     sq += c_sq[None, :]
     return np.maximum(sq, 0.0, out=sq)

@@ -266,6 +266,8 @@ class ReducedIndex:
         (rank + 1) float32, twice) and the index; the full vectors are streamed."""
         say = log or (lambda *_: None)
         n = len(vectors)
+        # the vector files it reads are the index's own (save() writes no second copy)
+        entries = {"vectors": [m.entry for m in vectors.mapped]} if vectors.mapped else {}
         proj = Projection.fit(vectors.take(fit_sample_rows(n)), rank)
         vectors.release()
         say("fitted projection")
@@ -273,7 +275,7 @@ class ReducedIndex:
         for start, block in vectors.chunks():
             g[start : start + len(block)] = proj.graph_vectors(block)
         say("projected")
-        eng = cls(proj, [], vectors, np.ones(n))
+        eng = cls(proj, [], vectors, np.ones(n), entries=entries)
         if ann == "hnsw":
             eng.parts = [HnswPart(build_graph(g), 0, n)]
         elif n >= MIN_IVF_KEYS:
