@@ -184,7 +184,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
         print(f"[build] {what} {now - t0:.1f}s rss {_peak_rss_mb():.0f} MB", flush=True)
 
     vectors = open_parts(d, [ent])
-    eng = ReducedIndex.build(vectors, rank=args.rank, log=log)
+    eng = ReducedIndex.build(vectors, rank=args.rank, ann=args.ann, log=log)
     t1 = time.perf_counter()
     entries = eng.save(d, "000001", dtype=args.dtype)
     phases["save_s"] = time.perf_counter() - t1
@@ -195,6 +195,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
         "dim": args.dim,
         "dtype": args.dtype,
         "rank": eng.projection.rank,
+        "ann": args.ann,
         "build_s": total,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
@@ -507,6 +508,7 @@ def main() -> None:
         p.add_argument("--json-out", default=None)
         p.add_argument("--keep", action="store_true", help="all: keep the built directories")
         p.add_argument("--reuse", action="store_true", help="build: keep DIR's vector file")
+        p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()
     {
         "build": cmd_build,
