@@ -56,6 +56,15 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _rss_anon_mb() -> float:
+    """Anonymous (not file-backed) resident memory now: mapped file pages are page cache
+    the kernel can drop, anonymous ones are what the process really holds."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("RssAnon:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS since exec (VmHWM; ru_maxrss would count the pages of the
     parent it was forked from)."""
@@ -176,12 +185,18 @@ def cmd_build(args: argparse.Namespace) -> dict:
         (d / "vectors.json").write_text(json.dumps(ent))  # for `build --reuse`
     phases["generate_and_write_vectors_s"] = time.perf_counter() - t0
     last = [time.perf_counter()]
+    anon = [0.0]
 
     def log(what, *_):
+        anon[0] = max(anon[0], _rss_anon_mb())
         now = time.perf_counter()
         phases[f"{what}_s"] = now - last[0]
         last[0] = now
-        print(f"[build] {what} {now - t0:.1f}s rss {_peak_rss_mb():.0f} MB", flush=True)
+        print(
+            f"[build] {what} {now - t0:.1f}s peak rss {_peak_rss_mb():.0f} MB, anon now "
+            f"{_rss_anon_mb():.0f} MB",
+            flush=True,
+        )
 
     vectors = open_parts(d, [ent])
     eng = ReducedIndex.build(vectors, rank=args.rank, ann=args.ann, log=log)
@@ -199,6 +214,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
         "build_s": total,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_anon_mb_sampled": anon[0],
         "file_bytes": sizes,
         "sigma_median": float(np.median(eng.sigma)),
         "load_avg": _load(),
@@ -272,15 +288,16 @@ def _queries(eng, n_q: int, build: dict, seed: int = 7) -> np.ndarray:
     return np.concatenate([near, fresh]).astype(np.float32)
 
 
-def _truth(eng, q: np.ndarray, k: int = 5, shortlist: int = 64) -> list[list[int]]:
+def _truth(eng, q: np.ndarray, k: int = 5, shortlist: int = 64, vectors=None) -> list[list[int]]:
     """Exact top-k by corrected distance: every key, streamed (float32 GEMM shortlist,
     then the engine's exact distance on the shortlist)."""
     from reasonedit_cli.store.index.reduced import sq_distances
 
+    vectors = vectors or eng.vectors  # another copy of the keys (float32 for a float16 index)
     q_sq = np.einsum("ij,ij->i", q, q)
     best_c = np.full((len(q), 0), np.inf, np.float32)
     best_r = np.zeros((len(q), 0), np.int64)
-    for start, block in eng.vectors.chunks(16_384):
+    for start, block in vectors.chunks(16_384):
         b_sq = np.einsum("ij,ij->i", block, block)
         sq = b_sq[None, :] - 2.0 * (q @ block.T) + q_sq[:, None]
         np.maximum(sq, 0, out=sq)
@@ -295,7 +312,7 @@ def _truth(eng, q: np.ndarray, k: int = 5, shortlist: int = 64) -> list[list[int
     out = []
     for i in range(len(q)):
         rows = best_r[i]
-        c = np.sqrt(sq_distances(q[i], eng.vectors.take(rows))) / eng.sigma[rows]
+        c = np.sqrt(sq_distances(q[i], vectors.take(rows))) / eng.sigma[rows]
         out.append(rows[np.lexsort((rows, c))[:k]].tolist())
     return out
 
@@ -325,7 +342,13 @@ def cmd_search(args: argparse.Namespace) -> dict:
     if cache.exists() and json.loads(cache.read_text())["keys"] == eng.n:
         truth = json.loads(cache.read_text())["truth"]
     else:
-        truth = _truth(eng, q)
+        other = None
+        if args.truth_vectors:  # exact search over these (e.g. float32) copies of the keys
+            from reasonedit_cli.store.index.mapped import open_parts
+
+            td = Path(args.truth_vectors)
+            other = open_parts(td, [json.loads((td / "vectors.json").read_text())])
+        truth = _truth(eng, q, vectors=other)
         cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
     t_truth = time.perf_counter() - t0
     eng.vectors.release()
@@ -508,6 +531,7 @@ def main() -> None:
         p.add_argument("--json-out", default=None)
         p.add_argument("--keep", action="store_true", help="all: keep the built directories")
         p.add_argument("--reuse", action="store_true", help="build: keep DIR's vector file")
+        p.add_argument("--truth-vectors", default=None, help="search: DIR of float32 keys")
         p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()
     {
