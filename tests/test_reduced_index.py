@@ -374,3 +374,14 @@ def test_facts_file_maps_the_hits_columns(tmp_path):
     path.unlink()
     with pytest.raises(MappedError, match="missing"):
         open_facts(path, ent)
+
+
+def test_ivf_batch_queries_match_single_ones():
+    g = _mixture(4000, dim=16)
+    cent, offsets, labels, order = I.IVFPart.build(g)
+    part = I.IVFPart(cent, offsets, labels, g[order], 0, len(g))
+    q = _mixture(300, seed=4, dim=16)
+    k = 60  # more than some probed lists hold: those queries take the one-at-a-time path
+    lab, sq = part.knn_query(q, k, 2)
+    one = [part.knn_query(q[i : i + 1], k, 2) for i in range(len(q))]
+    assert np.allclose(sq, np.concatenate([o[1] for o in one]), rtol=1e-4, atol=1e-3)

@@ -156,8 +156,7 @@ class IVFPart:
         best_d = np.full((m, k), np.inf, dtype=np.float32)
         short = np.flatnonzero(sizes < k)  # too few keys in their lists: one at a time
         if len(short):
-            best_l[short], best_d[short] = self.knn_query(q[short][: BATCH_QUERIES - 1], k, p)
-            for s0 in range(BATCH_QUERIES - 1, len(short), BATCH_QUERIES - 1):
+            for s0 in range(0, len(short), BATCH_QUERIES - 1):  # below the batch size
                 sl = short[s0 : s0 + BATCH_QUERIES - 1]
                 best_l[sl], best_d[sl] = self.knn_query(q[sl], k, p)
         ok = np.ones(m, bool)
