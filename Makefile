@@ -1,4 +1,4 @@
-.PHONY: test reliability test-ray test-serve lint
+.PHONY: test reliability test-ray test-serve lint docs
 
 test:
 	python -m pytest -q
@@ -16,5 +16,10 @@ test-ray:
 test-serve:
 	python -m pytest -q -m slow tests/test_serve_slow.py
 
+# ruff, then mypy with the [tool.mypy] settings of pyproject.toml (the whole package)
 lint:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy
+
+# Regenerate docs/cli.md from the --help of every command (tests/test_cli_docs.py checks it)
+docs:
+	python scripts/gen_cli_docs.py

@@ -178,7 +178,7 @@ def plan_merges(
                 plan.merged_into[i] = int(j)
                 radius[j] = max(radius[j], d + radius[i])
                 plan.radius[int(j)] = float(radius[j])
-                held = plan.entries.setdefault(int(j), list(entries[j]))
+                held = plan.entries.setdefault(int(j), list(entries[int(j)]))
                 values = {v for v, _ in held}
                 for entry in entries[i]:
                     if entry not in held:

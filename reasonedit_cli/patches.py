@@ -252,7 +252,7 @@ def _tie_ordered(indices: Sequence[int], losses: np.ndarray, tie: str = "toleran
     -- the same for the batched and the naive search.
     """
     if tie == "round":
-        return sorted(indices, key=lambda i: (rounded_loss(losses[i]), i))
+        return sorted(indices, key=lambda i: (rounded_loss(float(losses[i])), i))
     by_loss = sorted(indices, key=lambda i: (float(losses[i]), i))
     out: list[int] = []
     k = 0
@@ -274,8 +274,8 @@ def _tied(a: float, b: float, tie: str = "tolerance") -> bool:
 
 def select_crops(
     sizes: Sequence[int],
-    p_yes: Sequence[float],
-    losses: Sequence[float],
+    p_yes: Sequence[float] | np.ndarray,
+    losses: Sequence[float] | np.ndarray,
     *,
     top_k: int = 1,
     threshold: float = PASS_THRESHOLD,

@@ -478,15 +478,15 @@ def corrected_pair_sample(
     if n < 2:
         return np.zeros(0, dtype=np.float64)
     if n <= max_exact_keys:
-        out = []
+        rows = []
         step = _row_chunk(n)
         for start in range(0, n, step):
             stop = min(n, start + step)
             d = pairwise_l2(v[start:stop], v) / s[start:stop, None]
             mask = np.ones(d.shape, dtype=bool)
             mask[np.arange(stop - start), np.arange(start, stop)] = False
-            out.append(d[mask])
-        return np.concatenate(out)
+            rows.append(d[mask])
+        return np.concatenate(rows)
     rng = np.random.default_rng(seed)
     a = rng.integers(0, n, size=n_pairs)
     b = rng.integers(0, n - 1, size=n_pairs)

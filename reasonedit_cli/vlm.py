@@ -9,8 +9,10 @@ Everything ReasonEdit needs from a VLM goes through `VLM`:
 * `answer_loss` — the mean token loss of an answer text (patch scoring);
 * `candidate_layers` — vision blocks, projector and language blocks, named by role.
 
-torch and transformers are imported inside functions so that importing this module
-(and `reasonedit --help`) stays cheap.
+What differs between model families (where the layers are, prompt fallback, image
+splits, batch fix-ups, processor quirks) is data: one `families.Family` record each,
+read through `VLM.spec`. torch and transformers are imported inside functions so that
+importing this module (and `reasonedit --help`) stays cheap.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
+from reasonedit_cli.families import FAMILIES, Family
 from reasonedit_cli.validation import DEVICES, DTYPES  # the CLI checks the same lists
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,109 +56,8 @@ def model_path(model: str) -> str:
     return model
 
 
-@dataclass(frozen=True)
-class Family:
-    """What the backend knows about one family (config `model_type`), in one place.
-
-    Layer roles are found by `_ROLE_PATTERNS` (shared by all families); the rest of a
-    family's quirks live here.
-    """
-
-    name: str  # shown to users
-    #: the prompt around one image when the checkpoint ships no chat template
-    prompt: str | None = None
-    #: how the rows of a vision-side tensor map to samples (see `VLM._image_splits`):
-    #: "grid_thw" (flattened patches, `image_grid_thw`), "crops" (`image_sizes` and the
-    #: grid pinpoints), "tiles" (zero-padded tiles), "none" (one row per image)
-    image_split: str = "none"
-    #: role -> sub-module whose OUTPUT is the normed point, where no Linear follows the
-    #: norm (otherwise the point is found from the module tree, `_first_mlp_linear`)
-    normed_output: dict[str, str] = field(default_factory=dict)
-    #: the `token_type_ids` of appended answer tokens (the answer loss): 0, or 1 where
-    #: type 0 marks a bidirectional prefix (PaliGemma)
-    answer_token_type: int = 0
-    #: the processor wants one list of images per prompt (Gemma 3), not a flat list
-    nested_images: bool = False
-
-
-_QWEN_PROMPT = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}"
-    "<|im_end|>\n<|im_start|>assistant\n"
-)
-_IDEFICS_PROMPT = "User:<image>{prompt}<end_of_utterance>\nAssistant:"
-
-#: One record per supported family (config `model_type`). Each is loaded with
-#: AutoModelForImageTextToText and has its layers named by `_ROLE_PATTERNS`.
-FAMILIES: dict[str, Family] = {
-    "llava": Family("LLaVA 1.5"),
-    "llava_next": Family("LLaVA-NeXT (1.6)", image_split="crops"),
-    "llava_onevision": Family(
-        "LLaVA-OneVision",
-        prompt="<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
-        image_split="crops",
-    ),
-    "qwen2_vl": Family("Qwen2-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
-    "qwen2_5_vl": Family("Qwen2.5-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
-    "idefics3": Family("Idefics3", prompt=_IDEFICS_PROMPT, image_split="tiles"),
-    "smolvlm": Family("SmolVLM", prompt=_IDEFICS_PROMPT, image_split="tiles", nested_images=True),
-    # InstructBLIP's processor puts the query tokens in front of the text itself.
-    # InstructBLIP with a decoder-only (Vicuna) or an encoder-decoder (Flan-T5) language model
-    "instructblip": Family("InstructBLIP", prompt="{prompt}"),
-    "qwen3_vl": Family("Qwen3-VL", prompt=_QWEN_PROMPT, image_split="grid_thw"),
-    # the projector pools and norms, then multiplies by a weight (no Linear module)
-    "gemma3": Family(
-        "Gemma 3",
-        prompt="<start_of_turn>user\n<start_of_image>{prompt}<end_of_turn>\n<start_of_turn>model\n",
-        normed_output={"projector": "mm_soft_emb_norm"},
-        nested_images=True,
-    ),
-    # the processor adds image tokens, BOS and the closing newline; the prompt is a prefix
-    # attended bidirectionally (token type 0), an answer is causal suffix (type 1)
-    "paligemma": Family("PaliGemma", prompt="<image>{prompt}", answer_token_type=1),
-}
-
 #: The families `--model` accepts (config `model_type` -> name shown to users).
 SUPPORTED_FAMILIES: dict[str, str] = {k: f.name for k, f in FAMILIES.items()}
-
-# Module-name patterns that identify layer roles across families. The first group of a
-# block pattern is the block index. Order matters: the first matching role wins.
-#   LLaVA / NeXT / OneVision: model.vision_tower.vision_model.encoder.layers.N,
-#       model.multi_modal_projector, model.language_model.layers.N
-#   Qwen2-VL / Qwen2.5-VL: model.visual.blocks.N, model.visual.merger,
-#       model.language_model.layers.N
-#   Idefics3 / SmolVLM: model.vision_model.encoder.layers.N, model.connector,
-#       model.text_model.layers.N
-#   InstructBLIP: vision_model.encoder.layers.N, language_projection (its input is the
-#       Q-Former's query output), language_model.layers.N
-_ROLE_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    (
-        "vision",
-        re.compile(
-            r"^(?:model\.)?(?:vision_tower|vision_model|visual)(?:\.vision_model)?"
-            r"\.(?:encoder\.)?(?:layers|blocks|layer)\.(\d+)$"
-        ),
-    ),
-    (
-        "projector",
-        re.compile(
-            r"^(?:model\.)?(?:multi_modal_projector|visual\.merger|connector"
-            r"|language_projection)$"
-        ),
-    ),
-    (
-        "language",
-        re.compile(
-            r"^(?:model\.)?(?:language_model|text_model)(?:\.model)?"
-            r"\.layers\.(\d+)$"
-        ),
-    ),
-    # an encoder-decoder language model (InstructBLIP-Flan-T5): encoder blocks are
-    # language.0 .. language.E-1, decoder blocks continue at language.E (model order)
-    (
-        "language",
-        re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(encoder|decoder)\.block\.(\d+)$"),
-    ),
-]
 
 #: The two hook points offered for every candidate layer (REFERENCE row 3).
 #:   "input":  the raw input of the block / projector (the residual stream); label `language.12`
@@ -277,14 +179,19 @@ class VLM:
             if model_type and model_type not in SUPPORTED_FAMILIES:  # unknown to transformers
                 raise ReasonEditError(_unsupported_message(model, model_type)) from None
             raise ReasonEditError(f"cannot load model {model}: {_first_line(exc)}") from None
-        self.family = config.model_type
+        #: the config `model_type` (recorded in codebook manifests)
+        self.family: str = config.model_type
         _check_supported(model, config)
+        #: the family's record: everything family-specific is read from it
+        self.spec: Family = FAMILIES[self.family]
         #: an encoder-decoder language model (InstructBLIP with Flan-T5): answers are
         #: decoder tokens, see `_decoder_start`
-        self.encoder_decoder = bool(getattr(config.get_text_config(), "is_encoder_decoder", False))
+        self.encoder_decoder = self.spec.is_encoder_decoder(config)
+        _check_requirements(model, self.spec)
+        loader: Any = AutoModelForImageTextToText  # its from_pretrained is typed too narrowly
         try:
-            self.processor = _load_processor(model, config, trust_remote_code)
-            self.model = AutoModelForImageTextToText.from_pretrained(
+            self.processor = _load_processor(model, self.spec, trust_remote_code)
+            self.model = loader.from_pretrained(
                 model,
                 dtype=self.torch_dtype,
                 trust_remote_code=trust_remote_code,
@@ -305,9 +212,8 @@ class VLM:
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        qformer_tokenizer = getattr(self.processor, "qformer_tokenizer", None)
-        if qformer_tokenizer is not None:  # InstructBLIP: the Q-Former's view of the text
-            qformer_tokenizer.padding_side = "right"
+        for part in self.spec.right_padded:  # e.g. InstructBLIP's Q-Former tokenizer
+            getattr(self.processor, part).padding_side = "right"
         self._splits: list[int] | None = None  # images/patches per sample of the last batch
         self._layers: list[LayerInfo] | None = None  # candidate_layers, found once
         self._adds_bos: bool | None = None  # does the tokenizer add BOS itself?
@@ -321,7 +227,7 @@ class VLM:
         both hook points: the raw block input (`language.2`) and the input of its MLP's
         first Linear after the norm (`language.2.normed`)."""
         if self._layers is None:
-            self._layers = _find_layers(self.model, self.family)
+            self._layers = _find_layers(self.model, self.spec)
         return list(self._layers)
 
     def resolve_layer(self, layer: str) -> LayerInfo:
@@ -357,20 +263,16 @@ class VLM:
         template = getattr(self.processor, "chat_template", None)
         if template:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        fallback = FAMILIES[self.family].prompt
-        if fallback is not None:
-            return fallback.format(prompt=prompt)
         image_token = getattr(self.processor, "image_token", None) or "<image>"
-        image_token = getattr(image_token, "content", image_token)
-        return f"USER: {image_token}\n{prompt} ASSISTANT:"
+        return self.spec.fallback_prompt(prompt, getattr(image_token, "content", image_token))
 
     def _inputs(self, images: Sequence[Image.Image], prompts: Sequence[str], padding_side: str):
         texts = [self._without_double_bos(self.chat_text(p)) for p in prompts]
         self.tokenizer.padding_side = padding_side
-        family = FAMILIES[self.family]
-        imgs: list[Any] = [[i] for i in images] if family.nested_images else list(images)
+        imgs: list[Any] = [[i] for i in images] if self.spec.nested_images else list(images)
         batch = self.processor(images=imgs, text=texts, padding=True, return_tensors="pt")
-        batch.pop("labels", None)  # PaliGemma's processor adds training labels
+        for key in self.spec.drop_keys:  # e.g. PaliGemma's training labels
+            batch.pop(key, None)
         self._splits = self._image_splits(batch, len(texts))
         return batch.to(self.device)
 
@@ -387,39 +289,11 @@ class VLM:
         return text
 
     def _image_splits(self, batch: Any, n: int) -> list[int] | None:
-        """How many rows of a vision-side tensor belong to each sample, where not one each.
-
-        Qwen2-VL flattens all patches of a batch into one (total_patches, D) tensor
-        (`image_grid_thw` gives each image's share); LLaVA-NeXT/OneVision run the vision
-        tower on a varying number of crops per image (`image_sizes`); Idefics3/SmolVLM on
-        the real (not padding) tiles of each sample. `_pool` means per sample with these.
-        """
-        rule = FAMILIES[self.family].image_split
-        if rule == "grid_thw" and "image_grid_thw" in batch:
-            return [int(x) for x in batch["image_grid_thw"].prod(-1).tolist()]
-        if rule == "crops" and "image_sizes" in batch:
-            import importlib
-
-            module = importlib.import_module(
-                f"transformers.models.{self.family}.modeling_{self.family}"
-            )
-            cfg = self.model.config
-            return [
-                int(
-                    module.image_size_to_num_patches(
-                        image_size=tuple(size),
-                        grid_pinpoints=cfg.image_grid_pinpoints,
-                        patch_size=cfg.vision_config.image_size,
-                    )
-                )
-                for size in batch["image_sizes"].tolist()
-            ]
-        pv = batch.get("pixel_values") if hasattr(batch, "get") else None
-        if rule == "tiles" and pv is not None and pv.dim() == 5:  # (batch, tiles, C, H, W)
-            per_tile = pv[0, 0].numel()
-            real = (pv == 0.0).flatten(2).sum(-1) != per_tile
-            return [max(int(r), 1) for r in real.sum(1).tolist()]
-        return None
+        """How many rows of a vision-side tensor belong to each sample, where not one
+        each: the family's `image_split` rule (flattened Qwen2-VL patches, LLaVA-NeXT
+        crops, Idefics3 tiles). `_pool` means per sample with these."""
+        split = self.spec.image_split
+        return split(batch, self.model.config) if split is not None else None
 
     def _forward(self, batch: dict) -> Any:
         """One forward pass. An encoder-decoder model gets the decoder's start token as its
@@ -494,7 +368,7 @@ class VLM:
         )
         if len(budgets) != len(prompts):
             raise ReasonEditError("complete needs one token budget per prompt")
-        sampling = {"do_sample": False}
+        sampling: dict[str, Any] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": float(temperature), "top_p": top_p}
         eos = _eos_ids(self.model, self.tokenizer)
@@ -571,7 +445,7 @@ class VLM:
                     handle = module.register_forward_hook(_capture_output(captured, li.label))
                 else:
                     handle = module.register_forward_pre_hook(
-                        _capture(captured, li.label), with_kwargs=True
+                        _capture(captured, li.label, _input_name(module)), with_kwargs=True
                     )
                 handles.append(handle)
             try:
@@ -582,7 +456,9 @@ class VLM:
             for li in infos:
                 if li.label not in captured:
                     raise ReasonEditError(f"layer {li.label} was not run by the model's forward")
-                result[li.label].append(_pool(captured[li.label], mask, len(prs), self._splits))
+                hidden = captured[li.label]
+                text = li.role == "language"
+                result[li.label].append(_pool(hidden, mask, len(prs), self._splits, text=text))
         return {k: np.concatenate(v, axis=0) for k, v in result.items()}
 
     # ---------------------------------------------------------- yes/no, loss
@@ -666,15 +542,14 @@ class VLM:
             labels[i, n : n + len(a)] = torch.tensor(a)
         batch["input_ids"] = new_ids.to(self.device)
         batch["attention_mask"] = new_mask.to(self.device)
-        answer_type = FAMILIES[self.family].answer_token_type
-        for key in ("token_type_ids", "mm_token_type_ids"):
+        for key, answer_type in self.spec.answer_token_types.items():
             if key in batch:  # the prompt keeps its types; answer tokens get the family's
                 types = torch.zeros_like(batch["input_ids"])
                 old = batch[key]
                 for i, a in enumerate(ans_ids):
                     n = int(n_prompt[i])
                     types[i, :n] = old[i, :n]
-                    types[i, n : n + len(a)] = answer_type if key == "token_type_ids" else 0
+                    types[i, n : n + len(a)] = answer_type
                 batch[key] = types
         return batch, labels.to(self.device), n_prompt.to(self.device)
 
@@ -741,20 +616,26 @@ def answer_token_loss(logits: Any, labels: Any, *, shift: bool = True) -> Any:
     return (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
-def _capture(store: dict[str, Any], label: str):
-    """A forward pre-hook that records a layer's input hidden states."""
+def _capture(store: dict[str, Any], label: str, name: str):
+    """A forward pre-hook that records a layer's input hidden states: the first positional
+    argument, or the keyword `name` (the forward's first parameter, `_input_name`)."""
 
     def hook(module, args, kwargs):
-        if args and hasattr(args[0], "shape"):
-            store[label] = args[0].detach()
-        else:
-            for key in ("hidden_states", "x", "image_features", "input"):
-                if key in kwargs and hasattr(kwargs[key], "shape"):
-                    store[label] = kwargs[key].detach()
-                    break
+        value = args[0] if args else kwargs.get(name)
+        if hasattr(value, "shape"):
+            store[label] = value.detach()
         return None
 
     return hook
+
+
+def _input_name(module: Any) -> str:
+    """The name of a module's input: the first parameter of its `forward`
+    (`hidden_states` of a block, `input` of a Linear, `x` of Qwen's merger)."""
+    import inspect
+
+    params = iter(inspect.signature(module.forward).parameters)
+    return next(params, "hidden_states")
 
 
 def _capture_output(store: dict[str, Any], label: str):
@@ -767,78 +648,84 @@ def _capture_output(store: dict[str, Any], label: str):
     return hook
 
 
-def _pool(hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = None) -> np.ndarray:
-    """Mean over tokens in float32; language layers use the attention mask.
+def _pool(
+    hidden: Any, mask: Any, batch: int, splits: Sequence[int] | None = None, *, text: bool
+) -> np.ndarray:
+    """Mean over tokens in float32, per sample.
 
-    `splits` (rows per sample) groups vision-side tensors whose first dimension is not
-    the batch: flattened Qwen2-VL patches, LLaVA-NeXT crops, Idefics3 tiles.
+    A language layer (`text`) means over the prompt's real tokens (the attention mask),
+    or, for an encoder-decoder's decoder blocks, over the decoder's own (start) tokens.
+    A vision-side tensor means per image: `splits` (rows per sample, the family's
+    `image_split` rule) groups a tensor whose first dimension is not the batch
+    (flattened Qwen2-VL patches, LLaVA-NeXT crops, Idefics3 tiles); otherwise it is
+    (batch, tokens, D).
     """
     import torch
 
     h = hidden.float()
-    if h.dim() == 3 and h.shape[0] == batch and h.shape[1] == mask.shape[1]:
-        m = mask.to(h.device).unsqueeze(-1).float()
-        return ((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
-    if splits is not None and len(splits) == batch and h.shape[0] != sum(splits):
-        # a tensor after a patch merge (Qwen's merger MLP input): rows = patches / ratio
+    if text and h.dim() == 3 and h.shape[0] == batch:
+        if h.shape[1] == mask.shape[1]:  # the prompt's tokens
+            m = mask.to(h.device).unsqueeze(-1).float()
+            return ((h * m).sum(1) / m.sum(1).clamp_min(1)).cpu().numpy()
+        return h.mean(1).cpu().numpy()  # decoder states
+    if not text and splits is not None and len(splits) == batch:
         total = sum(splits)
-        if h.shape[0] and total % h.shape[0] == 0 and h.shape[0] != batch:
+        if h.shape[0] != total and h.shape[0] and total % h.shape[0] == 0 and h.shape[0] != batch:
+            # a tensor after a patch merge (Qwen's merger MLP input): rows = patches / ratio
             ratio = total // h.shape[0]
             if all(s % ratio == 0 for s in splits):
                 splits = [s // ratio for s in splits]
-    if splits is not None and len(splits) == batch and h.shape[0] == sum(splits) != batch:
-        flat = h.reshape(h.shape[0], -1, h.shape[-1])
-        parts = torch.split(flat, list(splits), dim=0)
-        return torch.stack([p.reshape(-1, h.shape[-1]).mean(0) for p in parts]).cpu().numpy()
-    if h.dim() == 3 and h.shape[0] == batch:
+        if h.shape[0] == sum(splits) != batch:
+            flat = h.reshape(h.shape[0], -1, h.shape[-1])
+            parts = torch.split(flat, list(splits), dim=0)
+            return torch.stack([p.reshape(-1, h.shape[-1]).mean(0) for p in parts]).cpu().numpy()
+    if not text and h.dim() == 3 and h.shape[0] == batch:
         return h.mean(1).cpu().numpy()
-    if h.dim() == 3 and h.shape[0] % batch == 0:  # several crops/tiles per sample
-        return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
-    if h.dim() == 2 and h.shape[0] % batch == 0:  # flattened patches, equal shares
-        return h.reshape(batch, -1, h.shape[-1]).mean(1).cpu().numpy()
-    raise ReasonEditError(f"cannot pool a layer input of shape {tuple(h.shape)}")
+    raise ReasonEditError(
+        f"cannot pool a layer input of shape {tuple(h.shape)} for a batch of {batch}; "
+        "does the family's record need an image_split rule?"
+    )
 
 
-def _find_layers(model: Any, family: str) -> list[LayerInfo]:
+def _find_layers(model: Any, spec: Family) -> list[LayerInfo]:
     """Both hook points of every vision block, the projector and every language block.
 
-    The normed point is found from the module tree, not from names: the first `Linear`
-    of the block's MLP (a child `mlp`; a T5 block's last sub-layer, its feed-forward),
-    or, for a projector, its first `Linear` (the module itself when it is one). A
-    family whose projector has no Linear after its norm names the norm whose output is
-    the point instead (`normed_output` of its record, e.g. Gemma 3).
+    Blocks are found by the family's `Roles`. The normed point is found from the module
+    tree, not from names: the first `Linear` of the block's MLP (a child `mlp`; a T5
+    block's last sub-layer, its feed-forward), or, for a projector, its first `Linear`
+    (the module itself when it is one). A family whose projector has no Linear after its
+    norm names the norm whose output is the point instead (`normed_output` of its
+    record, e.g. Gemma 3).
     """
     found: list[LayerInfo] = []
-    overrides = FAMILIES[family].normed_output if family in FAMILIES else {}
+    overrides = spec.normed_output
     modules = dict(model.named_modules())
-    n_encoder = sum(1 for n in modules if re.search(r"language_model\.encoder\.block\.\d+$", n))
+    matches: list[tuple[str, Any, str, re.Match[str]]] = []
     for name, module in modules.items():
-        for role, pattern in _ROLE_PATTERNS:
+        for role, pattern in spec.roles.patterns:
             m = pattern.match(name)
-            if not m:
-                continue
-            groups = m.groups()
-            if len(groups) == 2:  # encoder-decoder: decoder blocks follow the encoder's
-                idx = int(groups[1]) + (n_encoder if groups[0] == "decoder" else 0)
-            else:
-                idx = int(groups[0]) if groups else 0
-            found.append(LayerInfo(name=name, role=role, index=idx))
-            if role in overrides:
-                hook, output = f"{name}.{overrides[role]}", True
-            else:
-                hook, output = _first_mlp_linear(name, module), False
-            if hook is not None:
-                found.append(
-                    LayerInfo(
-                        name=name,
-                        role=role,
-                        index=idx,
-                        point="normed",
-                        hook=hook,
-                        hook_output=output,
-                    )
+            if m:
+                matches.append((name, module, role, m))
+                break
+    # an encoder-decoder language model: decoder blocks are numbered after the encoder's
+    n_encoder = sum(1 for *_, m in matches if m.groupdict().get("stack") == "encoder")
+    for name, module, role, m in matches:
+        groups = m.groupdict()
+        idx = int(groups.get("index") or 0)
+        if groups.get("stack") == "decoder":
+            idx += n_encoder
+        found.append(LayerInfo(name=name, role=role, index=idx))
+        hook: str | None
+        if role in overrides:
+            hook, output = f"{name}.{overrides[role]}", True
+        else:
+            hook, output = _first_mlp_linear(name, module), False
+        if hook is not None:
+            found.append(
+                LayerInfo(
+                    name=name, role=role, index=idx, point="normed", hook=hook, hook_output=output
                 )
-            break
+            )
     order = {"vision": 0, "projector": 1, "language": 2}
     found.sort(key=lambda li: (order[li.role], li.index, POINTS.index(li.point)))
     return found
@@ -887,32 +774,31 @@ def _load_failure(model: str, family: str, exc: BaseException) -> str:
     return f"cannot load model {model} ({family}): {_first_line(exc)}; {_WHAT_TO_DO}"
 
 
-def _load_processor(model: str, config: Any, trust_remote_code: bool) -> Any:
+def _check_requirements(model: str, spec: Family) -> None:
+    """A package the family's processor imports is missing: one line saying which."""
+    import importlib.util
+
+    missing = [p for p in spec.requires if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ReasonEditError(
+            f"cannot load model {model}: the {spec.name} processor needs the Python "
+            f"package {', '.join(missing)} (pip install {' '.join(missing)})"
+        )
+
+
+def _load_processor(model: str, spec: Family, trust_remote_code: bool) -> Any:
     """The model's processor: `AutoProcessor`, except for a family whose processor carries
-    a video processor while torchvision (which every video processor needs) is missing.
-    That one is built from its image processor, tokenizer and saved settings, with a video
-    processor that never runs (`images_only_processor`): ReasonEdit sends images only."""
-    from transformers import AutoProcessor
-
-    cls = _processor_class(config.model_type)
-    if cls is not None and _needs_torchvision(cls):
-        return images_only_processor(model, cls)
-    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-
-
-def _processor_class(model_type: str) -> Any:
-    """The processor class transformers maps a `model_type` to (None if unknown)."""
+    a video processor (`images_only_processor` of its record) while torchvision (which
+    every video processor needs) is missing. That one is built from its image processor,
+    tokenizer and saved settings, with a video processor that never runs
+    (`images_only_processor`): ReasonEdit sends images only."""
     import transformers
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    return getattr(transformers, name, None) if isinstance(name, str) else None
-
-
-def _needs_torchvision(cls: Any) -> bool:
+    from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    return "video_processor" in cls.get_attributes() and not is_torchvision_available()
+    if spec.images_only_processor is not None and not is_torchvision_available():
+        return images_only_processor(model, getattr(transformers, spec.images_only_processor))
+    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
 @lru_cache(maxsize=1)

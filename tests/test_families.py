@@ -1,7 +1,10 @@
 """Every supported VLM family on a tiny random-weight model built from its config.
 
-For each family: generation, hooked layer embeddings (vision, projector, language),
-P(yes), answer loss, the patch search and one add-edit/ask round trip through the CLI.
+Table-driven over the registry (`reasonedit_cli.families.FAMILIES`): a new family's
+record without a tiny model in `tests/tiny_models.py` (`BUILDERS`) and its expected
+normed hook points here (`NORMED_HOOKS`) fails loudly. For each family: generation,
+hooked layer embeddings (vision, projector, language), P(yes), answer loss, the patch
+search and one add-edit/ask round trip through the CLI.
 Nothing here checks answer quality (the weights are random); it checks that each
 family's processor, prompt, extra tensors and layer shapes go through the backend, and
 that batching never changes a result.
@@ -19,23 +22,15 @@ from typer.testing import CliRunner
 
 from reasonedit_cli.cli import app
 from reasonedit_cli.errors import ReasonEditError
+from reasonedit_cli.families import FAMILIES as REGISTRY
 from reasonedit_cli.vlm import SUPPORTED_FAMILIES, VLM
 
-FAMILIES = [
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "idefics3",
-    "smolvlm",  # SmolVLM2: needs `num2words` (a dependency) and a video-processor stand-in
-    "llava_next",
-    "llava_onevision",
-    "instructblip",
-    "instructblip_t5",  # encoder-decoder language model
-    "gemma3",
-    "paligemma",
-]
-#: the config `model_type` of each tiny model (InstructBLIP-Flan-T5 is an instructblip)
-MODEL_TYPE = {"instructblip_t5": "instructblip"}
+#: tiny models beyond one per family -> their family (config `model_type`)
+VARIANTS = {"instructblip_t5": "instructblip"}  # an encoder-decoder language model
+#: every family of the registry, then the variants
+FAMILIES = [*REGISTRY, *VARIANTS]
+#: the CLI round trip; LLaVA's runs in tests/test_cli.py (the default test model)
+CLI_FAMILIES = [f for f in FAMILIES if f != "llava"]
 RAW = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
 #: T5: encoder blocks are language.0-1, decoder blocks language.2-3
 RAW_T5 = [*RAW, "language.2", "language.3"]
@@ -47,6 +42,7 @@ LAYERS += [name + ".normed" for name in LAYERS]
 # by vlm.py from the module tree.
 _LLAMA = {"vision": "mlp.fc1", "projector": "multi_modal_projector.linear_1"}
 NORMED_HOOKS = {
+    "llava": _LLAMA,
     "qwen2_vl": {"vision": "mlp.fc1", "projector": "visual.merger.mlp.0"},
     "qwen2_5_vl": {"vision": "mlp.gate_proj", "projector": "visual.merger.mlp.0"},
     "qwen3_vl": {"vision": "mlp.linear_fc1", "projector": "visual.merger.linear_fc1"},
@@ -97,10 +93,49 @@ def _imgs():
     ]
 
 
+def test_every_family_has_a_tiny_model_and_a_well_formed_record():
+    """A record added to the registry without its test parts fails here, by name."""
+    import importlib.util
+
+    import transformers
+
+    for name in REGISTRY:
+        assert name in BUILDERS, f"family {name}: add a tiny model to tests/tiny_models.py"
+        assert name in NORMED_HOOKS, f"family {name}: add its normed hooks to NORMED_HOOKS"
+    for name, spec in REGISTRY.items():
+        assert spec.name and SUPPORTED_FAMILIES[name] == spec.name
+        assert "{prompt}" in spec.prompt, name
+        assert "Q?" in spec.fallback_prompt("Q?", "<image>"), name
+        if spec.images_only_processor is not None:
+            assert hasattr(transformers, spec.images_only_processor), name
+        for package in spec.requires:  # dependencies of reasonedit (pyproject.toml)
+            assert importlib.util.find_spec(package) is not None, (name, package)
+        for _, pattern in spec.roles.patterns:
+            assert pattern.pattern.startswith("^") and pattern.pattern.endswith("$"), name
+
+
+def test_a_missing_processor_package_is_one_line():
+    """A record's `requires` (SmolVLM2: num2words) is checked before anything loads."""
+    import dataclasses
+
+    from reasonedit_cli.vlm import _check_requirements
+
+    spec = dataclasses.replace(REGISTRY["smolvlm"], requires=("reasonedit_no_such_package",))
+    with pytest.raises(ReasonEditError, match=r"SmolVLM processor needs the Python package"):
+        _check_requirements("some/model", spec)
+    _check_requirements("some/model", REGISTRY["smolvlm"])  # num2words is installed
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_backend(vlms, family):
     vlm = vlms(family)
-    assert vlm.family == MODEL_TYPE.get(family, family)
+    assert vlm.family == VARIANTS.get(family, family)
+    assert vlm.spec is REGISTRY[vlm.family]
+    # a processor with a video processor is exactly what the record says
+    carries_video = "video_processor" in type(vlm.processor).get_attributes()
+    assert carries_video == (vlm.spec.images_only_processor is not None), family
+    if carries_video:
+        assert type(vlm.processor).__name__ == vlm.spec.images_only_processor
     layers = vlm.candidate_layers()
     raw = RAW_T5 if family == "instructblip_t5" else RAW
     assert [li.label for li in layers] == [x for name in raw for x in (name, name + ".normed")]
@@ -159,7 +194,7 @@ def test_family_backend(vlms, family):
     assert len(boxes) == 1 and len(boxes[0]) == 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CLI_FAMILIES)
 def test_family_cli_round_trip(family_dirs, family, tmp_path):
     from conftest import shape_image
 

@@ -156,3 +156,27 @@ def test_normed_points_are_the_norm_outputs_and_share_the_forward(vlm):
     for name in names:
         np.testing.assert_allclose(out[name], np.concatenate([s[name] for s in single]), atol=1e-5)
     assert torch.is_grad_enabled() is False
+
+
+def test_pool_reads_the_text_mask_for_language_layers_only():
+    """Language layers mean over real prompt tokens; a vision-side tensor means over all
+    of its rows even when its token count happens to equal the prompt's length."""
+    import torch
+
+    from reasonedit_cli.vlm import _pool
+
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    text = _pool(hidden, mask, 2, text=True)
+    np.testing.assert_array_equal(text, np.stack([hidden[0].mean(0), hidden[1, 0]]))
+    vision = _pool(hidden, mask, 2, text=False)
+    np.testing.assert_array_equal(vision, hidden.mean(1).numpy())
+    # an encoder-decoder's decoder state (one start token) is not the prompt's length
+    decoder = _pool(hidden[:, :1], mask, 2, text=True)
+    np.testing.assert_array_equal(decoder, hidden[:, 0].numpy())
+    # flattened patches (Qwen2-VL): split per image by the family's rule
+    patches = torch.arange(5 * 2, dtype=torch.float32).reshape(5, 2)
+    split = _pool(patches, mask, 2, [2, 3], text=False)
+    np.testing.assert_array_equal(split, np.stack([patches[:2].mean(0), patches[2:].mean(0)]))
+    with pytest.raises(ReasonEditError, match="cannot pool"):
+        _pool(patches, mask, 2, text=False)

@@ -601,7 +601,10 @@ def build_tiny_instructblip_t5(path: Path, seed: int = 0) -> Path:
     return build_tiny_instructblip(path, seed, lm="t5")
 
 
+#: One builder per family of `reasonedit_cli.families.FAMILIES` (keyed by its config
+#: `model_type`), plus variants (`tests/test_families.py` checks that none is missing).
 BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "llava": build_tiny_llava,
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,

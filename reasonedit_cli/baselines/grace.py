@@ -228,15 +228,16 @@ class GraceAdaptor:
             self.vlm.model(**batch, use_cache=False)
         key, out = self._captured["key"][0], self._captured["out"][0]
         label = normalize_answer(answer)
-        action, dist = "add", None
+        action, dist = "add", None  # dist: to the nearest entry, None when there is none
+        nearest = 0.0  # the same as a float, for expand and split (which need an entry)
         target: GraceEntry
         if self.entries:
             keys = torch.stack([e.key for e in self.entries])
             d = torch.linalg.vector_norm(keys - key.unsqueeze(0), dim=1)
             j = int(d.argmin())
-            dist = float(d[j])
+            dist = nearest = float(d[j])
             near = self.entries[j]
-            if dist > near.eps + self.eps_init:
+            if nearest > near.eps + self.eps_init:
                 action = "add"
             elif near.label == label:
                 action = "expand"
@@ -244,12 +245,12 @@ class GraceAdaptor:
                 action = "split"
         if action == "expand":
             target = near
-            target.eps = max(target.eps, float(dist))
+            target.eps = max(target.eps, nearest)
             target.edit_ids.append(edit_id)
         else:
             eps = self.eps_init
             if action == "split":
-                near.eps = eps = float(dist) / 2.0
+                near.eps = eps = nearest / 2.0
             target = GraceEntry(key.clone(), out.clone(), eps, label, [edit_id])
             self.entries.append(target)
         steps, loss, solved = self._train(target, batch, labels, pos)
