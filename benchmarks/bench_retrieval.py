@@ -338,24 +338,26 @@ def cmd_search(args: argparse.Namespace) -> dict:
     t_open = time.perf_counter() - t0
     q = _queries(eng, args.queries, build)
     t0 = time.perf_counter()
+    other = None
+    if args.truth_vectors:  # exact search (and the reference) over float32 copies of the keys
+        from reasonedit_cli.store.index.mapped import open_parts
+
+        td = Path(args.truth_vectors)
+        other = open_parts(td, [json.loads((td / "vectors.json").read_text())])
     cache = d / f"truth-{args.queries}.json"  # exact results of these queries (sweeps)
     if cache.exists() and json.loads(cache.read_text())["keys"] == eng.n:
         truth = json.loads(cache.read_text())["truth"]
     else:
-        other = None
-        if args.truth_vectors:  # exact search over these (e.g. float32) copies of the keys
-            from reasonedit_cli.store.index.mapped import open_parts
-
-            td = Path(args.truth_vectors)
-            other = open_parts(td, [json.loads((td / "vectors.json").read_text())])
         truth = _truth(eng, q, vectors=other)
         cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
     t_truth = time.perf_counter() - t0
     eng.vectors.release()
     sigma32 = eng.sigma.astype(np.float32)
     n_ref = args.ref_queries or max(3, min(30, int(3e9 // (eng.n * eng.dim))))
-    v = eng.vectors.parts[0]  # one base part (a fresh build): the mapped array itself
-    v_sq = np.concatenate([np.einsum("ij,ij->i", b, b) for _, b in eng.vectors.chunks()])
+    # the reference holds float32 keys: the mapped array itself (one base part, a fresh build)
+    ref_vectors = other or eng.vectors
+    v = ref_vectors.parts[0]
+    v_sq = np.concatenate([np.einsum("ij,ij->i", b, b) for _, b in ref_vectors.chunks()])
     # threaded BLAS stalls on a loaded machine, one thread is slower on a quiet one: the
     # reference is the faster of the two (the conservative baseline for a speedup)
     from threadpoolctl import threadpool_limits
@@ -367,7 +369,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 t = time.perf_counter()
                 _reference(v, v_sq, sigma32, q[i])
                 times.append(time.perf_counter() - t)
-    eng.vectors.release()
+    ref_vectors.release()
     ref_by_mode = {m: statistics.median(t) * 1e3 for m, t in ref_runs.items()}
     ref_ms = min(ref_by_mode.values())
     specs = []  # fetch:nprobe:lift_fetch (lift_fetch 0 = no lifted graph)
