@@ -444,9 +444,10 @@ class ReducedIndex:
         self.vectors = vectors
         with self._lock:
             self.parts.append(FlatPart(g, n_old, len(vectors)))
-        app = R.append_knn_ann(
-            RerankedParts(self), new, self.knn_idx, self.knn_dist, reverse_fetch=REVERSE_FETCH
-        )
+        with one_thread():  # threaded BLAS stalled this 4x on the shared 2-core machine
+            app = R.append_knn_ann(
+                RerankedParts(self), new, self.knn_idx, self.knn_dist, reverse_fetch=REVERSE_FETCH
+            )
         self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
         raw = np.concatenate([self.sigma_raw, np.ones(len(new))])
         changed = np.concatenate([app.rows, np.arange(n_old, len(vectors))])
