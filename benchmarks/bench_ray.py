@@ -111,7 +111,7 @@ def main() -> None:
         assert len(rep_ray["added"]) == n, "both engines must add every edit"
         show(f"ray, {opts.workers} local workers", n, t_ray)
         print(f"{'ratio ray / local':28s}: {t_local / t_ray:6.2f}x", flush=True)
-        from reasonedit_cli.codebook import Codebook
+        from reasonedit_cli.store import Codebook
 
         same = (
             Codebook.open(d / "local").keys_table().column("key_id").to_pylist()

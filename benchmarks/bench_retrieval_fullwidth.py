@@ -2,12 +2,12 @@
 
 Synthetic keys of the real width (512 = bundled demo VLM hidden 128 + MiniLM 384) drawn
 from a Gaussian mixture with clusters of varying spread, so that hubness is realistic.
-Every codebook is a real one on disk, built and queried through `reasonedit_cli.codebook`.
+Every codebook is a real one on disk, built and queried through `reasonedit_cli.store`.
 
 Subcommands (each prints medians and ratios measured in the same run):
 
     python benchmarks/bench_retrieval_fullwidth.py build  --n 100000 --dir /tmp/cb100k
-    python benchmarks/bench_retrieval_fullwidth.py search --dir /tmp/cb100k [--fetch 100:128,200:256]
+    python benchmarks/bench_retrieval_fullwidth.py search --dir /tmp/cb100k [--fetch 100:128]
     python benchmarks/bench_retrieval_fullwidth.py tau    --dir /tmp/cb100k
     python benchmarks/bench_retrieval_fullwidth.py sigma  --dir /tmp/cb100k --sample 20000
     python benchmarks/bench_retrieval_fullwidth.py insert --dir /tmp/cb100k --edits 200,1000
@@ -65,7 +65,7 @@ def mixture(n: int, seed: int, dim: int = DIM, chunk: int = 100_000) -> np.ndarr
 
 
 def records(vecs: np.ndarray, first_edit: int, tag: str = "k"):
-    from reasonedit_cli.codebook import EditRecord, KeyRecord
+    from reasonedit_cli.store import EditRecord, KeyRecord
 
     n_edits = len(vecs) // KEYS_PER_EDIT
     edits = [
@@ -88,7 +88,7 @@ def records(vecs: np.ndarray, first_edit: int, tag: str = "k"):
 
 
 def cmd_build(args: argparse.Namespace) -> dict:
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     d = Path(args.dir)
     if d.exists():
@@ -152,13 +152,14 @@ def _reference_query(v, v_sq, sigma32, q1, k: int):
 
 
 def cmd_search(args: argparse.Namespace) -> dict:
-    from reasonedit_cli import codebook as C
+    from reasonedit_cli import store as C
+    from reasonedit_cli.store.index import derived as DI
 
     cb = C.Codebook.open(args.dir)
     t0 = time.perf_counter()
     n = cb.n_keys
     v, sigma = cb.vectors(), cb.sigma()
-    cb._hnsw_index()
+    cb.index.graphs()
     t_load = time.perf_counter() - t0
     q = _queries(cb, args.queries)
     v_sq = np.einsum("ij,ij->i", v, v)
@@ -182,8 +183,9 @@ def cmd_search(args: argparse.Namespace) -> dict:
         "reference_bruteforce_cpu_ms (all threads)": statistics.median(ref_c) * 1e3,
     }
     rows = []
-    saved = C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN
-    lift = cb._lift_index()
+    saved = DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN
+    full = cb.index
+    lift = full.lift()
     specs = []
     for spec in args.fetch.split(","):
         parts = [int(x) for x in spec.split(":")]
@@ -198,9 +200,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
         for _ in range(args.rounds):
             for sp in specs:
                 fetch, ef, scan, use_lift = sp
-                C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = fetch, ef, scan
-                cb._lift, cb._lift_loaded = (lift if use_lift else None), True
-                cb._sigma_desc = None
+                DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN = fetch, ef, scan
+                cb.use_index(full.copy(lift=bool(use_lift)))  # fresh sigma-scan cache
                 cb.search(q[:5], 5)  # warm
                 hits = []
                 for i in range(len(q)):
@@ -211,8 +212,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
                     hits.append([x[0] for x in r])
                 got.setdefault(sp, hits)
     finally:
-        C.SEARCH_FETCH, C.SEARCH_EF, C.SEARCH_SIGMA_SCAN = saved
-        cb._lift, cb._sigma_desc = lift, None
+        DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN = saved
+        cb.use_index(full)
     half = len(q) // 2
     for sp in specs:
         fetch, ef, scan, use_lift = sp
@@ -241,8 +242,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
 
 def cmd_tau(args: argparse.Namespace) -> dict:
     """What `retrieve` uses: the default search's hits under tau vs exact search's."""
-    from reasonedit_cli import codebook as C
     from reasonedit_cli import retrieval as R
+    from reasonedit_cli import store as C
 
     cb = C.Codebook.open(args.dir)
     v, sigma, tau = cb.vectors(), cb.sigma(), cb.tau
@@ -280,12 +281,13 @@ def cmd_tau(args: argparse.Namespace) -> dict:
 
 def cmd_sigma(args: argparse.Namespace) -> dict:
     """sigma from the stored (approximate above KNN_EXACT_MAX_KEYS) lists vs exact, on a sample."""
-    from reasonedit_cli import codebook as C
     from reasonedit_cli import retrieval as R
+    from reasonedit_cli import store as C
+    from reasonedit_cli.store.index import neighbours as NB
 
     cb = C.Codebook.open(args.dir)
     v = cb.vectors()
-    d = cb._get_derived(need_knn=True)
+    d = cb.index.lists(need_knn=True)
     rng = np.random.default_rng(3)
     rows = np.sort(rng.choice(len(v), min(args.sample, len(v)), replace=False))
     t = time.perf_counter()
@@ -315,7 +317,7 @@ def cmd_sigma(args: argparse.Namespace) -> dict:
     out = {
         "keys": len(v),
         "sample": len(rows),
-        "approximate_lists": len(v) > R.KNN_EXACT_MAX_KEYS,
+        "approximate_lists": len(v) > NB.KNN_EXACT_MAX_KEYS,
         "sigma_rel_err_median": float(np.median(rel)),
         "sigma_rel_err_p99": float(np.percentile(rel, 99)),
         "sigma_rel_err_max": float(rel.max()),
@@ -350,8 +352,8 @@ def _inodes(root: Path) -> set[tuple[int, int]]:
 
 def cmd_insert_child(args: argparse.Namespace) -> dict:
     """One run in a fresh process: cold add (open + add), then a warm add, then compact."""
-    from reasonedit_cli import codebook as C
-    from reasonedit_cli import derived as D
+    from reasonedit_cli import store as C
+    from reasonedit_cli.store.index import deltas as D
 
     if args.mode == "full":  # every commit rewrites every derived file (the old behaviour)
         D.SIGMA_DELTA_MAX = D.KNN_DELTA_MAX = D.GRAPH_DELTA_MAX = 0.0
@@ -436,7 +438,7 @@ def cmd_insert(args: argparse.Namespace) -> dict:
 _OPEN_CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from reasonedit_cli.codebook import Codebook
+from reasonedit_cli.store import Codebook
 from reasonedit_cli.retrieval import retrieve
 import numpy as np
 t1 = time.perf_counter()

@@ -31,12 +31,12 @@ _EXPORTS: dict[str, str] = {
     "AddReport": "reasonedit_cli.editor",
     "Query": "reasonedit_cli.editor",
     # the codebook on disk (docs/codebook-format.md)
-    "Codebook": "reasonedit_cli.codebook",
-    "CodebookWriter": "reasonedit_cli.codebook",
-    "KeyRecord": "reasonedit_cli.codebook",
-    "EditRecord": "reasonedit_cli.codebook",
-    "AddResult": "reasonedit_cli.codebook",
-    "CheckReport": "reasonedit_cli.codebook",
+    "Codebook": "reasonedit_cli.store",
+    "CodebookWriter": "reasonedit_cli.store",
+    "KeyRecord": "reasonedit_cli.store",
+    "EditRecord": "reasonedit_cli.store",
+    "AddResult": "reasonedit_cli.store",
+    "CheckReport": "reasonedit_cli.store",
     # edits and the input readers (README, Input formats)
     "Edit": "reasonedit_cli.edits",
     "edit_from_record": "reasonedit_cli.edits",
@@ -132,14 +132,6 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from reasonedit_cli.calibration import CalibrationResult, plot_calibration
-    from reasonedit_cli.codebook import (
-        AddResult,
-        CheckReport,
-        Codebook,
-        CodebookWriter,
-        EditRecord,
-        KeyRecord,
-    )
     from reasonedit_cli.datasets import (
         FORMATS,
         read_calibration_items,
@@ -169,6 +161,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from reasonedit_cli.presets import PRESET_NAMES, Preset, get_preset
     from reasonedit_cli.retrieval import Hit, Retrieval, build_prompt, retrieve
     from reasonedit_cli.selfcheck import CalibrationRefused, RetrievalCheck
+    from reasonedit_cli.store import (
+        AddResult,
+        CheckReport,
+        Codebook,
+        CodebookWriter,
+        EditRecord,
+        KeyRecord,
+    )
     from reasonedit_cli.text import TextEncoder
     from reasonedit_cli.vlm import VLM
 

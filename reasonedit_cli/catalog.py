@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from reasonedit_cli.errors import InputError, ReasonEditError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from reasonedit_cli.codebook import Codebook, EditRecord
+    from reasonedit_cli.store import Codebook, EditRecord
 
 EXPORT_EDITS = "edits.jsonl"
 EXPORT_IMAGES = "images"
@@ -293,7 +293,7 @@ def version_actions(cb: Codebook) -> dict[int, str]:
     """Per kept version, what it did ("added 3 edits", "removed b1", "calibrated: ...",
     "restored v4", "merged keys (41 -> 38)"), inferred from consecutive manifests, so
     codebooks written before this existed get one too."""
-    from reasonedit_cli.codebook import read_codebook_file
+    from reasonedit_cli.store import read_codebook_file
 
     manifests: list[dict] = []
     for f in sorted((cb.path / "versions").glob("v*.json")):

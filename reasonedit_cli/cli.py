@@ -1168,7 +1168,7 @@ def doctor(
 
         report = repair_codebook(codebook, lock_timeout=lock_timeout)
     else:
-        from reasonedit_cli.codebook import Codebook
+        from reasonedit_cli.store import Codebook
 
         report = Codebook.open(codebook).check(lock_timeout=lock_timeout)
     if as_json:
@@ -1398,7 +1398,7 @@ def restore(
 
     Example: reasonedit restore 3
     """
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     cb = Codebook.open(codebook)
     with cb.writer(lock_timeout=lock_timeout) as w:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
+from reasonedit_cli.errors import first_line as _first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from reasonedit_cli.editor import AddReport, Editor
@@ -205,8 +206,7 @@ class EditBatchWorker:
         return pa.Table.from_pylist([self.compute(row) for row in batch.to_pylist()])
 
     def compute(self, row: dict[str, Any]) -> dict[str, Any]:
-        from reasonedit_cli.codebook import staged_segment_bytes
-        from reasonedit_cli.staging import write_staged_file
+        from reasonedit_cli.staging import staged_segment_bytes, write_staged_file
 
         index = int(row["batch"])
         if index == self.fail_batch:
@@ -396,7 +396,7 @@ def _verified_records(
     damaged, a batch holds other edits or keys than its own, or the workers disagree on
     the model or the embedding settings.
     """
-    from reasonedit_cli.codebook import read_staged_segment
+    from reasonedit_cli.staging import read_staged_segment
 
     cb = editor._require_codebook()
     by_batch = {int(r["batch"]): r for r in results}  # a retried batch: its last output
@@ -648,8 +648,3 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

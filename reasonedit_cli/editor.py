@@ -29,9 +29,9 @@ from reasonedit_cli.retrieval import (
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.edits import Edit
     from reasonedit_cli.embedding import DualEmbedder
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.text import TextEncoder
     from reasonedit_cli.vlm import VLM
 
@@ -214,7 +214,7 @@ class Editor:
         self.codebook: Codebook | None = None
         if self.codebook_path is not None:
             # imported here: `ask --no-edit` without a codebook never loads pyarrow/hnswlib
-            from reasonedit_cli.codebook import Codebook
+            from reasonedit_cli.store import Codebook
 
             self.codebook = Codebook.open(self.codebook_path, create=create)
         cfg = self.codebook.config if self.codebook else {}
@@ -548,7 +548,7 @@ class Editor:
 
         Touches no codebook, so Ray workers run exactly this on their batches.
         """
-        from reasonedit_cli.codebook import EditRecord, KeyRecord
+        from reasonedit_cli.store import EditRecord, KeyRecord
 
         images = [e.load_image() for e in chunk]
         specs = self.key_specs(chunk, images, patches=patches, top_k_patches=top_k_patches)
@@ -732,7 +732,7 @@ class Editor:
     def history(self) -> list[dict[str, Any]]:
         """Every kept version, oldest first, with `action`: what that version did."""
         from reasonedit_cli.catalog import version_actions
-        from reasonedit_cli.codebook import history
+        from reasonedit_cli.store import history
 
         cb = self._require_codebook()
         actions = version_actions(cb)
@@ -1007,8 +1007,8 @@ class Editor:
         """
         import tempfile
 
-        from reasonedit_cli.codebook import Codebook
         from reasonedit_cli.selfcheck import RetrievalCheck, check_probes, count_retrieved, totals
+        from reasonedit_cli.store import Codebook
 
         cb = self._require_codebook()
         k = int(self.config.get("top_k", DEFAULT_TOP_K))
@@ -1071,22 +1071,9 @@ def _chosen_row(summary: dict[str, Any], layer: str) -> dict[str, Any]:
 
 def _records_from_rows(rows: list[dict[str, Any]], vectors: Any) -> list[KeyRecord]:
     """KeyRecords from `keys_table().to_pylist()` rows and their (new) vectors."""
-    from reasonedit_cli.codebook import KeyRecord, key_entries
+    from reasonedit_cli.store import key_records
 
-    return [
-        KeyRecord(
-            edit_id=r["edit_id"],
-            kind=r["kind"],
-            value=r["value"],
-            key_text=r["key_text"],
-            image_sha256=r["image_sha256"],
-            box=tuple(r["box"]) if r["box"] else None,
-            vector=vectors[i],
-            radius=r.get("radius"),
-            merged=key_entries(r)[1:],
-        )
-        for i, r in enumerate(rows)
-    ]
+    return key_records(rows, vectors)
 
 
 def _key_rows(cb: Codebook) -> list[dict[str, Any]]:
@@ -1096,8 +1083,8 @@ def _key_rows(cb: Codebook) -> list[dict[str, Any]]:
 
 def _plan(cb: Codebook, new_from: int = 0, rows: list[dict[str, Any]] | None = None) -> Any:
     """The merge plan (DESIGN 1.6) of a codebook's live keys."""
-    from reasonedit_cli.codebook import key_entries
     from reasonedit_cli.merging import plan_merges
+    from reasonedit_cli.store import key_entries
 
     rows = _key_rows(cb) if rows is None else rows
     plan = plan_merges(

@@ -28,3 +28,10 @@ class CodebookLockedError(CodebookError):
 
 class InputError(ReasonEditError):
     """Bad user input (JSONL records, images)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a
+    one-line error quotes of a low-level failure (transformers, Ray)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

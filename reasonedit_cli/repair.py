@@ -6,7 +6,7 @@ are content-addressed and self-verifying; versions/ holds every committed manife
 most single damages can be rebuilt from the rest:
 
 1. a damaged or missing `manifest.json`: the newest versions/ copy whose segments all
-   verify (`codebook.restore_manifest`);
+   verify (`store.restore_manifest`);
 2. a damaged edits segment: its edits rebuilt from their keys (question and answer from
    the answer key, reasoning from the sentence keys, the image from any key); what
    keys cannot hold (`source`, the time added, a box that is not a patch crop) is named;
@@ -26,15 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .codebook import (
+from .errors import CodebookError
+from .store import (
     CheckReport,
     Codebook,
     EditRecord,
     KeyRecord,
     key_entries,
+    key_record,
     restore_manifest,
 )
-from .errors import CodebookError
 
 _ANSWER_RE = re.compile(r"The answer to '(.*)' is (.*)\.", re.S)  # editor.answer_value
 
@@ -327,19 +328,7 @@ def keys_from_edits(
     ]
     seeds = [_seed(s["edit_id"], s["kind"], s["key_text"], s["box"]) for s in usable]
     vectors, radii = editor.embed_with_radii(imgs, [s["key_text"] for s in usable], seeds)
-    keys = [
-        KeyRecord(
-            edit_id=s["edit_id"],
-            kind=s["kind"],
-            value=s["value"],
-            key_text=s["key_text"],
-            image_sha256=s["image_sha256"],
-            box=tuple(s["box"]) if s["box"] else None,
-            vector=vectors[i],
-            radius=float(radii[i]),
-        )
-        for i, s in enumerate(usable)
-    ]
+    keys = [key_record({**s, "radius": float(radii[i])}, vectors[i]) for i, s in enumerate(usable)]
     cfg = cb.config
     notes = [
         f"keys: re-embedded {len(keys)} keys of {len(todo)} edits with {cfg.get('model')} "

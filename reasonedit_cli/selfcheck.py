@@ -27,7 +27,7 @@ from reasonedit_cli.errors import ReasonEditError
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
 PROBE_KINDS = ("edit", "rephrased", "perturbed")
 MAX_CHECK_EDITS = 200  # a seeded sample of edits beyond this: the check stays a few batches

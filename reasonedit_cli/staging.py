@@ -6,38 +6,42 @@ reader ever looks into `staging/` (only the manifest says what the codebook hold
 job that crashes or is cancelled leaves the codebook at its previous version whatever it
 left behind.
 
-Each folder holds `JOB.json` ({pid, host, started}) of the driving process. A folder whose
-driver died on this host is *stale*: the next Ray job on the codebook and
-`doctor --repair` remove it. Folders of other hosts are never removed automatically, for
-the same reason as the writer lock: their pid means nothing here.
+Workers write their records with `staged_segment_bytes`, in exactly the format of
+committed segments; the committer reads them back with `read_staged_segment`, verified
+like a committed segment (the store's own reader, store/reader.py).
+
+Each folder holds `JOB.json` ({pid, host, started}) of the driving process; finding and
+removing the folders of dead jobs is the codebook's side (store/staging.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STAGING = "staging"
-JOB_FILE = "JOB.json"
-#: A folder without a readable JOB.json older than this is a crash during creation.
-UNREADABLE_STALE_S = 60.0
-
-
-@dataclass
-class Leftover:
-    """A staging folder found in a codebook, and whether its job is known to be dead."""
-
-    path: Path
-    owner: str
-    stale: bool
+from .errors import CodebookError
+from .store.format import (
+    EditRecord,
+    KeyRecord,
+    edit_records,
+    edits_to_table,
+    key_records,
+    keys_to_table,
+    now_iso,
+    table_bytes,
+    vectors_of,
+)
+from .store.reader import Codebook, read_segment
+from .store.staging import JOB_FILE, STAGING, remove_stale
 
 
 class StagingJob:
@@ -55,7 +59,7 @@ class StagingJob:
     def __enter__(self) -> StagingJob:
         remove_stale(self.codebook)
         self.dir.mkdir(parents=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso("seconds")}
         (self.dir / JOB_FILE).write_text(json.dumps(info) + "\n")
         return self
 
@@ -83,78 +87,33 @@ def write_staged_file(directory: str | Path, name: str, data: bytes) -> None:
     os.replace(tmp, d / name)
 
 
-def leftovers(codebook: Path) -> list[Leftover]:
-    """Every staging folder of the codebook, oldest name first."""
-    root = Path(codebook) / STAGING
-    if not root.is_dir():
-        return []
-    out = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        owner, stale = _owner(d)
-        out.append(Leftover(d, owner, stale))
-    return out
+# ---------------------------------------------------------------------------
+# staged segments: computed elsewhere (Ray workers), committed by one writer
 
 
-def remove_stale(codebook: Path) -> list[str]:
-    """Remove the staging folders of dead jobs on this host; returns their relative paths."""
-    removed = []
-    for job in leftovers(codebook):
-        if job.stale:
-            shutil.rmtree(job.path, ignore_errors=True)
-            if not job.path.exists():
-                removed.append(f"{STAGING}/{job.path.name}")
-    with contextlib.suppress(OSError):
-        (Path(codebook) / STAGING).rmdir()
-    return removed
+def staged_segment_bytes(kind: str, records: Sequence[Any], dim: int | None = None) -> bytes:
+    """Parquet bytes of edit or key records in exactly the schema of committed segments.
+
+    Workers of a distributed add-edit write these into `staging/`; the committer reads
+    them back with `read_staged_segment`, so both ends share the segment format.
+    """
+    if kind == "edits":
+        return table_bytes(edits_to_table(list(records), dt.datetime.now(dt.timezone.utc)))
+    if kind != "keys" or dim is None:
+        raise CodebookError(f"staged segment: kind must be keys (with dim) or edits, got {kind!r}")
+    return table_bytes(keys_to_table([(k.key_id, k) for k in records], dim))
 
 
-def check_staging(codebook: Path, report: Any, *, repair: bool) -> None:
-    """`doctor`'s view: staging folders are notes, never problems; repair removes stale ones."""
-    jobs = leftovers(codebook)
-    if repair:
-        report.repaired.extend(
-            f"removed {rel} (staging folder of a dead Ray job)" for rel in remove_stale(codebook)
-        )
-        jobs = [j for j in jobs if j.path.exists()]
-    for job in jobs:
-        rel = f"{STAGING}/{job.path.name}"
-        if job.stale:
-            report.notes.append(
-                f"{rel}: left by a Ray job that died ({job.owner}); never read, "
-                "removed by `doctor --repair` or the next Ray job"
-            )
-        else:
-            report.notes.append(
-                f"{rel}: a Ray add-edit in progress or on another host ({job.owner})"
-            )
+def read_staged_segment(
+    codebook: Codebook, entry: dict, dim: int | None
+) -> list[KeyRecord] | list[EditRecord]:
+    """Records of a staged segment, verified like a committed one (checksum, schema, rows).
 
-
-def _owner(d: Path) -> tuple[str, bool]:
-    """Who staged in `d`, and whether that process is known to be dead."""
-    try:
-        info = json.loads((d / JOB_FILE).read_text())
-        pid, host = int(info["pid"]), str(info["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        try:
-            age = time.time() - d.stat().st_mtime
-        except OSError:
-            return "an unknown job", False
-        return "an unknown job", age > UNREADABLE_STALE_S
-    owner = f"pid {pid} on host {host} since {info.get('started', '?')}"
-    return owner, host == socket.gethostname() and not _pid_alive(pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    `entry` is a manifest-style entry {kind, path (relative to the codebook), sha256,
+    rows}; `dim` the key width the workers reported (the codebook may have none yet).
+    Edit records come back without a timestamp: the commit stamps them, as for local adds.
+    """
+    table = read_segment(codebook.path, entry, dim)
+    if entry["kind"] == "edits":
+        return edit_records(table, stamped=False)
+    return key_records(table.to_pylist(), vectors_of(table, int(dim or 0)))

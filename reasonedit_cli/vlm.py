@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
+from reasonedit_cli.errors import first_line as _first_line
 from reasonedit_cli.families import FAMILIES, Family
 from reasonedit_cli.validation import DEVICES, DTYPES  # the CLI checks the same lists
 
@@ -872,11 +873,6 @@ def processor_type_checks_allowing(cls: Any, extra: type) -> Any:
     return type(
         cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class}
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def load_config_json(path: str) -> dict[str, Any]:

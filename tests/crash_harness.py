@@ -67,8 +67,8 @@ def _synthetic_workload(cb_path: Path, log: Any) -> None:
     import numpy as np
     from helpers_reliability import png_bytes
 
-    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord, key_entries
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord, key_entries
 
     rng = np.random.default_rng(3)
 
@@ -124,8 +124,8 @@ def _synthetic_workload(cb_path: Path, log: Any) -> None:
 def _real_workload(cb_path: Path, log: Any, model: str) -> None:
     """add-edit, remove-edit, calibrate, merge-keys, compaction, add-edit --merge, through
     the Editor (the code the CLI commands run)."""
-    from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook
 
     def editor():
         return Editor(cb_path, model=model, device="cpu")
@@ -214,13 +214,13 @@ def setup(work: Path, workload: str, model: str | None) -> Path:
 
 def record(workload: str, out: Path, model: str | None) -> None:
     """Child process: set up, snapshot, run the workload with the seam logging."""
-    from reasonedit_cli import codebook as C
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook, file_operations
+    from reasonedit_cli.store import files as F
 
     cb_path = setup(out, workload, model)
     if os.environ.get("CRASH_HARNESS_MUTATION") == "no-dir-fsync":
         # a planted bug (renames never made durable): the harness must report it
-        C._fsync_dir = lambda path: None
+        F.fsync_dir = lambda path: None
     snap = out / "snapshot"
     shutil.copytree(cb_path, snap, symlinks=True)
     blobs = out / "blobs"
@@ -242,7 +242,7 @@ def record(workload: str, out: Path, model: str | None) -> None:
             e["blob"], e["size"] = sha, len(data)
         entries.append(e)
 
-    with C.file_operations(hook):
+    with file_operations(hook):
         if workload == "synthetic":
             _synthetic_workload(cb_path, log)
         else:
@@ -371,9 +371,9 @@ def materialize(snapshot: Path, blobs: Path, names: dict, inodes: dict, mode: st
 
 def check_state(cb_path: Path, allowed: list[dict], model_ok: bool) -> tuple[list[str], dict]:
     """Problems of one crash state (empty = fine) and what was found."""
-    from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.errors import CodebookError
     from reasonedit_cli.repair import repair_codebook
+    from reasonedit_cli.store import Codebook
 
     problems: list[str] = []
     info: dict = {}
@@ -517,7 +517,7 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
 def _intermediates(cb_path: Path, first: int, last: int) -> list[dict]:
     """Summaries of versions first+1 .. last-1, read from the final codebook's versions/
     copies (segments are never deleted, so every kept version can be read)."""
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     out = []
     for v in range(first + 1, last):

@@ -107,8 +107,8 @@ def signed_manifest(m: dict) -> bytes:
 def run_case(case: dict) -> dict:
     import numpy as np
 
-    from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
 
     src, work = Path(case["src"]), Path(case["work"])
     if work.exists():

@@ -66,8 +66,8 @@ def build_synthetic_codebook(
     """
     import numpy as np
 
-    from reasonedit_cli import derived
-    from reasonedit_cli.codebook import HNSW_MIN_KEYS, Codebook, EditRecord, KeyRecord
+    from reasonedit_cli.store import HNSW_MIN_KEYS, Codebook, EditRecord, KeyRecord
+    from reasonedit_cli.store.index import deltas as derived
 
     if keep_deltas:
         names = ("SIGMA_DELTA_MAX", "KNN_DELTA_MAX", "GRAPH_DELTA_MAX", "GRAPH_MAX_PARTS")
@@ -183,7 +183,7 @@ def _clean_output(text: str) -> bool:
 
 
 def _baseline(src: Path, hnsw_min_keys: int, queries) -> dict:
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     cb = Codebook.open(src, hnsw_min_keys=hnsw_min_keys)
     return {
@@ -209,8 +209,8 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
     """Damage a fresh copy, then: reader ops, `doctor`, (derived) `doctor --repair`, `ask`."""
     import numpy as np
 
-    from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
 
     src, work = Path(case["src"]), Path(case["work"])
     hmk = int(case.get("hnsw_min_keys") or 2000)
@@ -351,7 +351,7 @@ def fuzz_worker() -> None:
         case = json.loads(line)
         src = case["src"]
         if src not in baselines:
-            from reasonedit_cli.codebook import Codebook
+            from reasonedit_cli.store import Codebook
 
             dim = Codebook.open(src).dim
             q = np.random.default_rng(1).normal(size=(4, dim)).astype("float32")

@@ -42,8 +42,8 @@ def writer(cb_path: Path, commits: int, log_path: Path) -> None:
     import numpy as np
     from helpers_reliability import png_bytes
 
-    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
     rng = np.random.default_rng(5)
     live: list[str] = []
@@ -96,8 +96,8 @@ def writer(cb_path: Path, commits: int, log_path: Path) -> None:
 def reader(cb_path: Path, stop: Path, out_path: Path, seed: int) -> None:
     import numpy as np
 
-    from reasonedit_cli.codebook import Codebook, key_entries
     from reasonedit_cli.retrieval import retrieve
+    from reasonedit_cli.store import Codebook, key_entries
 
     rng = np.random.default_rng(seed)
     out = open(out_path, "w")
@@ -144,7 +144,7 @@ def run(out: Path, commits: int = 200, readers: int = 4) -> dict:
 
         shutil.rmtree(cb)
     build_synthetic_codebook(cb, n_edits=20, keys_per_edit=2, dim=DIM, batches=1)
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     initial = summary(Codebook.open(cb))
     stop = out / "STOP"

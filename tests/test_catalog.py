@@ -15,8 +15,8 @@ from conftest import shape_image
 from typer.testing import CliRunner
 
 from reasonedit_cli.cli import app
-from reasonedit_cli.codebook import Codebook
 from reasonedit_cli.editor import Editor
+from reasonedit_cli.store import Codebook
 
 runner = CliRunner()
 

@@ -124,7 +124,7 @@ def test_same_edits_twice_are_stored_once(codebook, edits_jsonl, model_args):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["added"] == [] and sorted(report["skipped"]) == ["e1", "e2", "e3"]
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     cb = Codebook.open(codebook)
     assert sorted(cb.edit_ids()) == ["e1", "e2", "e3"]
@@ -252,7 +252,7 @@ def test_usage_errors_are_one_line(args, code, message, tmp_path):
 
 
 def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_path):
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     before = Codebook.open(codebook)
     plot = tmp_path / "cal.png"
@@ -353,7 +353,7 @@ def test_merge_keys_merges_duplicate_facts(tmp_path, images, model_args):
     assert done["before"] == 6 and done["after"] == 2
     # every edit is recorded on the surviving keys, so removing one keeps the facts
     assert sorted(done["groups"][0]["edit_ids"]) == ["dup0", "dup1", "dup2", "dup9"]
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     assert Codebook.open(cb).keys_table().num_rows == 2
     result = invoke(
@@ -378,7 +378,7 @@ def test_merge_keys_with_different_values_keeps_every_answer(tmp_path, images, m
     edit's answer is still retrieved; remove-edit drops just its value; restore undoes."""
     from PIL import Image
 
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     near = tmp_path / "red_circle_copy.png"  # a near-duplicate image: one pixel differs
     img = Image.open(images["red_circle"]).convert("RGB")
@@ -515,7 +515,7 @@ def test_doctor_reports_ok_and_damage(codebook):
 
 
 def test_remove_then_restore_round_trips(codebook, images, model_args):
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     before = Codebook.open(codebook)
     removed = invoke("remove-edit", "e1", "--codebook", str(codebook), "--json")

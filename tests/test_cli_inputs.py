@@ -171,7 +171,7 @@ def test_a_48mp_photo_is_decoded_reduced_and_deterministically(photo_48mp):
 def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, model_args):
     import hashlib
 
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     cb = tmp_path / "cb"
     result = invoke(
@@ -378,7 +378,7 @@ def test_evaluate_progress_counts_every_model_answer(
     # (3 edits + 2 probes) x (unedited + reasonedit + grace + the sweep points)
     asked = 5 * (3 + len(SWEEP_P))
     assert seen == {"total": asked, "done": asked}
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     assert Codebook.open(kept).edit_ids() == {"e1", "e2", "e3"}
     md = (tmp_path / "rep" / "metrics.md").read_text()

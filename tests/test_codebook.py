@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from reasonedit_cli import retrieval as R
-from reasonedit_cli.codebook import (
+from reasonedit_cli.errors import CodebookError, CodebookLockedError
+from reasonedit_cli.store import (
     FORMAT_VERSION,
     Codebook,
     CodebookWriter,
@@ -22,7 +23,6 @@ from reasonedit_cli.codebook import (
     KeyRecord,
     key_id_for,
 )
-from reasonedit_cli.errors import CodebookError, CodebookLockedError
 
 DIM = 16
 
@@ -216,7 +216,7 @@ def test_sigma_incremental_equals_scratch(tmp_path):
             w.add(*make_edits(start, count))
         fresh = Codebook.open(tmp_path / "cb")
         assert np.allclose(fresh.sigma(), R.hubness_sigma(fresh.vectors()))
-        assert fresh._get_derived().knn_idx is None  # loaded from the derived file
+        assert fresh.index.lists().knn_idx is None  # loaded from the derived file
     with cb.writer() as w:
         w.remove_edits([f"e{i}" for i in range(0, 29, 3)])
     fresh = Codebook.open(tmp_path / "cb")
@@ -266,13 +266,13 @@ def test_hnsw_index_is_persisted_and_verified(tmp_path):
     with cb.writer() as w:  # incremental add into the index
         w.add(*make_edits(20, 5))
     fresh = Codebook.open(tmp_path / "cb", hnsw_min_keys=30)
-    assert fresh._load_hnsw() is not None
+    assert fresh.index.load_graphs(rebuild=False)[0] is not None
     q = fresh.vectors()[::7] + 0.01
     assert fresh.search(q, 5, method="hnsw") == fresh.search(q, 5, method="exact")
     hnsw_file = tmp_path / "cb" / fresh.manifest["derived"]["files"]["hnsw"]["path"]
     flip_byte(hnsw_file, 100)
     damaged = Codebook.open(tmp_path / "cb", hnsw_min_keys=30)
-    assert damaged._load_hnsw() is None  # refused before hnswlib sees it
+    assert damaged.index.load_graphs(rebuild=False)[0] is None  # refused before hnswlib sees it
     assert damaged.search(q, 5) == fresh.search(q, 5, method="exact")  # rebuilt in memory
     hnsw_file.write_bytes(hnsw_file.read_bytes()[:50])  # truncated
     assert Codebook.open(tmp_path / "cb", hnsw_min_keys=30).search(q, 5)[0][0][0] == 0
@@ -406,11 +406,11 @@ def test_foreign_and_future_directories(tmp_path):
 
 def test_manifest_paths_must_stay_inside(tmp_path):
     cb = new_codebook(tmp_path, 1)
-    from reasonedit_cli.codebook import _manifest_bytes
+    from reasonedit_cli.store.manifest import manifest_bytes
 
     m = dict(cb.manifest)
     m["segments"] = [dict(m["segments"][0], path="../../etc/passwd")]
-    (cb.path / "manifest.json").write_bytes(_manifest_bytes(m))
+    (cb.path / "manifest.json").write_bytes(manifest_bytes(m))
     with pytest.raises(CodebookError, match="malformed"):
         Codebook.open(cb.path)
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from test_codebook import DIM, flip_byte, make_edits
 
-from reasonedit_cli import codebook as C
-from reasonedit_cli import derived as D
 from reasonedit_cli import retrieval as R
-from reasonedit_cli.codebook import Codebook
 from reasonedit_cli.errors import CodebookError
+from reasonedit_cli.store import Codebook
+from reasonedit_cli.store import manifest as M
+from reasonedit_cli.store import writer as W
+from reasonedit_cli.store.index import deltas as D
+from reasonedit_cli.store.index import neighbours as NB
 
 BATCHES = [40, 5, 7, 3, 10]  # edits per commit, 3 keys each: 120 keys, then 4 appends
 HMK = 60  # hnsw from 60 keys on, so every append also gets a graph part
@@ -67,7 +69,7 @@ def delta_counts(cb: Codebook) -> dict:
 
 
 def listed_files(cb: Codebook) -> set[str]:
-    return C._derived_paths(cb.manifest)
+    return M.derived_paths(cb.manifest)
 
 
 # ---------------------------------------------------------------------------
@@ -82,10 +84,11 @@ def test_appends_write_deltas_that_replay_exactly(tmp_path, monkeypatch, keep_de
     for e in cb.manifest["derived"]["deltas"]["hnsw"]:
         assert e["stop"] - e["start"] in (15, 21, 9, 30)
     # the writer's in-memory state is what a reader replays from the files
-    d = Codebook.open(cb.path, hnsw_min_keys=HMK)._get_derived(need_knn=True)
-    assert np.array_equal(d.knn_idx, cb._derived.knn_idx)
-    assert np.array_equal(d.knn_dist, cb._derived.knn_dist)
-    assert np.array_equal(d.sigma, cb._derived.sigma)
+    d = Codebook.open(cb.path, hnsw_min_keys=HMK).index.lists(need_knn=True)
+    mine = cb.index.lists(need_knn=True)  # handed over by the writer: no file read
+    assert np.array_equal(d.knn_idx, mine.knn_idx)
+    assert np.array_equal(d.knn_dist, mine.knn_dist)
+    assert np.array_equal(d.sigma, mine.sigma)
     assert d.sigma_files is not None and d.knn_files is not None
     # ... and equals a codebook that rewrote every derived file on every commit
     _thresholds(monkeypatch, 0.0)
@@ -130,7 +133,7 @@ def test_compaction_keeps_results_and_reopens_in_a_new_process(tmp_path, keep_de
     # a new process reads the compacted codebook to the same numbers
     code = (
         "import json, sys, numpy as np\n"
-        "from reasonedit_cli.codebook import Codebook\n"
+        "from reasonedit_cli.store import Codebook\n"
         "cb = Codebook.open(sys.argv[1], hnsw_min_keys=int(sys.argv[2]))\n"
         "q = np.asarray(json.loads(sys.stdin.read()), dtype=np.float32)\n"
         "print(json.dumps([cb.search(q, 5), cb.search(q, 5, method='exact'), cb.tau]))\n"
@@ -245,13 +248,13 @@ def test_crafted_delta_entries_are_not_trusted(tmp_path, keep_deltas):
         shutil.copytree(src.path, work)
         m = json.loads(json.dumps(m0))
         m["derived"]["deltas"][part][i][field] = bad
-        (work / "manifest.json").write_bytes(C._manifest_bytes(m))
+        (work / "manifest.json").write_bytes(M.manifest_bytes(m))
         got = results(work)
         assert rows(got["exact"]) == rows(good["exact"]), (part, field)
         assert not Codebook.open(work, hnsw_min_keys=HMK).check(images=False).ok
     m = json.loads(json.dumps(m0))
     m["derived"]["deltas"]["knn"][0]["path"] = "../../etc/passwd"
-    (work / "manifest.json").write_bytes(C._manifest_bytes(m))
+    (work / "manifest.json").write_bytes(M.manifest_bytes(m))
     with pytest.raises(CodebookError, match="malformed"):
         Codebook.open(work)
 
@@ -265,7 +268,7 @@ def test_crash_before_the_manifest_leaves_the_old_version(tmp_path, keep_deltas,
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as mp:
-        mp.setattr(C, "_manifest_bytes", no_space)
+        mp.setattr(W, "manifest_bytes", no_space)  # the writer's commit
         with pytest.raises(CodebookError, match="commit of version"):
             with cb.writer() as w:
                 w.add(*make_edits(700, 4))
@@ -278,7 +281,7 @@ def test_crash_before_the_manifest_leaves_the_old_version(tmp_path, keep_deltas,
     with cb.writer() as w:  # the next writer reuses the version number and collects them
         w.add(*make_edits(700, 4))
     on_disk = {f"index/{p.name}" for p in (cb.path / "index").iterdir()}
-    assert on_disk <= listed_files(cb) | C._derived_paths(
+    assert on_disk <= listed_files(cb) | M.derived_paths(
         json.loads((cb.path / "versions" / f"v{version:06d}.json").read_text())
     )
     assert Codebook.open(cb.path, hnsw_min_keys=HMK).check(images=False).ok
@@ -292,19 +295,19 @@ def test_crash_before_the_manifest_leaves_the_old_version(tmp_path, keep_deltas,
 def test_ann_knn_path_agrees_with_exact(tmp_path, monkeypatch, deltas):
     """Above KNN_EXACT_MAX_KEYS the lists come from the hnsw parts (build, then appends
     merged through reverse neighbours): close to exact lists, exact where it matters."""
-    monkeypatch.setattr(R, "KNN_EXACT_MAX_KEYS", 150)
+    monkeypatch.setattr(NB, "KNN_EXACT_MAX_KEYS", 150)
     if deltas:
         _thresholds(monkeypatch, 1e9)
     calls = []
-    real = R.append_knn_ann
-    monkeypatch.setattr(R, "append_knn_ann", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = NB.append_knn_ann
+    monkeypatch.setattr(NB, "append_knn_ann", lambda *a, **k: calls.append(1) or real(*a, **k))
     cb = grow(tmp_path / "cb", [100, 10, 15, 20, 5])  # 300 keys, then 4 appends: 450
     assert len(calls) == 4  # every append took the approximate path
     if deltas:
         assert delta_counts(cb) == {"sigma": 4, "knn": 4, "hnsw": 4}
     fresh = Codebook.open(cb.path, hnsw_min_keys=HMK)
-    d = fresh._get_derived(need_knn=True)
-    assert np.array_equal(d.knn_dist, cb._derived.knn_dist)  # replayed exactly
+    d = fresh.index.lists(need_knn=True)
+    assert np.array_equal(d.knn_dist, cb.index.lists(need_knn=True).knn_dist)  # replayed exactly
     v = fresh.vectors()
     ex_idx, ex_dist = R.knn_lists(v, R.SIGMA_K)
     recall = np.mean([len(set(a) & set(b)) / R.SIGMA_K for a, b in zip(d.knn_idx, ex_idx)])
@@ -319,7 +322,7 @@ def test_ann_knn_path_agrees_with_exact(tmp_path, monkeypatch, deltas):
     # and the patches reproduce what a full rewrite would have stored
     with cb.writer() as w:
         w.compact()
-    again = Codebook.open(cb.path, hnsw_min_keys=HMK)._get_derived(need_knn=True)
+    again = Codebook.open(cb.path, hnsw_min_keys=HMK).index.lists(need_knn=True)
     assert np.array_equal(again.knn_idx, d.knn_idx) and np.array_equal(again.sigma, d.sigma)
 
 
@@ -329,7 +332,7 @@ def test_knn_patch_round_trip():
     v = rng.normal(size=(90, 6)).astype(np.float32)
     for n_old in (1, 20, 31, 60, 89):
         oi, od = R.knn_lists(v[:n_old])
-        ni, nd = R.update_knn_lists(v[:n_old], oi, od, v[n_old:])
+        ni, nd = NB.update_knn_lists(v[:n_old], oi, od, v[n_old:])
         app = D.knn_append_from_full(oi, od, ni, nd)
         patch = D.knn_patch(app, oi, od)
         assert patch is not None

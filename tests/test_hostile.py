@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from helpers_reliability import build_synthetic_codebook, tree_hashes
 
-from reasonedit_cli import codebook as C
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+from reasonedit_cli import store as C
 from reasonedit_cli.errors import CodebookError, CodebookLockedError
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
 HERE = Path(__file__).resolve().parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

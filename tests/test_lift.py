@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from test_codebook import flip_byte
 
-from reasonedit_cli import codebook as C
-from reasonedit_cli import derived as D
 from reasonedit_cli import retrieval as R
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store import manifest as M
+from reasonedit_cli.store.index import deltas as DL
+from reasonedit_cli.store.index import derived as DI
+from reasonedit_cli.store.index import lift as D
 
 DIM = 24
 HMK = 100
@@ -97,25 +99,24 @@ def test_lift_is_persisted_and_finds_what_raw_candidates_miss(tmp_path, monkeypa
     assert {"lift_hnsw", "lift_rows", "lift_params"} <= set(files)
     assert files["lift_rows"]["count"] == int(np.ceil(D.LIFT_FRACTION * cb.n_keys))
     fresh = Codebook.open(tmp_path / "cb", hnsw_min_keys=HMK)
-    lift = fresh._lift_index()
+    lift = fresh.index.lift()
     assert lift is not None
     # the lift holds the largest sigmas: the isolated keys
     assert set(range(600, 630)) <= set(lift.rows.tolist())
-    monkeypatch.setattr(C, "SEARCH_SIGMA_SCAN", 0)  # no scan: candidates decide
-    monkeypatch.setattr(C, "SEARCH_FETCH", 20)
+    monkeypatch.setattr(DI, "SEARCH_SIGMA_SCAN", 0)  # no scan: candidates decide
+    monkeypatch.setattr(DI, "SEARCH_FETCH", 20)
     q = _far_queries(fresh)
     exact = fresh.search(q, 5, method="exact")
     assert any(r >= 600 for res in exact for r, _, _ in res)  # isolated keys do win
     with_lift = fresh.search(q, 5, method="hnsw")
     assert _recall(with_lift, exact) >= 0.95
-    fresh._lift, fresh._lift_loaded = None, True  # the same search without the lift
-    fresh._sigma_desc = None
+    fresh.use_index(fresh.index.without_lift())  # the same search without the lift
     assert _recall(fresh.search(q, 5, method="hnsw"), exact) < 0.9
 
 
 def test_appends_keep_the_lift_and_compaction_rebuilds_it(tmp_path, monkeypatch):
     for name in ("SIGMA_DELTA_MAX", "KNN_DELTA_MAX", "GRAPH_DELTA_MAX"):
-        monkeypatch.setattr(D, name, 1e9)
+        monkeypatch.setattr(DL, name, 1e9)
     cb = _build(tmp_path / "cb")
     before = dict(cb.manifest["derived"]["files"])
     edits, keys, _ = _hub_records(n_dense=20, n_isolated=0, seed=3)
@@ -146,7 +147,7 @@ def test_damaged_or_missing_lift_falls_back_and_doctor_repairs(tmp_path):
         saved = path.read_bytes()
         flip_byte(path, len(saved) - 3)
         damaged = Codebook.open(tmp_path / "cb", hnsw_min_keys=HMK)
-        assert damaged._lift_index() is None
+        assert damaged.index.lift() is None
         got = damaged.search(q, 5, method="hnsw")  # the sigma scan still runs
         assert _recall(got, good) >= 0.8
         rep = damaged.check(images=False)
@@ -156,7 +157,7 @@ def test_damaged_or_missing_lift_falls_back_and_doctor_repairs(tmp_path):
     rep = Codebook.open(tmp_path / "cb", hnsw_min_keys=HMK).check(repair=True, images=False)
     assert rep.repaired
     fixed = Codebook.open(tmp_path / "cb", hnsw_min_keys=HMK)
-    assert fixed._lift_index() is not None and fixed.check(images=False).ok
+    assert fixed.index.lift() is not None and fixed.check(images=False).ok
     assert fixed.search(q, 5, method="hnsw") == good
 
 
@@ -165,20 +166,20 @@ def test_codebook_without_lift_entries_reads_and_repair_builds_it(tmp_path):
     cb = _build(tmp_path / "cb")
     q = _far_queries(cb)
     good = cb.search(q, 5, method="hnsw")
-    m = json.loads((tmp_path / "cb" / C.MANIFEST).read_bytes())
+    m = json.loads((tmp_path / "cb" / M.MANIFEST).read_bytes())
     for part in ("lift_hnsw", "lift_rows", "lift_params"):
         del m["derived"]["files"][part]
-    data = C._manifest_bytes(m)  # as an older writer wrote it (valid checksum)
-    (tmp_path / "cb" / C.MANIFEST).write_bytes(data)
+    data = M.manifest_bytes(m)  # as an older writer wrote it (valid checksum)
+    (tmp_path / "cb" / M.MANIFEST).write_bytes(data)
     (tmp_path / "cb" / "versions" / f"v{m['version']:06d}.json").write_bytes(data)
     old = Codebook.open(tmp_path / "cb", hnsw_min_keys=HMK)
-    assert old._lift_index() is None
+    assert old.index.lift() is None
     assert _recall(old.search(q, 5, method="hnsw"), good) >= 0.8  # the sigma scan
     rep = old.check(images=False)
     assert rep.ok and any("lifted graph" in note for note in rep.notes)
     rep = old.check(repair=True, images=False)
     assert any("lifted graph" in r for r in rep.repaired)
     fixed = Codebook.open(tmp_path / "cb", hnsw_min_keys=HMK)
-    assert fixed._lift_index() is not None and fixed.version == m["version"] + 1
+    assert fixed.index.lift() is not None and fixed.version == m["version"] + 1
     assert fixed.search(q, 5, method="hnsw") == good
     assert fixed.check(images=False).ok and not fixed.check(images=False).notes

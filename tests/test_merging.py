@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from reasonedit_cli.codebook import FORMAT_VERSION, Codebook, EditRecord, KeyRecord
 from reasonedit_cli.editor import Editor
 from reasonedit_cli.errors import CodebookError
 from reasonedit_cli.merging import may_merge, plan_merges
 from reasonedit_cli.retrieval import retrieve
+from reasonedit_cli.store import FORMAT_VERSION, Codebook, EditRecord, KeyRecord
 
 DIM = 8
 FORMAT1 = Path(__file__).parent / "data" / "codebook-format1"

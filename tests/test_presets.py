@@ -89,7 +89,7 @@ def ref_input():
 def test_cli_reference_preset_end_to_end(tmp_path, edits_jsonl, model_args):
     """add-edit --preset reference hooks projector.normed and stores the preset; ask,
     given no preset, follows the manifest."""
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     cb = tmp_path / "cb"
     args = ["--codebook", str(cb), *model_args, "--json"]
@@ -134,9 +134,9 @@ def _editor(path, tiny_llava, preset=None):
 def test_reference_preset_variant_is_stored_and_followed(
     tmp_path, tiny_llava, edits_jsonl, ref_input
 ):
-    from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.datasets import read_edits
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook
 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
     ed = _editor(tmp_path / "cb", tiny_llava, ref_input)
@@ -169,8 +169,8 @@ def test_reference_preset_variant_is_stored_and_followed(
 def test_old_codebook_without_preset_opens_as_default(tmp_path) -> None:
     import hashlib
 
-    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
     from reasonedit_cli.editor import Editor
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
     cb = Codebook.open(tmp_path / "cb", create=True)
     sha = hashlib.sha256(b"img").hexdigest()
@@ -189,8 +189,8 @@ def test_old_codebook_without_preset_opens_as_default(tmp_path) -> None:
 
 def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl):
     from reasonedit_cli.calibration_reference import REFERENCE_W_GRID
-    from reasonedit_cli.codebook import Codebook
     from reasonedit_cli.datasets import read_edits
+    from reasonedit_cli.store import Codebook
 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
     ed = _editor(tmp_path / "cb", tiny_llava)

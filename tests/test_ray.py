@@ -32,12 +32,12 @@ from typer.testing import CliRunner
 ray = pytest.importorskip("ray")
 
 from reasonedit_cli.cli import app  # noqa: E402
-from reasonedit_cli.codebook import Codebook  # noqa: E402
 from reasonedit_cli.datasets import read_edits  # noqa: E402
 from reasonedit_cli.distributed import RayOptions, add_edits_ray  # noqa: E402
 from reasonedit_cli.editor import Editor  # noqa: E402
 from reasonedit_cli.errors import ReasonEditError  # noqa: E402
-from reasonedit_cli.staging import STAGING, remove_stale  # noqa: E402
+from reasonedit_cli.store import Codebook  # noqa: E402
+from reasonedit_cli.store.staging import STAGING, remove_stale  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -199,7 +199,7 @@ def test_reference_hits_rule() -> None:
 
 
 def test_codebook_with_the_reference_tau_rule(tmp_path) -> None:
-    from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
     cb = Codebook.open(tmp_path / "cb", create=True)
     edits, keys = [], []

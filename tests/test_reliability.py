@@ -345,11 +345,12 @@ def test_bad_codebooks(base, tmp_path):
     d, cb = base["dir"], base["cb"]
     future = tmp_path / "future"
     shutil.copytree(cb, future)
-    from reasonedit_cli.codebook import FORMAT_VERSION, _manifest_bytes
+    from reasonedit_cli.store import FORMAT_VERSION
+    from reasonedit_cli.store.manifest import manifest_bytes
 
     m = json.loads((future / "manifest.json").read_text())
     m["format_version"] = FORMAT_VERSION + 1  # written by a newer reasonedit
-    (future / "manifest.json").write_bytes(_manifest_bytes(m))
+    (future / "manifest.json").write_bytes(manifest_bytes(m))
     ok = str(d / "images" / "ok.png")
     targets = {
         future: f"format_version {FORMAT_VERSION + 1}",
@@ -411,7 +412,7 @@ def test_skip_invalid_adds_valid_and_reports_invalid(base, tmp_path):
     assert report["added"] == ["v1", "v2"]
     assert len(report["invalid"]) == 2
     assert f"{f}:2:" in report["invalid"][0] and f"{f}:4:" in report["invalid"][1]
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     assert Codebook.open(cb).edit_ids() == {"g1", "g2", "v1", "v2"}
 
@@ -422,12 +423,12 @@ def test_skip_invalid_adds_valid_and_reports_invalid(base, tmp_path):
 def test_second_writer_fails_clearly_and_reader_works(base, tmp_path):
     import socket
 
-    from reasonedit_cli.codebook import _Lock
+    from reasonedit_cli.store.lock import WriterLock
 
     cb = tmp_path / "cb"
     shutil.copytree(base["cb"], cb)
     ok = str(base["dir"] / "images" / "ok.png")
-    with _Lock(cb, 1.0):
+    with WriterLock(cb, 1.0):
         before = tree_hashes(cb)
         res = runner.invoke(
             app,
@@ -501,8 +502,9 @@ def crafted_manifest_cases(tmp_path, bad_values, min_cases) -> int:
     CodebookError or a working reader, never another exception."""
     import numpy as np
 
-    from reasonedit_cli.codebook import Codebook, _manifest_bytes
     from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
+    from reasonedit_cli.store.manifest import manifest_bytes
 
     src = build_synthetic_codebook(
         tmp_path / "src", n_edits=12, keys_per_edit=3, batches=3, keep_deltas=True
@@ -520,7 +522,7 @@ def crafted_manifest_cases(tmp_path, bad_values, min_cases) -> int:
                 o = o[k]
             o[path[-1]] = bad
             try:
-                data = _manifest_bytes(m)
+                data = manifest_bytes(m)
             except ValueError:
                 continue
             if work.exists():
@@ -581,7 +583,7 @@ def test_every_np_load_refuses_pickles():
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
             calls.append((f.name, text[m.start() : i]))
-    assert calls, "expected np.load in codebook.py"
+    assert calls, "expected np.load in the store (reasonedit_cli/store/index)"
     assert all("allow_pickle=False" in c for _, c in calls), calls
 
 

@@ -60,7 +60,7 @@ def _env() -> dict:
 
 def _verify_committed_state(cb: Path, confirmed: set[str]) -> Counter:
     """The invariants after any kill: opens, every reported edit once, manifest honest."""
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     book = Codebook.open(cb)
     ids = book.edits_table().column("edit_id").to_pylist()
@@ -172,7 +172,7 @@ def test_crash_safety_sigkill_during_add_edit(tmp_path, tiny_llava):
     elapsed = time.monotonic() - start
     assert sum(outcomes.values()) >= 100
     assert outcomes["completed"] >= 10 and cleaned_checks >= 1, (outcomes, cleaned_checks)
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     final = Codebook.open(cb)
     _report(
@@ -194,7 +194,7 @@ def test_crash_safety_sigkill_during_add_edit(tmp_path, tiny_llava):
 def test_full_damage_fuzz(tmp_path, tiny_llava):
     from conftest import shape_image
 
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     img = shape_image(tmp_path / "q.png", "circle", "red")
     t0 = time.monotonic()
@@ -248,7 +248,7 @@ def test_crafted_manifests_all_value_types(tmp_path):
 def test_four_writers_fifty_edits_each(tmp_path, tiny_llava):
     from conftest import shape_image
 
-    from reasonedit_cli.codebook import Codebook
+    from reasonedit_cli.store import Codebook
 
     shape_image(tmp_path / "img.png", "triangle", "blue")
     cb = tmp_path / "cb"

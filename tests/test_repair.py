@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from reasonedit_cli.cli import app
-from reasonedit_cli.codebook import Codebook
 from reasonedit_cli.datasets import read_edits
 from reasonedit_cli.repair import repair_codebook
+from reasonedit_cli.store import Codebook
 
 runner = CliRunner()
 

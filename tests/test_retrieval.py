@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from reasonedit_cli import retrieval as R
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store.index import neighbours as NB
 
 
 def _naive_knn(v: np.ndarray, k: int) -> np.ndarray:
@@ -58,7 +59,7 @@ def test_incremental_knn_equals_scratch(n_old, n_new):
     rng = np.random.default_rng(n_old * 100 + n_new)
     v = rng.normal(size=(n_old + n_new, 12)).astype(np.float32)
     oi, od = R.knn_lists(v[:n_old], 30)
-    ni, nd = R.update_knn_lists(v[:n_old], oi, od, v[n_old:], 30)
+    ni, nd = NB.update_knn_lists(v[:n_old], oi, od, v[n_old:], 30)
     si, sd = R.knn_lists(v, 30)
     assert np.allclose(nd, sd)
     assert np.allclose(R.sigma_from_knn(nd), R.sigma_from_knn(sd))
@@ -70,7 +71,7 @@ def test_incremental_removal_equals_scratch():
     idx, dist = R.knn_lists(v, 30)
     keep = np.ones(120, bool)
     keep[rng.choice(120, 25, replace=False)] = False
-    ni, nd = R.remove_from_knn_lists(v[keep], idx, dist, keep, 30)
+    ni, nd = NB.remove_from_knn_lists(v[keep], idx, dist, keep, 30)
     si, sd = R.knn_lists(v[keep], 30)
     assert np.allclose(nd, sd)
     assert (ni >= 0).all() and ni.max() < keep.sum()

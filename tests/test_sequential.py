@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reasonedit_cli.codebook import Codebook, EditRecord, KeyRecord
 from reasonedit_cli.editor import Editor
 from reasonedit_cli.retrieval import retrieve
+from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
 
 DIM = 48
 

@@ -21,7 +21,6 @@ import pytest
 from typer.testing import CliRunner
 
 from reasonedit_cli.cli import app
-from reasonedit_cli.codebook import Codebook
 from reasonedit_cli.datasets import read_edits, read_questions
 from reasonedit_cli.editor import Editor
 from reasonedit_cli.errors import UsageError
@@ -33,6 +32,7 @@ from reasonedit_cli.server import (
     StreamText,
     parse_chat_request,
 )
+from reasonedit_cli.store import Codebook
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_edits"
 KEY = "sekret-key"

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from reasonedit_cli.codebook import Codebook
-from reasonedit_cli.staging import (
-    JOB_FILE,
-    STAGING,
-    StagingJob,
-    leftovers,
-    remove_stale,
-    write_staged_file,
-)
+from reasonedit_cli.staging import StagingJob, write_staged_file
+from reasonedit_cli.store import Codebook
+from reasonedit_cli.store.staging import JOB_FILE, STAGING, leftovers, remove_stale
 
 
 def dead_pid() -> int:
@@ -85,3 +79,48 @@ def test_a_straggling_worker_cannot_recreate_a_removed_folder(cb):
 def test_a_codebook_with_staging_opens(cb):
     fake_job(cb, "dead", dead_pid())
     assert Codebook.open(cb).version == 0
+
+
+def test_staged_segments_round_trip_in_the_committed_format(cb):
+    """What workers stage is what a commit writes: the committer reads the records back
+    exactly, verified like a committed segment, and a damaged file is refused."""
+    import hashlib
+
+    import numpy as np
+
+    from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.staging import read_staged_segment, staged_segment_bytes
+    from reasonedit_cli.store import EditRecord, KeyRecord
+    from reasonedit_cli.store.format import keys_to_table, table_bytes
+
+    sha = hashlib.sha256(b"image").hexdigest()
+    edits = [EditRecord("e1", sha, "q?", "a", ["because."], None, "src")]
+    vec = np.arange(4, dtype=np.float32)
+    keys = [
+        KeyRecord("e1", "answer", "The answer is a.", "q?", sha, None, vec, radius=0.5),
+        KeyRecord("e1", "patch", "because.", "because.", sha, (0, 0, 2, 2), vec + 1),
+    ]
+    data = staged_segment_bytes("keys", keys, dim=4)
+    assert data == table_bytes(keys_to_table([(k.key_id, k) for k in keys], 4))
+    with StagingJob(cb) as job:
+        write_staged_file(job.dir, "keys.parquet", data)
+        write_staged_file(job.dir, "edits.parquet", staged_segment_bytes("edits", edits))
+        book = Codebook.open(cb)
+        entries = {
+            kind: {
+                "kind": kind,
+                "path": job.rel(f"{kind}.parquet"),
+                "sha256": hashlib.sha256((job.dir / f"{kind}.parquet").read_bytes()).hexdigest(),
+                "rows": len(recs),
+            }
+            for kind, recs in (("keys", keys), ("edits", edits))
+        }
+        got = read_staged_segment(book, entries["keys"], 4)
+        assert [(k.key_id, k.radius, k.box, k.merged) for k in got] == [
+            (k.key_id, k.radius, k.box, []) for k in keys
+        ]
+        assert all(np.array_equal(a.vector, b.vector) for a, b in zip(got, keys, strict=True))
+        (back,) = read_staged_segment(book, entries["edits"], None)
+        assert back == edits[0]  # no timestamp: the commit stamps staged edits
+        with pytest.raises(CodebookError, match="damaged"):
+            read_staged_segment(book, {**entries["keys"], "sha256": "0" * 64}, 4)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reasonedit_cli.codebook import FORMAT_VERSION, Codebook, EditRecord, KeyRecord
+from reasonedit_cli.store import FORMAT_VERSION, Codebook, EditRecord, KeyRecord
 
 assert FORMAT_VERSION == 1, "run this with the format-1 code (see the docstring)"
 out = Path(sys.argv[1])

@@ -12,12 +12,12 @@ alone would be 18 GB. Here:
   flat parts for keys inserted since the last compaction;
 - a search takes their candidates (raw distance in the reduced space, which never
   exceeds the full distance), the lifted graph's (corrected distance, for the 5% of keys
-  with the largest sigma: `derived.py`'s lift over `Projection.lift_*_vectors`), screens
+  with the largest sigma: `lift.py`'s lift over `Projection.lift_*_vectors`), screens
   the next largest sigmas against the bound, and re-ranks all of them exactly on the
   full vectors by corrected distance |q - k| / sigma_k (`sq_distances`);
 - neighbour lists (and so sigma) are exact over candidate clusters: each IVF list's keys
   against the keys of its LIST_PROBE nearest lists, full width (`ivf_lists`); an insert
-  queries the parts for the new keys (`RerankedParts` serves `retrieval.append_knn_ann`).
+  queries the parts for the new keys (`RerankedParts` serves `neighbours.append_knn_ann`).
 
 `save` / `open` / `append_files` write and read the files (names in
 docs/codebook-format.md); every file is verified before use (`open`).
@@ -40,8 +40,11 @@ from typing import Any
 import hnswlib
 import numpy as np
 
-from ... import derived as D
 from ... import retrieval as R
+from . import deltas as DL
+from . import graphs as GR
+from . import lift as LF
+from . import neighbours as NB
 from .ivf import NPROBE, FlatPart, IVFPart, valid_ivf
 from .mapped import MappedError, Note, VectorParts, _noop, open_parts, open_vectors, write_vectors
 from .projection import DEFAULT_RANK, Projection, fit_sample_rows, one_thread
@@ -117,7 +120,7 @@ def candidates(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reduced-space candidates from every part and a bound per query.
 
-    Like `derived.search_candidates`: each part returns its `fetch` nearest (all of its
+    Like `graphs.search_candidates`: each part returns its `fetch` nearest (all of its
     keys if it has fewer); the smallest last distance over the parts that held more keys
     bounds every key outside the candidates (up to the ANN's misses), and since the
     reduced distance never exceeds the full one, it bounds their full distance too.
@@ -141,7 +144,7 @@ class RerankedParts:
 
     `knn_query(full_queries, k)` projects the queries, takes max(k, fetch) candidates
     from every part and returns the k nearest by exact distance: what
-    `retrieval.append_knn_ann` needs to keep neighbour lists on insert.
+    `neighbours.append_knn_ann` needs to keep neighbour lists on insert.
     """
 
     def __init__(self, engine: ReducedIndex, fetch: int = LIST_FETCH, nprobe: int = LIST_PROBE):
@@ -233,7 +236,7 @@ class ReducedIndex:
     sigma_raw: np.ndarray  # (n,) float64 before the floor
     knn_idx: np.ndarray | None = None  # writers only (insert); (n, SIGMA_K)
     knn_dist: np.ndarray | None = None
-    lift: D.Lift | None = None
+    lift: LF.Lift | None = None
     entries: dict = field(default_factory=dict)  # manifest entries of the files
     _scan: tuple | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -289,7 +292,7 @@ class ReducedIndex:
         elif n <= 2 * MIN_IVF_KEYS:
             idx, dist = R.knn_lists(vectors.take(np.arange(n)), R.SIGMA_K)
         else:
-            idx, dist = R.knn_lists_ann(RerankedParts(eng), vectors.take(np.arange(n)), R.SIGMA_K)
+            idx, dist = NB.knn_lists_ann(RerankedParts(eng), vectors.take(np.arange(n)), R.SIGMA_K)
         eng.knn_idx, eng.knn_dist = idx, dist
         eng.set_sigma(R.sigma_raw_from_knn(dist))
         vectors.release()
@@ -304,17 +307,17 @@ class ReducedIndex:
         self.sigma = R.floor_sigma(self.sigma_raw)
         self._scan = None
 
-    def build_lift(self, graph_rows: np.ndarray | None = None) -> D.Lift:
+    def build_lift(self, graph_rows: np.ndarray | None = None) -> LF.Lift:
         """The lifted graph of the LIFT_FRACTION largest sigmas, in the reduced space."""
-        rows = D.lift_members(self.sigma)
+        rows = LF.lift_members(self.sigma)
         if graph_rows is None:
             g = self.projection.graph_vectors(self.vectors.take(rows))
         else:
             g = graph_rows[rows]
         keys = Projection.lift_key_vectors(g)
-        params = D.lift_params(keys, self.sigma[rows])
-        index = build_graph(D.lift_keys(keys, self.sigma[rows], params), M=D.LIFT_M)
-        return D.Lift(index, rows, params)
+        params = LF.lift_params(keys, self.sigma[rows])
+        index = build_graph(LF.lift_keys(keys, self.sigma[rows], params), M=LF.LIFT_M)
+        return LF.Lift(index, rows, params)
 
     # -- exact re-rank ----------------------------------------------------------------
 
@@ -367,8 +370,8 @@ class ReducedIndex:
             lift = self.lift if use_lift else None
             if lift is not None:
                 f = min(len(lift.rows), max(lift_fetch, k))
-                lift.index.set_ef(max(D.LIFT_EF, f))
-                lq = D.lift_queries(Projection.lift_query_vectors(g), lift.params)
+                lift.index.set_ef(max(LF.LIFT_EF, f))
+                lq = LF.lift_queries(Projection.lift_query_vectors(g), lift.params)
                 lab, _ = lift.index.knn_query(lq, k=f)
                 cand = np.concatenate([cand, lift.rows[lab.astype(np.int64)]], axis=1)
         if cand.size and (cand.min() < 0 or cand.max() >= n):
@@ -432,10 +435,10 @@ class ReducedIndex:
 
     # -- insert -------------------------------------------------------------------------
 
-    def append(self, vectors: VectorParts, graph_vecs: np.ndarray | None = None) -> R.KnnAppend:
+    def append(self, vectors: VectorParts, graph_vecs: np.ndarray | None = None) -> NB.KnnAppend:
         """Rows n_old.. of `vectors` (the old parts plus a delta part) were appended:
         add their flat part and update neighbour lists and sigma. Returns the list change
-        (`derived.knn_patch` turns it into the delta file). Needs `knn_idx` / `knn_dist`."""
+        (`deltas.knn_patch` turns it into the delta file). Needs `knn_idx` / `knn_dist`."""
         if self.knn_idx is None or self.knn_dist is None:
             raise ValueError("append needs the neighbour lists (a writer's index)")
         n_old = self.n
@@ -445,7 +448,7 @@ class ReducedIndex:
         with self._lock:
             self.parts.append(FlatPart(g, n_old, len(vectors)))
         with one_thread():  # threaded BLAS stalled this 4x on the shared 2-core machine
-            app = R.append_knn_ann(
+            app = NB.append_knn_ann(
                 RerankedParts(self), new, self.knn_idx, self.knn_dist, reverse_fetch=REVERSE_FETCH
             )
         self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
@@ -461,7 +464,7 @@ class ReducedIndex:
     ) -> dict:  # fmt: skip
         """Insert `new_vectors` and write only what the insert adds: a delta vector file,
         the reduced vectors of the new flat part, and the sigma and list patches
-        (`derived.py` formats). Existing files stay as they are. Returns the entries."""
+        (`deltas.py` formats). Existing files stay as they are. Returns the entries."""
         n_old = self.n
         old_idx, old_dist = self.knn_idx, self.knn_dist
         new = np.asarray(new_vectors, dtype=np.float32)
@@ -474,7 +477,7 @@ class ReducedIndex:
         parts = VectorParts([*self.vectors.parts, m.array], [*self.vectors.mapped, m])
         app = self.append(parts, g)
         assert old_idx is not None and old_dist is not None
-        patch = D.knn_patch(app, old_idx, old_dist)
+        patch = DL.knn_patch(app, old_idx, old_dist)
         if patch is None:
             raise ValueError("neighbour-list patch does not replay (write a new base)")
         changed = np.concatenate([app.rows, np.arange(n_old, self.n)])
@@ -483,7 +486,7 @@ class ReducedIndex:
         e["parts"] = [*e["parts"], {"kind": "flat", "start": n_old, "stop": self.n, "vecs": gent}]
         e["deltas"]["sigma"].append(
             dict(_write_npy(root, f"index/rsigma-delta-{tag}.npy",
-                            D.sigma_patch(self.sigma_raw, changed), note), keys=self.n)
+                            DL.sigma_patch(self.sigma_raw, changed), note), keys=self.n)
         )  # fmt: skip
         e["deltas"]["knn"].append(
             dict(_write_npy(root, f"index/rknn-delta-{tag}.npy", patch, note), keys=self.n)
@@ -595,23 +598,23 @@ class ReducedIndex:
             raise MappedError("sigma values")
         try:
             for de in deltas.get("sigma") or []:
-                patch = _read_npy(root, de, None, D.SIGMA_PATCH_DTYPE)
-                sigma_raw = D.apply_sigma_patch(sigma_raw, patch, int(de["keys"]))
+                patch = _read_npy(root, de, None, DL.SIGMA_PATCH_DTYPE)
+                sigma_raw = DL.apply_sigma_patch(sigma_raw, patch, int(de["keys"]))
         except ValueError as e:
             raise MappedError(f"sigma delta: {e}") from e
         if len(sigma_raw) != n:
             raise MappedError("sigma files do not cover every key")
         gdim = proj.rank + 1
         parts = [_open_part(root, pe, gdim, n, full_check) for pe in entries["parts"]]
-        if not D.graphs_cover(parts, n):  # duck-typed: start / stop
+        if not GR.graphs_cover(parts, n):  # duck-typed: start / stop
             raise MappedError("index parts do not cover every key")
         eng = cls(proj, parts, vectors, sigma_raw, entries=entries)
         if entries.get("lift_hnsw"):
             rows = _read_npy(root, entries["lift_rows"], None, np.int64)
             params = _read_npy(root, entries["lift_params"], None, np.float64)
-            if rows.ndim != 1 or not D.valid_lift(rows, params, n, proj.rank + 2):
+            if rows.ndim != 1 or not LF.valid_lift(rows, params, n, proj.rank + 2):
                 raise MappedError("lift rows or params")
-            eng.lift = D.Lift(
+            eng.lift = LF.Lift(
                 load_graph(root, entries["lift_hnsw"], proj.rank + 5, len(rows),
                            full_check=full_check), rows, params,
             )  # fmt: skip
@@ -651,8 +654,8 @@ def _open_lists(root: Path, entries: dict, base_rows: int, n: int):
     cur = base_rows
     try:
         for de in (entries.get("deltas") or {}).get("knn") or []:
-            patch = _read_npy(root, de, None, D.KNN_PATCH_DTYPE)
-            D.apply_knn_patch(idx, dist, cur, patch, int(de["keys"]))
+            patch = _read_npy(root, de, None, DL.KNN_PATCH_DTYPE)
+            DL.apply_knn_patch(idx, dist, cur, patch, int(de["keys"]))
             cur = int(de["keys"])
     except ValueError as e:
         raise MappedError(f"knn delta: {e}") from e
