@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 #: dtypes a mapped vector file may hold (name in the manifest -> numpy dtype)
-MAPPED_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+MAPPED_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 #: largest .npy header read (numpy writes 128 bytes or a multiple of 64 for ours)
 _MAX_HEADER = 4096
 _HASH_BLOCK = 1 << 24
@@ -123,7 +123,7 @@ def write_vectors(
                 written += len(c)
                 if written > rows:
                     raise ValueError(f"more than the {rows} rows announced")
-                b = memoryview(c).cast("B")
+                b = c.reshape(-1).view(np.uint8).data
                 f.write(b)
                 h.update(b)
             if written != rows:
@@ -312,19 +312,6 @@ class VectorParts:
                 yield int(self.starts[i] + s), np.asarray(p[s : s + size], dtype=np.float32)
                 if m is not None:
                     m.release()
-
-    def advise(self, start: int, stop: int, how: str) -> None:
-        """madvise rows start..stop-1: "random" (a search touches a few rows: read only
-        those pages, no read-around, which at 4,480 dims read ~300 KB per row fetched)
-        or "willneed" (a scan is about to read them: read ahead)."""
-        flag = {"random": "MADV_RANDOM", "willneed": "MADV_WILLNEED"}[how]
-        row = int(self.array.strides[0]) if self.array.ndim == 2 else 0
-        base = int(self.entry["bytes"]) - self.rows * row  # the .npy header
-        lo = (base + start * row) // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(int(self.entry["bytes"]), base + stop * row)
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            if hi > lo:
-                self._mm.madvise(getattr(mmap, flag), lo, hi - lo)
 
     def release(self) -> None:
         for m in self.mapped:
