@@ -199,7 +199,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
         )
 
     vectors = open_parts(d, [ent])
-    eng = ReducedIndex.build(vectors, rank=args.rank, ann=args.ann, log=log)
+    eng = ReducedIndex.build(vectors, rank=args.rank, ann=args.ann, lists=args.lists, log=log)
     t1 = time.perf_counter()
     entries = eng.save(d, "000001", dtype=args.dtype)
     phases["save_s"] = time.perf_counter() - t1
@@ -211,6 +211,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "rank": eng.projection.rank,
         "ann": args.ann,
+        "lists": args.lists,
         "build_s": total,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
@@ -540,6 +541,7 @@ def main() -> None:
         p.add_argument("--json-out", default=None)
         p.add_argument("--keep", action="store_true", help="all: keep the built directories")
         p.add_argument("--reuse", action="store_true", help="build: keep DIR's vector file")
+        p.add_argument("--lists", default="full", choices=("full", "reduced"), help="build: sigma")
         p.add_argument("--truth-vectors", default=None, help="search: DIR of float32 keys")
         p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()

@@ -262,6 +262,7 @@ class ReducedIndex:
         rank: int = DEFAULT_RANK,
         ann: str = "ivf",
         lift: bool = True,
+        lists: str = "full",
         log: Any = None,
     ) -> ReducedIndex:
         """Everything from the full vectors: fit, project, candidate index, lists,
@@ -287,7 +288,11 @@ class ReducedIndex:
         else:
             eng.parts = [FlatPart(g, 0, n)]
         say("index")
-        if isinstance(eng.parts[0], IVFPart):
+        if isinstance(eng.parts[0], IVFPart) and lists == "reduced":
+            # sigma from reduced-space distances (underestimates it): for when the full
+            # vectors cannot be read in random order fast enough (benchmarks/README.md)
+            idx, dist = ivf_lists(eng.parts[0], VectorParts([g]), log=say)
+        elif isinstance(eng.parts[0], IVFPart):
             idx, dist = ivf_lists(eng.parts[0], vectors, log=say)
         elif n <= 2 * MIN_IVF_KEYS:
             idx, dist = R.knn_lists(vectors.take(np.arange(n)), R.SIGMA_K)
