@@ -63,8 +63,16 @@ def main() -> None:
             return time.perf_counter() - t
 
         def time_add(bs: int, run: int) -> float:
-            sub = Editor(Path(tmp) / f"add-{bs}-{run}", model=args.model, device="cpu", create=True)
-            sub._vlm, sub._text, sub._embedder = ed._vlm, ed._text, ed._embedder
+            # the warm editor's models (and its w, fixed by the warm-up) on a new codebook
+            sub = Editor(
+                Path(tmp) / f"add-{bs}-{run}",
+                model=args.model,
+                device="cpu",
+                create=True,
+                vlm=ed.vlm,
+                text=ed.text,
+                embedder=ed.embedder,
+            )
             todo = edits_for(run, args.n_edits)
             t = time.perf_counter()
             sub.add_edits(todo, batch_size=bs)

@@ -6,8 +6,8 @@ Edits are easy-vqa test images with 2-3 reasoning sentences about the shape's co
 and corners. For every edit both searches run on their own; the script reports per-edit
 VLM forward calls (`VLM.forward_calls`) and wall time, their medians, the ratio naive /
 batched, whether both chose the same boxes, and one extra batched call over ALL edits at
-once (edits share batches, so forward calls per edit drop further). DESIGN 1.2's target
-is >= 10x fewer forward calls.
+once (edits share batches, so forward calls per edit drop further). The target of
+docs/method.md#patches is >= 10x fewer forward calls.
 
 `--tiny` runs on the tiny random LLaVA of the test-suite (tests/conftest.py) instead, to
 check the script where the bundled demo model is not built yet.

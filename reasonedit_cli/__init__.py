@@ -19,7 +19,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
 
 #: public name -> the module that defines it (one line per name, so moving a class to
 #: another module is a one-line change here; tests/test_public_api.py checks that the
@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Answer": "reasonedit_cli.editor",
     "AddReport": "reasonedit_cli.editor",
     "Query": "reasonedit_cli.editor",
+    "check_codebook": "reasonedit_cli.editor",
     # the codebook on disk (docs/codebook-format.md)
     "Codebook": "reasonedit_cli.store",
     "CodebookWriter": "reasonedit_cli.store",
@@ -65,8 +66,12 @@ _EXPORTS: dict[str, str] = {
     "markdown_table": "reasonedit_cli.evaluation",
     "write_report": "reasonedit_cli.evaluation",
     "build_easyvqa": "reasonedit_cli.easyvqa",
+    "EvaluationRun": "reasonedit_cli.evaluation",
+    "EvaluationInputs": "reasonedit_cli.evaluation",
     # the models and the dual key, for callers that drive them directly
     "VLM": "reasonedit_cli.vlm",
+    "VLMBackend": "reasonedit_cli.backend",
+    "TextBackend": "reasonedit_cli.backend",
     "TextEncoder": "reasonedit_cli.text",
     "DualEmbedder": "reasonedit_cli.embedding",
     "Preset": "reasonedit_cli.presets",
@@ -87,6 +92,7 @@ __all__ = [
     "Answer",
     "AddReport",
     "Query",
+    "check_codebook",
     "Codebook",
     "CodebookWriter",
     "KeyRecord",
@@ -117,7 +123,11 @@ __all__ = [
     "markdown_table",
     "write_report",
     "build_easyvqa",
+    "EvaluationRun",
+    "EvaluationInputs",
     "VLM",
+    "VLMBackend",
+    "TextBackend",
     "TextEncoder",
     "DualEmbedder",
     "Preset",
@@ -131,6 +141,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
+    from reasonedit_cli.backend import TextBackend, VLMBackend
     from reasonedit_cli.calibration import CalibrationResult, plot_calibration
     from reasonedit_cli.datasets import (
         FORMATS,
@@ -139,7 +150,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         read_questions,
     )
     from reasonedit_cli.easyvqa import build_easyvqa
-    from reasonedit_cli.editor import AddReport, Answer, Editor, Query
+    from reasonedit_cli.editor import AddReport, Answer, Editor, Query, check_codebook
     from reasonedit_cli.edits import Edit, edit_from_record, read_edits_jsonl, split_sentences
     from reasonedit_cli.embedding import DualEmbedder
     from reasonedit_cli.errors import (
@@ -150,6 +161,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         UsageError,
     )
     from reasonedit_cli.evaluation import (
+        EvaluationInputs,
+        EvaluationRun,
         Probe,
         evaluate,
         exact_match,

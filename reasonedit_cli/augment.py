@@ -2,9 +2,9 @@
 
 Two parts of ReasonEdit need "the same content, slightly different":
 
-* calibration (DESIGN 1.5) builds the bimodal partition from an anchor pair plus a
+* calibration (docs/method.md#calibration) builds the bimodal partition from an anchor pair plus a
   rephrased text and a perturbed image;
-* codebook insertion (DESIGN 1.6) sets each key's deferral radius from the distance
+* codebook insertion (docs/method.md#radii) sets each key's deferral radius from the distance
   between the key and one augmented copy of it.
 
 Both must be reproducible, so every function takes a `numpy.random.Generator` (or a seed)
@@ -32,7 +32,8 @@ __all__ = [
 
 RngLike = np.random.Generator | int | None
 
-# Strength of the image augmentation (DESIGN 1.6: "small rotation, colour jitter, crop/pad").
+# Strength of the image augmentation (docs/method.md#radii: "small rotation, colour jitter,
+# crop/pad").
 MAX_ROTATION_DEG = 10.0
 MAX_JITTER = 0.15  # brightness, contrast and saturation factors in [0.85, 1.15]
 MAX_CROP_PAD = 0.06  # crop or pad by up to 6 % of each side's length

@@ -1,8 +1,9 @@
 """Topology-balanced calibration: choose the hooked layer L and the text weight w.
 
-DESIGN 1.5. The embeddings of calibration image-text pairs are the nodes of a weighted
-graph (min-max scaled L2 similarity, optionally mutual-kNN sparsified). Newman modularity
-of that graph under three partitions tells how the embedding groups pairs:
+See docs/method.md#calibration. The embeddings of calibration image-text pairs are the
+nodes of a weighted graph (min-max scaled L2 similarity, optionally mutual-kNN
+sparsified). Newman modularity of that graph under three partitions tells how the
+embedding groups pairs:
 
 * Q_vis  -- pairs sharing an image (a vision-biased embedding scores high);
 * Q_lang -- pairs sharing a text (a language-biased embedding scores high);
@@ -72,7 +73,8 @@ __all__ = [
 ]
 
 RULES = ("bimodal", "harmonic")
-DEFAULT_KNN = 10  # k of the mutual-kNN sparsification when it is enabled (DESIGN 1.5)
+#: k of the mutual-kNN sparsification when it is enabled (docs/method.md#calibration)
+DEFAULT_KNN = 10
 DEFAULT_W_GRID: tuple[float, ...] = tuple(float(w) for w in np.logspace(-1.0, 2.0, 41))
 # Share of anchor groups drawn (without replacement) in each bootstrap resample.
 DEFAULT_SUBSAMPLE = 0.8
@@ -87,7 +89,7 @@ TextFn = Callable[[list[str]], np.ndarray]
 
 
 def dual_concat(h: np.ndarray, s: np.ndarray, w: float) -> np.ndarray:
-    """The dual embedding E = concat(h, w * s) as float32 (DESIGN 1.4).
+    """The dual embedding E = concat(h, w * s) as float32 (docs/method.md#dual-key).
 
     This is the single definition of how the two halves are combined: the embedding
     module calls it for keys and queries, and calibration composes the same geometry, so
@@ -152,7 +154,7 @@ def _graph_from_sq(d2: np.ndarray, knn: int | None) -> np.ndarray:
 
 
 def similarity_graph(emb: np.ndarray, knn: int | None = None) -> np.ndarray:
-    """Dense weighted adjacency of the embeddings' similarity graph (DESIGN 1.5).
+    """Dense weighted adjacency of the embeddings' similarity graph (docs/method.md#calibration).
 
     Weights are min-max scaled L2 similarities (max - d) / (max - min) over the
     off-diagonal pairs, so the closest pair weighs 1 and the farthest 0; the diagonal is 0
@@ -479,7 +481,8 @@ def w_scores(
 
     Row keys as in `layer_scores` (w instead of layer and w_ref); harmonic is relative to
     the grid given.
-    The grid defaults to `DEFAULT_W_GRID` (41 log-spaced points, 0.1..100, DESIGN 1.5).
+    The grid defaults to `DEFAULT_W_GRID` (41 log-spaced points, 0.1..100,
+    docs/method.md#calibration).
     Pairwise distances of each half are computed once; each w only recombines them.
     """
     _check_options(bootstrap, knn, subsample)
@@ -571,7 +574,7 @@ def _checked_features(
             )
         if not np.isfinite(arr).all():
             raise ReasonEditError(
-                f"features of layer {name!r} contain NaN or inf (try a float32 --dtype)"
+                f"features of layer {name!r} contain NaN or inf (try a float32 `dtype`)"
             )
         out[name] = arr
     return out
@@ -591,7 +594,8 @@ def calibrate(
     shift: float | str = "relative",
     progress: ProgressFn | None = None,
 ) -> CalibrationResult:
-    """Choose the layer and w for the dual embedding from calibration pairs (DESIGN 1.5).
+    """Choose the layer and w for the dual embedding from calibration pairs
+    (docs/method.md#calibration).
 
     `feature_fn(images, texts, layers)` returns the VLM's pooled hooked inputs for all
     `layers` in one pass ({layer: (n, d)}), so the model runs once, not once per layer.

@@ -84,7 +84,7 @@ def _edit_record(cb: Codebook, edit_id: str) -> EditRecord:
 def show_edit(cb: Codebook, edit_id: str) -> dict[str, Any]:
     """An edit with its facts and every key that holds one of them (kind, box, radius).
 
-    A merged key (DESIGN 1.6) counts when it holds a fact of this edit, also when its
+    A merged key (docs/method.md#merging) counts when it holds a fact of this edit, also when its
     vector came from another edit's key (`own: false`).
     """
     from reasonedit_cli.editor import answer_value

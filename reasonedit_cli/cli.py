@@ -12,11 +12,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.main import get_current_context
 
 from reasonedit_cli import __version__
 from reasonedit_cli import cli_support as cs
@@ -49,34 +50,6 @@ CodebookOpt = Annotated[
         help="Codebook directory (env REASONEDIT_CODEBOOK; may also go before the command).",
     ),
 ]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="VLM: a local directory, a Hugging Face id, or a bundled model: demo (easy-vqa) "
-        "or scenes (multi-object scenes). Default: the codebook's model, else demo.",
-    ),
-]
-TextModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--text-model", help="Sentence-transformers model (default all-MiniLM-L6-v2, bundled)."
-    ),
-]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", callback=cs.device_choice, help="auto | cpu | cuda | mps")
-]
-DtypeOpt = Annotated[
-    str,
-    typer.Option("--dtype", callback=cs.dtype_choice, help="auto | float32 | bfloat16 | float16"),
-]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code", help="Allow model code from the checkpoint (off by default)."
-    ),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 VerboseOpt = Annotated[
     bool,
@@ -100,38 +73,6 @@ MaxPixelsOpt = Annotated[
 ]
 LockOpt = Annotated[
     float, typer.Option("--lock-timeout", help="Seconds to wait for another writer to finish.")
-]
-EngineOpt = Annotated[
-    str,
-    typer.Option(
-        "--engine",
-        callback=cs.engine_choice,
-        help="local: compute in this process; ray: spread the model work over a Ray cluster "
-        "(pip install 'reasonedit-cli\\[ray]').",
-    ),
-]
-RayAddressOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ray-address",
-        help="With --engine ray: the cluster (auto, HOST:PORT or ray://HOST:PORT); "
-        "default: a cluster this process already joined, else a new local instance.",
-    ),
-]
-WorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        min=1,
-        help="With --engine ray: workers, each loading the models once "
-        "(default: one per GPU with --gpus-per-worker, else one per CPU).",
-    ),
-]
-GpusPerWorkerOpt = Annotated[
-    float,
-    typer.Option(
-        "--gpus-per-worker", min=0, help="With --engine ray: GPUs per worker (0.5 shares one)."
-    ),
 ]
 ApiKeyOpt = Annotated[
     str | None,
@@ -187,7 +128,9 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ReasonEditError as exc:
-            message = str(exc).replace("\n", " ")
+            # library messages name parameters (`text_model`); the CLI says its flags
+            message = cs.in_cli_words(str(exc), get_current_context(silent=True))
+            message = message.replace("\n", " ")
             typer.echo(f"Error: {message}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
@@ -225,46 +168,6 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
         yield lambda n: bar.advance(task, n)
 
 
-def _editor(
-    codebook: Path,
-    model,
-    text_model,
-    device,
-    dtype,
-    trust,
-    *,
-    create=False,
-    lock_timeout=10.0,
-    preset: str | None = None,
-):
-    from reasonedit_cli.editor import Editor
-
-    return Editor(
-        codebook,
-        model=model,
-        text_model=text_model,
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust,
-        create=create,
-        lock_timeout=lock_timeout,
-        preset=preset,
-    )
-
-
-def _ray_options(engine: str, address: str | None, workers: int | None, gpus: float):
-    """RayOptions for --engine ray; the Ray flags are a usage error with --engine local."""
-    from reasonedit_cli.distributed import ENGINES, RayOptions
-
-    if engine not in ENGINES:
-        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
-    if engine == "local":
-        if address is not None or workers is not None or gpus:
-            raise UsageError("--ray-address, --workers and --gpus-per-worker need --engine ray")
-        return None
-    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus)
-
-
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"reasonedit {__version__}")
@@ -295,6 +198,8 @@ def _root(
 # ---------------------------------------------------------------- add-edit
 @app.command("add-edit")
 @handle_errors
+@cs.model_options
+@cs.ray_options
 def add_edit(
     image: Annotated[Path | None, typer.Option("--image", "-i", help="Image of the edit.")] = None,
     question: Annotated[
@@ -362,18 +267,11 @@ def add_edit(
         ),
     ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
-    model: ModelOpt = None,
-    text_model: TextModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False,
+    models: cs.ModelOptions = cs.ModelOptions(),
     verbose: VerboseOpt = False,
     max_image_pixels: MaxPixelsOpt = None,
     lock_timeout: LockOpt = 10.0,
-    engine: EngineOpt = "local",
-    ray_address: RayAddressOpt = None,
-    workers: WorkersOpt = None,
-    gpus_per_worker: GpusPerWorkerOpt = 0.0,
+    ray: cs.RayFlags = cs.RayFlags(),
     as_json: JsonOpt = False,
 ) -> None:
     """Add edits to the codebook: from flags, or many from JSONL (idempotent).
@@ -387,7 +285,7 @@ def add_edit(
     if patches not in PATCH_MODES:
         raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
     _check_preset(preset)
-    ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
+    ray_options = ray.options()
     errors: list[str] = []
     if from_file is not None:
         if any(v is not None for v in (image, question, answer, reason, box, edit_id)):
@@ -427,17 +325,7 @@ def add_edit(
         if errors:
             raise InputError(f"no valid edits ({len(errors)} invalid); first: {errors[0]}")
         raise InputError(f"{from_file}: no edits found")
-    editor = _editor(
-        codebook,
-        model,
-        text_model,
-        device,
-        dtype,
-        trust_remote_code,
-        create=True,
-        lock_timeout=lock_timeout,
-        preset=preset,
-    )
+    editor = models.editor(codebook, create=True, lock_timeout=lock_timeout, preset=preset)
     if merge is None:
         merge = editor.preset.merge_on_insert
     with _progress(len(edits), "Adding edits", not as_json) as advance:
@@ -516,6 +404,7 @@ def _parse_box_flag(text: str) -> list[float] | None:
 # --------------------------------------------------------------------- ask
 @app.command()
 @handle_errors
+@cs.model_options
 def ask(
     image: Annotated[Path | None, typer.Option("--image", "-i", help="Image to ask about.")] = None,
     question: Annotated[
@@ -546,11 +435,7 @@ def ask(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
-    model: ModelOpt = None,
-    text_model: TextModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False,
+    models: cs.ModelOptions = cs.ModelOptions(),
     server: Annotated[
         str | None,
         typer.Option(
@@ -575,17 +460,7 @@ def ask(
         from reasonedit_cli.client import check_url
 
         check_url(server)
-        local = [
-            name
-            for name, given in (
-                ("--model", model is not None),
-                ("--text-model", text_model is not None),
-                ("--device", device != "auto"),
-                ("--dtype", dtype != "auto"),
-                ("--trust-remote-code", trust_remote_code),
-            )
-            if given
-        ]
+        local = models.given()
         if local:
             verb = "applies" if len(local) == 1 else "apply"
             raise UsageError(f"{', '.join(local)} {verb} to the server, not to ask --server")
@@ -624,7 +499,7 @@ def ask(
     images = [it["image"] for it in items]
     # --no-edit needs no codebook; one that exists still names the model
     use_codebook = None if no_edit and not Path(codebook).exists() else codebook
-    editor = _editor(use_codebook, model, text_model, device, dtype, trust_remote_code)
+    editor = models.editor(use_codebook)
     questions = [it["question"] for it in items]
     answers = []
     # one batch at a time, so that a long --from run shows its progress (on a terminal)
@@ -694,6 +569,7 @@ def _esc(text: str) -> str:
 # --------------------------------------------------------------- calibrate
 @app.command()
 @handle_errors
+@cs.model_options
 def calibrate(
     pairs: Annotated[
         str | None,
@@ -739,11 +615,7 @@ def calibrate(
     ] = False,
     preset: PresetOpt = None,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
-    model: ModelOpt = None,
-    text_model: TextModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False,
+    models: cs.ModelOptions = cs.ModelOptions(),
     verbose: VerboseOpt = False,
     max_image_pixels: MaxPixelsOpt = None,
     lock_timeout: LockOpt = 10.0,
@@ -764,17 +636,7 @@ def calibrate(
     if layer_rule not in RULES:
         raise UsageError(f"--layer-rule must be one of {', '.join(RULES)}")
     _check_preset(preset)
-    editor = _editor(
-        codebook,
-        model,
-        text_model,
-        device,
-        dtype,
-        trust_remote_code,
-        create=True,
-        lock_timeout=lock_timeout,
-        preset=preset,
-    )
+    editor = models.editor(codebook, create=True, lock_timeout=lock_timeout, preset=preset)
     reference = editor.preset.calibration == "reference"
     if bootstrap is None:
         from reasonedit_cli.calibration_reference import DEFAULT_N_RUNS
@@ -800,7 +662,7 @@ def calibrate(
                 force=force,
             )
         except CalibrationRefused as exc:
-            refused, result, version = exc, exc.result, editor.codebook.version
+            refused, result, version = exc, exc.result, editor.require_codebook().version
     if plot is not None:
         plot_calibration(result, plot)
     summary = result.to_dict() | {
@@ -923,6 +785,8 @@ def merge_keys(
 # ---------------------------------------------------------------- evaluate
 @app.command()
 @handle_errors
+@cs.model_options
+@cs.ray_options
 def evaluate(
     edits: Annotated[
         str | None,
@@ -960,7 +824,7 @@ def evaluate(
             "--methods",
             help="Comma list of unedited, reasonedit, reasonedit-reference, ike, "
             "ike-reference, grace (trained adaptor), answer-lookup, vision-only, text-only, "
-            "no-patches, or all.",
+            "no-patches, reasonedit-regions, vision-regions (region keys), or all.",
         ),
     ] = "all",
     sweep_p: Annotated[
@@ -997,135 +861,58 @@ def evaluate(
             "(it is not changed). Default: temporary codebooks only.",
         ),
     ] = None,
-    model: ModelOpt = None,
-    text_model: TextModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False,
+    models: cs.ModelOptions = cs.ModelOptions(),
     verbose: VerboseOpt = False,
     max_image_pixels: MaxPixelsOpt = None,
-    engine: EngineOpt = "local",
-    ray_address: RayAddressOpt = None,
-    workers: WorkersOpt = None,
-    gpus_per_worker: GpusPerWorkerOpt = 0.0,
+    ray: cs.RayFlags = cs.RayFlags(),
     as_json: JsonOpt = False,
 ) -> None:
     """Run the protocol: edit, then measure Acc, T/I/R/CoE-Gen and Loc for every method.
 
     Example: reasonedit evaluate --dataset easy-vqa --n-edits 100 --report report/
     """
-    import tempfile
-    import time
-
     from reasonedit_cli.evaluation import (
-        DATASETS,
-        METHODS,
-        Generations,
-        build_dataset,
+        EvaluationInputs,
+        EvaluationRun,
         markdown_table,
-        planned_answers,
-        read_probes,
+        parse_methods,
         sweep_markdown,
         write_report,
     )
-    from reasonedit_cli.evaluation import evaluate as run_evaluation
 
     edits = cs.one_of_aliases(edits, edits_alias, "--from", "--edits")
-    chosen = (
-        list(METHODS)
-        if methods.strip() == "all"
-        else [m.strip() for m in methods.split(",") if m.strip()]
+    chosen = parse_methods(methods)
+    inputs = EvaluationInputs(
+        dataset=dataset,
+        edits=edits,
+        probes=probes,
+        fmt=fmt,
+        images_root=images_root,
+        n_edits=n_edits,
+        seed=seed,
     )
-    bad = [m for m in chosen if m not in METHODS]
-    if bad or not chosen:
-        raise UsageError(
-            f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
-        )
-    if (dataset is None) == (edits is None):
-        raise UsageError("give either --dataset NAME or --from FILE [--probes FILE]")
+    inputs.check()
     _check_preset(preset)
-    if dataset is not None and dataset not in DATASETS:
-        raise UsageError(f"unknown --dataset {dataset!r}; supported: {', '.join(DATASETS)}")
-    ray_options = _ray_options(engine, ray_address, workers, gpus_per_worker)
-    # an existing --codebook lends its model and settings (and is not changed); a new one
-    # receives the run's reasonedit codebook once the run succeeded (never an empty one)
-    keep_to = None if codebook is None or Path(codebook).exists() else Path(codebook)
-    if keep_to is not None and not (
-        "reasonedit" in chosen or "grace" in chosen or sweep_p or sweep_w
-    ):
-        raise UsageError("--codebook keeps the reasonedit codebook; add it to --methods")
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="reasonedit-eval-") as tmp, ExitStack() as stack:
-        target = Path(codebook) if codebook is not None and keep_to is None else Path(tmp) / "cb"
-        editor = _editor(
-            target, model, text_model, device, dtype, trust_remote_code, create=True, preset=preset
-        )
-        if ray_options is not None:
-            from reasonedit_cli.distributed import remote_vlm
-
-            # every VLM call (answers, probe and key embeddings, patch search) on workers
-            stack.enter_context(remote_vlm(editor, ray_options))
-        gen = Generations(editor.vlm, batch_size)
-        info: dict[str, Any] = {}
-        choices: dict[str, list[str]] = {}
-        if dataset is not None:
-            if not as_json:
-                _stderr().print(f"Finding {n_edits} mistakes of the unedited model on {dataset}...")
-            edit_list, probe_list, info = build_dataset(dataset, gen, n_edits=n_edits, seed=seed)
-        elif fmt == "aokvqa":
-            from reasonedit_cli.fileprobes import build_aokvqa
-
-            # edits = the unedited model's mistakes; probes and locality from the file
-            edit_list, probe_list, choices, info = build_aokvqa(edits, images_root, gen.answer)
-            probe_list += read_probes(probes) if probes else []
-        else:
-            from reasonedit_cli.datasets import read_edits
-
-            edit_list, _ = read_edits(edits, fmt, images_root=images_root)
-            probe_list = read_probes(probes) if probes else []
-            if fmt == "rationalevqa":
-                from reasonedit_cli.fileprobes import rationalevqa_choices
-
-                choices = rationalevqa_choices(edits, edit_list)
-        for e in edit_list:
-            e.ensure_id()
-        total = planned_answers(
-            len(edit_list),
-            probe_list,
-            [e.id or "" for e in edit_list],
-            chosen,
-            sweep_p=sweep_p,
-            sweep_w=sweep_w,
-            eval_every=eval_every if sequential else None,
-            reference_sweep=sweep_p
-            and "reasonedit-reference" in chosen
-            and editor.preset.name != "reference",
-        )
+    run = EvaluationRun(
+        lambda path: models.editor(path, create=True, preset=preset),
+        inputs,
+        methods=chosen,
+        codebook=codebook,
+        batch_size=batch_size,
+        sweep_p=sweep_p,
+        sweep_w=sweep_w,
+        percentile=percentile,
+        eval_every=eval_every if sequential else None,
+        ray=ray.options(),
+    )
+    with run:
+        if dataset is not None and not as_json:
+            _stderr().print(f"Finding {n_edits} mistakes of the unedited model on {dataset}...")
+        run.load()
         # the bar counts the questions put to the model (an ETA for long runs)
-        with _progress(total, "Evaluating", True) as advance:
-            gen.on_answers = advance
-            report = run_evaluation(
-                editor,
-                edit_list,
-                probe_list,
-                methods=chosen,
-                batch_size=batch_size,
-                sweep_p=sweep_p,
-                sweep_w=sweep_w,
-                percentile=percentile,
-                workdir=Path(tmp) / "variants",
-                gen=gen,
-                eval_every=eval_every if sequential else None,
-                choices=choices,
-            )
-            gen.on_answers = None
-        if keep_to is not None:
-            import shutil
-
-            shutil.copytree(Path(tmp) / "variants" / "reasonedit", keep_to)
-    report["dataset"] = info or {"edits": edits, "probes": probes, "format": fmt}
-    report["seed"] = seed
-    report["runtime_s"]["total"] = round(time.perf_counter() - t0, 3)
+        with _progress(run.planned_answers(), "Evaluating", True) as advance:
+            report = run.run(progress=advance)
+        edit_list, probe_list = run.edits, run.probes
     if report_dir is not None:
         write_report(report, report_dir)
     if as_json:
@@ -1163,14 +950,9 @@ def doctor(
 
     Example: reasonedit doctor --repair
     """
-    if repair:
-        from reasonedit_cli.repair import repair_codebook
+    from reasonedit_cli.editor import check_codebook
 
-        report = repair_codebook(codebook, lock_timeout=lock_timeout)
-    else:
-        from reasonedit_cli.store import Codebook
-
-        report = Codebook.open(codebook).check(lock_timeout=lock_timeout)
+    report = check_codebook(codebook, repair=repair, lock_timeout=lock_timeout)
     if as_json:
         _print_json(
             {
@@ -1398,20 +1180,19 @@ def restore(
 
     Example: reasonedit restore 3
     """
-    from reasonedit_cli.store import Codebook
+    from reasonedit_cli.editor import Editor
 
-    cb = Codebook.open(codebook)
-    with cb.writer(lock_timeout=lock_timeout) as w:
-        new = w.restore(version)
+    record = Editor(codebook, lock_timeout=lock_timeout).restore(version)
     if as_json:
-        _print_json({"restored": version, "version": new})
+        _print_json(record)
     else:
-        _stdout().print(f"Restored version {version} as version {new}.")
+        _stdout().print(f"Restored version {version} as version {record['version']}.")
 
 
 # ------------------------------------------------------------------- serve
 @app.command()
 @handle_errors
+@cs.model_options
 def serve(
     host: Annotated[
         str,
@@ -1455,11 +1236,7 @@ def serve(
         ),
     ] = 1.0,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
-    model: ModelOpt = None,
-    text_model: TextModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False,
+    models: cs.ModelOptions = cs.ModelOptions(),
     as_json: Annotated[
         bool,
         typer.Option(
@@ -1495,7 +1272,7 @@ def serve(
     )
     options.check()  # usage errors before any model loads
     check_installed()
-    editor = _editor(codebook, model, text_model, device, dtype, trust_remote_code)
+    editor = models.editor(codebook)
     run_server(editor, options, on_ready=_print_json if as_json else None)
 
 

@@ -1,5 +1,9 @@
-"""Pieces the `reasonedit` commands share: the command group, and option callbacks that
-validate while parsing.
+"""Pieces the `reasonedit` commands share: the command group, the option groups, and
+option callbacks that validate while parsing.
+
+- The option groups (`model_options`, `ray_options`) declare a set of options once; a
+  command takes the whole group as one object (`ModelOptions`, `RayFlags`), and
+  `ModelOptions.editor` is the one place the CLI builds an `Editor`.
 
 - `Group` prints every usage error (Click's own and ours) as one `Error: ...` line with
   exit code 2; help renders boolean flags as plain flags (`--json`, not `--json <bool>`);
@@ -12,14 +16,25 @@ validate while parsing.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperGroup, TyperOption
 
 from reasonedit_cli import validation
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonedit_cli.distributed import RayOptions
+    from reasonedit_cli.editor import Editor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Where the root callback keeps the global `--codebook` (in `ctx.meta`, shared by every
 #: context of one invocation).
@@ -31,13 +46,15 @@ class Group(TyperGroup):
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Run the command; a usage error becomes one `Error:` line (exit 2)."""
+        kwargs["standalone_mode"] = False
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, **kwargs)
         except typer.exceptions.TyperException as exc:  # Click's usage errors
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                exc.show()  # the help text itself
+            show = getattr(exc, "show", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" and show is not None:
+                show()  # the help text itself
             else:
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -163,3 +180,221 @@ def one_of_aliases(value: Any, alias: Any, name: str, old: str) -> Any:
 
         raise UsageError(f"{old} is another name for {name}: give one of them")
     return value if value is not None else alias
+
+
+# ------------------------------------------------------------ option groups
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="VLM: a local directory, a Hugging Face id, or a bundled model: demo (easy-vqa) "
+        "or scenes (multi-object scenes). Default: the codebook's model, else demo.",
+    ),
+]
+TextModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-model", help="Sentence-transformers model (default all-MiniLM-L6-v2, bundled)."
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", callback=device_choice, help="auto | cpu | cuda | mps")
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", callback=dtype_choice, help="auto | float32 | bfloat16 | float16"),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow model code from the checkpoint (off by default)."
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        callback=engine_choice,
+        help="local: compute in this process; ray: spread the model work over a Ray cluster "
+        "(pip install 'reasonedit-cli\\[ray]').",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="With --engine ray: the cluster (auto, HOST:PORT or ray://HOST:PORT); "
+        "default: a cluster this process already joined, else a new local instance.",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="With --engine ray: workers, each loading the models once "
+        "(default: one per GPU with --gpus-per-worker, else one per CPU).",
+    ),
+]
+GpusPerWorkerOpt = Annotated[
+    float,
+    typer.Option(
+        "--gpus-per-worker", min=0, help="With --engine ray: GPUs per worker (0.5 shares one)."
+    ),
+]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """--model, --text-model, --device, --dtype, --trust-remote-code: which models a
+    command loads (when it needs them)."""
+
+    model: str | None = None
+    text_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def given(self) -> list[str]:
+        """The flags given with other than their default values (`ask --server`, where
+        the server's models answer, refuses them)."""
+        flags = {
+            "model": "--model",
+            "text_model": "--text-model",
+            "device": "--device",
+            "dtype": "--dtype",
+            "trust_remote_code": "--trust-remote-code",
+        }
+        return [flags[f.name] for f in fields(self) if getattr(self, f.name) != f.default]
+
+    def editor(
+        self,
+        codebook: str | Path | None,
+        *,
+        create: bool = False,
+        lock_timeout: float = 10.0,
+        preset: str | None = None,
+    ) -> Editor:
+        """The `Editor` on `codebook` with these models: how every command builds one."""
+        from reasonedit_cli.editor import Editor
+
+        return Editor(
+            codebook,
+            model=self.model,
+            text_model=self.text_model,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            create=create,
+            lock_timeout=lock_timeout,
+            preset=preset,
+        )
+
+
+@dataclass(frozen=True)
+class RayFlags:
+    """--engine, --ray-address, --workers, --gpus-per-worker."""
+
+    engine: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+
+    def options(self) -> RayOptions | None:
+        """`distributed.RayOptions` for --engine ray, None for local; the Ray flags
+        without --engine ray are a usage error."""
+        from reasonedit_cli.distributed import ENGINES, RayOptions
+        from reasonedit_cli.errors import UsageError
+
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
+        if self.engine == "local":
+            if self.ray_address is not None or self.workers is not None or self.gpus_per_worker:
+                raise UsageError("--ray-address, --workers and --gpus-per-worker need --engine ray")
+            return None
+        return RayOptions(
+            address=self.ray_address, workers=self.workers, gpus_per_worker=self.gpus_per_worker
+        )
+
+
+def option_group(
+    name: str, build: Callable[..., Any], options: Sequence[tuple[str, Any, Any]]
+) -> Callable[[F], F]:
+    """A decorator: the command's parameter `name` becomes the options `(param, Annotated
+    type, default)` in its place (so --help lists them where the parameter stood), and
+    the command receives them as one object, `build(**values)`."""
+
+    def decorate(func: F) -> F:
+        sig = inspect.signature(func, eval_str=True)
+        params: list[inspect.Parameter] = []
+        for p in sig.parameters.values():
+            if p.name != name:
+                params.append(p)
+                continue
+            params += [
+                inspect.Parameter(n, p.kind, default=default, annotation=annotation)
+                for n, annotation, default in options
+            ]
+        names = [n for n, _, _ in options]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[name] = build(**{n: kwargs.pop(n) for n in names})
+            return func(*args, **kwargs)
+
+        new = sig.replace(parameters=params)
+        wrapper.__signature__ = new  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+#: `@model_options`: the command's `models: ModelOptions` parameter is the five options.
+model_options = option_group(
+    "models",
+    ModelOptions,
+    [
+        ("model", ModelOpt, None),
+        ("text_model", TextModelOpt, None),
+        ("device", DeviceOpt, "auto"),
+        ("dtype", DtypeOpt, "auto"),
+        ("trust_remote_code", TrustOpt, False),
+    ],
+)
+#: `@ray_options`: the command's `ray: RayFlags` parameter is the four engine options.
+ray_options = option_group(
+    "ray",
+    RayFlags,
+    [
+        ("engine", EngineOpt, "local"),
+        ("ray_address", RayAddressOpt, None),
+        ("workers", WorkersOpt, None),
+        ("gpus_per_worker", GpusPerWorkerOpt, 0.0),
+    ],
+)
+
+
+# --------------------------------------------------------- library wording
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)`")
+#: library parameter names whose command option has another name
+PARAM_ALIASES = {"pairs_file": "pairs", "edits_file": "edits"}
+
+
+def in_cli_words(message: str, ctx: Any) -> str:
+    """A library message as the CLI says it: each `param` (a library parameter name in
+    backquotes) becomes the running command's flag for it (`text_model` ->
+    --text-model). Names the command has no option for keep their backquotes."""
+    flags: dict[str, str] = {}
+    if ctx is not None:
+        for p in getattr(ctx.command, "params", []):
+            long = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+            if long and p.name:
+                flags[p.name] = long[0]
+
+    def flag(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return flags.get(PARAM_ALIASES.get(name, name)) or flags.get(name) or m.group(0)
+
+    return _PARAM.sub(flag, message)

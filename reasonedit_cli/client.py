@@ -25,7 +25,7 @@ _MIME = {"png": "image/png", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "
 def check_url(url: str) -> str:
     """The base URL without a trailing slash; a usage error unless http(s)."""
     if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--server {url!r}: expected http://HOST:PORT")
+        raise UsageError(f"`server` {url!r}: expected http://HOST:PORT")
     return url.rstrip("/").removesuffix("/v1")
 
 

@@ -38,7 +38,7 @@ def read_edits(
     else:
         from reasonedit_cli.errors import UsageError
 
-        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown `fmt` {fmt!r}; choose one of {', '.join(FORMATS)}")
     return _collect(records, skip_invalid, fmt)
 
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
 from reasonedit_cli.errors import first_line as _first_line
@@ -49,6 +49,7 @@ from reasonedit_cli.errors import first_line as _first_line
 if TYPE_CHECKING:  # pragma: no cover
     from reasonedit_cli.editor import AddReport, Editor
     from reasonedit_cli.edits import Edit
+    from reasonedit_cli.vlm import LayerInfo
 
 ENGINES = ("local", "ray")
 INSTALL_HINT = "pip install 'reasonedit-cli[ray]'"
@@ -58,7 +59,7 @@ REMOTE_METHODS = ("generate", "pooled_inputs", "yes_probability", "answer_loss")
 
 @dataclass
 class RayOptions:
-    """Where and how wide to run: the CLI's --ray-address, --workers, --gpus-per-worker."""
+    """Where and how wide to run (the CLI's --ray-address, --workers, --gpus-per-worker)."""
 
     address: str | None = None  # None: an already initialised Ray, else a new local one
     workers: int | None = None  # None: one per GPU (with gpus_per_worker), else one per CPU
@@ -72,7 +73,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UsageError(f"--engine ray needs Ray: {INSTALL_HINT}") from None
+        raise UsageError(f"`engine` ray needs Ray: {INSTALL_HINT}") from None
     return ray
 
 
@@ -132,7 +133,7 @@ def worker_count(ray: Any, options: RayOptions, tasks: int) -> int:
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if options.gpus_per_worker > 0 and gpus <= 0:
-        raise UsageError("--gpus-per-worker was given but the Ray cluster has no GPUs")
+        raise UsageError("`gpus_per_worker` was given but the Ray cluster has no GPUs")
     if options.workers:
         n = options.workers
     elif options.gpus_per_worker > 0:
@@ -145,7 +146,7 @@ def worker_count(ray: Any, options: RayOptions, tasks: int) -> int:
         # a pool that can never start would wait forever
         raise UsageError(
             f"{n} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs; the Ray cluster has "
-            f"{cpus:g} CPUs and {gpus:g} GPUs (lower --workers or --gpus-per-worker)"
+            f"{cpus:g} CPUs and {gpus:g} GPUs (lower `workers` or `gpus_per_worker`)"
         )
     return n
 
@@ -301,7 +302,7 @@ def add_edits_ray(
     if not todo:
         return report
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    cb = editor._require_codebook()
+    cb = editor.require_codebook()
     w = editor.config.get("w")
     if w is None:
         w = editor.preset.uncalibrated_w  # None: auto, from the first batch
@@ -337,10 +338,10 @@ def _run_batches(
     fail_batch: int | None,
 ) -> list[dict[str, Any]]:
     """One Ray Data pass: a row per batch through an actor pool; rows of staged files."""
-    import ray.data
+    import ray.data as ray_data
 
     sizes = {i: len(b) for i, b in batches}
-    ds = ray.data.from_items(
+    ds = ray_data.from_items(
         [edits_to_row(i, b) for i, b in batches], override_num_blocks=len(batches)
     )
     ds = ds.map_batches(
@@ -352,7 +353,7 @@ def _run_batches(
         },
         batch_size=1,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        compute=ray_data.ActorPoolStrategy(size=workers),
         num_cpus=options.cpus_per_worker,
         num_gpus=options.gpus_per_worker or None,
     )
@@ -398,7 +399,7 @@ def _verified_records(
     """
     from reasonedit_cli.staging import read_staged_segment
 
-    cb = editor._require_codebook()
+    cb = editor.require_codebook()
     by_batch = {int(r["batch"]): r for r in results}  # a retried batch: its last output
     missing = [i for i in range(len(batches)) if i not in by_batch]
     if missing:
@@ -516,7 +517,10 @@ class VLMWorker:
 
 
 class RemoteVLM:
-    """The `VLM` interface, computed by a pool of `VLMWorker` actors.
+    """A `backend.VLMBackend` computed by a pool of `VLMWorker` actors.
+
+    It has every method of the protocol (not `CompletingBackend`'s sampling and
+    streaming: `evaluate` answers greedily).
 
     Batched methods are cut at multiples of the caller's `batch_size`, so each worker
     runs exactly the forward batches the local VLM would (same padding, same results).
@@ -533,13 +537,14 @@ class RemoteVLM:
         self.workers = len(actors)
         self.forward_calls = 0  # counted by the workers; kept for interface parity
 
-    def candidate_layers(self) -> list[Any]:
+    def candidate_layers(self) -> list[LayerInfo]:
         return list(self._layers)
 
-    def resolve_layer(self, layer: str) -> Any:
+    def resolve_layer(self, layer: str) -> LayerInfo:
         from reasonedit_cli.vlm import VLM
 
-        return VLM.resolve_layer(self, layer)  # type: ignore[arg-type]  # needs candidate_layers only
+        # VLM's resolution reads candidate_layers() only, which this class has
+        return VLM.resolve_layer(cast(Any, self), layer)
 
     def generate(
         self,

@@ -1,4 +1,5 @@
-"""Build an evaluation set (edits + probes) from the easy-vqa test split (DESIGN 2).
+"""Build an evaluation set (edits + probes) from the easy-vqa test split
+(docs/method.md#evaluation).
 
 The edit set is the shape and colour questions the *unedited* model gets wrong (a seeded
 subsample of `n_edits`). Each edit's reasoning comes from the ground truth by the

@@ -2,13 +2,14 @@
 
 `Editor` is the library entry point behind every command:
 
-    editor = Editor("my-codebook")            # the bundled demo VLM by default
-    editor.add_edits([edit])                   # split reasoning, build keys, store
-    result = editor.ask(image, "what shape is in the image?")
+    editor = Editor("my-codebook", create=True)   # the bundled demo VLM by default
+    editor.add_edits([edit])                       # split reasoning, build keys, store
+    [result] = editor.ask([image], ["what shape is in the image?"])
     result.answer, result.facts
 
 Models load lazily: `ask --no-edit` never touches the text encoder, and opening a
-codebook never loads a model.
+codebook never loads a model. Already loaded models (or stand-ins with the interfaces of
+`reasonedit_cli.backend`) are handed in with `Editor(..., vlm=, text=, embedder=)`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reasonedit_cli.errors import ReasonEditError, UsageError
 from reasonedit_cli.retrieval import (
@@ -29,11 +30,10 @@ from reasonedit_cli.retrieval import (
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
+    from reasonedit_cli.backend import KeyEmbedder, TextBackend, VLMBackend
     from reasonedit_cli.edits import Edit
-    from reasonedit_cli.embedding import DualEmbedder
-    from reasonedit_cli.store import Codebook, EditRecord, KeyRecord
-    from reasonedit_cli.text import TextEncoder
-    from reasonedit_cli.vlm import VLM
+    from reasonedit_cli.presets import Preset
+    from reasonedit_cli.store import CheckReport, Codebook, EditRecord, KeyRecord
 
 #: The bundled model is recorded under this name so codebooks move between installs.
 BUNDLED_MODEL = "bundled:demo_vlm"
@@ -52,6 +52,22 @@ class KeySpec:
     key_text: str
     value: str
     box: list[int] | None = None
+
+
+class KeySpecSource(Protocol):
+    """Makes the key specs of a batch of edits: `Editor.key_specs`'s signature. Handed to
+    `Editor(key_specs=...)` to reuse specs computed once (the evaluation's variants)."""
+
+    def __call__(
+        self,
+        edits: Sequence[Edit],
+        images: Sequence[Any] | None = None,
+        *,
+        patches: str = "none",
+        top_k_patches: int = 1,
+        batch_size: int = 64,
+        question_rule: str | None = None,
+    ) -> list[KeySpec]: ...
 
 
 @dataclass
@@ -165,7 +181,7 @@ def _differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def answer_value(question: str, answer: str) -> str:
-    """The fact stored under the `(image, question)` key (DESIGN 1.3)."""
+    """The fact stored under the `(image, question)` key (docs/method.md#keys)."""
     return f"The answer to '{question}' is {answer}."
 
 
@@ -179,7 +195,11 @@ def patch_boxes(
             by_edit.setdefault(k.edit_id, []).append(k)
     return {
         e.id or "": [
-            [list(k.box) for k in by_edit.get(e.id or "", []) if k.key_text == sentence]
+            [
+                list(k.box)
+                for k in by_edit.get(e.id or "", [])
+                if k.key_text == sentence and k.box is not None
+            ]
             for sentence in e.reasoning
         ]
         for e in edits
@@ -190,11 +210,20 @@ def crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
     """The crop of `box` (in the original image's pixels) from a decoded image."""
     from reasonedit_cli.edits import box_to_decoded
 
-    return image.crop(tuple(box_to_decoded(box, image)))
+    x0, y0, x1, y1 = box_to_decoded(list(box), image)
+    return image.crop((x0, y0, x1, y1))
 
 
 class Editor:
-    """ReasonEdit over one codebook directory."""
+    """ReasonEdit over one codebook directory.
+
+    `model`, `text_model`, `device`, `dtype` and `trust_remote_code` say which models to
+    load when they are first needed. `vlm`, `text` and `embedder` hand in models that are
+    already loaded instead (shared between editors, or stand-ins for tests; see
+    `reasonedit_cli.backend`); `key_specs` replaces how the keys of an edit are chosen
+    (`KeySpecSource`, e.g. specs computed once and reused). `preset` is a preset name or a
+    `presets.Preset`.
+    """
 
     def __init__(
         self,
@@ -207,7 +236,11 @@ class Editor:
         trust_remote_code: bool = False,
         create: bool = False,
         lock_timeout: float = 10.0,
-        preset: str | None = None,
+        preset: str | Preset | None = None,
+        vlm: VLMBackend | None = None,
+        text: TextBackend | None = None,
+        embedder: KeyEmbedder | None = None,
+        key_specs: KeySpecSource | None = None,
     ) -> None:
         # codebook=None: no codebook at all (`ask --no-edit` without one)
         self.codebook_path = Path(codebook) if codebook is not None else None
@@ -230,20 +263,26 @@ class Editor:
         ):
             raise UsageError(
                 f"codebook {codebook} was built with text model {cfg['text_model']}; "
-                f"recalibrate to change it (got --text-model {text_model})"
+                f"recalibrate to change it (got `text_model` {text_model})"
             )
-        from reasonedit_cli.presets import get_preset, preset_of
+        from reasonedit_cli.presets import Preset, get_preset, preset_of
 
         # the preset asked for, else the one the codebook was written with (default for
         # codebooks from before presets)
-        self.preset = get_preset(preset) if preset is not None else preset_of(cfg)
+        if isinstance(preset, Preset):
+            self.preset = preset
+        else:
+            self.preset = get_preset(preset) if preset is not None else preset_of(cfg)
         self.device = device
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
         self.lock_timeout = lock_timeout
-        self._vlm: VLM | None = None
-        self._text: TextEncoder | None = None
-        self._embedder: DualEmbedder | None = None
+        self._vlm: VLMBackend | None = None
+        self._text: TextBackend | None = text
+        self._embedder: KeyEmbedder | None = embedder
+        self._key_specs = key_specs
+        if vlm is not None:
+            self.attach_vlm(vlm)
 
     # ----------------------------------------------------------- lazy parts
     @property
@@ -254,13 +293,14 @@ class Editor:
     def config(self) -> dict[str, Any]:
         return self.codebook.config if self.codebook else {}
 
-    def _require_codebook(self) -> Codebook:
+    def require_codebook(self) -> Codebook:
+        """The open codebook; a `UsageError` for an editor made without one."""
         if self.codebook is None:
-            raise UsageError("this needs a codebook (--codebook DIR)")
+            raise UsageError("this needs a codebook (`codebook` DIR)")
         return self.codebook
 
     @property
-    def vlm(self) -> VLM:
+    def vlm(self) -> VLMBackend:
         if self._vlm is None:
             from reasonedit_cli.vlm import VLM, model_path
 
@@ -281,13 +321,13 @@ class Editor:
                 f"{self.model_name} has revision {revision}; its keys would not match"
             )
 
-    def attach_vlm(self, vlm: Any) -> None:
-        """Use an already loaded VLM, or a stand-in with its interface (Ray workers)."""
+    def attach_vlm(self, vlm: VLMBackend) -> None:
+        """Use an already loaded VLM, or another `VLMBackend` (Ray workers, tests)."""
         self.check_model_revision(vlm.revision)
         self._vlm = vlm
 
     @property
-    def text(self) -> TextEncoder:
+    def text(self) -> TextBackend:
         if self._text is None:
             from reasonedit_cli.text import TextEncoder
 
@@ -295,13 +335,13 @@ class Editor:
         return self._text
 
     @property
-    def embedder(self) -> DualEmbedder:
+    def embedder(self) -> KeyEmbedder:
         if self._embedder is None:
             from reasonedit_cli.embedding import DEFAULT_LAYER, DualEmbedder
 
             cfg = self.config
             w = cfg.get("w")
-            self._embedder = DualEmbedder(
+            embedder = DualEmbedder(
                 self.vlm,
                 self.text,
                 layer=cfg.get("layer") or DEFAULT_LAYER,
@@ -310,7 +350,8 @@ class Editor:
             if not cfg.get("layer"):
                 # a stored layer is the hook point the keys were made at; a new codebook
                 # takes the default layer at the preset's hook point
-                self._embedder.layer = self.hook_label(self._embedder.layer)
+                embedder.layer = self.hook_label(embedder.layer)
+            self._embedder = embedder
         return self._embedder
 
     @property
@@ -373,15 +414,25 @@ class Editor:
         batch_size: int = 64,
         question_rule: str | None = None,
     ) -> list[KeySpec]:
-        """The keys of each edit (DESIGN 1.3): answer, sentences, and sentence patches.
+        """The keys of each edit (docs/method.md#keys): answer, sentences, and sentence patches.
 
         A sentence with a manual box gets that crop; with `patches="auto"` every other
-        sentence gets the crops chosen by the patch search (DESIGN 1.2), batched over
+        sentence gets the crops chosen by the patch search (docs/method.md#patches), batched over
         all edits of the call. `question_rule` (default: the preset's) is the
-        verification prompt of the search (patches.QUESTION_RULES).
+        verification prompt of the search (patches.QUESTION_RULES). An editor made with
+        `key_specs=` asks that source instead.
         """
         if patches not in PATCH_MODES:
-            raise UsageError(f"--patches must be one of {', '.join(PATCH_MODES)}")
+            raise UsageError(f"`patches` must be one of {', '.join(PATCH_MODES)}")
+        if self._key_specs is not None:
+            return self._key_specs(
+                edits,
+                images,
+                patches=patches,
+                top_k_patches=top_k_patches,
+                batch_size=batch_size,
+                question_rule=question_rule,
+            )
         found: dict[tuple[int, int], list[list[int]]] = {}
         if patches == "auto" and images is not None:
             from reasonedit_cli.edits import box_to_original
@@ -417,7 +468,7 @@ class Editor:
     def embed_specs(
         self, edits: Sequence[Edit], specs: Sequence[KeySpec], images: Sequence[Any]
     ) -> tuple[Any, Any]:
-        """Key vectors and their deferral radii (DESIGN 1.6) for the specs of `edits`."""
+        """Key vectors and their deferral radii (docs/method.md#radii) for the specs of `edits`."""
         imgs = [crop(images[s.edit_index], s.box) if s.box else images[s.edit_index] for s in specs]
         texts = [s.key_text for s in specs]
         seeds = [_seed(edits[s.edit_index].id or "", s.kind, s.key_text, s.box) for s in specs]
@@ -496,11 +547,11 @@ class Editor:
         """
         from reasonedit_cli.errors import InputError
 
-        codebook = self._require_codebook()
+        codebook = self.require_codebook()
         if self.codebook_has_keys and self.stored_preset != self.preset.name:
             raise UsageError(
-                f"codebook {self.codebook_path} was built with --preset {self.stored_preset}; "
-                f"add to it with that preset, or run `calibrate --preset {self.preset.name}` "
+                f"codebook {self.codebook_path} was built with `preset` {self.stored_preset}; "
+                f"add to it with that preset, or calibrate it with `preset` {self.preset.name} "
                 "first to switch it"
             )
         report = AddReport(version=codebook.version)
@@ -528,7 +579,7 @@ class Editor:
                     f"edit id {eid!r} already exists in {codebook.path} with other content "
                     f"(added in version {versions.get(eid, '?')} from {rec.source or 'unknown'}); "
                     f"the new one ({e.where or 'input'}) differs in {', '.join(differs)}; "
-                    "use --replace to replace it"
+                    "use `replace` to replace it"
                 )
             else:
                 if eid in stored:
@@ -560,7 +611,7 @@ class Editor:
                 value=spec.value,
                 key_text=spec.key_text,
                 image_sha256=chunk[spec.edit_index].image_sha256,
-                box=tuple(spec.box) if spec.box else None,
+                box=_box4(spec.box),
                 vector=vec,
                 radius=float(radius),
             )
@@ -594,12 +645,12 @@ class Editor:
 
         The single commit point of add-edit, whichever engine computed the records;
         `config` is `config_for_manifest()` (with the workers' model facts for Ray).
-        With `merge`, the new keys then merge into existing ones (DESIGN 1.6, merge on
+        With `merge`, the new keys then merge into existing ones (docs/method.md#merging, merge on
         insert) as a second version under the same lock, reported in `report.merge`.
         Only the new keys are merge candidates, so this costs O(new keys x all keys),
         not the O(n^2) of a full `merge_keys`.
         """
-        codebook = self._require_codebook()
+        codebook = self.require_codebook()
         with codebook.writer(lock_timeout=self.lock_timeout) as w:
             for e in todo:
                 w.store_image(e.image_bytes, e.image_ext)
@@ -668,7 +719,7 @@ class Editor:
         Raises CodebookError (damaged version) or UsageError (other model) and leaves this
         editor as it was, so a server refuses the version and keeps serving this one.
         """
-        newer = self._require_codebook().newer()
+        newer = self.require_codebook().newer()
         if newer is None:
             return None
         return self.with_codebook(newer.load())
@@ -692,7 +743,7 @@ class Editor:
         from reasonedit_cli.catalog import list_edits
 
         return list_edits(
-            self._require_codebook(), question=question, answer=answer, edit_id=edit_id, image=image
+            self.require_codebook(), question=question, answer=answer, edit_id=edit_id, image=image
         )
 
     def show_edit(self, edit_id: str, *, image_out: str | Path | None = None) -> dict[str, Any]:
@@ -700,7 +751,7 @@ class Editor:
         write its image with the boxes drawn (the path is in the result's `image_out`)."""
         from reasonedit_cli.catalog import draw_edit_boxes, show_edit
 
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         info = show_edit(cb, edit_id)
         if image_out is not None:
             path, boxes = draw_edit_boxes(cb, edit_id, image_out)
@@ -711,7 +762,7 @@ class Editor:
         """Write the edits as `add-edit --from` JSONL plus their images (`catalog`)."""
         from reasonedit_cli.catalog import export_codebook
 
-        return export_codebook(self._require_codebook(), out_dir, edit_ids=edit_ids)
+        return export_codebook(self.require_codebook(), out_dir, edit_ids=edit_ids)
 
     def remove_edits(self, edit_ids: Sequence[str]) -> dict[str, Any]:
         """Tombstone edits in one new version: {removed, version, previous}.
@@ -720,7 +771,7 @@ class Editor:
         """
         from reasonedit_cli.errors import InputError
 
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         unknown = sorted(set(edit_ids) - cb.edit_ids())
         if unknown:
             raise InputError(f"no such edit in {cb.path}: {', '.join(unknown)}")
@@ -729,12 +780,20 @@ class Editor:
             version = w.remove_edits(edit_ids)
         return {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
 
+    def restore(self, version: int) -> dict[str, Any]:
+        """Make kept version `version` current again, as a new version: {restored,
+        version}. Nothing is lost; the version it replaced stays kept too."""
+        cb = self.require_codebook()
+        with cb.writer(lock_timeout=self.lock_timeout) as w:
+            new = w.restore(version)
+        return {"restored": version, "version": new}
+
     def history(self) -> list[dict[str, Any]]:
         """Every kept version, oldest first, with `action`: what that version did."""
         from reasonedit_cli.catalog import version_actions
         from reasonedit_cli.store import history
 
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         actions = version_actions(cb)
         rows = history(cb.path)
         for r in rows:
@@ -798,7 +857,13 @@ class Editor:
             key = (float(q.temperature), float(q.top_p)) if q.temperature > 0 else (0.0, 1.0)
             groups.setdefault(key, []).append(i)
         done: dict[int, Any] = {}
+        from reasonedit_cli.backend import CompletingBackend
+
         vlm = self.vlm
+        if not isinstance(vlm, CompletingBackend):
+            raise ReasonEditError(
+                f"{type(vlm).__name__} cannot sample or stream answers (no complete/decode)"
+            )
         for (temperature, top_p), rows in groups.items():
             step = None
             if on_tokens is not None:
@@ -860,13 +925,14 @@ class Editor:
 
     # ------------------------------------------------------------ merge-keys
     def merge_keys(self, *, dry_run: bool = False) -> tuple[Any, int]:
-        """Merge overlapping keys (DESIGN 1.6) into a new version; returns (plan, version).
+        """Merge overlapping keys (docs/method.md#merging) into a new version; returns (plan,
+        version).
 
         Keys with different values merge too: the survivor collects every value with
         the edit it came from. The plan is made under the writer lock, on the newest
         version, so keys another writer added meanwhile are neither lost nor misnumbered.
         """
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         if dry_run:
             return _plan(cb), cb.version
         with cb.writer(lock_timeout=self.lock_timeout) as w:
@@ -886,7 +952,7 @@ class Editor:
         from reasonedit_cli.edits import decode_image
 
         items: list[tuple[Image.Image, str]] = []
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         for rec in cb.edits():
             img = decode_image(cb.read_image_bytes(rec.image_sha256), f"edit {rec.edit_id}")
             items.append((img, rec.question))
@@ -894,7 +960,8 @@ class Editor:
                 items.extend((img, s) for s in rec.reasoning)
         if not items:
             raise UsageError(
-                "nothing to calibrate on: the codebook has no edits; add edits or pass --pairs FILE"
+                "nothing to calibrate on: the codebook has no edits; add edits or give "
+                "calibration pairs (`pairs_file` FILE)"
             )
         return items
 
@@ -912,7 +979,8 @@ class Editor:
         dry_run: bool = False,
         force: bool = False,
     ) -> tuple[Any, int]:
-        """Choose layer and w (DESIGN 1.5), check them, store them, and re-embed every key.
+        """Choose layer and w (docs/method.md#calibration), check them, store them, and re-embed
+        every key.
 
         Returns the CalibrationResult and the new codebook version (the old version when
         `dry_run`). The new keys and settings are committed as one version, so readers
@@ -925,7 +993,7 @@ class Editor:
         """
         from reasonedit_cli.calibration import build_pairs, calibrate
 
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         reference = self.preset.calibration == "reference"
         items = self.calibration_items(pairs_file, questions_only=reference)
         names = list(layers) if layers else [li.label for li in self.vlm.candidate_layers()]
@@ -997,7 +1065,7 @@ class Editor:
         return result, version
 
     def check_settings(
-        self, old: DualEmbedder, new: DualEmbedder, new_keys: Sequence[KeyRecord]
+        self, old: KeyEmbedder, new: KeyEmbedder, new_keys: Sequence[KeyRecord]
     ) -> Any:
         """Retrieval of the codebook's own edits under its current keys (embedded by
         `old`) and under `new_keys` (embedded by `new`): a `selfcheck.RetrievalCheck`.
@@ -1010,7 +1078,7 @@ class Editor:
         from reasonedit_cli.selfcheck import RetrievalCheck, check_probes, count_retrieved, totals
         from reasonedit_cli.store import Codebook
 
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         k = int(self.config.get("top_k", DEFAULT_TOP_K))
         probes = check_probes(cb)
         before = count_retrieved(cb, old.embed, probes, k=k)
@@ -1018,22 +1086,22 @@ class Editor:
             scratch = Codebook.open(Path(tmp) / "cb", create=True)
             with scratch.writer() as w:
                 dim = int(new_keys[0].vector.shape[0])
-                w.set_config(**{**self.config, "layer": new.layer, "w": float(new.w), "dim": dim})
+                w.set_config(**{**self.config, "layer": new.layer, "w": _fixed_w(new), "dim": dim})
                 w.add(cb.edits(), list(new_keys))
             after = count_retrieved(scratch, new.embed, probes, k=k)
         return RetrievalCheck(
             total=totals(probes),
             old=before,
             new=after,
-            old_settings={"layer": old.layer, "w": float(old.w)},
-            new_settings={"layer": new.layer, "w": float(new.w)},
+            old_settings={"layer": old.layer, "w": _fixed_w(old)},
+            new_settings={"layer": new.layer, "w": _fixed_w(new)},
         )
 
     def reembed_keys(self, batch_size: int = 64) -> list[KeyRecord]:
         """Every live key embedded again from its stored image and text (same ids/values)."""
         from reasonedit_cli.edits import decode_image
 
-        cb = self._require_codebook()
+        cb = self.require_codebook()
         rows = cb.keys_table().to_pylist()
         cache: dict[str, Image.Image] = {}
         out: list[KeyRecord] = []
@@ -1051,6 +1119,39 @@ class Editor:
                 r["radius"] = float(radius)
             out.extend(_records_from_rows(chunk, vectors))
         return out
+
+
+def check_codebook(
+    path: str | Path, *, repair: bool = False, lock_timeout: float = 10.0
+) -> CheckReport:
+    """Verify a codebook's files and checksums (`reasonedit doctor`); with `repair`,
+    rebuild what the surviving files allow first (`repair.repair_codebook`).
+
+    A function, not an `Editor` method: repair must work on a codebook whose manifest is
+    too damaged to open.
+    """
+    if repair:
+        from reasonedit_cli.repair import repair_codebook
+
+        return repair_codebook(path, lock_timeout=lock_timeout)
+    from reasonedit_cli.store import Codebook
+
+    return Codebook.open(path).check(lock_timeout=lock_timeout)
+
+
+def _box4(box: Sequence[int] | None) -> tuple[int, int, int, int] | None:
+    """A KeySpec's box as a KeyRecord stores it (None: the whole image)."""
+    if not box:
+        return None
+    x0, y0, x1, y1 = box
+    return (int(x0), int(y0), int(x1), int(y1))
+
+
+def _fixed_w(embedder: KeyEmbedder) -> float:
+    """The embedder's w, fixed by the keys it has embedded (auto w is set by the first)."""
+    if embedder.w is None:
+        raise ReasonEditError("the key weight w is not fixed yet: embed keys first")
+    return float(embedder.w)
 
 
 def _seed(edit_id: str, kind: str, key_text: str, box: Any) -> int:
@@ -1082,7 +1183,7 @@ def _key_rows(cb: Codebook) -> list[dict[str, Any]]:
 
 
 def _plan(cb: Codebook, new_from: int = 0, rows: list[dict[str, Any]] | None = None) -> Any:
-    """The merge plan (DESIGN 1.6) of a codebook's live keys."""
+    """The merge plan (docs/method.md#merging) of a codebook's live keys."""
     from reasonedit_cli.merging import plan_merges
     from reasonedit_cli.store import key_entries
 

@@ -47,7 +47,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split reasoning after `.`, `!` or `?` followed by whitespace (DESIGN 1.1)."""
+    """Split reasoning after `.`, `!` or `?` followed by whitespace (docs/method.md#sentences)."""
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
@@ -252,7 +252,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         size = size or _header_size(data)
         raise InputError(
             f"{where} has too many pixels to decode safely: {_size_text(size)}, over the limit of "
-            f"{limit / 1e6:g} MP (raise it with --max-image-pixels or {MAX_IMAGE_PIXELS_ENV})"
+            f"{limit / 1e6:g} MP (raise it with `max_image_pixels` or {MAX_IMAGE_PIXELS_ENV})"
         ) from None
     except Exception:  # PIL raises many types for damaged or foreign files
         raise InputError(

@@ -1,4 +1,4 @@
-"""The dual embedding `E(i, t) = concat(pool(h_L(i, t)), w * S(t))` (DESIGN 1.4).
+"""The dual embedding `E(i, t) = concat(pool(h_L(i, t)), w * S(t))` (docs/method.md#dual-key).
 
 `h_L` is the VLM's mean-pooled input of layer L for the image with the text as prompt,
 `S` the sentence embedding of the text alone. Until `calibrate` has chosen them:
@@ -28,8 +28,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.text import TextEncoder
-    from reasonedit_cli.vlm import VLM
+    from reasonedit_cli.backend import TextBackend, VLMBackend
 
 DEFAULT_LAYER = "projector"
 FALLBACK_LAYER = "language.mid"
@@ -40,8 +39,8 @@ AUTO_W_SHARE = 0.1  # text-half spread relative to the image half for `auto` w
 class DualEmbedder:
     """Computes keys and queries for one (VLM, text encoder, layer, w) setting."""
 
-    vlm: VLM
-    text: TextEncoder
+    vlm: VLMBackend
+    text: TextBackend
     layer: str = DEFAULT_LAYER
     w: float | None = None  # None = auto, fixed at the first call
 

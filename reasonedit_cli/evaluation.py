@@ -1,4 +1,5 @@
-"""The evaluation protocol (DESIGN 2): edit, then probe reliability, generality, locality.
+"""The evaluation protocol (docs/method.md#evaluation): edit, then probe reliability, generality,
+locality.
 
 Input is an edit JSONL and a probe JSONL. Each probe is `{image, question, answer, kind,
 edit_id?}` with kind one of `t_gen`, `i_gen`, `r_gen`, `coe_gen` (tied to an edit by
@@ -18,6 +19,7 @@ the share that retrieved nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import defaultdict
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from reasonedit_cli.errors import InputError
+from reasonedit_cli.errors import InputError, UsageError
 
 PROBE_KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc")
 LOC_KINDS = ("loc", "hard_loc")  # probes tied to no edit: the answer must not change
@@ -118,6 +120,8 @@ METHODS = (
     "vision-only",
     "text-only",
     "no-patches",
+    "reasonedit-regions",
+    "vision-regions",
 )
 #: p of the rejection sweep; 1 is the reference's default (REFERENCE row 12)
 SWEEP_P = (1, 5, *range(10, 100, 10))
@@ -357,23 +361,28 @@ class Evaluation:
 
         preset = preset or self.editor.preset
         specs = self.specs(preset.question_rule)
-        ed = Editor(
-            self.workdir / name, model=self.editor.model_name, create=True, preset=preset.name
-        )
-        ed.preset = preset
-        ed.text_model_name = self.editor.text_model_name
-        ed._vlm, ed._text, ed._embedder = self.editor.vlm, self.editor.text, embedder
 
-        def key_specs(chunk, images=None, **_: Any) -> list[Any]:
+        def key_specs(
+            edits: Sequence[Any], images: Sequence[Any] | None = None, **_: Any
+        ) -> list[Any]:
             return [
                 replace(s, edit_index=i)
-                for i, e in enumerate(chunk)
+                for i, e in enumerate(edits)
                 for s in specs[e.id]
                 if patches or s.kind != "patch"
             ]
 
-        ed.key_specs = key_specs  # type: ignore[method-assign]
-        return ed
+        return Editor(
+            self.workdir / name,
+            model=self.editor.model_name,
+            text_model=self.editor.text_model_name,
+            create=True,
+            preset=preset,
+            vlm=self.editor.vlm,
+            text=self.editor.text,
+            embedder=embedder,
+            key_specs=key_specs,
+        )
 
     def build(
         self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
@@ -472,6 +481,10 @@ class Evaluation:
         if method == "text-only":
             emb = CachedEmbedder(self.halves, self.embedder.layer, 1.0, "text")
             return self.retrieval_method(*self.build("text-only", emb), None)
+        if method in ("reasonedit-regions", "vision-regions"):
+            from reasonedit_cli.regions import region_outcomes
+
+            return region_outcomes(self, method)
         if method == "ike":
             return self.ike()
         if method == "ike-reference":
@@ -809,7 +822,7 @@ def evaluate(
             return out
 
         for m in methods:
-            results[m] = timed(m, lambda m=m: ev.run(m))
+            results[m] = timed(m, functools.partial(ev.run, m))
         report = summarize(ev.probes, results)
         if sweep_p:
             report["sweep_p"] = timed("sweep_p", ev.sweep_p)
@@ -839,6 +852,213 @@ def evaluate(
             "vlm_answers": ev.gen.calls,
         }
     return report
+
+
+def parse_methods(text: str) -> list[str]:
+    """`all`, or a comma list of METHODS, in the order given."""
+    if text.strip() == "all":
+        return list(METHODS)
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or not chosen:
+        raise UsageError(
+            f"`methods`: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
+        )
+    return chosen
+
+
+@dataclass
+class EvaluationInputs:
+    """Where an evaluation takes its edits and probes from: a built-in dataset (built
+    from the unedited model's mistakes) or files (edits, optional probes)."""
+
+    dataset: str | None = None  # easy-vqa | scenes
+    edits: str | None = None  # an edit file: JSONL, or --format aokvqa / rationalevqa
+    probes: str | None = None  # a probe JSONL
+    fmt: str = "jsonl"
+    images_root: Path | None = None
+    n_edits: int = 100  # edits to build from `dataset`
+    seed: int = 0
+
+    def check(self) -> None:
+        """Usage errors, before any model loads."""
+        if (self.dataset is None) == (self.edits is None):
+            raise UsageError("give either `dataset` NAME or `edits` FILE [`probes` FILE]")
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise UsageError(
+                f"unknown `dataset` {self.dataset!r}; supported: {', '.join(DATASETS)}"
+            )
+
+    def load(
+        self, gen: Generations
+    ) -> tuple[list[Any], list[Probe], dict[str, list[str]], dict[str, Any]]:
+        """(edits, probes, choices per edit id, dataset info), asking the unedited model
+        through `gen` where the edits are its mistakes (datasets, A-OKVQA)."""
+        info: dict[str, Any] = {}
+        choices: dict[str, list[str]] = {}
+        if self.dataset is not None:
+            edits, probes, info = build_dataset(
+                self.dataset, gen, n_edits=self.n_edits, seed=self.seed
+            )
+        elif self.fmt == "aokvqa":
+            from reasonedit_cli.fileprobes import build_aokvqa
+
+            # edits = the unedited model's mistakes; probes and locality from the file
+            edits, probes, choices, info = build_aokvqa(
+                str(self.edits), self.images_root, gen.answer
+            )
+            probes += read_probes(self.probes) if self.probes else []
+        else:
+            from reasonedit_cli.datasets import read_edits
+
+            edits, _ = read_edits(str(self.edits), self.fmt, images_root=self.images_root)
+            probes = read_probes(self.probes) if self.probes else []
+            if self.fmt == "rationalevqa":
+                from reasonedit_cli.fileprobes import rationalevqa_choices
+
+                choices = rationalevqa_choices(str(self.edits), edits)
+        for e in edits:
+            e.ensure_id()
+        if not info:
+            info = {"edits": self.edits, "probes": self.probes, "format": self.fmt}
+        return edits, probes, choices, info
+
+
+class EvaluationRun:
+    """One `reasonedit evaluate`: the editor and its scratch codebooks, the inputs, the
+    methods, and where the run's reasonedit codebook is kept.
+
+        run = EvaluationRun(lambda path: Editor(path, create=True), inputs, methods=[...])
+        with run:                      # the scratch folder (and the Ray workers)
+            run.load()                 # edits and probes
+            report = run.run(progress=bar)   # `planned_answers()` calls of bar in all
+
+    `open_editor(path)` makes the editor that evaluates, on `path`: the given `codebook`
+    when it exists (its model and settings lend themselves; it is not changed), else a
+    scratch codebook; a `codebook` that does not exist receives the run's reasonedit
+    codebook once the run succeeded. `ray` (distributed.RayOptions) puts every VLM call on
+    Ray workers. The constructor raises the usage errors, before any model loads.
+    """
+
+    def __init__(
+        self,
+        open_editor: Callable[[Path], Any],
+        inputs: EvaluationInputs,
+        *,
+        methods: Sequence[str],
+        codebook: Path | None = None,
+        batch_size: int = 16,
+        sweep_p: bool = True,
+        sweep_w: bool = False,
+        percentile: float | None = None,
+        eval_every: int | None = None,
+        ray: Any = None,
+    ) -> None:
+        inputs.check()
+        for m in methods:
+            if m not in METHODS:
+                raise UsageError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        self.keep_to = None if codebook is None or Path(codebook).exists() else Path(codebook)
+        if self.keep_to is not None and not (
+            "reasonedit" in methods or "grace" in methods or sweep_p or sweep_w
+        ):
+            raise UsageError("`codebook` keeps the reasonedit codebook; add it to `methods`")
+        self.open_editor = open_editor
+        self.inputs = inputs
+        self.methods = list(methods)
+        self.codebook = codebook
+        self.batch_size = batch_size
+        self.sweep_p = sweep_p
+        self.sweep_w = sweep_w
+        self.percentile = percentile
+        self.eval_every = eval_every
+        self.ray = ray
+        self.edits: list[Any] = []
+        self.probes: list[Probe] = []
+        self.choices: dict[str, list[str]] = {}
+        self.info: dict[str, Any] = {}
+        self._stack: Any = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> EvaluationRun:
+        import contextlib
+        import tempfile
+        import time
+
+        self._t0 = time.perf_counter()
+        stack = contextlib.ExitStack()
+        try:
+            self._tmp = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="reasonedit-eval-"))
+            )
+            given = self.codebook if self.keep_to is None else None
+            self.editor = self.open_editor(Path(given) if given is not None else self._tmp / "cb")
+            if self.ray is not None:
+                from reasonedit_cli.distributed import remote_vlm
+
+                # every VLM call (answers, probe and key embeddings, patch search) on workers
+                stack.enter_context(remote_vlm(self.editor, self.ray))
+            self.gen = Generations(self.editor.vlm, self.batch_size)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def load(self) -> None:
+        """Read or build the edits and probes (a dataset asks the unedited model)."""
+        self.edits, self.probes, self.choices, self.info = self.inputs.load(self.gen)
+
+    def planned_answers(self) -> int:
+        """The questions `run` will put to the model (cached ones too): its progress total."""
+        return planned_answers(
+            len(self.edits),
+            self.probes,
+            [e.id or "" for e in self.edits],
+            self.methods,
+            sweep_p=self.sweep_p,
+            sweep_w=self.sweep_w,
+            eval_every=self.eval_every,
+            reference_sweep=self.sweep_p
+            and "reasonedit-reference" in self.methods
+            and self.editor.preset.name != "reference",
+        )
+
+    def run(self, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """`evaluate` on the loaded inputs; the report, with `dataset`, `seed` and the
+        total runtime. `progress(n)`: n more questions answered."""
+        import time
+
+        assert self._tmp is not None, "EvaluationRun.run outside `with run:`"
+        self.gen.on_answers = progress
+        try:
+            report = evaluate(
+                self.editor,
+                self.edits,
+                self.probes,
+                methods=self.methods,
+                batch_size=self.batch_size,
+                sweep_p=self.sweep_p,
+                sweep_w=self.sweep_w,
+                percentile=self.percentile,
+                workdir=self._tmp / "variants",
+                gen=self.gen,
+                eval_every=self.eval_every,
+                choices=self.choices,
+            )
+        finally:
+            self.gen.on_answers = None
+        if self.keep_to is not None:
+            import shutil
+
+            shutil.copytree(self._tmp / "variants" / "reasonedit", self.keep_to)
+        report["dataset"] = self.info
+        report["seed"] = self.inputs.seed
+        report["runtime_s"]["total"] = round(time.perf_counter() - self._t0, 3)
+        return report
 
 
 def summarize(probes: Sequence[Probe], results: dict[str, list[Any]]) -> dict[str, Any]:
@@ -921,7 +1141,7 @@ def choice_match(choice: str, answer: str) -> bool:
 
 def grace_summary(log: Sequence[Any]) -> dict[str, Any]:
     """Codebook actions and training effort of the GRACE run (for the report)."""
-    actions = defaultdict(int)
+    actions: defaultdict[str, int] = defaultdict(int)
     for entry in log:
         actions[entry.action] += 1
     return {

@@ -1,4 +1,4 @@
-"""Key merging (DESIGN 1.6): consolidate keys whose deferral balls coincide.
+"""Key merging (docs/method.md#merging): consolidate keys whose deferral balls coincide.
 
 A new key k_new may merge into an earlier key k_old when
 
@@ -62,7 +62,7 @@ def may_merge_reference(d: float, r_old: float, r_new: float) -> bool:
 
 
 def may_merge(d: float, r_old: float, r_new: float) -> bool:
-    """The DESIGN 1.6 rule for one pair of keys."""
+    """The docs/method.md#merging rule for one pair of keys."""
     if r_old <= 0 or r_new <= 0:
         return d <= 1e-6  # keys without a ball merge only when identical
     if d < NEAR_DUPLICATE * r_new and d < NEAR_DUPLICATE * r_old:

@@ -1,6 +1,6 @@
 """Visual evidence patches: find the image region each reasoning sentence talks about.
 
-DESIGN 1.2, step 2. When an edit gives no box for a sentence, the VLM itself locates the
+docs/method.md#patches, step 2. When an edit gives no box for a sentence, the VLM itself locates the
 evidence:
 
 1. **Grid.** A copy of the image is resized so its longer side is at most 512 px and cut
@@ -40,9 +40,9 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from reasonedit_cli.vlm import VLM
+    from reasonedit_cli.backend import VLMBackend as VLM  # any backend (VLM, RemoteVLM)
 
-#: The longer side of the copy the grid is cut from (DESIGN 1.2).
+#: The longer side of the copy the grid is cut from (docs/method.md#patches).
 MAX_SIDE = 512
 #: Cells per side of the grid.
 GRID = 3
@@ -281,7 +281,7 @@ def select_crops(
     threshold: float = PASS_THRESHOLD,
     tie: str = DEFAULT_TIE_RULE,
 ) -> list[int]:
-    """The selection rule of DESIGN 1.2 for one sentence; returns candidate indices.
+    """The selection rule of docs/method.md#patches for one sentence; returns candidate indices.
 
     Union of (a) every passing crop tied for the lowest loss among the smallest passing
     crop size (size = cells, width x height) and (b) the `top_k` lowest-loss passing

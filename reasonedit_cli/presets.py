@@ -101,7 +101,7 @@ def get_preset(name: str | None) -> Preset:
     if name is None:
         return DEFAULT
     if name not in PRESETS:
-        raise UsageError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
+        raise UsageError(f"`preset` must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
     return PRESETS[name]
 
 
@@ -138,6 +138,6 @@ def check_hook(vlm: Any, layer: str, preset: Preset) -> str:
         if name == layer:
             raise
         raise UsageError(
-            f"--preset {preset.name} hooks {name!r} (the input of the block's first Linear, "
+            f"`preset` {preset.name} hooks {name!r} (the input of the block's first Linear, "
             f"after its norm), which this model does not offer"
         ) from None

@@ -79,8 +79,9 @@ def repair_codebook(
         steps.append(f"committed the rebuilt segments as version {version}")
         rows = sum(int(e["rows"]) for e in keys_bad)
         if keys_bad and len(keys) > rows:
-            # the lost segment held fewer keys than its edits make: merged keys (DESIGN
-            # 1.6). The same merge plan over the same re-embedded keys merges them again.
+            # the lost segment held fewer keys than its edits make: merged keys
+            # (docs/method.md#merging). The same merge plan over the same re-embedded keys merges
+            # them again.
             from .editor import Editor
 
             plan, version = Editor(cb.path, lock_timeout=lock_timeout).merge_keys()

@@ -1,4 +1,5 @@
-"""Hubness-corrected retrieval over codebook keys (DESIGN 1.7, 1.8).
+"""Hubness-corrected retrieval over codebook keys (docs/method.md#retrieval,
+docs/method.md#answering).
 
 Pure numpy functions shared by the codebook (which caches their results as derived data)
 and by evaluation (which sweeps the threshold). Distances are Euclidean (L2, not squared).
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-SIGMA_K = 30  # neighbours used for sigma (DESIGN 1.7)
+SIGMA_K = 30  # neighbours used for sigma (docs/method.md#retrieval)
 DEFAULT_PERCENTILE = 25.0
 EXACT_PAIRS_MAX_KEYS = 2000  # above this many keys tau uses a seeded sample of pairs
 SAMPLE_PAIRS = 1_000_000
@@ -185,7 +186,10 @@ def hubness_sigma(vectors: np.ndarray, k: int = SIGMA_K) -> np.ndarray:
 
 
 def effective_percentile(p: float, n_edits: int) -> float:
-    """max(p, 100 / n_edits), capped at 100 (DESIGN 1.7: few edits need a looser tau)."""
+    """max(p, 100 / n_edits), capped at 100: few edits need a looser tau.
+
+    See docs/method.md#threshold.
+    """
     if n_edits <= 0:
         return float(min(100.0, p))
     return float(min(100.0, max(p, 100.0 / n_edits)))
@@ -324,7 +328,7 @@ def nearest_threshold(
     """tau from each key's NEAREST other key: the max(p, 100/n_edits)-th percentile of
     d(k, nn(k)) / sigma_k (the default `tau_rule`, "nearest").
 
-    Why not all pairs (rule "all", DESIGN 1.7 read literally): sigma_k is the median
+    Why not all pairs (rule "all", docs/method.md#threshold read literally): sigma_k is the median
     distance to a key's 30 nearest keys, so with hundreds of keys almost every pair lies
     beyond it and even the 10th percentile of all corrected pairs exceeds 1, while a query
     near any key scores below 1. On easy-vqa with the demo VLM (100 edits), the all-pairs
@@ -465,7 +469,7 @@ def reference_hits(corrected: Sequence[float], tau: float | None, k: int = 5) ->
 class Hit:
     """One retrieved key: its facts and where they came from.
 
-    `value`/`edit_id` are the key's own (first) entry; a merged key (DESIGN 1.6) holds
+    `value`/`edit_id` are the key's own (first) entry; a merged key (docs/method.md#merging) holds
     more, and `entries` lists them all as (value, edit_id), own first. Its facts are
     `values`, the distinct values in that order.
     """
@@ -529,7 +533,7 @@ def retrieve(
     *,
     hit_rule: str | None = None,
 ) -> Retrieval:
-    """Retrieve the facts that apply to one query embedding (DESIGN 1.7).
+    """Retrieve the facts that apply to one query embedding (docs/method.md#retrieval).
 
     Reject when the nearest corrected distance exceeds tau; otherwise return the k
     nearest keys whose corrected distance is within tau and their distinct values.
@@ -597,7 +601,7 @@ def build_prompt(facts: Sequence[str], prompt: str) -> str:
     """`<facts joined by spaces> <prompt>`; the prompt unchanged when there are no facts.
 
     Unchanged means byte-identical, so an unedited query runs exactly as the base model
-    (locality, DESIGN 1.8).
+    (locality, docs/method.md#answering).
     """
     facts = [f for f in facts if f]
     if not facts:

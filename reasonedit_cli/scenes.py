@@ -327,7 +327,7 @@ def _background(scene: Scene, size: int):
     tint = np.array(scene.bg_tint, dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     if scene.background == "plain":
-        img = np.broadcast_to(tint, (size, size, 3)).copy()
+        img: np.ndarray = np.broadcast_to(tint, (size, size, 3)).astype(np.float64)
     elif scene.background == "gradient":
         other = rng.integers(185, 246, size=3).astype(np.float32)
         a = rng.uniform(0, 2 * math.pi)
@@ -349,7 +349,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE):
     from PIL import Image, ImageDraw
 
     k = 4
-    bg = Image.fromarray(_background(scene, size)).resize((size * k, size * k), Image.NEAREST)
+    bg = Image.fromarray(_background(scene, size)).resize(
+        (size * k, size * k), Image.Resampling.NEAREST
+    )
     draw = ImageDraw.Draw(bg)
     scale = size * k / IMAGE_SIZE
     for o in scene.objects:
@@ -358,7 +360,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE):
             draw.ellipse([x - r, y - r, x + r, y + r], fill=RGB[o.color])
         else:
             draw.polygon(_polygon(o.shape, x, y, r), fill=RGB[o.color])
-    return bg.resize((size, size), Image.LANCZOS)
+    return bg.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def png_bytes(image) -> bytes:
@@ -447,6 +449,17 @@ def color_chain(o: SceneObject, color: str | None = None) -> list[str]:
     return [f"The {o.shape} in the {o.region} is the colour of {thing}.", rule]
 
 
+def asked(
+    scene: Scene, family: str, rng: random.Random, split: str, target: SceneObject
+) -> Question:
+    """`question` about a given object of the scene (colour, shape and existence always
+    have one)."""
+    q = question(scene, family, rng, split, target=target)
+    if q is None:
+        raise ValueError(f"no {family} question about {target.caption()}")
+    return q
+
+
 def reasoning(q: Question) -> list[str]:
     """The reasoning chain of a colour or shape question's correct answer."""
     assert q.target is not None
@@ -461,7 +474,7 @@ def contact_sheet(scenes: list[Scene], cols: int = 8, scale: int = 2):
     s = IMAGE_SIZE * scale
     sheet = Image.new("RGB", (cols * (s + 4), rows * (s + 4)), (255, 255, 255))
     for i, sc in enumerate(scenes):
-        img = render(sc).resize((s, s), Image.NEAREST)
+        img = render(sc).resize((s, s), Image.Resampling.NEAREST)
         sheet.paste(img, ((i % cols) * (s + 4), (i // cols) * (s + 4)))
     return sheet
 
@@ -534,7 +547,7 @@ def build_scenes(
             qrng = _scene_rng(seed, 2, i)
             for o in sc.objects:
                 fam = qrng.choice(("color", "shape"))
-                pending.append((i, data, question(sc, fam, qrng, "train", target=o)))
+                pending.append((i, data, asked(sc, fam, qrng, "train", o)))
         answers = ask([d for _, d, _ in pending], [q.text for _, _, q in pending])
         n_asked += len(pending)
         for (i, data, q), a in zip(pending, answers):
@@ -569,14 +582,15 @@ def build_scenes(
     hard_pending = []
     for n, (e, (i, q, wrong)) in enumerate(zip(edits, edit_q)):
         sc, data = scene_at(0, i)
-        o = q.target
-        assert o is not None
+        target = q.target
+        assert target is not None
+        o = target
         prng = _scene_rng(seed, 3, n)
-        tq = question(sc, q.family, prng, "heldout", target=o)
+        tq = asked(sc, q.family, prng, "heldout", o)
         add(data, tq.text, tq.answer, "t_gen", e, f"scene {i} t_gen")
         other, odata = scene_at(1, n, fixed=((o.shape, o.color),))
         add(odata, q.text, q.answer, "i_gen", e, f"scene i{n} i_gen (edit scene {i})")
-        rq = question(sc, "exist", prng, "heldout", target=o)
+        rq = asked(sc, "exist", prng, "heldout", o)
         add(data, rq.text, "yes", "r_gen", e, f"scene {i} r_gen")
         for t in range(coe_tries):
             csc, cdata = scene_at(2, n, t, fixed=((o.shape, o.color),))
@@ -584,7 +598,7 @@ def build_scenes(
         rest = [x for x in sc.objects if x.shape not in edited_by_scene[i]]
         if rest:
             x = prng.choice(rest)
-            hq = question(sc, prng.choice(("color", "shape")), prng, "train", target=x)
+            hq = asked(sc, prng.choice(("color", "shape")), prng, "train", x)
             hard_pending.append((n, i, data, hq))
     coe_answers = ask([c[2] for c in coe_pending], [c[3] for c in coe_pending])
     n_asked += len(coe_pending)
@@ -603,8 +617,8 @@ def build_scenes(
     loc: list[tuple[bytes, Question, int]] = []
     k = 0
     while len(loc) < n_edits and k < 20 * n_edits:
-        chunk = []
-        while len(chunk) < batch_size and k < 20 * n_edits:
+        batch: list[tuple[bytes, Question, int]] = []
+        while len(batch) < batch_size and k < 20 * n_edits:
             sc, data = scene_at(3, k)
             k += 1
             if any((o.shape, o.color) in edited_objects for o in sc.objects):
@@ -613,10 +627,10 @@ def build_scenes(
             lq = None
             while lq is None:
                 lq = question(sc, qrng.choice(FAMILIES), qrng, "train")
-            chunk.append((data, lq, k))
-        answers = ask([c[0] for c in chunk], [c[1].text for c in chunk])
-        n_asked += len(chunk)
-        for c, a in zip(chunk, answers):
+            batch.append((data, lq, k))
+        answers = ask([c[0] for c in batch], [c[1].text for c in batch])
+        n_asked += len(batch)
+        for c, a in zip(batch, answers):
             if exact_match(a, c[1].answer) and len(loc) < n_edits:
                 loc.append(c)
     for data, lq, k in loc:

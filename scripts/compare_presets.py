@@ -57,10 +57,7 @@ def main() -> None:
             s = halves.text_half(questions)
             cal = {}
             for name, preset, runs in (("default", None, 5), ("reference", ref, args.runs)):
-                ed = Editor(Path(tmp) / "cb")
-                ed._vlm, ed._text = editor.vlm, editor.text
-                if preset is not None:
-                    ed.preset = preset
+                ed = Editor(Path(tmp) / "cb", preset=preset, vlm=editor.vlm, text=editor.text)
                 t0 = time.perf_counter()
                 res, _ = ed.calibrate(bootstrap=runs, seed=args.seed, dry_run=True)
                 h = halves.vlm_half(images, questions, res.layer)
@@ -75,8 +72,7 @@ def main() -> None:
             out["calibrate"] = cal
             args.out.write_text(json.dumps(out, indent=2))
         if not args.skip_evaluate:
-            ev_editor = Editor(Path(tmp) / "eval", create=True)
-            ev_editor._vlm, ev_editor._text = editor.vlm, editor.text
+            ev_editor = Editor(Path(tmp) / "eval", create=True, vlm=editor.vlm, text=editor.text)
             t0 = time.perf_counter()
             report = E.evaluate(
                 ev_editor,

@@ -478,7 +478,7 @@ def _stating_sentences(kind: str, c: str, s: str, rng: random.Random, split: str
 def patch_probe(
     c: str, s: str, present: str, rng: random.Random, split: str = "train"
 ) -> tuple[str, str]:
-    """A prompt of reasonedit's patch search (DESIGN 1.2), worded exactly as it asks it.
+    """A prompt of reasonedit's patch search (docs/method.md#patches), worded exactly as it asks it.
 
     Verification: ``patches.sentence_question(sentence)``, i.e. ``Does the image show
     <reasoning sentence as a question>?`` for one sentence of a reasoning chain; ``yes`` when

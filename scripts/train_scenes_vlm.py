@@ -394,6 +394,17 @@ def main() -> None:
         default="plain=0.25,true=0.2,contra=0.27,irrelevant=0.23,probe=0.05",
         help="condition shares of the LLaVA stage",
     )
+    ap.add_argument(
+        "--curriculum",
+        default=None,
+        help="FRACTION:MIX - the first FRACTION of the LLaVA-stage budget uses MIX "
+        "(e.g. 0.3:plain=0.7,true=0.1,contra=0.1,probe=0.1: ground the questions first)",
+    )
+    ap.add_argument(
+        "--train_projector",
+        action="store_true",
+        help="train the projector in the LLaVA stage (the vision tower stays frozen)",
+    )
     ap.add_argument("--export", default=None, help="only write --out from a ckpt_*.pt")
     ap.add_argument(
         "--init", default=None, help="start from a ckpt_*.pt (with --vision_steps 0: continue)"
@@ -513,30 +524,52 @@ def main() -> None:
     torch.save(model.state_dict(), os.path.join(args.workdir, "ckpt_vision.pt"))
 
     # ---- stage 2: language model on cached image features
-    for p in list(vt.parameters()) + list(model.model.multi_modal_projector.parameters()):
+    projector = model.model.multi_modal_projector
+    frozen = list(vt.parameters())
+    if not args.train_projector:
+        frozen += list(projector.parameters())
+    for p in frozen:
         p.requires_grad_(False)
     vt.eval()
     with torch.no_grad():
-        feats = torch.cat(
-            [
-                torch.stack(
-                    model.model.get_image_features(pixel_values=bank[k : k + 500]).pooler_output
-                )
-                for k in range(0, len(bank), 500)
-            ]
-        )
+        if args.train_projector:
+            # cache the projector's input (the vision tower's last block, CLS dropped);
+            # the projector then runs, with gradients, on every batch
+            feats = torch.cat(
+                [
+                    vt(bank[k : k + 500], output_hidden_states=True).hidden_states[-1][:, 1:]
+                    for k in range(0, len(bank), 500)
+                ]
+            )
+        else:
+            feats = torch.cat(
+                [
+                    torch.stack(
+                        model.model.get_image_features(pixel_values=bank[k : k + 500]).pooler_output
+                    )
+                    for k in range(0, len(bank), 500)
+                ]
+            )
     image_token = tok.convert_tokens_to_ids("<image>")
     d = args.t_dim
 
     def cached(m, ids, att, batch):
         emb = m.get_input_embeddings()(ids)
-        emb = emb.masked_scatter(
-            (ids == image_token).unsqueeze(-1), feats[[x[0] for x in batch]].reshape(-1, d)
-        )
+        f = feats[[x[0] for x in batch]]
+        if args.train_projector:
+            f = projector(f)
+        emb = emb.masked_scatter((ids == image_token).unsqueeze(-1), f.reshape(-1, d).to(emb.dtype))
         return m.model.language_model(inputs_embeds=emb, attention_mask=att).last_hidden_state
 
-    mix = {k: float(v) for k, v in (kv.split("=") for kv in args.mix.split(","))}
-    conds, weights = list(mix), list(mix.values())
+    def parse_mix(text: str) -> tuple[list[str], list[float]]:
+        mix = {k: float(v) for k, v in (kv.split("=") for kv in text.split(","))}
+        return list(mix), list(mix.values())
+
+    conds, weights = parse_mix(args.mix)
+    cur_frac, cur_mix = 0.0, (conds, weights)
+    if args.curriculum:
+        frac, _, text = args.curriculum.partition(":")
+        cur_frac, cur_mix = float(frac), parse_mix(text)
     rows = eval_rows(val, len(train), args.seed + 7, per=24)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -561,9 +594,11 @@ def main() -> None:
         done = time.time() - t0 >= 60 * args.minutes
         if not pool:
             raw = []
+            early = time.time() - t0 < cur_frac * 60 * args.minutes
+            cs, ws = cur_mix if early else (conds, weights)
             for _ in range(args.batch * 8):
                 i = rng.randrange(len(train))
-                raw.append(sample(train[i], i, rng.choices(conds, weights)[0], rng))
+                raw.append(sample(train[i], i, rng.choices(cs, ws)[0], rng))
             raw.sort(key=lambda x: len(x[1]))
             pool = [raw[k : k + args.batch] for k in range(0, len(raw), args.batch)]
             rng.shuffle(pool)

@@ -97,3 +97,6 @@ def edits_jsonl(tmp_path, images) -> Path:
 @pytest.fixture
 def model_args(tiny_llava) -> list[str]:
     return ["--model", str(tiny_llava), "--device", "cpu"]
+
+
+from fake_backend import fake_models  # noqa: E402, F401  (a fixture for plumbing tests)

@@ -1,4 +1,7 @@
-"""Tests of the seeded image and text augmentations (DESIGN 1.5, 1.6)."""
+"""Tests of the seeded image and text augmentations.
+
+They feed calibration (docs/method.md#calibration) and the radii (docs/method.md#radii).
+"""
 
 from __future__ import annotations
 

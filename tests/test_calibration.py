@@ -1,4 +1,7 @@
-"""Tests of topology-balanced calibration (DESIGN 1.5), on numpy data and tiny images."""
+"""Tests of topology-balanced calibration, on numpy data and tiny images.
+
+See docs/method.md#calibration.
+"""
 
 from __future__ import annotations
 
@@ -138,7 +141,8 @@ def test_partitions_from_pairs_and_dicts() -> None:
 
 
 def synth(n_img: int = 4, n_txt: int = 4, d: int = 16, seed: int = 0):
-    """Anchors (image a, text b) for all a, b, each with 3 augmentations (DESIGN 1.5).
+    """Anchors (image a, text b) for all a, b, each with 3 augmentations
+    (docs/method.md#calibration).
 
     Three kinds of features, one row per pair:
     * "vision": keyed by the exact image id (an augmented image is a new random point):

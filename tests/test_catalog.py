@@ -33,10 +33,8 @@ def _add(cb, edits_jsonl, model_args, *extra):
     return result
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_llava):
-    """The conftest edits (e1-e3) added once per module; tests get a copy."""
-    d = tmp_path_factory.mktemp("catalog")
+def _write_edits(d: Path) -> Path:
+    """conftest's three edits (e1-e3) with their images, in folder `d`."""
     (d / "images").mkdir()
     shape_image(d / "images" / "red_circle.png", "circle", "red")
     shape_image(d / "images" / "blue_triangle.png", "triangle", "blue")
@@ -53,8 +51,15 @@ def built(tmp_path_factory, tiny_llava):
          "boxes": [[8, 8, 56, 56], None]},
     ]  # fmt: skip
     (d / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "edits.jsonl"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llava):
+    """The conftest edits (e1-e3) added once per module; tests get a copy."""
+    d = tmp_path_factory.mktemp("catalog")
     cb = d / "cb"
-    result = _add(cb, d / "edits.jsonl", ["--model", str(tiny_llava), "--device", "cpu"])
+    result = _add(cb, _write_edits(d), ["--model", str(tiny_llava), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     # add-edit names the ids it added
     assert "Added: e1, e2, e3" in result.stdout
@@ -64,6 +69,15 @@ def built(tmp_path_factory, tiny_llava):
 @pytest.fixture
 def codebook(built, tmp_path):
     return Path(shutil.copytree(built, tmp_path / "cb"))
+
+
+@pytest.fixture
+def fake_codebook(tmp_path, fake_models):
+    """The same edits added with the fake backend, for tests of plumbing."""
+    (tmp_path / "src").mkdir()
+    result = _add(tmp_path / "fake-cb", _write_edits(tmp_path / "src"), [])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "fake-cb"
 
 
 def _flag_edit(cb, images, model_args, answer, *extra):
@@ -172,7 +186,8 @@ def test_show_lists_facts_and_keys_and_draws_boxes(codebook, tmp_path):
 
 
 # -------------------------------------------------------------------- export
-def test_export_then_add_edit_gives_an_identical_codebook(codebook, tmp_path, model_args):
+def test_export_then_add_edit_gives_an_identical_codebook(fake_codebook, tmp_path):
+    codebook, model_args = fake_codebook, []
     out = tmp_path / "export"
     result = invoke("export", str(out), "-c", str(codebook))
     assert result.exit_code == 0, result.output
@@ -235,8 +250,9 @@ def test_check_with_unchanged_settings_finds_no_loss(codebook, model_args):
     assert check.old["edit"] == 3  # the edits themselves are always found
 
 
-def test_refused_calibration_writes_nothing_and_force_commits(codebook, model_args, monkeypatch):
+def test_refused_calibration_writes_nothing_and_force_commits(fake_codebook, monkeypatch):
     """Plumbing: a check that loses retrieval (forced here) refuses unless --force."""
+    codebook, model_args = fake_codebook, []
     from reasonedit_cli.selfcheck import RetrievalCheck
 
     def losing(self, old, new, keys):

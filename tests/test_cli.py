@@ -1,4 +1,7 @@
-"""The commands end to end through Typer's CliRunner, on a tiny LLaVA and the real MiniLM."""
+"""The commands end to end through Typer's CliRunner, on a tiny LLaVA and the real MiniLM.
+
+Tests of plumbing (parsing, bookkeeping, rendering) run on the fake backend
+(`fake_models`, tests/fake_backend.py); the main paths run on the real models."""
 
 from __future__ import annotations
 
@@ -54,6 +57,17 @@ def codebook(tmp_path, edits_jsonl, model_args):
     # answer key + one key per sentence (2 each) + one manual box key on e3
     assert report["keys"] == 3 * 3 + 1
     assert report["boxes"]["e3"] == [[[8, 8, 56, 56]], []]
+    return cb
+
+
+@pytest.fixture
+def fake_codebook(tmp_path, edits_jsonl, fake_models):
+    """The `codebook` fixture's three edits, added with the fake backend."""
+    cb = tmp_path / "cb"
+    result = invoke(
+        "add-edit", "--from", str(edits_jsonl), "--codebook", str(cb), "--patches", "none"
+    )
+    assert result.exit_code == 0, result.output
     return cb
 
 
@@ -117,10 +131,9 @@ def test_unrelated_question_retrieves_nothing(codebook, tmp_path, model_args):
     assert record["prompt"] == "How many people are sitting on the bench?"
 
 
-def test_same_edits_twice_are_stored_once(codebook, edits_jsonl, model_args):
-    result = invoke(
-        "add-edit", "--from", str(edits_jsonl), "--codebook", str(codebook), *model_args, "--json"
-    )
+def test_same_edits_twice_are_stored_once(fake_codebook, edits_jsonl):
+    codebook = fake_codebook
+    result = invoke("add-edit", "--from", str(edits_jsonl), "--codebook", str(codebook), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["added"] == [] and sorted(report["skipped"]) == ["e1", "e2", "e3"]
@@ -131,7 +144,8 @@ def test_same_edits_twice_are_stored_once(codebook, edits_jsonl, model_args):
     assert cb.keys_table().num_rows == 10
 
 
-def test_add_from_flags_and_stdin(tmp_path, images, model_args):
+def test_add_from_flags_and_stdin(tmp_path, images, fake_models):
+    model_args: list[str] = []
     cb = tmp_path / "cb"
     result = invoke(
         "add-edit",
@@ -150,10 +164,13 @@ def test_add_from_flags_and_stdin(tmp_path, images, model_args):
         "0,0,64,64",
         "--box",
         "none",
+        "--patches",
+        "none",
         "--json",
     )
     assert result.exit_code == 0, result.output
     first = json.loads(result.stdout)
+    # answer, two sentences, the first sentence's manual box
     assert len(first["added"]) == 1 and first["keys"] == 4
     line = json.dumps(
         {
@@ -170,7 +187,8 @@ def test_add_from_flags_and_stdin(tmp_path, images, model_args):
     assert len(json.loads(result.stdout)["added"]) == 1
 
 
-def test_ask_batch_from_jsonl_and_no_edit(codebook, images, model_args, tmp_path):
+def test_ask_batch_from_jsonl_and_no_edit(fake_codebook, images, tmp_path):
+    codebook, model_args = fake_codebook, []
     q = tmp_path / "questions.jsonl"
     q.write_text(
         json.dumps(
@@ -203,7 +221,8 @@ def test_ask_batch_from_jsonl_and_no_edit(codebook, images, model_args, tmp_path
         )
 
 
-def test_ask_explain_renders_a_table(codebook, images, model_args):
+def test_ask_explain_renders_a_table(fake_codebook, images):
+    codebook, model_args = fake_codebook, []
     result = invoke(
         "ask",
         "--codebook",
@@ -219,7 +238,8 @@ def test_ask_explain_renders_a_table(codebook, images, model_args):
     assert "Retrieved keys" in result.output and "circle" in result.output
 
 
-def test_no_edit_without_a_codebook(tmp_path, images, model_args):
+def test_no_edit_without_a_codebook(tmp_path, images, fake_models):
+    model_args: list[str] = []
     result = invoke(
         "ask",
         "--codebook",
@@ -502,7 +522,8 @@ def test_evaluate_reports_every_metric(tmp_path, edits_jsonl, images, model_args
     assert md.startswith("# reasonedit evaluation") and "\n| method |" in md
 
 
-def test_doctor_reports_ok_and_damage(codebook):
+def test_doctor_reports_ok_and_damage(fake_codebook):
+    codebook = fake_codebook
     ok = invoke("doctor", "--codebook", str(codebook), "--json")
     assert ok.exit_code == 0, ok.output and json.loads(ok.stdout)["ok"]
     seg = next((codebook / "segments").glob("keys-*.parquet"))
@@ -514,7 +535,8 @@ def test_doctor_reports_ok_and_damage(codebook):
     assert "Traceback" not in bad.output
 
 
-def test_remove_then_restore_round_trips(codebook, images, model_args):
+def test_remove_then_restore_round_trips(fake_codebook, images):
+    codebook, model_args = fake_codebook, []
     from reasonedit_cli.store import Codebook
 
     before = Codebook.open(codebook)
@@ -555,7 +577,8 @@ def test_remove_then_restore_round_trips(codebook, images, model_args):
     assert missing.exit_code == 1 and "no such edit" in missing.output
 
 
-def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images, model_args):
+def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images, fake_models):
+    model_args: list[str] = []
     probes = tmp_path / "probes.jsonl"
     probes.write_text(
         json.dumps(
@@ -602,7 +625,8 @@ def test_evaluate_sequential_tracks_every_n_edits(tmp_path, edits_jsonl, images,
     assert "sequential editing" in (tmp_path / "rep" / "sweep.md").read_text()
 
 
-def test_new_codebook_records_its_threshold_rule(codebook):
+def test_new_codebook_records_its_threshold_rule(fake_codebook):
+    codebook = fake_codebook
     config = json.loads((codebook / "manifest.json").read_text())["config"]
     assert config["tau_rule"] == "images" and config["percentile"] == 25.0
     assert config["layer"] == "projector"  # the default key layer: the image as the LM sees it

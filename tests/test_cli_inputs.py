@@ -71,7 +71,7 @@ def _rationalevqa(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["aokvqa", "rationalevqa"])
-def test_importers_apply_a_relative_images_root_once(fmt, tmp_path, model_args, monkeypatch):
+def test_importers_apply_a_relative_images_root_once(fmt, tmp_path, fake_models, monkeypatch):
     """The README's example with a relative --images-root, run from another folder."""
     data = tmp_path / "data"
     data.mkdir()
@@ -94,7 +94,6 @@ def test_importers_apply_a_relative_images_root_once(fmt, tmp_path, model_args, 
         "--patches",
         "none",
         "--json",
-        *model_args,
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["added"] == ["q42" if fmt == "aokvqa" else "r1"]
@@ -168,7 +167,7 @@ def test_a_48mp_photo_is_decoded_reduced_and_deterministically(photo_48mp):
     assert box_to_original(box, img) == [6000, 4000, 8000, 6000]
 
 
-def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, model_args):
+def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, fake_models):
     import hashlib
 
     from reasonedit_cli.store import Codebook
@@ -193,7 +192,6 @@ def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, mode
         "--patches",
         "none",
         "--json",
-        *model_args,
     )
     assert result.exit_code == 0, result.output
     book = Codebook.open(cb)
@@ -207,7 +205,8 @@ def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, mode
     assert asked.exit_code == 0, asked.output
 
 
-def test_the_pixel_limit_is_stated_and_can_be_changed(photo_48mp, tmp_path, model_args):
+def test_the_pixel_limit_is_stated_and_can_be_changed(photo_48mp, tmp_path, fake_models):
+    model_args: list[str] = []
     args = ["ask", "--no-edit", "-c", str(tmp_path / "none"), "-i", str(photo_48mp), "-q", "x?"]
     low = invoke(*args, "--max-image-pixels", "10000000", *model_args)
     assert low.exit_code == 1
@@ -282,16 +281,16 @@ def test_library_logging_stays_off_stderr_unless_verbose(tmp_path, images, model
 
 # ------------------------------------------------------------- 9. edited, JSON
 @pytest.fixture
-def codebook(tmp_path, edits_jsonl, model_args):
+def codebook(tmp_path, edits_jsonl, fake_models):
+    """Three edits added with the fake backend (these tests are about the CLI's plumbing)."""
     cb = tmp_path / "cb"
-    result = invoke(
-        "add-edit", "--from", str(edits_jsonl), "-c", str(cb), *model_args, "--patches", "none"
-    )
+    result = invoke("add-edit", "--from", str(edits_jsonl), "-c", str(cb), "--patches", "none")
     assert result.exit_code == 0, result.output
     return cb
 
 
-def test_edited_means_facts_were_prepended(codebook, images, tmp_path, model_args):
+def test_edited_means_facts_were_prepended(codebook, images, tmp_path):
+    model_args: list[str] = []
     from PIL import Image
 
     gradient = tmp_path / "gradient.png"
@@ -395,7 +394,8 @@ def test_evaluate_codebook_left_untouched_when_the_run_fails(tmp_path, model_arg
     assert not kept.exists()
 
 
-def test_no_progress_bar_when_stderr_is_not_a_terminal(codebook, images, tmp_path, model_args):
+def test_no_progress_bar_when_stderr_is_not_a_terminal(codebook, images, tmp_path):
+    model_args: list[str] = []
     q = tmp_path / "q.jsonl"
     q.write_text(
         "".join(

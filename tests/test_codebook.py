@@ -237,7 +237,7 @@ def test_tau_definition_and_percentile_config(tmp_path):
     cb2 = Codebook.open(tmp_path / "cb")
     assert cb2.manifest["derived"]["percentile"] == 60
     assert cb2.tau == pytest.approx(np.percentile(nn, 60))
-    # DESIGN 1.7 read literally: all key-key pairs
+    # docs/method.md#retrieval read literally: all key-key pairs
     with cb2.writer() as w:
         w.set_config(tau_rule="all")
     cb3 = Codebook.open(tmp_path / "cb")

@@ -1,4 +1,4 @@
-"""Keys that hold several values (DESIGN 1.6): merging, removal, restore, old codebooks.
+"""Keys that hold several values (docs/method.md#merging): merging, removal, restore, old codebooks.
 
 Synthetic vectors, no model: the geometry is chosen so that which keys merge is known.
 The end-to-end path through the CLI and a VLM is in test_cli.py.

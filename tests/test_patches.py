@@ -1,4 +1,4 @@
-"""Visual evidence patch search (DESIGN 1.2): grid, question, selection, batching.
+"""Visual evidence patch search (docs/method.md#patches): grid, question, selection, batching.
 
 The tiny random LLaVA answers p_yes ~0.49 for every crop, so at the design threshold of
 0.5 nothing passes and a batched-vs-naive comparison would be vacuous. The model tests

@@ -20,7 +20,7 @@ runner = CliRunner()
 def test_presets_and_hook_names() -> None:
     assert presets.get_preset(None) is presets.DEFAULT
     assert presets.get_preset("reference").tau_rule == "reference"
-    with pytest.raises(UsageError, match="--preset must be one of default, reference"):
+    with pytest.raises(UsageError, match="`preset` must be one of default, reference"):
         presets.get_preset("paper")
     ref = presets.REFERENCE
     assert presets.hook_layer("projector", ref) == "projector.normed"
@@ -46,7 +46,7 @@ def test_missing_hook_point_is_a_one_line_error() -> None:
     with pytest.raises(UsageError) as err:
         presets.check_hook(NoNormed(), "projector", presets.REFERENCE)
     msg = str(err.value)
-    assert "\n" not in msg and "'projector.normed'" in msg and "--preset reference" in msg
+    assert "\n" not in msg and "'projector.normed'" in msg and "`preset` reference" in msg
 
 
 def test_reference_verification_prompt() -> None:
@@ -159,7 +159,7 @@ def test_reference_preset_variant_is_stored_and_followed(
     assert r.facts[0] in r.hits[0].values  # nearest first under the reference rule
     # adding with another preset is refused, codebook unchanged
     version = again.codebook.version
-    with pytest.raises(UsageError, match="built with --preset reference"):
+    with pytest.raises(UsageError, match="built with `preset` reference"):
         Editor(tmp_path / "cb", model=str(tiny_llava), device="cpu", preset="default").add_edits(
             edits[:1], patches="none"
         )
@@ -183,17 +183,26 @@ def test_old_codebook_without_preset_opens_as_default(tmp_path) -> None:
     assert "preset" not in Codebook.open(tmp_path / "cb").config
     ed = Editor(tmp_path / "cb")  # opening loads no model
     assert ed.preset is presets.DEFAULT and ed.stored_preset == "default"
-    with pytest.raises(UsageError, match="built with --preset default"):
+    with pytest.raises(UsageError, match="built with `preset` default"):
         Editor(tmp_path / "cb", preset="reference").plan_add([])
 
 
-def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl):
+def _fake_editor(path):
+    """An editor on the fake backend (tests/fake_backend.py): for the presets' plumbing."""
+    from fake_backend import FakeText, FakeVLM
+
+    from reasonedit_cli.editor import Editor
+
+    return Editor(path, create=True, vlm=FakeVLM(), text=FakeText())
+
+
+def test_calibrate_with_the_reference_preset(tmp_path, edits_jsonl):
     from reasonedit_cli.calibration_reference import REFERENCE_W_GRID
     from reasonedit_cli.datasets import read_edits
     from reasonedit_cli.store import Codebook
 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
-    ed = _editor(tmp_path / "cb", tiny_llava)
+    ed = _fake_editor(tmp_path / "cb")
     ed.add_edits(edits, patches="none")
     ed.preset = presets.REFERENCE  # switching preset: calibrate re-embeds every key
     # force: the self-check of #19 judges a random tiny model, not the rule under test
@@ -211,12 +220,12 @@ def test_calibrate_with_the_reference_preset(tmp_path, tiny_llava, edits_jsonl):
     assert np.isfinite([r["harmonic"] for r in result.w_table]).all()
 
 
-def test_evaluate_reports_both_presets_in_one_table(tmp_path, tiny_llava, edits_jsonl):
+def test_evaluate_reports_both_presets_in_one_table(tmp_path, edits_jsonl):
     from reasonedit_cli import evaluation as E
     from reasonedit_cli.datasets import read_edits
 
     edits, _ = read_edits(str(edits_jsonl), "jsonl")
-    ed = _editor(tmp_path / "cb", tiny_llava)
+    ed = _fake_editor(tmp_path / "cb")
     report = E.evaluate(
         ed,
         edits,

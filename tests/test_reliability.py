@@ -588,16 +588,20 @@ def test_every_np_load_refuses_pickles():
 
 
 def test_models_load_as_safetensors_and_no_remote_code_by_default():
-    from reasonedit_cli import cli, editor, vlm
+    from reasonedit_cli import cli, cli_support, editor, vlm
 
     for name in ("add_edit", "ask", "calibrate", "evaluate"):
         sig = inspect.signature(getattr(cli, name))
         assert sig.parameters["trust_remote_code"].default is False, name
-    assert inspect.signature(cli._editor).parameters["trust"].default is inspect.Parameter.empty
+    # the CLI's one Editor builder takes the flag from the parsed options only
+    assert cli_support.ModelOptions().trust_remote_code is False
+    assert "trust_remote_code" not in inspect.signature(cli_support.ModelOptions.editor).parameters
     assert inspect.signature(editor.Editor).parameters["trust_remote_code"].default is False
     assert inspect.signature(vlm.VLM).parameters["trust_remote_code"].default is False
     for f in ("vlm.py", "text.py"):
         text = (PKG / f).read_text()
         loads = re.findall(r"(\w+)\.from_pretrained\(([^)]*)\)", text, flags=re.S)
-        weights = [args for cls, args in loads if cls.startswith("AutoModel")]
+        # every load that is not a config, processor or tokenizer loads weights
+        light = ("Config", "Processor", "Tokenizer")
+        weights = [args for cls, args in loads if not cls.endswith(light)]
         assert weights and all("use_safetensors=True" in a for a in weights), (f, loads)

@@ -50,8 +50,8 @@ class KeyRecord:
     """One key: an (image, text) embedding and the facts it retrieves.
 
     `edit_id`/`value` are the key's first entry (the edit whose image and text the vector
-    embeds); `merged` lists the (value, edit_id) entries it gained by key merging (DESIGN
-    1.6), so removing one of those edits drops just its value.
+    embeds); `merged` lists the (value, edit_id) entries it gained by key merging
+    (docs/method.md#merging), so removing one of those edits drops just its value.
     """
 
     edit_id: str

@@ -1,4 +1,4 @@
-"""Keys that hold several values (key merging, DESIGN 1.6) and removals of edits.
+"""Keys that hold several values (key merging, docs/method.md#merging) and removals of edits.
 
 A merged key holds (value, edit_id) entries of several edits; removing one edit drops
 just its entries, and the key goes only when none is left. The same operation serves the

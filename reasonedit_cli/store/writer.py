@@ -294,8 +294,8 @@ class CodebookWriter:
         )
 
     def rewrite_keys(self, items: Sequence[tuple[str, KeyRecord]], keep: np.ndarray) -> int:
-        """Key merging (DESIGN 1.6): the live keys where `keep` is True, rewritten as one
-        new keys segment with new radii and merged values; returns the new version.
+        """Key merging (docs/method.md#merging): the live keys where `keep` is True,
+        rewritten as one new keys segment with new radii and merged values; returns the new version.
 
         `items` are (key_id, record) for the kept rows in order, with their vectors
         unchanged: then the derived data updates like a removal of the dropped rows
