@@ -1,37 +1,44 @@
-"""Codebook scale benchmark: build, search, insert and open at 10k / 100k / 1M keys.
+"""Retrieval at scale and real-VLM width (issue 22): build, open, search, insert.
 
-Synthetic keys of the real width (512 = bundled demo VLM hidden 128 + MiniLM 384) drawn
-from a Gaussian mixture with clusters of varying spread, so that hubness is realistic.
-Every codebook is a real one on disk, built and queried through `reasonedit_cli.store`.
+Synthetic keys from a Gaussian mixture (n/100 clusters, log-normal spreads, Dirichlet
+weights: realistic hubness) at widths 512 (bundled demo VLM 128 + MiniLM 384), 1,408
+(LLaVA-1.5-7B projector input 1,024 + 384) and 4,480 (a 7-8B language layer 4,096 + 384),
+indexed by the reduced-projection engine (`reasonedit_cli/store/index/`: memory-mapped
+full vectors, hnswlib over a PCA projection + residual norm, lifted graph of large-sigma
+keys, exact re-rank by corrected distance). Every subcommand prints JSON.
 
-Subcommands (each prints medians and ratios measured in the same run):
+    python benchmarks/bench_retrieval.py build  --n 1000000 --dim 4480 --dir DIR
+    python benchmarks/bench_retrieval.py open   --dir DIR --runs 5 --json
+    python benchmarks/bench_retrieval.py search --dir DIR [--fetch 64,128,256] [--queries 400]
+    python benchmarks/bench_retrieval.py insert --dir DIR --keys 1000,5000 [--runs 2]
+    python benchmarks/bench_retrieval.py all    --sizes 10000,100000 --dims 512,1408,4480 \
+        --workdir DIR --json-out results.json
 
-    python benchmarks/bench_retrieval.py build  --n 100000 --dir /tmp/cb100k
-    python benchmarks/bench_retrieval.py search --dir /tmp/cb100k [--fetch 100:128,200:256]
-    python benchmarks/bench_retrieval.py tau    --dir /tmp/cb100k
-    python benchmarks/bench_retrieval.py sigma  --dir /tmp/cb100k --sample 20000
-    python benchmarks/bench_retrieval.py insert --dir /tmp/cb100k --edits 200,1000
-    python benchmarks/bench_retrieval.py open   --dir /tmp/cb100k
-    python benchmarks/bench_retrieval.py all    --sizes 10000,100000 --workdir /tmp/bench
+- build streams the keys in chunks into the mapped vector file, then fits, projects and
+  builds the graph, neighbour lists, sigma and lifted graph; it reports its peak RSS.
+- open runs `--runs` fresh processes, each importing the engine, opening DIR (mapped
+  vectors, reduced index, sigma, lifted graph, and the facts file: the keys table
+  without vectors, memory-mapped Arrow) and answering one query with its hits' facts
+  (what `ask` pays for retrieval); prints {"median_s", "peak_rss_mb"}.
+- search: median / p95 latency of one query at a time and recall@5 against exact search
+  (corrected distance over every key, streamed), for each `--fetch`, in rounds over the
+  settings (load drift hits all alike), and the reference brute force (what the
+  published ReasonEdit code does: numpy float32 distances to every key divided by sigma)
+  in the same run.
+- insert adds `--keys` keys to hard-linked scratch copies (files are never modified in
+  place, so a hard-link copy is a safe scratch copy), each run a fresh process: open with
+  the neighbour lists, then the insert (delta vector file, graph part, list and sigma
+  patches), timed apart.
 
-`search` compares the codebook's ANN path (hnswlib + the lifted graph of large-sigma keys
-+ exact re-rank by corrected distance; `--fetch F:EF:SCAN[:LIFT]` sweeps SEARCH_FETCH,
-SEARCH_EF and SEARCH_SIGMA_SCAN, 0 = no sigma bound, and LIFT 0 turns the lifted graph off)
-with the reference approach (the published ReasonEdit code brute-forces its codebook:
-here numpy float32 distances to every key, divided by sigma); recall@5 is measured
-against exact corrected-distance search. `insert` appends batches of edits x 5 keys to
-hard-linked scratch copies of the codebook (every codebook file is immutable, so a
-hard-link copy is a safe scratch codebook): cold (a fresh process opens the codebook and
-adds one batch) and warm (a second batch in the same process), with the derived index
-appended as deltas, against the full rewrite of every derived file per commit (the
-previous behaviour, reproduced by compaction thresholds of 0) in the same run. `open`
-opens the codebook in a fresh process as `ask` does and reports wall time and peak RSS.
+The machine this runs on is shared: every result records the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -42,109 +49,286 @@ from pathlib import Path
 
 import numpy as np
 
-DIM = 512  # bundled demo VLM hidden size 128 + MiniLM 384
-KEYS_PER_EDIT = 5
-SHA = "b" * 64
+ENGINE = "engine.json"
 
 
-def mixture(n: int, seed: int, dim: int = DIM, chunk: int = 100_000) -> np.ndarray:
-    """n keys from a Gaussian mixture: n/100 clusters, log-normal spreads (hubs appear)."""
-    rng = np.random.default_rng(1234)  # the same mixture for every seed
-    n_clusters = max(10, n // 100)
-    centers = rng.normal(size=(n_clusters, dim)).astype(np.float32)
-    spread = np.exp(rng.normal(-1.0, 0.35, size=n_clusters)).astype(np.float32)
-    weights = rng.dirichlet(np.full(n_clusters, 2.0))
-    out = np.empty((n, dim), dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        c = rng.choice(n_clusters, size=stop - start, p=weights)
-        noise = rng.standard_normal(size=(stop - start, dim), dtype=np.float32)
-        out[start:stop] = centers[c] + noise * spread[c, None]
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _rss_anon_mb() -> float:
+    """Anonymous (not file-backed) resident memory now: mapped file pages are page cache
+    the kernel can drop, anonymous ones are what the process really holds."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("RssAnon:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would count the pages of the
+    parent it was forked from)."""
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Mixture:
+    """The keys' distribution: the same clusters for every seed (seed picks the draws)."""
+
+    def __init__(self, n: int, dim: int):
+        rng = np.random.default_rng(1234)
+        self.k = max(10, n // 100)
+        self.dim = dim
+        self.centers = rng.normal(size=(self.k, dim)).astype(np.float32)
+        self.spread = np.exp(rng.normal(-1.0, 0.35, size=self.k)).astype(np.float32)
+        self.weights = rng.dirichlet(np.full(self.k, 2.0))
+
+    def chunks(self, count: int, seed: int, chunk: int = 20_000):
+        rng = np.random.default_rng(seed)
+        for start in range(0, count, chunk):
+            m = min(chunk, count - start)
+            c = rng.choice(self.k, size=m, p=self.weights)
+            noise = rng.standard_normal(size=(m, self.dim), dtype=np.float32)
+            noise *= self.spread[c, None]
+            noise += self.centers[c]
+            yield noise
+
+    def draw(self, count: int, seed: int) -> np.ndarray:
+        return np.concatenate(list(self.chunks(count, seed)))
+
+
+def _bytes(entry) -> int:
+    """Bytes of the files an entry (or list / dict of entries) names."""
+    if isinstance(entry, list):
+        return sum(_bytes(x) for x in entry)
+    if isinstance(entry, dict):
+        own = entry.get("bytes", 0) if "path" in entry else 0
+        return own + sum(_bytes(v) for v in entry.values() if isinstance(v, dict | list))
+    return 0
+
+
+def _engine_json(d: Path) -> dict:
+    return json.loads((d / ENGINE).read_text())
+
+
+def _open(d: Path, lists: bool = False):
+    from reasonedit_cli.store.index.reduced import ReducedIndex
+
+    return ReducedIndex.open(d, _engine_json(d)["entries"], lists=lists)
+
+
+# -- build -------------------------------------------------------------------------------
+
+
+def _facts_table(n: int):
+    """The synthetic keys' facts (the keys table minus `vector`), 5 keys per edit."""
+    import pyarrow as pa
+
+    rows = np.arange(n)
+    return pa.table(
+        {
+            "key_id": pa.array(np.char.zfill(rows.astype(str), 64).tolist()),
+            "edit_id": pa.array([f"k{i // 5}" for i in range(n)]),
+            "kind": pa.array(["sentence"] * n),
+            "value": pa.array([f"fact {i}" for i in range(n)]),
+            "merged": pa.array([[]] * n, pa.list_(pa.struct([("value", pa.string()),
+                                                             ("edit_id", pa.string())]))),
+            "key_text": pa.array([f"t{i}" for i in range(n)]),
+            "box": pa.array([None] * n, pa.list_(pa.int32())),
+            "image_sha256": pa.array(["b" * 64] * n),
+            "radius": pa.array(np.full(n, 1.0, np.float32)),
+        }
+    )  # fmt: skip
+
+
+def cmd_facts(args: argparse.Namespace) -> dict:
+    """Write the facts file of DIR (build does this; for directories built before)."""
+    from reasonedit_cli.store.index.facts import write_facts
+
+    d = Path(args.dir)
+    meta = _engine_json(d)
+    t0 = time.perf_counter()
+    rel = "index/facts-000001.arrow"
+    meta["facts"] = dict(write_facts(d / rel, _facts_table(meta["build"]["keys"])), path=rel)
+    (d / ENGINE).write_text(json.dumps(meta, indent=2))
+    out = {"facts_s": time.perf_counter() - t0, "facts_bytes": meta["facts"]["bytes"]}
+    print(json.dumps(out), flush=True)
     return out
 
 
-def records(vecs: np.ndarray, first_edit: int, tag: str = "k"):
-    from reasonedit_cli.store import EditRecord, KeyRecord
-
-    n_edits = len(vecs) // KEYS_PER_EDIT
-    edits = [
-        EditRecord(f"{tag}{first_edit + i}", SHA, "q", "a", [], None, "bench")
-        for i in range(n_edits)
-    ]
-    keys = [
-        KeyRecord(
-            f"{tag}{first_edit + i // KEYS_PER_EDIT}",
-            "sentence",
-            f"v{i}",
-            f"t{i}",
-            SHA,
-            None,
-            vecs[i],
-        )
-        for i in range(n_edits * KEYS_PER_EDIT)
-    ]
-    return edits, keys
-
-
 def cmd_build(args: argparse.Namespace) -> dict:
-    from reasonedit_cli.store import Codebook
+    from reasonedit_cli.store.index.mapped import open_parts, write_vectors
+    from reasonedit_cli.store.index.reduced import ReducedIndex
 
     d = Path(args.dir)
-    if d.exists():
+    reuse = args.reuse and (d / "vectors.json").exists()
+    if reuse:  # keep the vector file (and its entry) of an earlier build of DIR
+        keep = {"vectors.json", "index/" + json.loads((d / "vectors.json").read_text())["path"][6:]}
+        for p in sorted(d.rglob("*"), reverse=True):
+            rel_p = str(p.relative_to(d))
+            if p.is_file() and rel_p not in keep:
+                p.unlink()
+    elif d.exists():
         shutil.rmtree(d)
+    (d / "index").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    vecs = mixture(args.n, seed=0)
-    edits, keys = records(vecs, 0)
+    phases: dict[str, float] = {}
+    mix = Mixture(args.n, args.dim)
+    rel = "index/vectors-000001.npy"
+    if reuse:
+        ent = json.loads((d / "vectors.json").read_text())
+    else:
+        ent = write_vectors(d / rel, mix.chunks(args.n, seed=0), args.n, args.dim, args.dtype)
+        ent["path"] = rel
+        (d / "vectors.json").write_text(json.dumps(ent))  # for `build --reuse`
+    phases["generate_and_write_vectors_s"] = time.perf_counter() - t0
+    last = [time.perf_counter()]
+    anon = [0.0]
+
+    def log(what, *_):
+        anon[0] = max(anon[0], _rss_anon_mb())
+        now = time.perf_counter()
+        phases[f"{what}_s"] = now - last[0]
+        last[0] = now
+        print(
+            f"[build] {what} {now - t0:.1f}s peak rss {_peak_rss_mb():.0f} MB, anon now "
+            f"{_rss_anon_mb():.0f} MB",
+            flush=True,
+        )
+
+    vectors = open_parts(d, [ent])
+    eng = ReducedIndex.build(vectors, rank=args.rank, ann=args.ann, lists=args.lists, log=log)
     t1 = time.perf_counter()
-    cb = Codebook.open(d, create=True)
-    with cb.writer(lock_timeout=60) as w:
-        w.add(edits, keys)
-    t2 = time.perf_counter()
-    files = cb.manifest["derived"]["files"]
-    sizes = {k: v["bytes"] for k, v in files.items()}
-    seg_bytes = sum(s["bytes"] for s in cb.manifest["segments"])
+    entries = eng.save(d, "000001", dtype=args.dtype)
+    phases["save_s"] = time.perf_counter() - t1
+    total = time.perf_counter() - t0
+    sizes = {k: _bytes(v) for k, v in entries.items() if _bytes(v)}
     out = {
-        "keys": cb.n_keys,
-        "generate_s": t1 - t0,
-        "build_commit_s": t2 - t1,
-        "segment_bytes": seg_bytes,
-        "derived_bytes": sizes,
-        "tau": cb.tau,
+        "keys": args.n,
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "rank": eng.projection.rank,
+        "ann": args.ann,
+        "lists": args.lists,
+        "build_s": total,
+        "phases": phases,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_anon_mb_sampled": anon[0],
+        "file_bytes": sizes,
+        "sigma_median": float(np.median(eng.sigma)),
+        "load_avg": _load(),
     }
+    (d / ENGINE).write_text(json.dumps({"entries": entries, "build": out}, indent=2))
+    out.update(cmd_facts(args))
     print(json.dumps(out, indent=2), flush=True)
     return out
 
 
-def _queries(cb, n_q: int, seed: int = 7) -> np.ndarray:
-    """Half near-duplicates of stored keys (paraphrased edits), half fresh mixture draws."""
+# -- open --------------------------------------------------------------------------------
+
+_OPEN_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from reasonedit_cli.store.index.reduced import ReducedIndex
+from reasonedit_cli.store.index.facts import open_facts, row_facts
+from pathlib import Path
+t1 = time.perf_counter()
+d = Path(sys.argv[1])
+meta = json.loads((d / "engine.json").read_text())
+eng = ReducedIndex.open(d, meta["entries"])
+facts = open_facts(d / meta["facts"]["path"], meta["facts"]) if "facts" in meta else None
+t2 = time.perf_counter()
+r = eng.search(np.full(eng.dim, 0.1, np.float32), 5)
+hits = [row_facts(facts, row) for row, _, _ in r[0]] if facts is not None else []
+t3 = time.perf_counter()
+hwm = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "first_search_s": t3 - t2,
+                  "open_and_search_s": t3 - t1, "hits": len(hits), "peak_rss_mb": int(hwm) / 1024}))
+"""
+
+
+def cmd_open(args: argparse.Namespace) -> dict:
+    runs = []
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for _ in range(args.runs):
+        p = subprocess.run(
+            [sys.executable, "-c", _OPEN_CHILD, str(args.dir)],
+            check=True, capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out = {
+        "median_s": med["open_and_search_s"],
+        "peak_rss_mb": med["peak_rss_mb"],
+        "open_s": med["open_s"],
+        "first_search_s": med["first_search_s"],
+        "import_s": med["import_s"],
+        "runs": args.runs,
+        "load_avg": _load(),
+    }
+    if args.json:
+        print(json.dumps({"median_s": out["median_s"], "peak_rss_mb": out["peak_rss_mb"]}))
+    else:
+        print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
+# -- search ------------------------------------------------------------------------------
+
+
+def _queries(eng, n_q: int, build: dict, seed: int = 7) -> np.ndarray:
+    """Half near-duplicates of stored keys (a paraphrased edit), half fresh draws."""
     rng = np.random.default_rng(seed)
-    v = cb.vectors()
-    near = v[rng.choice(len(v), n_q // 2, replace=False)]
-    near = near + rng.normal(scale=0.05, size=near.shape).astype(np.float32)
-    fresh = mixture(n_q - n_q // 2, seed=seed + 1000)
+    rows = np.sort(rng.choice(eng.n, n_q // 2, replace=False))
+    near = eng.vectors.take(rows)
+    near += rng.normal(scale=0.05, size=near.shape).astype(np.float32)
+    fresh = Mixture(build["keys"], build["dim"]).draw(n_q - n_q // 2, seed=seed + 1000)
     return np.concatenate([near, fresh]).astype(np.float32)
 
 
-def _exact_topk(v, v_sq, sigma, q, k: int, shortlist: int = 64):
-    """Ground truth: corrected distances to every key (float32 GEMM), exact float64 re-rank."""
-    from reasonedit_cli import retrieval as R
+def _truth(eng, q: np.ndarray, k: int = 5, shortlist: int = 64, vectors=None) -> list[list[int]]:
+    """Exact top-k by corrected distance: every key, streamed (float32 GEMM shortlist,
+    then the engine's exact distance on the shortlist)."""
+    from reasonedit_cli.store.index.reduced import sq_distances
 
-    sq = v_sq[None, :] - 2.0 * (q @ v.T) + np.einsum("ij,ij->i", q, q)[:, None]
-    np.maximum(sq, 0, out=sq)
-    corr = np.sqrt(sq) / sigma[None, :].astype(np.float32)
-    cand = np.argpartition(corr, shortlist, axis=1)[:, :shortlist]
+    vectors = vectors or eng.vectors  # another copy of the keys (float32 for a float16 index)
+    q_sq = np.einsum("ij,ij->i", q, q)
+    best_c = np.full((len(q), 0), np.inf, np.float32)
+    best_r = np.zeros((len(q), 0), np.int64)
+    for start, block in vectors.chunks(16_384):
+        b_sq = np.einsum("ij,ij->i", block, block)
+        sq = b_sq[None, :] - 2.0 * (q @ block.T) + q_sq[:, None]
+        np.maximum(sq, 0, out=sq)
+        corr = np.sqrt(sq) / eng.sigma[start : start + len(block)][None, :].astype(np.float32)
+        cc = np.concatenate([best_c, corr], axis=1)
+        rr = np.concatenate(
+            [best_r, np.broadcast_to(np.arange(start, start + len(block)), corr.shape)], 1
+        )
+        m = min(shortlist, cc.shape[1])
+        part = np.argpartition(cc, m - 1, axis=1)[:, :m]
+        best_c, best_r = np.take_along_axis(cc, part, 1), np.take_along_axis(rr, part, 1)
     out = []
     for i in range(len(q)):
-        rows = cand[i]
-        c = R.direct_l2(q[i], v[rows]) / sigma[rows]
+        rows = best_r[i]
+        c = np.sqrt(sq_distances(q[i], vectors.take(rows))) / eng.sigma[rows]
         out.append(rows[np.lexsort((rows, c))[:k]].tolist())
     return out
 
 
-def _reference_query(v, v_sq, sigma32, q1, k: int):
-    """The reference approach for one query: brute force over all keys, numpy float32."""
-    sq = v_sq - 2.0 * (v @ q1) + float(q1 @ q1)
+def _reference(v: np.ndarray, v_sq: np.ndarray, sigma32: np.ndarray, q1: np.ndarray, k: int = 5):
+    """The reference approach for one query: numpy float32 distances to every key (one
+    GEMV over the mapped vectors, squared norms precomputed) divided by sigma."""
+    if isinstance(v, np.ndarray):
+        dots = v @ q1
+    else:  # a MappedArray: in 65,536-row blocks, each read ahead (the mapping is "random")
+        dots = np.empty(v.rows, np.float32)
+        for s in range(0, v.rows, 65_536):
+            v.advise(s, s + 65_536, "willneed")
+            dots[s : s + 65_536] = v.array[s : s + 65_536] @ q1
+    sq = v_sq - 2.0 * dots + float(q1 @ q1)
     np.maximum(sq, 0, out=sq)
     corr = np.sqrt(sq) / sigma32
     top = np.argpartition(corr, k)[:k]
@@ -152,337 +336,158 @@ def _reference_query(v, v_sq, sigma32, q1, k: int):
 
 
 def cmd_search(args: argparse.Namespace) -> dict:
-    from reasonedit_cli import store as C
-    from reasonedit_cli.store.index import derived as DI
+    from reasonedit_cli.store.index.ivf import NPROBE
+    from reasonedit_cli.store.index.reduced import LIFT_FETCH
 
-    cb = C.Codebook.open(args.dir)
+    d = Path(args.dir)
+    build = _engine_json(d)["build"]
     t0 = time.perf_counter()
-    n = cb.n_keys
-    v, sigma = cb.vectors(), cb.sigma()
-    cb.index.graphs()
-    t_load = time.perf_counter() - t0
-    q = _queries(cb, args.queries)
-    v_sq = np.einsum("ij,ij->i", v, v)
-    truth = []
-    for s in range(0, len(q), 50):
-        truth += _exact_topk(v, v_sq, sigma, q[s : s + 50], 5)
-    sigma32 = sigma.astype(np.float32)
-    n_ref = min(len(q), args.ref_queries)
-    ref_t, ref_c = [], []
+    eng = _open(d)
+    t_open = time.perf_counter() - t0
+    q = _queries(eng, args.queries, build)
+    t0 = time.perf_counter()
+    other = None
+    if args.truth_vectors:  # exact search (and the reference) over float32 copies of the keys
+        from reasonedit_cli.store.index.mapped import open_parts
+
+        td = Path(args.truth_vectors)
+        other = open_parts(td, [json.loads((td / "vectors.json").read_text())])
+    cache = d / f"truth-{args.queries}.json"  # exact results of these queries (sweeps)
+    if cache.exists() and json.loads(cache.read_text())["keys"] == eng.n:
+        truth = json.loads(cache.read_text())["truth"]
+    else:
+        truth = _truth(eng, q, vectors=other)
+        cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
+    t_truth = time.perf_counter() - t0
+    eng.vectors.release()
+    sigma32 = eng.sigma.astype(np.float32)
+    n_ref = args.ref_queries or max(3, min(30, int(3e9 // (eng.n * eng.dim))))
+    # the reference holds float32 keys: the mapped array itself (one base part, a fresh build)
+    ref_vectors = other or eng.vectors
+    v = ref_vectors.mapped[0] if ref_vectors.mapped else ref_vectors.parts[0]
+    v_sq = np.concatenate([np.einsum("ij,ij->i", b, b) for _, b in ref_vectors.chunks()])
+    # threaded BLAS stalls on a loaded machine, one thread is slower on a quiet one: the
+    # reference is the faster of the two (the conservative baseline for a speedup)
+    from threadpoolctl import threadpool_limits
+
+    ref_runs: dict[str, list[float]] = {"threaded": [], "one_thread": []}
     for i in range(n_ref):
-        t, c = time.perf_counter(), time.process_time()
-        _reference_query(v, v_sq, sigma32, q[i], 5)
-        ref_t.append(time.perf_counter() - t)
-        ref_c.append(time.process_time() - c)
-    ref_ms = statistics.median(ref_t) * 1e3
-    res = {
-        "keys": n,
-        "load_s": t_load,
-        "queries": len(q),
-        "reference_bruteforce_ms": ref_ms,
-        "reference_bruteforce_cpu_ms (all threads)": statistics.median(ref_c) * 1e3,
-    }
-    rows = []
-    saved = DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN
-    full = cb.index
-    lift = full.lift()
-    specs = []
-    for spec in args.fetch.split(","):
-        parts = [int(x) for x in spec.split(":")]
-        scan = parts[2] if len(parts) > 2 else saved[2]
-        specs.append((parts[0], parts[1], scan, parts[3] if len(parts) > 3 else 1))
-    # Rounds over all settings (not all rounds of one, then the next): load drift on a
-    # shared machine then hits every setting alike; medians over every query of every round.
-    times = {sp: [] for sp in specs}
-    cpu = {sp: [] for sp in specs}
+        for mode, times in ref_runs.items():
+            with threadpool_limits(1) if mode == "one_thread" else contextlib.nullcontext():
+                t = time.perf_counter()
+                _reference(v, v_sq, sigma32, q[i])
+                times.append(time.perf_counter() - t)
+    ref_vectors.release()
+    ref_by_mode = {m: statistics.median(t) * 1e3 for m, t in ref_runs.items()}
+    ref_ms = min(ref_by_mode.values())
+    specs = []  # fetch:nprobe:lift_fetch (lift_fetch 0 = no lifted graph)
+    for s in args.fetch.split(","):
+        parts = [int(x) for x in s.split(":")]
+        parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
+        specs.append(tuple(parts[:3]))
+    times: dict = {sp: [] for sp in specs}
     got: dict = {}
-    try:
-        for _ in range(args.rounds):
-            for sp in specs:
-                fetch, ef, scan, use_lift = sp
-                DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN = fetch, ef, scan
-                cb.use_index(full.copy(lift=bool(use_lift)))  # fresh sigma-scan cache
-                cb.search(q[:5], 5)  # warm
-                hits = []
-                for i in range(len(q)):
-                    t, c = time.perf_counter(), time.thread_time()
-                    r = cb.search(q[i], 5)[0]
-                    times[sp].append(time.perf_counter() - t)
-                    cpu[sp].append(time.thread_time() - c)
-                    hits.append([x[0] for x in r])
-                got.setdefault(sp, hits)
-    finally:
-        DI.SEARCH_FETCH, DI.SEARCH_EF, DI.SEARCH_SIGMA_SCAN = saved
-        cb.use_index(full)
+    for _ in range(args.rounds):
+        for sp in specs:
+            kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
+            eng.search(q[:3], 5, **kw)  # warm
+            hits = []
+            for i in range(len(q)):
+                t = time.perf_counter()
+                r = eng.search(q[i], 5, **kw)[0]
+                times[sp].append(time.perf_counter() - t)
+                hits.append([x[0] for x in r])
+            got.setdefault(sp, hits)
     half = len(q) // 2
+    rows = []
     for sp in specs:
-        fetch, ef, scan, use_lift = sp
         per_q = [len(set(a) & set(b)) / 5 for a, b in zip(got[sp], truth, strict=True)]
         ms = statistics.median(times[sp]) * 1e3
         rows.append(
             {
-                "fetch": fetch,
-                "ef": max(ef, 10, fetch),
-                "sigma_scan": scan,
-                "lift": lift is not None and bool(use_lift),
-                "ann_ms_median": ms,
-                "ann_ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
-                "ann_cpu_ms_median": statistics.median(cpu[sp]) * 1e3,
+                "fetch": sp[0],
+                "nprobe": sp[1],
+                "lift_fetch": sp[2] if eng.lift is not None else 0,
+                "ms_median": ms,
+                "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "recall@5": float(np.mean(per_q)),
                 "recall@5_near_duplicates": float(np.mean(per_q[:half])),
-                "recall@5_fresh_queries": float(np.mean(per_q[half:])),
+                "recall@5_fresh": float(np.mean(per_q[half:])),
                 "speedup_vs_reference": ref_ms / ms,
             }
         )
-    res["rounds"] = args.rounds
-    res["ann"] = rows
-    print(json.dumps(res, indent=2), flush=True)
-    return res
-
-
-def cmd_tau(args: argparse.Namespace) -> dict:
-    """What `retrieve` uses: the default search's hits under tau vs exact search's."""
-    from reasonedit_cli import retrieval as R
-    from reasonedit_cli import store as C
-
-    cb = C.Codebook.open(args.dir)
-    v, sigma, tau = cb.vectors(), cb.sigma(), cb.tau
-    q = _queries(cb, args.queries)
-    half = len(q) // 2
-    v_sq = np.einsum("ij,ij->i", v, v)
-    agree, rec = [], []
-    for s in range(0, len(q), 50):
-        qq = q[s : s + 50]
-        sq = v_sq[None] - 2 * qq @ v.T + np.einsum("ij,ij->i", qq, qq)[:, None]
-        corr = np.sqrt(np.maximum(sq, 0)) / sigma[None].astype(np.float32)
-        cand = np.argpartition(corr, 64, axis=1)[:, :64]
-        for i in range(len(qq)):
-            rows = cand[i]
-            c = R.direct_l2(qq[i], v[rows]) / sigma[rows]
-            truth = {int(rows[j]) for j in np.lexsort((rows, c))[:5] if c[j] <= tau}
-            got = {r for r, _, cc in cb.search(qq[i], 5)[0] if cc <= tau}
-            agree.append(bool(truth) == bool(got))
-            if truth:
-                rec.append(len(truth & got) / len(truth))
-    a = np.array(agree)
     out = {
-        "keys": len(v),
-        "tau": tau,
+        "keys": eng.n,
+        "dim": eng.dim,
+        "dtype": build.get("dtype"),
+        "open_s": t_open,
         "queries": len(q),
-        "accept_reject_agreement": float(a.mean()),
-        "agreement_near_duplicates": float(a[:half].mean()),
-        "agreement_fresh": float(a[half:].mean()),
-        "queries_with_hits_under_tau": len(rec),
-        "recall_of_hits_under_tau": float(np.mean(rec)) if rec else None,
+        "rounds": args.rounds,
+        "exact_truth_s": t_truth,
+        "reference_bruteforce_ms": ref_ms,
+        "reference_bruteforce_ms_by_blas": ref_by_mode,
+        "reference_queries": n_ref,
+        "ann": rows,
+        "peak_rss_mb": _peak_rss_mb(),
+        "load_avg": _load(),
     }
     print(json.dumps(out, indent=2), flush=True)
     return out
 
 
-def cmd_sigma(args: argparse.Namespace) -> dict:
-    """sigma from the stored (approximate above KNN_EXACT_MAX_KEYS) lists vs exact, on a sample."""
-    from reasonedit_cli import retrieval as R
-    from reasonedit_cli import store as C
-    from reasonedit_cli.store.index import neighbours as NB
-
-    cb = C.Codebook.open(args.dir)
-    v = cb.vectors()
-    d = cb.index.lists(need_knn=True)
-    rng = np.random.default_rng(3)
-    rows = np.sort(rng.choice(len(v), min(args.sample, len(v)), replace=False))
-    t = time.perf_counter()
-    v_sq = np.einsum("ij,ij->i", v, v)
-    exact = np.empty((len(rows), R.SIGMA_K))
-    step = max(1, 20_000_000 // len(v))
-    for s in range(0, len(rows), step):
-        r = rows[s : s + step]
-        sq = v_sq[None, :] - 2.0 * (v[r] @ v.T) + v_sq[r, None]
-        sq[np.arange(len(r)), r] = np.inf
-        part = np.argpartition(sq, R.SIGMA_K + 8, axis=1)[:, : R.SIGMA_K + 8]
-        for j, row in enumerate(r):  # exact float64 distances for the shortlist
-            dd = np.sort(R.direct_l2(v[row], v[part[j]]))[: R.SIGMA_K]
-            exact[s + j] = dd
-    t_exact = time.perf_counter() - t
-    s_exact = R.sigma_from_knn(exact)
-    s_got = d.sigma[rows]
-    rel = np.abs(s_got - s_exact) / s_exact
-    lists_recall = float(
-        np.mean(
-            [
-                len(set(d.knn_dist[row][: R.SIGMA_K].round(4)) & set(exact[j].round(4))) / R.SIGMA_K
-                for j, row in enumerate(rows)
-            ]
-        )
-    )
-    out = {
-        "keys": len(v),
-        "sample": len(rows),
-        "approximate_lists": len(v) > NB.KNN_EXACT_MAX_KEYS,
-        "sigma_rel_err_median": float(np.median(rel)),
-        "sigma_rel_err_p99": float(np.percentile(rel, 99)),
-        "sigma_rel_err_max": float(rel.max()),
-        "sigma_exact_rows_fraction": float(np.mean(rel < 1e-6)),
-        "knn30_recall": lists_recall,
-        "exact_sample_s": t_exact,
-    }
-    print(json.dumps(out, indent=2), flush=True)
-    return out
-
-
-def _scratch_copy(src: Path, dst: Path) -> None:
-    """A hard-linked copy: codebook files are never modified in place, only replaced."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
-
-
-def _new_bytes(root: Path, before: set[tuple[int, int]]) -> int:
-    """Bytes of the files under root that are not among `before` (device, inode)."""
-    total = 0
-    for p in root.rglob("*"):
-        st = p.stat()
-        if p.is_file() and (st.st_dev, st.st_ino) not in before:
-            total += st.st_size
-    return total
-
-
-def _inodes(root: Path) -> set[tuple[int, int]]:
-    return {(p.stat().st_dev, p.stat().st_ino) for p in root.rglob("*") if p.is_file()}
+# -- insert ------------------------------------------------------------------------------
 
 
 def cmd_insert_child(args: argparse.Namespace) -> dict:
-    """One run in a fresh process: cold add (open + add), then a warm add, then compact."""
-    from reasonedit_cli import store as C
-    from reasonedit_cli.store.index import deltas as D
-
-    if args.mode == "full":  # every commit rewrites every derived file (the old behaviour)
-        D.SIGMA_DELTA_MAX = D.KNN_DELTA_MAX = D.GRAPH_DELTA_MAX = 0.0
-    root = Path(args.dir)
-    out: dict = {"mode": args.mode, "edits": args.edits}
-    for step in ("cold", "warm"):
-        before = _inodes(root)
-        vecs = mixture(args.edits * KEYS_PER_EDIT, seed=args.seed + (step == "warm"))
-        t0 = time.perf_counter()
-        if step == "cold":
-            cb = C.Codebook.open(root)
-            n0 = cb.manifest["derived"]["keys"]
-        edits, keys = records(vecs, 10_000_000 + args.seed * 10_000, tag=f"{step}{args.seed}-")
-        with cb.writer(lock_timeout=60) as w:
-            w.add(edits, keys)
-        out[f"{step}_s"] = time.perf_counter() - t0
-        out[f"{step}_written_MB"] = _new_bytes(root, before) / 1e6
-        out[f"{step}_keys_before"] = cb.manifest["derived"]["keys"] - len(keys)
-    d = cb.manifest["derived"]
-    out["keys_before"], out["keys_per_batch"] = n0, len(keys)
-    out["delta_files"] = {k: len(v) for k, v in d.get("deltas", {}).items()}
-    if args.compact:
-        before = _inodes(root)
-        t0 = time.perf_counter()
-        with cb.writer(lock_timeout=60) as w:
-            w.compact()
-        out["compact_s"] = time.perf_counter() - t0
-        out["compact_written_MB"] = _new_bytes(root, before) / 1e6
-    out["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    d = Path(args.dir)
+    build = _engine_json(d)["build"]
+    t0 = time.perf_counter()
+    eng = _open(d, lists=True)
+    t_open = time.perf_counter() - t0
+    new = Mixture(build["keys"], build["dim"]).draw(int(args.keys), seed=100 + args.seed)
+    t0 = time.perf_counter()
+    entries = eng.append_files(d, f"{args.seed:06d}", new, dtype=build.get("dtype", "float32"))
+    t_ins = time.perf_counter() - t0
+    (d / ENGINE).write_text(json.dumps({"entries": entries, "build": build}))
+    out = {
+        "keys_before": build["keys"],
+        "keys_added": int(args.keys),
+        "open_with_lists_s": t_open,
+        "insert_s": t_ins,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
     print(json.dumps(out), flush=True)
     return out
 
 
 def cmd_insert(args: argparse.Namespace) -> dict:
-    """Insert batches of `--edits` edits x 5 keys into scratch copies: delta vs full rewrite."""
     src = Path(args.dir)
-    scratch = Path(args.scratch or f"{src}.scratch")
-    sizes = [int(x) for x in str(args.edits).split(",")]
-    modes = ["delta", "full"] if args.baseline else ["delta"]
-    runs: dict[str, list[dict]] = {}
-    for r in range(args.runs):  # interleaved, so load drift hits every variant alike
-        for mode in modes:
-            for e in sizes:
-                _scratch_copy(src, scratch)
-                cmd = [sys.executable, __file__, "insert-child", "--dir", str(scratch)]
-                cmd += ["--edits", str(e), "--mode", mode, "--seed", str(r + 1)]
-                cmd += ["--compact"] if (r == 0 and mode == "delta" and e == sizes[-1]) else []
-                p = subprocess.run(cmd, check=True, capture_output=True, text=True)
-                res = json.loads(p.stdout.strip().splitlines()[-1])
-                print(json.dumps(res), flush=True)
-                runs.setdefault(f"{mode}/{e}", []).append(res)
+    scratch = Path(f"{src}.scratch")
+    sizes = [int(x) for x in str(args.keys).split(",")]
+    res: dict[int, list[dict]] = {s: [] for s in sizes}
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for r in range(args.runs):
+        for s in sizes:
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            subprocess.run(["cp", "-al", str(src), str(scratch)], check=True)
+            (scratch / ENGINE).unlink()  # rewritten by the child: not a shared inode
+            shutil.copy(src / ENGINE, scratch / ENGINE)
+            cmd = [sys.executable, __file__, "insert-child", "--dir", str(scratch)]
+            cmd += ["--keys", str(s), "--seed", str(r + 1)]
+            p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            res[s].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(json.dumps(res[s][-1]), flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    med = {}
-    for key, rs in runs.items():
-        med[key] = {
-            f: statistics.median(x[f] for x in rs)
-            for f in ("cold_s", "warm_s", "cold_written_MB", "warm_written_MB", "peak_rss_GB")
-        }
-        med[key]["keys_per_batch"] = rs[0]["keys_per_batch"]
-        med[key]["delta_files"] = rs[0]["delta_files"]
-        comp = [x for x in rs if "compact_s" in x]
-        if comp:
-            med[key]["compact_s"] = comp[0]["compact_s"]
-            med[key]["compact_written_MB"] = comp[0]["compact_written_MB"]
-    out = {"keys": runs[next(iter(runs))][0]["keys_before"], "runs": args.runs, "median": med}
-    big = sizes[-1]
-    if args.baseline:
-        out["full_rewrite / delta (warm)"] = (
-            med[f"full/{big}"]["warm_s"] / med[f"delta/{big}"]["warm_s"]
-        )
-        out["full_rewrite / delta (cold)"] = (
-            med[f"full/{big}"]["cold_s"] / med[f"delta/{big}"]["cold_s"]
-        )
-    if len(sizes) > 1:
-        out[f"delta warm {big} / {sizes[0]} edits"] = (
-            med[f"delta/{big}"]["warm_s"] / med[f"delta/{sizes[0]}"]["warm_s"]
-        )
-    print(json.dumps(out, indent=2), flush=True)
-    return out
-
-
-_OPEN_CHILD = r"""
-import json, resource, sys, time
-t0 = time.perf_counter()
-from reasonedit_cli.store import Codebook
-from reasonedit_cli.retrieval import retrieve
-import numpy as np
-t1 = time.perf_counter()
-cb = Codebook.open(sys.argv[1])
-r = retrieve(cb, np.full(cb.dim, 0.1, np.float32))
-t2 = time.perf_counter()
-rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
-print(json.dumps({"import_s": t1 - t0, "open_and_first_query_s": t2 - t1, "rss_after_bytes": rss,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
-
-
-def cmd_open(args: argparse.Namespace) -> dict:
-    cb_dir = Path(args.dir)
-    runs = []
-    for _ in range(args.runs):
-        p = subprocess.run(
-            [sys.executable, "-c", _OPEN_CHILD, str(cb_dir)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    m = json.loads((cb_dir / "manifest.json").read_text())
-    seg = sum(s["bytes"] for s in m["segments"] if s["kind"] == "keys")
-    d = m["derived"]
-    hnsw = d["files"].get("hnsw", {}).get("bytes", 0)
-    hnsw += sum(e["bytes"] for e in d.get("deltas", {}).get("hnsw", []))
-    n, dim = m["derived"]["keys"], m["config"]["dim"]
-    raw = n * dim * 4
-    peak = statistics.median(r["peak_rss_bytes"] for r in runs)
     out = {
-        "keys": n,
-        "open_and_first_query_s_median": statistics.median(
-            r["open_and_first_query_s"] for r in runs
-        ),
-        "import_s_median": statistics.median(r["import_s"] for r in runs),
-        "peak_rss_GB": peak / 1e9,
-        "rss_after_open_GB": statistics.median(r["rss_after_bytes"] for r in runs) / 1e9,
-        "raw_vectors_GB": raw / 1e9,
-        "hnsw_file_GB": hnsw / 1e9,
-        "key_segments_GB": seg / 1e9,
-        "peak_rss / (raw vectors + hnsw file)": peak / (raw + hnsw),
+        "keys": res[sizes[0]][0]["keys_before"],
         "runs": args.runs,
+        "insert_s_median": {s: statistics.median(x["insert_s"] for x in v) for s, v in res.items()},
+        "open_with_lists_s_median": {
+            s: statistics.median(x["open_with_lists_s"] for x in v) for s, v in res.items()
+        },
+        "peak_rss_mb": {s: max(x["peak_rss_mb"] for x in v) for s, v in res.items()},
+        "load_avg": _load(),
     }
     print(json.dumps(out, indent=2), flush=True)
     return out
@@ -491,66 +496,62 @@ def cmd_open(args: argparse.Namespace) -> dict:
 def cmd_all(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    report = {}
-    for n in [int(x) for x in args.sizes.split(",")]:
-        d = work / f"cb{n}"
-        ns = argparse.Namespace(
-            n=n,
-            dir=str(d),
-            queries=args.queries,
-            ref_queries=args.ref_queries,
-            fetch=args.fetch,
-            sample=args.sample,
-            edits=args.edits,
-            runs=args.runs,
-            scratch=None,
-            baseline=args.baseline,
-        )
-        report[n] = {"build": cmd_build(ns), "search": cmd_search(ns), "sigma": cmd_sigma(ns)}
-        report[n]["open"] = cmd_open(ns)
-        report[n]["insert"] = cmd_insert(ns)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    report: dict = {}
+    out = Path(args.json_out) if args.json_out else None
+    for dim in [int(x) for x in args.dims.split(",")]:
+        for n in [int(x) for x in args.sizes.split(",")]:
+            d = work / f"e{n}x{dim}"
+            ns = argparse.Namespace(**{**vars(args), "n": n, "dim": dim, "dir": str(d)})
+            r = report[f"{n}x{dim}"] = {"build": cmd_build(ns)}
+            r["open"] = cmd_open(argparse.Namespace(dir=str(d), runs=args.runs, json=False))
+            r["search"] = cmd_search(ns)
+            if args.keys:
+                r["insert"] = cmd_insert(ns)
+            if out:
+                out.write_text(json.dumps(report, indent=2))
+            if not args.keep:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "search", "tau", "sigma", "insert", "insert-child", "open", "all"):
+    for name in ("build", "facts", "open", "search", "insert", "insert-child", "all"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=None)
         p.add_argument("--n", type=int, default=10_000)
-        p.add_argument("--queries", type=int, default=400)
-        p.add_argument("--ref-queries", type=int, default=30)
-        p.add_argument("--fetch", default="200:256:0:0,100:128:2048:0,64:64:2048:0,64:64")
-        p.add_argument("--rounds", type=int, default=3, help="search: rounds over all settings")
-        p.add_argument("--sample", type=int, default=20_000)
-        p.add_argument("--edits", default="1000", help="edits per batch (comma list: several)")
+        p.add_argument("--dim", type=int, default=512)
+        p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+        p.add_argument("--rank", type=int, default=256)
         p.add_argument("--runs", type=int, default=3)
-        p.add_argument("--sizes", default="10000,100000")
-        p.add_argument("--workdir", default="/tmp/reasonedit-bench")
-        p.add_argument("--json-out", default=None)
-        p.add_argument("--scratch", default=None, help="insert: scratch copy (default DIR.scratch)")
+        p.add_argument("--json", action="store_true", help="open: print only median_s, peak_rss_mb")
+        p.add_argument("--queries", type=int, default=400)
+        p.add_argument("--ref-queries", type=int, default=0, help="0: by size")
         p.add_argument(
-            "--baseline",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="insert: also measure the full rewrite per commit (the previous behaviour)",
+            "--fetch",
+            default="64,128,256,128:24,128:12:64,128:12:0",
+            help="search settings FETCH[:NPROBE[:LIFT_FETCH]], LIFT_FETCH 0 = no lifted graph",
         )
-        p.add_argument("--mode", default="delta", choices=("delta", "full"))
+        p.add_argument("--rounds", type=int, default=2)
+        p.add_argument("--keys", default="1000,5000", help="insert: keys per batch")
         p.add_argument("--seed", type=int, default=1)
-        p.add_argument("--compact", action="store_true")
+        p.add_argument("--sizes", default="10000,100000")
+        p.add_argument("--dims", default="512,1408,4480")
+        p.add_argument("--workdir", default="/tmp/reasonedit-bench22")
+        p.add_argument("--json-out", default=None)
+        p.add_argument("--keep", action="store_true", help="all: keep the built directories")
+        p.add_argument("--reuse", action="store_true", help="build: keep DIR's vector file")
+        p.add_argument("--lists", default="full", choices=("full", "reduced"), help="build: sigma")
+        p.add_argument("--truth-vectors", default=None, help="search: DIR of float32 keys")
+        p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()
-    if args.cmd == "insert-child":
-        args.edits = int(args.edits)
     {
         "build": cmd_build,
+        "facts": cmd_facts,
+        "open": cmd_open,
         "search": cmd_search,
-        "tau": cmd_tau,
-        "sigma": cmd_sigma,
         "insert": cmd_insert,
         "insert-child": cmd_insert_child,
-        "open": cmd_open,
         "all": cmd_all,
     }[args.cmd](args)
 

@@ -1,0 +1,222 @@
+"""A memory-mappable inverted-file index (IVF-flat) over the reduced vectors (issue 22).
+
+Why not hnswlib for the million-key graph: hnswlib has no memory-mapped load;
+`load_index` reads the file element by element (measured: 0.7-0.94 s for 200,000 keys
+at 257 dimensions, 234 MB, on this 2-core machine under load; 1M keys would take
+3.5-4.5 s) and its build took 409 s for 200,000 keys. The target is open + one search
+under 1 s at a million keys. An IVF index is a handful of arrays: k-means centroids, the
+keys grouped by their nearest centroid (`offsets` into `labels`), and the reduced
+vectors in that grouped order, mapped like the full vectors. Opening maps them; a search
+compares the query with the centroids, scans the `nprobe` nearest lists and returns the
+nearest keys found (benchmarks/README.md compares both on the same codebooks).
+
+Inserted keys go to a delta part (`FlatPart`: scanned in full) until compaction
+re-clusters; a damaged IVF file gives wrong candidates, never a crash: labels are checked
+to be a permutation of the part's rows when loaded, and every read is a numpy slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KMEANS_ITERS = 6
+KMEANS_SAMPLE_PER_LIST = 32  # k-means is fitted on this many keys per list (seeded sample)
+KMEANS_SEED = 0
+NPROBE = 12  # lists scanned per query (at least, until `k` keys are found)
+_ASSIGN_CHUNK = 16_384
+BATCH_QUERIES = 64  # from this many queries on, knn_query works list by list
+
+
+def n_lists(n: int) -> int:
+    """How many lists an IVF of n keys gets: sqrt(NPROBE * n), which balances the
+    centroid scan (C rows) against the list scan (NPROBE * n / C rows); ~290 keys a
+    list at a million keys, ~29 at 10,000. At least 1, at most n / 8."""
+    return max(1, min(n // 8, int(round(np.sqrt(NPROBE * n)))))
+
+
+def _sq_to(x: np.ndarray, c: np.ndarray, c_sq: np.ndarray) -> np.ndarray:
+    """Squared L2 from rows of x to rows of c (float32 GEMM form, clipped at 0). A few
+    rows use einsum: a threaded BLAS GEMV took 18.7 ms instead of 0.46 ms (3,000 x 600,
+    one thread) on this loaded 2-core machine."""
+    sq = (np.einsum("ij,kj->ik", x, c) if len(x) < 4 else x @ c.T) * -2.0
+    sq += np.einsum("ij,ij->i", x, x)[:, None]
+    sq += c_sq[None, :]
+    return np.maximum(sq, 0.0, out=sq)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid of each row of x (chunked)."""
+    c_sq = np.einsum("ij,ij->i", centroids, centroids)
+    out = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), _ASSIGN_CHUNK):
+        out[s : s + _ASSIGN_CHUNK] = np.argmin(_sq_to(x[s : s + _ASSIGN_CHUNK], centroids, c_sq), 1)
+    return out
+
+
+def kmeans(x: np.ndarray, k: int, *, iters: int = KMEANS_ITERS, seed: int = KMEANS_SEED):
+    """Lloyd's k-means on x (m, d) float32, seeded; empty clusters are re-seeded."""
+    rng = np.random.default_rng(seed)
+    m = len(x)
+    k = max(1, min(k, m))
+    cent = x[np.sort(rng.choice(m, size=k, replace=False))].astype(np.float32)
+    for _ in range(iters):
+        a = assign(x, cent)
+        counts = np.bincount(a, minlength=k)
+        sums = np.zeros_like(cent, dtype=np.float64)
+        np.add.at(sums, a, x)
+        empty = counts == 0
+        cent = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        if empty.any():
+            cent[empty] = x[rng.choice(m, size=int(empty.sum()), replace=False)]
+    return cent
+
+
+@dataclass
+class IVFPart:
+    """IVF over rows start..stop-1: lists of labels (codebook rows) with their vectors."""
+
+    centroids: np.ndarray  # (C, d) float32
+    offsets: np.ndarray  # (C + 1,) int64: list j is labels[offsets[j]:offsets[j+1]]
+    labels: np.ndarray  # (N,) int64, grouped by list
+    vecs: np.ndarray  # (N, d) float32 in the same order (mapped)
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        self.c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @classmethod
+    def build(cls, g: np.ndarray, start: int = 0, *, lists: int | None = None) -> tuple:
+        """(part arrays without vecs: centroids, offsets, labels) and the order to write
+        the vectors in (`vecs = g[order]`)."""
+        n = len(g)
+        k = lists or n_lists(n)
+        rng = np.random.default_rng(KMEANS_SEED)
+        m = min(n, k * KMEANS_SAMPLE_PER_LIST)
+        sample = g[np.sort(rng.choice(n, size=m, replace=False))] if m < n else g
+        cent = kmeans(np.asarray(sample, np.float32), k)
+        a = assign(g, cent)
+        order = np.argsort(a, kind="stable")
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=len(cent)))])
+        return cent, offsets.astype(np.int64), (order + start).astype(np.int64), order
+
+    def lists_near(self, g: np.ndarray, nprobe: int, at_least: int) -> np.ndarray:
+        """The nprobe nearest lists to g (more, nearest first, until they hold
+        `at_least` keys)."""
+        # einsum, not BLAS: a threaded GEMV for one query stalls on a busy machine
+        d = self.c_sq - 2.0 * np.einsum("ij,j->i", self.centroids, g)
+        c = len(d)
+        p = min(c, nprobe)
+        near = np.argpartition(d, p - 1)[:p] if p < c else np.arange(c)
+        near = near[np.argsort(d[near])]
+        sizes = self.offsets[near + 1] - self.offsets[near]
+        if sizes.sum() < at_least and p < c:
+            near = np.argsort(d)
+            sizes = self.offsets[near + 1] - self.offsets[near]
+            p = int(np.searchsorted(np.cumsum(sizes), at_least) + 1)
+            near = near[: max(p, nprobe)]
+        return near
+
+    def knn_query(self, q: np.ndarray, k: int, nprobe: int = NPROBE):
+        """(labels (m, k) int64, squared distances (m, k) float32) of the nearest keys
+        among the probed lists of each query; k <= size is always filled."""
+        q = np.asarray(q, dtype=np.float32).reshape(-1, self.centroids.shape[1])
+        k = min(k, self.size)
+        if len(q) >= BATCH_QUERIES:
+            return self._knn_batch(q, k, nprobe)
+        lab = np.empty((len(q), k), dtype=np.int64)
+        sq = np.empty((len(q), k), dtype=np.float32)
+        for i in range(len(q)):
+            near = self.lists_near(q[i], nprobe, k)
+            blocks = [self.vecs[self.offsets[j] : self.offsets[j + 1]] for j in near]
+            idx = np.concatenate([np.arange(self.offsets[j], self.offsets[j + 1]) for j in near])
+            d = np.concatenate(blocks)
+            d -= q[i]
+            dd = np.einsum("ij,ij->i", d, d)
+            part = np.argpartition(dd, k - 1)[:k] if k < len(dd) else np.arange(len(dd))
+            part = part[np.argsort(dd[part], kind="stable")]
+            lab[i], sq[i] = self.labels[idx[part]], dd[part]
+        return lab, sq
+
+    def _knn_batch(self, q: np.ndarray, k: int, nprobe: int):
+        """knn_query for many queries (an insert's keys): list by list, one GEMM per
+        list against the queries that probe it, merged into each query's best k."""
+        m, c = len(q), len(self.centroids)
+        p = min(c, nprobe)
+        dc = _sq_to(q, self.centroids, self.c_sq)
+        near = np.argpartition(dc, p - 1, axis=1)[:, :p] if p < c else np.tile(np.arange(c), (m, 1))
+        sizes = (self.offsets[near + 1] - self.offsets[near]).sum(axis=1)
+        best_l = np.full((m, k), -1, dtype=np.int64)
+        best_d = np.full((m, k), np.inf, dtype=np.float32)
+        short = np.flatnonzero(sizes < k)  # too few keys in their lists: one at a time
+        if len(short):
+            for s0 in range(0, len(short), BATCH_QUERIES - 1):  # below the batch size
+                sl = short[s0 : s0 + BATCH_QUERIES - 1]
+                best_l[sl], best_d[sl] = self.knn_query(q[sl], k, p)
+        ok = np.ones(m, bool)
+        ok[short] = False
+        qi = np.repeat(np.arange(m), p)[np.repeat(ok, p)]
+        li = near[ok].reshape(-1)
+        order = np.argsort(li, kind="stable")
+        qi, li = qi[order], li[order]
+        lists, first = np.unique(li, return_index=True)
+        bounds = np.append(first, len(li))
+        for j, a, b in zip(lists, bounds[:-1], bounds[1:], strict=True):
+            qs = qi[a:b]
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            if hi == lo:
+                continue
+            v = self.vecs[lo:hi]
+            d = _sq_to(q[qs], v, np.einsum("ij,ij->i", v, v))
+            cl = np.concatenate([best_l[qs], np.broadcast_to(self.labels[lo:hi], d.shape)], 1)
+            cd = np.concatenate([best_d[qs], d], axis=1)
+            part = np.argpartition(cd, k - 1, axis=1)[:, :k]
+            best_l[qs] = np.take_along_axis(cl, part, 1)
+            best_d[qs] = np.take_along_axis(cd, part, 1)
+        order = np.argsort(best_d, axis=1, kind="stable")
+        return np.take_along_axis(best_l, order, 1), np.take_along_axis(best_d, order, 1)
+
+
+@dataclass
+class FlatPart:
+    """Rows start..stop-1 scanned in full (recent inserts until compaction)."""
+
+    vecs: np.ndarray  # (size, d) float32
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def knn_query(self, q: np.ndarray, k: int, nprobe: int = 0):
+        q = np.asarray(q, dtype=np.float32).reshape(-1, self.vecs.shape[1])
+        k = min(k, self.size)
+        v_sq = np.einsum("ij,ij->i", self.vecs, self.vecs)
+        sq = _sq_to(q, self.vecs, v_sq)
+        part = (
+            np.argpartition(sq, k - 1, axis=1)[:, :k]
+            if k < self.size
+            else np.tile(np.arange(self.size), (len(q), 1))
+        )
+        pd = np.take_along_axis(sq, part, 1)
+        order = np.argsort(pd, axis=1, kind="stable")
+        return np.take_along_axis(part, order, 1) + self.start, np.take_along_axis(pd, order, 1)
+
+
+def valid_ivf(offsets: np.ndarray, labels: np.ndarray, start: int, stop: int, lists: int) -> bool:
+    """Whether stored offsets / labels can be ones a writer made for rows start..stop-1."""
+    n = stop - start
+    if offsets.shape != (lists + 1,) or labels.shape != (n,):
+        return False
+    if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+        return False
+    if n and (labels.min() != start or labels.max() != stop - 1):
+        return False
+    return bool(n == 0 or np.bincount(labels - start, minlength=n).max() == 1)

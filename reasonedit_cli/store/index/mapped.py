@@ -1,0 +1,354 @@
+"""Full-width key vectors as a memory-mapped derived file (issue 22).
+
+Why: at a real VLM's width (4,480 = a 7-8B language layer's 4,096 + MiniLM's 384) a
+million keys are 17.9 GB of float32. Decoding them from Parquet on every open cost
+seconds per GB and held them all in memory. The Parquet segments stay the source of
+truth; this file is a derived copy that a reader maps instead of decoding: opening costs
+a stat and a page-table entry, and a search touches only the rows it re-ranks.
+
+The file is a plain `.npy` (header: dtype, shape; then the rows, C order), float32 or
+float16 (`MAPPED_DTYPES`; float16 halves the file and the page cache it needs, at a
+relative rounding of 5e-4 per component: benchmarks/README.md says where recall allows
+it). Its manifest entry (`write_vectors` returns it) is the sidecar: `rows`, `dim`,
+`dtype`, `bytes`, `sha256` of the whole file, and `mtime_ns` after the rename.
+
+Verification: the writer hashes while it writes; `doctor` (`full_check=True`) rehashes.
+An ordinary open checks only what is cheap: the file is a regular file, its size is
+the recorded size and its header declares the recorded dtype and shape (so every row a
+search can address exists), and its mtime is the recorded one. A file whose mtime
+changed (copied without preserving times, or written to) is rehashed in full before use.
+What this cannot catch: bytes changed in place with the mtime restored. Such damage
+changes distances, so `ask` may retrieve different facts or none; it cannot read outside
+the mapping (the shape is checked against the size) nor crash the process (a search
+treats non-finite distances as infinitely far).
+
+Inserts never modify a mapped file: they write a small delta file of just their rows
+(`VectorParts` serves base + deltas as one array by row), and compaction writes a new
+base. Older readers keep the files they mapped; POSIX keeps an unlinked file's pages
+alive while it is mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import mmap
+import os
+import stat
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: dtypes a mapped vector file may hold (name in the manifest -> numpy dtype)
+MAPPED_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+#: largest .npy header read (numpy writes 128 bytes or a multiple of 64 for ours)
+_MAX_HEADER = 4096
+_HASH_BLOCK = 1 << 24
+
+#: hook(op, path, other) for every file operation (the store's file seam, crash harness)
+Note = Callable[[str, Path, "Path | None"], None]
+
+
+class MappedError(ValueError):
+    """A mapped file that may not be used: missing, not a regular file, the wrong size,
+    header or checksum. The caller treats the derived file as damaged."""
+
+
+def _noop(op: str, path: Path, other: Path | None = None) -> None:
+    return None
+
+
+def _fsync_dir(path: Path, note: Note) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+        note("fsync_dir", path, None)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def npy_header(rows: int, dim: int, dtype: str) -> bytes:
+    """The `.npy` header (format 1.0) of a C-order (rows, dim) array of `dtype`."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf,
+        {"descr": MAPPED_DTYPES[dtype].str, "fortran_order": False, "shape": (rows, dim)},
+    )
+    return buf.getvalue()
+
+
+def write_vectors(
+    path: Path,
+    chunks: Iterable[np.ndarray],
+    rows: int,
+    dim: int,
+    dtype: str = "float32",
+    *,
+    note: Note = _noop,
+) -> dict:
+    """Write `rows` vectors, given as consecutive (m, dim) chunks, to `path` atomically.
+
+    Streams: memory use is one chunk, whatever `rows` is (a million 4,480-wide keys are
+    written in 18 GB of file from 100 MB of chunks). Temp name, fsync, rename, fsync of
+    the directory, like every file of the store; the temp file is removed on failure.
+    Returns the manifest entry (without `path`, which the caller sets).
+    """
+    if dtype not in MAPPED_DTYPES:
+        raise ValueError(f"mapped dtype must be one of {sorted(MAPPED_DTYPES)}")
+    dt = MAPPED_DTYPES[dtype]
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    h = hashlib.sha256()
+    written = 0
+    try:
+        with open(tmp, "xb") as f:
+            head = npy_header(rows, dim, dtype)
+            f.write(head)
+            h.update(head)
+            for chunk in chunks:
+                with np.errstate(over="ignore"):  # checked just below
+                    c = np.ascontiguousarray(chunk, dtype=dt)
+                if c.ndim != 2 or c.shape[1] != dim:
+                    raise ValueError(f"chunk of shape {c.shape}, expected (m, {dim})")
+                if not np.isfinite(c).all():
+                    raise ValueError("vectors must be finite (float16 overflows above 65504)")
+                written += len(c)
+                if written > rows:
+                    raise ValueError(f"more than the {rows} rows announced")
+                b = c.reshape(-1).view(np.uint8).data
+                f.write(b)
+                h.update(b)
+            if written != rows:
+                raise ValueError(f"{written} rows written, {rows} announced")
+            f.flush()
+            note("write", tmp, None)
+            os.fsync(f.fileno())
+            note("fsync", tmp, None)
+        os.replace(tmp, path)
+        note("rename", tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent, note)
+    st = os.stat(path)
+    return {
+        "rows": rows,
+        "dim": dim,
+        "dtype": dtype,
+        "bytes": st.st_size,
+        "sha256": h.hexdigest(),
+        "mtime_ns": st.st_mtime_ns,
+    }
+
+
+def _open_fd(path: Path) -> int:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise MappedError(f"{path.name} is not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MappedError(f"{path.name} is not a regular file")
+    return fd
+
+
+def hash_fd(fd: int) -> str:
+    """sha256 of a whole open file, read in blocks (never the file at once)."""
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while block := os.read(fd, _HASH_BLOCK):
+        h.update(block)
+    return h.hexdigest()
+
+
+class MappedArray:
+    """A verified, read-only mapping of one vector file: `.array` is (rows, dim)."""
+
+    def __init__(self, mm: mmap.mmap, array: np.ndarray, entry: dict, rehashed: bool):
+        self._mm = mm
+        self.array = array
+        self.entry = entry
+        #: True when the mtime differed and the file was rehashed in full to be used:
+        #: `doctor --repair` records the new mtime so that later opens are cheap again
+        self.rehashed = rehashed
+
+    @property
+    def rows(self) -> int:
+        return int(self.array.shape[0])
+
+    def advise(self, start: int, stop: int, how: str) -> None:
+        """madvise rows start..stop-1: "random" (a search touches a few rows: read only
+        those pages, no read-around, which at 4,480 dims read ~300 KB per row fetched)
+        or "willneed" (a scan is about to read them: read ahead)."""
+        flag = {"random": "MADV_RANDOM", "willneed": "MADV_WILLNEED"}[how]
+        row = int(self.array.strides[0]) if self.array.ndim == 2 else 0
+        base = int(self.entry["bytes"]) - self.rows * row  # the .npy header
+        lo = (base + start * row) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(int(self.entry["bytes"]), base + stop * row)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            if hi > lo:
+                self._mm.madvise(getattr(mmap, flag), lo, hi - lo)
+
+    def release(self) -> None:
+        """Drop this process's resident pages of the file (the page cache keeps them).
+
+        A scan over every row (building neighbour lists, compaction) would otherwise
+        count the whole file in the process's RSS.
+        """
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+
+def open_vectors(path: Path, entry: dict, *, full_check: bool = False) -> MappedArray:
+    """Map a vector file after checking it against its manifest entry.
+
+    Cheap by default (see the module docstring): regular file, size, header, mtime. With
+    full_check, or when the mtime differs, the whole file is rehashed first. Raises
+    MappedError for anything that does not match.
+    """
+    try:
+        dtype = MAPPED_DTYPES[entry["dtype"]]
+        rows, dim, size = int(entry["rows"]), int(entry["dim"]), int(entry["bytes"])
+        if rows < 0 or dim <= 0 or size <= 0:
+            raise ValueError("sizes")
+    except (KeyError, TypeError, ValueError) as e:
+        raise MappedError(f"{path.name}: bad manifest entry") from e
+    try:
+        fd = _open_fd(path)
+    except FileNotFoundError:
+        raise MappedError(f"{path.name} is missing") from None
+    except OSError as e:
+        raise MappedError(f"{path.name}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if st.st_size != size:
+            raise MappedError(f"{path.name} has {st.st_size} bytes, the manifest says {size}")
+        head = os.pread(fd, min(_MAX_HEADER, size), 0)
+        try:
+            f = io.BytesIO(head)
+            if np.lib.format.read_magic(f) != (1, 0):
+                raise ValueError("npy version")
+            shape, fortran, got = np.lib.format.read_array_header_1_0(f)
+        except (ValueError, EOFError, SyntaxError) as e:
+            raise MappedError(f"{path.name} has no valid .npy header") from e
+        offset = f.tell()
+        if fortran or got != dtype or shape != (rows, dim):
+            raise MappedError(f"{path.name} holds {got} {shape}, the manifest says {rows}x{dim}")
+        if offset + rows * dim * dtype.itemsize != size:
+            raise MappedError(f"{path.name}: header and size disagree")
+        rehashed = st.st_mtime_ns != entry.get("mtime_ns")
+        if (full_check or rehashed) and hash_fd(fd) != entry.get("sha256"):
+            raise MappedError(f"{path.name} is damaged (checksum mismatch)")
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise MappedError(f"{path.name}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    arr = np.frombuffer(mm, dtype=dtype, count=rows * dim, offset=offset).reshape(rows, dim)
+    out = MappedArray(mm, arr, entry, rehashed)
+    out.advise(0, rows, "random")
+    return out
+
+
+class VectorParts:
+    """Base + delta vector files as one (n, dim) array by row, float32 out.
+
+    `take(rows)` gathers any rows (in the order given), `chunks(size)` streams all rows.
+    Parts are consecutive: part i holds rows starts[i] .. starts[i] + len(part) - 1.
+    """
+
+    def __init__(self, parts: list[np.ndarray], mapped: list[MappedArray] | None = None):
+        if not parts:
+            raise ValueError("VectorParts needs at least one part")
+        dims = {int(p.shape[1]) for p in parts}
+        if len(dims) != 1:
+            raise ValueError("vector parts of different widths")
+        self.parts = parts
+        self.mapped = mapped or []
+        self.dim = dims.pop()
+        sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.n = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (len(rows), dim) copies of the given rows (any order, repeats allowed)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError("vector rows out of range")
+        if len(self.parts) == 1:
+            # sorted access reads the mapping front to back (fewer page faults)
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows), self.dim), dtype=np.float32)
+            out[order] = self.parts[0][rows[order]]
+            return out
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(which):
+            sel = np.flatnonzero(which == i)
+            out[sel] = self.parts[i][rows[sel] - self.starts[i]]
+        return out
+
+    def chunks(self, size: int = 20_000) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) over every row, `size` rows at a time; resident
+        pages of mapped parts are dropped after each block."""
+        for i, p in enumerate(self.parts):
+            m = self.mapped[i] if i < len(self.mapped) else None
+            for s in range(0, len(p), size):
+                if m is not None:
+                    m.advise(s, min(len(p), s + 2 * size), "willneed")
+                yield int(self.starts[i] + s), np.asarray(p[s : s + size], dtype=np.float32)
+                if m is not None:
+                    m.release()
+
+    def release(self) -> None:
+        for m in self.mapped:
+            m.release()
+
+
+def open_parts(root: Path, entries: list[dict], *, full_check: bool = False) -> VectorParts:
+    """Map every vector file of `entries` (base first, then deltas) as one VectorParts."""
+    mapped = [open_vectors(root / e["path"], e, full_check=full_check) for e in entries]
+    return VectorParts([m.array for m in mapped], mapped)
+
+
+def file_stamp(path: Path) -> dict[str, Any]:
+    """{bytes, mtime_ns} of a file: what a cheap open compares."""
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_file(path: Path, entry: dict) -> str | None:
+    """Full verification for `doctor`: None when the file matches its entry, else why."""
+    try:
+        open_vectors(path, entry, full_check=True)
+    except MappedError as e:
+        return str(e)
+    return None
+
+
+__all__ = [
+    "MAPPED_DTYPES",
+    "MappedArray",
+    "MappedError",
+    "VectorParts",
+    "check_file",
+    "file_stamp",
+    "hash_fd",
+    "npy_header",
+    "open_parts",
+    "open_vectors",
+    "write_vectors",
+]

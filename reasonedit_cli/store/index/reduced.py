@@ -1,0 +1,781 @@
+"""ANN on a reduced projection, exact re-rank on the mapped full vectors (issue 22).
+
+The search engine for wide keys. A codebook's keys are 512 wide with the bundled model
+but 1,408 (LLaVA-1.5-7B's projector input + MiniLM) to 4,480 (a 7-8B language layer +
+MiniLM) with real ones; at a million keys and 4,480 dimensions a full-width hnsw graph
+alone would be 18 GB. Here:
+
+- the full vectors are a memory-mapped derived file (`mapped.py`), never decoded on open;
+- candidates come from `Projection.graph_vectors` (PCA to `rank` dims + the residual
+  norm, `projection.py`): rank + 1 floats a key, in a memory-mapped IVF index (`ivf.py`;
+  hnswlib parts remain available, `ann="hnsw"`, for the side-by-side comparison), plus
+  flat parts for keys inserted since the last compaction;
+- a search takes their candidates (raw distance in the reduced space, which never
+  exceeds the full distance), the lifted graph's (corrected distance, for the 5% of keys
+  with the largest sigma: `lift.py`'s lift over `Projection.lift_*_vectors`), screens
+  the next largest sigmas against the bound, and re-ranks all of them exactly on the
+  full vectors by corrected distance |q - k| / sigma_k (`sq_distances`);
+- neighbour lists (and so sigma) are exact over candidate clusters: each IVF list's keys
+  against the keys of its LIST_PROBE nearest lists, full width (`ivf_lists`); an insert
+  queries the parts for the new keys (`RerankedParts` serves `neighbours.append_knn_ann`).
+
+`save` / `open` / `append_files` write and read the files (names in
+docs/codebook-format.md); every file is verified before use (`open`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import stat
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+
+from ... import retrieval as R
+from . import deltas as DL
+from . import graphs as GR
+from . import lift as LF
+from . import neighbours as NB
+from .ivf import NPROBE, FlatPart, IVFPart, valid_ivf
+from .mapped import MappedError, Note, VectorParts, _noop, open_parts, open_vectors, write_vectors
+from .projection import DEFAULT_RANK, Projection, fit_sample_rows, one_thread
+
+GRAPH_M = 16  # hnsw parts (ann="hnsw"): rank + 1 dims
+GRAPH_EF_CONSTRUCTION = 100
+GRAPH_SEED = 100
+SEARCH_FETCH = 128  # candidates per part, re-ranked on the full vectors
+LIFT_FETCH = 32  # lifted-graph candidates per query (its reduced-space ranking is approximate)
+SIGMA_SCAN = 512  # largest sigmas outside the lifted graph screened per query
+LIST_PROBE = 3  # neighbour lists: a list's keys against the keys of its 3 nearest lists
+LIST_CANDIDATES = 768  # ... and more lists until they hold this many keys
+LIST_FETCH = 48  # insert: candidates per new key re-ranked for its 30 nearest
+REVERSE_FETCH = 48  # insert: neighbours queried per new key (reverse-neighbour search)
+MIN_IVF_KEYS = 2048  # below this a base part is flat (scanned in full)
+NEAR_DUPLICATE = 1e-3  # ivf_lists: squared distances below this x the norms are recomputed
+#: graph files above this size are checked by size and mtime on open, not rehashed
+GRAPH_HASH_MAX = 256 << 20
+_BATCH_ROWS = 32  # queries re-ranked together (gather of BATCH x fetch full rows)
+
+
+def sq_distances(q: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Squared L2 from one query to each row of block: float32 differences (no
+    cancellation, unlike |q|^2 + |k|^2 - 2qk), float64 accumulation. The one distance
+    every re-rank uses, so the exact and the ANN paths return identical numbers."""
+    d = np.asarray(block, dtype=np.float32) - np.asarray(q, dtype=np.float32).reshape(1, -1)
+    return np.einsum("ij,ij->i", d, d, dtype=np.float64)
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    # a damaged mapped file can hold NaN / inf: such keys are never nearest
+    return np.where(np.isfinite(x), x, np.inf)
+
+
+def build_graph(vectors: np.ndarray, start: int = 0, *, M: int = GRAPH_M) -> Any:
+    """hnswlib graph of (reduced) `vectors` labelled start, start + 1, ..."""
+    n, dim = vectors.shape
+    index = hnswlib.Index(space="l2", dim=dim)
+    index.init_index(
+        max_elements=max(n, 1), M=M, ef_construction=GRAPH_EF_CONSTRUCTION, random_seed=GRAPH_SEED
+    )
+    if n:
+        index.add_items(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.arange(start, start + n)
+        )
+    return index
+
+
+@dataclass
+class HnswPart:
+    """An hnswlib graph over rows start..stop-1 (the comparison to IVF)."""
+
+    index: Any
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def knn_query(self, q: np.ndarray, k: int, nprobe: int = 0):
+        k = min(k, self.size)
+        self.index.set_ef(max(k, SEARCH_FETCH))
+        lab, sq = self.index.knn_query(q, k=k)
+        return lab.astype(np.int64), sq
+
+
+Part = IVFPart | FlatPart | HnswPart
+
+
+def candidates(
+    parts: list, g: np.ndarray, fetch: int, nprobe: int = NPROBE
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reduced-space candidates from every part and a bound per query.
+
+    Like `graphs.search_candidates`: each part returns its `fetch` nearest (all of its
+    keys if it has fewer); the smallest last distance over the parts that held more keys
+    bounds every key outside the candidates (up to the ANN's misses), and since the
+    reduced distance never exceeds the full one, it bounds their full distance too.
+    """
+    labels, bound = [], None
+    for p in parts:
+        f = min(p.size, fetch)
+        if f <= 0:
+            continue
+        lab, sq = p.knn_query(g, f, nprobe)
+        labels.append(lab)
+        if f < p.size:
+            b = np.sqrt(np.asarray(sq[:, -1], dtype=np.float64))
+            bound = b if bound is None else np.minimum(bound, b)
+    cand = labels[0] if len(labels) == 1 else np.concatenate(labels, axis=1)
+    return cand, bound
+
+
+class RerankedParts:
+    """The parts as one hnswlib-like index whose distances are exact full width.
+
+    `knn_query(full_queries, k)` projects the queries, takes max(k, fetch) candidates
+    from every part and returns the k nearest by exact distance: what
+    `neighbours.append_knn_ann` needs to keep neighbour lists on insert.
+    """
+
+    def __init__(self, engine: ReducedIndex, fetch: int = LIST_FETCH, nprobe: int = LIST_PROBE):
+        self.engine, self.fetch, self.nprobe = engine, fetch, nprobe
+
+    def get_current_count(self) -> int:
+        return self.engine.n
+
+    def set_ef(self, ef: int) -> None:
+        return None
+
+    def knn_query(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.engine.dim)
+        g = self.engine.projection.graph_vectors(q)
+        cand, _ = candidates(self.engine.parts, g, max(k, self.fetch), self.nprobe)
+        return self.engine.exact_topk(q, cand, k)
+
+
+def ivf_lists(
+    part: IVFPart, vectors: VectorParts, k: int = R.SIGMA_K, probe: int = LIST_PROBE, log=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists of every key of an IVF part over candidate clusters: the keys of
+    each list against the keys of its `probe` nearest lists, full width.
+
+    Each list's vectors are gathered once (a million keys: ~4,000 gathers of ~1,000 rows)
+    and compared by one float32 GEMM. Its distances are relatively exact to ~1e-6 except
+    for near-duplicates (cancellation in |q|^2 + |k|^2 - 2qk), which are recomputed by
+    `sq_distances` (entries below NEAR_DUPLICATE of the squared norms).
+    """
+    # small per-list GEMMs: one BLAS thread (threads stall on a loaded machine)
+    small = part.size * vectors.dim * max(LIST_CANDIDATES, 4 * n_per(part)) < 2e8 * len(
+        part.centroids
+    )
+    with one_thread() if small else contextlib.nullcontext():
+        return _ivf_lists(part, vectors, k, probe, log)
+
+
+def n_per(part: IVFPart) -> int:
+    return max(1, part.size // max(1, len(part.centroids)))
+
+
+def _ivf_lists(part: IVFPart, vectors: VectorParts, k: int, probe: int, log) -> tuple:
+    n = part.size
+    idx = np.full((n, k), -1, dtype=np.int64)
+    dist = np.full((n, k), np.inf)
+    off = part.offsets
+    for j in range(len(part.centroids)):
+        members = part.labels[off[j] : off[j + 1]]
+        if not len(members):
+            continue
+        near = part.lists_near(part.centroids[j], probe, max(k + 1, LIST_CANDIDATES))
+        cand = np.concatenate([part.labels[off[c] : off[c + 1]] for c in near])
+        qv, cv = vectors.take(members), vectors.take(cand)
+        q_sq = np.einsum("ij,ij->i", qv, qv)
+        c_sq = np.einsum("ij,ij->i", cv, cv)
+        sq = (qv @ cv.T) * -2.0
+        sq += q_sq[:, None]
+        sq += c_sq[None, :]
+        np.maximum(sq, 0.0, out=sq)
+        sq[members[:, None] == cand[None, :]] = np.inf  # not itself
+        kk = min(k, len(cand) - 1)
+        if kk <= 0:
+            continue
+        short = np.argpartition(sq, kk - 1, axis=1)[:, :kk]
+        d = np.take_along_axis(sq, short, 1).astype(np.float64)
+        ci = cand[short]
+        close = np.argwhere(d < NEAR_DUPLICATE * (q_sq[:, None] + c_sq[short]))
+        for a, b in close:  # rare: recompute without cancellation
+            d[a, b] = sq_distances(qv[a], vectors.take(ci[a, b : b + 1]))[0]
+        order = np.lexsort((ci, d), axis=1)
+        rows = members - part.start
+        idx[rows, :kk] = np.take_along_axis(ci, order, 1)
+        dist[rows, :kk] = np.sqrt(np.take_along_axis(d, order, 1))
+        if j % 50 == 0:  # the gathered pages would otherwise count in this process's RSS
+            vectors.release()
+            if log and j % 500 == 0:
+                log(f"lists {j}/{len(part.centroids)}")
+    idx[~np.isfinite(dist)] = -1
+    return idx, dist
+
+
+@dataclass
+class ReducedIndex:
+    """Projection, candidate parts, lifted graph, sigma and the mapped full vectors."""
+
+    projection: Projection
+    parts: list
+    vectors: VectorParts
+    sigma_raw: np.ndarray  # (n,) float64 before the floor
+    knn_idx: np.ndarray | None = None  # writers only (insert); (n, SIGMA_K)
+    knn_dist: np.ndarray | None = None
+    lift: LF.Lift | None = None
+    entries: dict = field(default_factory=dict)  # manifest entries of the files
+    _scan: tuple | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.sigma = R.floor_sigma(self.sigma_raw)
+
+    @property
+    def n(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.dim
+
+    # -- building -------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        vectors: VectorParts,
+        *,
+        rank: int = DEFAULT_RANK,
+        ann: str = "ivf",
+        lift: bool = True,
+        lists: str = "full",
+        log: Any = None,
+    ) -> ReducedIndex:
+        """Everything from the full vectors: fit, project, candidate index, lists,
+        sigma, lifted graph (what a compaction does). Memory: the reduced vectors (n x
+        (rank + 1) float32, twice) and the index; the full vectors are streamed."""
+        say = log or (lambda *_: None)
+        n = len(vectors)
+        # the vector files it reads are the index's own (save() writes no second copy)
+        entries = {"vectors": [m.entry for m in vectors.mapped]} if vectors.mapped else {}
+        proj = Projection.fit(vectors.take(fit_sample_rows(n)), rank)
+        vectors.release()
+        say("fitted projection")
+        g = np.empty((n, proj.rank + 1), dtype=np.float32)
+        for start, block in vectors.chunks():
+            g[start : start + len(block)] = proj.graph_vectors(block)
+        say("projected")
+        eng = cls(proj, [], vectors, np.ones(n), entries=entries)
+        if ann == "hnsw":
+            eng.parts = [HnswPart(build_graph(g), 0, n)]
+        elif n >= MIN_IVF_KEYS:
+            cent, offsets, labels, order = IVFPart.build(g)
+            eng.parts = [IVFPart(cent, offsets, labels, g[order], 0, n)]
+        else:
+            eng.parts = [FlatPart(g, 0, n)]
+        say("index")
+        if isinstance(eng.parts[0], IVFPart) and lists == "reduced":
+            # sigma from reduced-space distances (underestimates it): for when the full
+            # vectors cannot be read in random order fast enough (benchmarks/README.md)
+            idx, dist = ivf_lists(eng.parts[0], VectorParts([g]), log=say)
+        elif isinstance(eng.parts[0], IVFPart):
+            idx, dist = ivf_lists(eng.parts[0], vectors, log=say)
+        elif n <= 2 * MIN_IVF_KEYS:
+            idx, dist = R.knn_lists(vectors.take(np.arange(n)), R.SIGMA_K)
+        else:
+            idx, dist = NB.knn_lists_ann(RerankedParts(eng), vectors.take(np.arange(n)), R.SIGMA_K)
+        eng.knn_idx, eng.knn_dist = idx, dist
+        eng.set_sigma(R.sigma_raw_from_knn(dist))
+        vectors.release()
+        say("lists")
+        if lift and n >= 2:
+            eng.lift = eng.build_lift(g)
+            say("lift")
+        return eng
+
+    def set_sigma(self, sigma_raw: np.ndarray) -> None:
+        self.sigma_raw = np.asarray(sigma_raw, dtype=np.float64)
+        self.sigma = R.floor_sigma(self.sigma_raw)
+        self._scan = None
+
+    def build_lift(self, graph_rows: np.ndarray | None = None) -> LF.Lift:
+        """The lifted graph of the LIFT_FRACTION largest sigmas, in the reduced space."""
+        rows = LF.lift_members(self.sigma)
+        if graph_rows is None:
+            g = self.projection.graph_vectors(self.vectors.take(rows))
+        else:
+            g = graph_rows[rows]
+        keys = Projection.lift_key_vectors(g)
+        params = LF.lift_params(keys, self.sigma[rows])
+        index = build_graph(LF.lift_keys(keys, self.sigma[rows], params), M=LF.LIFT_M)
+        return LF.Lift(index, rows, params)
+
+    # -- exact re-rank ----------------------------------------------------------------
+
+    def exact_topk(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query the k nearest of its candidate rows by exact squared distance:
+        (labels (m, k) int64, squared distances (m, k) float64), -1 / inf padded."""
+        m, f = cand.shape
+        lab = np.full((m, k), -1, dtype=np.int64)
+        sq = np.full((m, k), np.inf)
+        kk = min(k, f)
+        for s in range(0, m, _BATCH_ROWS):
+            c = cand[s : s + _BATCH_ROWS]
+            block = self.vectors.take(c.reshape(-1)).reshape(len(c), f, self.dim)
+            block -= q[s : s + _BATCH_ROWS, None, :]
+            d = _finite(np.einsum("ijk,ijk->ij", block, block, dtype=np.float64))
+            order = np.lexsort((c, d), axis=1)[:, :kk]
+            lab[s : s + len(c), :kk] = np.take_along_axis(c, order, 1)
+            sq[s : s + len(c), :kk] = np.take_along_axis(d, order, 1)
+        return lab, sq
+
+    # -- search -----------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 5,
+        *,
+        fetch: int = SEARCH_FETCH,
+        nprobe: int = NPROBE,
+        scan: int = SIGMA_SCAN,
+        use_lift: bool = True,
+        lift_fetch: int = LIFT_FETCH,
+    ) -> list[list[tuple[int, float, float]]]:
+        """k nearest keys per query by corrected distance: (row, raw L2, corrected).
+
+        Candidates: each part's `fetch` nearest in the reduced space (IVF: among its
+        `nprobe` nearest lists), the lifted graph's `lift_fetch`, and every key among the
+        `scan` largest sigmas outside the lifted graph that the reduced-space bound cannot
+        exclude; all re-ranked exactly on the full vectors (`sq_distances`).
+        """
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        n = self.n
+        if n == 0 or k <= 0:
+            return [[] for _ in range(len(q))]
+        k = min(k, n)
+        g = self.projection.graph_vectors(q)
+        fetch = min(n, max(fetch, 2 * k))
+        with self._lock:  # hnswlib: no concurrent add and query
+            cand, bound = candidates(self.parts, g, fetch, nprobe)
+            lift = self.lift if use_lift else None
+            if lift is not None:
+                f = min(len(lift.rows), max(lift_fetch, k))
+                lift.index.set_ef(max(LF.LIFT_EF, f))
+                lq = LF.lift_queries(Projection.lift_query_vectors(g), lift.params)
+                lab, _ = lift.index.knn_query(lq, k=f)
+                cand = np.concatenate([cand, lift.rows[lab.astype(np.int64)]], axis=1)
+        if cand.size and (cand.min() < 0 or cand.max() >= n):
+            raise MappedError("index labels out of range")
+        if bound is not None:
+            bound = bound * (1.0 - 1e-5)
+        out = []
+        for i in range(len(q)):
+            rows = np.unique(cand[i])
+            raw = np.sqrt(_finite(sq_distances(q[i], self.vectors.take(rows))))
+            corr = raw / self.sigma[rows]
+            if bound is not None and scan > 0:
+                kth = float(np.partition(corr, k - 1)[k - 1])
+                extra = self._scan_rows(g[i], bound[i] / kth if kth > 0 else np.inf, kth, scan)
+                extra = extra[~np.isin(extra, rows)]
+                if len(extra):
+                    xraw = np.sqrt(_finite(sq_distances(q[i], self.vectors.take(extra))))
+                    rows = np.concatenate([rows, extra])
+                    raw = np.concatenate([raw, xraw])
+                    corr = np.concatenate([corr, xraw / self.sigma[extra]])
+            order = np.lexsort((rows, corr))[:k]
+            out.append([(int(rows[j]), float(raw[j]), float(corr[j])) for j in order])
+        return out
+
+    def _scan_rows(self, g: np.ndarray, limit: float, kth: float, cap: int) -> np.ndarray:
+        """Rows among the `cap` largest sigmas outside the lifted graph with sigma >
+        `limit` whose corrected distance may be <= kth, screened by their reduced-space
+        distance (a lower bound of the full one, so the screen drops no winner)."""
+        if self._scan is None or self._scan[0] != cap:
+            s = self.sigma.copy()
+            if self.lift is not None:
+                s[self.lift.rows[self.lift.rows < len(s)]] = -np.inf
+            m = min(cap, len(s))
+            top = np.argpartition(-s, m - 1)[:m] if m < len(s) else np.arange(len(s))
+            top = top[np.argsort(-s[top], kind="stable")]
+            top = top[s[top] > -np.inf]
+            gv = self.projection.graph_vectors(self.vectors.take(top))
+            self._scan = (cap, top, s[top], gv)
+        _, order, values, gv = self._scan
+        m = int(np.searchsorted(-values, -limit, side="left"))
+        if m == 0:
+            return order[:0]
+        d = gv[:m] - g
+        lower = np.sqrt(np.einsum("ij,ij->i", d, d)) / values[:m]
+        return order[:m][lower <= kth * (1.0 + 1e-3) + 1e-6]
+
+    def exact_search(self, queries: np.ndarray, k: int = 5) -> list[list[tuple[int, float, float]]]:
+        """The same results by brute force over every key (tests, small codebooks)."""
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = min(k, self.n)
+        out = []
+        for i in range(len(q)):
+            raw = np.empty(self.n)
+            for start, block in self.vectors.chunks():
+                raw[start : start + len(block)] = sq_distances(q[i], block)
+            raw = np.sqrt(_finite(raw))
+            corr = raw / self.sigma
+            order = np.lexsort((np.arange(self.n), corr))[:k]
+            out.append([(int(j), float(raw[j]), float(corr[j])) for j in order])
+        return out
+
+    # -- insert -------------------------------------------------------------------------
+
+    def append(self, vectors: VectorParts, graph_vecs: np.ndarray | None = None) -> NB.KnnAppend:
+        """Rows n_old.. of `vectors` (the old parts plus a delta part) were appended:
+        add their flat part and update neighbour lists and sigma. Returns the list change
+        (`deltas.knn_patch` turns it into the delta file). Needs `knn_idx` / `knn_dist`."""
+        if self.knn_idx is None or self.knn_dist is None:
+            raise ValueError("append needs the neighbour lists (a writer's index)")
+        n_old = self.n
+        new = vectors.take(np.arange(n_old, len(vectors)))
+        g = self.projection.graph_vectors(new) if graph_vecs is None else graph_vecs
+        self.vectors = vectors
+        with self._lock:
+            self.parts.append(FlatPart(g, n_old, len(vectors)))
+        with one_thread():  # threaded BLAS stalled this 4x on the shared 2-core machine
+            app = NB.append_knn_ann(
+                RerankedParts(self), new, self.knn_idx, self.knn_dist, reverse_fetch=REVERSE_FETCH
+            )
+        self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
+        raw = np.concatenate([self.sigma_raw, np.ones(len(new))])
+        changed = np.concatenate([app.rows, np.arange(n_old, len(vectors))])
+        raw[changed] = R.sigma_raw_from_knn(self.knn_dist[changed])
+        self.set_sigma(raw)
+        return app
+
+    def append_files(
+        self, root: Path, tag: str, new_vectors: np.ndarray, *, dtype: str = "float32",
+        note: Note = _noop,
+    ) -> dict:  # fmt: skip
+        """Insert `new_vectors` and write only what the insert adds: a delta vector file,
+        the reduced vectors of the new flat part, and the sigma and list patches
+        (`deltas.py` formats). Existing files stay as they are. Returns the entries."""
+        n_old = self.n
+        old_idx, old_dist = self.knn_idx, self.knn_dist
+        new = np.asarray(new_vectors, dtype=np.float32)
+        rel = f"index/vectors-delta-{tag}.npy"
+        ent = dict(write_vectors(root / rel, [new], len(new), self.dim, dtype, note=note), path=rel)
+        m = open_vectors(root / rel, ent)
+        g = self.projection.graph_vectors(new)
+        grel = f"index/reduced-delta-{tag}.npy"
+        gent = dict(write_vectors(root / grel, [g], len(g), g.shape[1], note=note), path=grel)
+        parts = VectorParts([*self.vectors.parts, m.array], [*self.vectors.mapped, m])
+        app = self.append(parts, g)
+        assert old_idx is not None and old_dist is not None
+        patch = DL.knn_patch(app, old_idx, old_dist)
+        if patch is None:
+            raise ValueError("neighbour-list patch does not replay (write a new base)")
+        changed = np.concatenate([app.rows, np.arange(n_old, self.n)])
+        e = self.entries
+        e["vectors"] = [*e["vectors"], ent]
+        e["parts"] = [*e["parts"], {"kind": "flat", "start": n_old, "stop": self.n, "vecs": gent}]
+        e["deltas"]["sigma"].append(
+            dict(_write_npy(root, f"index/rsigma-delta-{tag}.npy",
+                            DL.sigma_patch(self.sigma_raw, changed), note), keys=self.n)
+        )  # fmt: skip
+        e["deltas"]["knn"].append(
+            dict(_write_npy(root, f"index/rknn-delta-{tag}.npy", patch, note), keys=self.n)
+        )
+        e["keys"] = self.n
+        return e
+
+    # -- files --------------------------------------------------------------------------
+
+    def save(self, root: Path, tag: str, *, dtype: str = "float32", note: Note = _noop) -> dict:
+        """Write every file under root/index/ (the full vectors too unless they are
+        already one base file there) and return their manifest entries."""
+        (root / "index").mkdir(parents=True, exist_ok=True)
+        e: dict[str, Any] = {}
+        if self.entries.get("vectors") and len(self.entries["vectors"]) == 1:
+            e["vectors"] = self.entries["vectors"]
+        else:
+            rel = f"index/vectors-{tag}.npy"
+            chunks = (b for _, b in self.vectors.chunks())
+            ent = write_vectors(root / rel, chunks, self.n, self.dim, dtype, note=note)
+            e["vectors"] = [dict(ent, path=rel)]
+        e["projection"] = _write_npy(
+            root, f"index/proj-{tag}.npy", self.projection.to_array(), note
+        )
+        e["sigma"] = dict(
+            _write_npy(root, f"index/rsigma-{tag}.npy", self.sigma_raw, note), rows=self.n
+        )
+        if self.knn_idx is not None and self.knn_dist is not None:
+            e["knn_idx"] = _write_npy(root, f"index/rknn_idx-{tag}.npy", self.knn_idx, note)
+            e["knn_dist"] = _write_npy(root, f"index/rknn_dist-{tag}.npy", self.knn_dist, note)
+        e["parts"] = [
+            self._save_part(p, root, f"{tag}-{j}", note) for j, p in enumerate(self.parts)
+        ]
+        if self.lift is not None:
+            e["lift_hnsw"] = save_graph(self.lift.index, root, f"index/rlift-{tag}.bin", note)
+            e["lift_rows"] = _write_npy(root, f"index/rlift-rows-{tag}.npy", self.lift.rows, note)
+            e["lift_params"] = _write_npy(
+                root, f"index/rlift-params-{tag}.npy", self.lift.params, note
+            )
+        e["keys"], e["dim"], e["rank"] = self.n, self.dim, self.projection.rank
+        e["deltas"] = {"sigma": [], "knn": []}
+        self.entries = e
+        return e
+
+    @staticmethod
+    def _save_part(p: Any, root: Path, tag: str, note: Note) -> dict:
+        base = {"start": p.start, "stop": p.stop}
+        if isinstance(p, HnswPart):
+            return {
+                **base,
+                "kind": "hnsw",
+                "graph": save_graph(p.index, root, f"index/rgraph-{tag}.bin", note),
+            }
+        rel = f"index/reduced-{tag}.npy"
+        vecs = dict(
+            write_vectors(root / rel, [p.vecs], len(p.vecs), p.vecs.shape[1], note=note), path=rel
+        )
+        if isinstance(p, FlatPart):
+            return {**base, "kind": "flat", "vecs": vecs}
+        return {
+            **base,
+            "kind": "ivf",
+            "lists": len(p.centroids),
+            "vecs": vecs,
+            "centroids": _write_npy(root, f"index/ivf-centroids-{tag}.npy", p.centroids, note),
+            "lists_index": _write_npy(
+                root, f"index/ivf-lists-{tag}.npy", np.concatenate([p.offsets, p.labels]), note
+            ),
+        }
+
+    @classmethod
+    def open(cls, root: Path, entries: dict, *, lists: bool = False, full_check: bool = False):
+        """Map and load what a search needs (lists too for a writer), each file verified:
+        small files by sha256, the mapped files and large graphs by size and mtime
+        (rehashed in full with full_check, i.e. `doctor`). Raises MappedError."""
+        try:
+            return cls._open(root, entries, lists=lists, full_check=full_check)
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
+            if isinstance(e, MappedError):
+                raise
+            raise MappedError(f"derived entries: {e}") from e
+
+    @classmethod
+    def verify(cls, root: Path, entries: dict) -> list[str]:
+        """What `doctor` reports: every file rehashed in full, every delta replayed;
+        [] when all is well, else one line naming what is damaged."""
+        try:
+            cls.open(root, entries, lists=True, full_check=True)
+        except MappedError as e:
+            return [f"derived cache: {e}"]
+        return []
+
+    @classmethod
+    def _open(cls, root: Path, entries: dict, *, lists: bool, full_check: bool):
+        n, dim = int(entries["keys"]), int(entries["dim"])
+        vectors = open_parts(root, entries["vectors"], full_check=full_check)
+        if len(vectors) != n or vectors.dim != dim:
+            raise MappedError("vector files do not cover every key")
+        try:
+            proj = Projection.from_array(_read_npy(root, entries["projection"]))
+        except ValueError as e:
+            raise MappedError(f"projection: {e}") from e
+        if proj.dim != dim:
+            raise MappedError("projection width differs from the keys'")
+        deltas = entries.get("deltas") or {}
+        base_rows = int(entries["sigma"].get("rows", n))
+        sigma_raw = _read_npy(root, entries["sigma"], (base_rows,), np.float64)
+        if not (np.isfinite(sigma_raw).all() and (sigma_raw >= 0).all()):
+            raise MappedError("sigma values")
+        try:
+            for de in deltas.get("sigma") or []:
+                patch = _read_npy(root, de, None, DL.SIGMA_PATCH_DTYPE)
+                sigma_raw = DL.apply_sigma_patch(sigma_raw, patch, int(de["keys"]))
+        except ValueError as e:
+            raise MappedError(f"sigma delta: {e}") from e
+        if len(sigma_raw) != n:
+            raise MappedError("sigma files do not cover every key")
+        gdim = proj.rank + 1
+        parts = [_open_part(root, pe, gdim, n, full_check) for pe in entries["parts"]]
+        if not GR.graphs_cover(parts, n):  # duck-typed: start / stop
+            raise MappedError("index parts do not cover every key")
+        eng = cls(proj, parts, vectors, sigma_raw, entries=entries)
+        if entries.get("lift_hnsw"):
+            rows = _read_npy(root, entries["lift_rows"], None, np.int64)
+            params = _read_npy(root, entries["lift_params"], None, np.float64)
+            if rows.ndim != 1 or not LF.valid_lift(rows, params, n, proj.rank + 2):
+                raise MappedError("lift rows or params")
+            eng.lift = LF.Lift(
+                load_graph(root, entries["lift_hnsw"], proj.rank + 5, len(rows),
+                           full_check=full_check), rows, params,
+            )  # fmt: skip
+        if lists:
+            eng.knn_idx, eng.knn_dist = _open_lists(root, entries, base_rows, n)
+        return eng
+
+
+def _open_part(root: Path, pe: dict, gdim: int, n: int, full_check: bool) -> Any:
+    a, b = int(pe["start"]), int(pe["stop"])
+    if not 0 <= a <= b <= n:
+        raise MappedError("index part rows out of range")
+    if pe["kind"] == "hnsw":
+        return HnswPart(load_graph(root, pe["graph"], gdim, b - a, full_check=full_check), a, b)
+    vecs = open_vectors(root / pe["vecs"]["path"], pe["vecs"], full_check=full_check).array
+    if vecs.shape != (b - a, gdim) or vecs.dtype != np.float32:
+        raise MappedError("reduced vectors have the wrong shape")
+    if pe["kind"] == "flat":
+        return FlatPart(vecs, a, b)
+    if pe["kind"] != "ivf":
+        raise MappedError(f"unknown index part {pe['kind']!r}")
+    c = int(pe["lists"])
+    cent = _read_npy(root, pe["centroids"], (c, gdim), np.float32)
+    li = _read_npy(root, pe["lists_index"], (c + 1 + b - a,), np.int64)
+    offsets, labels = li[: c + 1], li[c + 1 :]
+    if not np.isfinite(cent).all() or not valid_ivf(offsets, labels, a, b, c):
+        raise MappedError("IVF lists are inconsistent")
+    return IVFPart(cent, offsets, labels, vecs, a, b)
+
+
+def _open_lists(root: Path, entries: dict, base_rows: int, n: int):
+    k = R.SIGMA_K
+    bi = _read_npy(root, entries["knn_idx"], (base_rows, k), np.int64)
+    bd = _read_npy(root, entries["knn_dist"], (base_rows, k), np.float64)
+    idx, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.inf)
+    idx[:base_rows], dist[:base_rows] = bi, bd
+    cur = base_rows
+    try:
+        for de in (entries.get("deltas") or {}).get("knn") or []:
+            patch = _read_npy(root, de, None, DL.KNN_PATCH_DTYPE)
+            DL.apply_knn_patch(idx, dist, cur, patch, int(de["keys"]))
+            cur = int(de["keys"])
+    except ValueError as e:
+        raise MappedError(f"knn delta: {e}") from e
+    if cur != n:
+        raise MappedError("list files do not cover every key")
+    return idx, dist
+
+
+# -- file helpers (phase 1: the store's file seam replaces these when integrated) -----
+
+
+def _write_npy(root: Path, rel: str, arr: np.ndarray, note: Note) -> dict:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    data = buf.getvalue()
+    path = root / rel
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            note("write", tmp, None)
+            os.fsync(f.fileno())
+            note("fsync", tmp, None)
+        os.replace(tmp, path)
+        note("rename", tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_npy(root: Path, entry: dict, shape: tuple | None = None, dtype: Any = None) -> np.ndarray:
+    try:
+        fd = os.open(root / entry["path"], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise MappedError(f"{entry['path']} is not a regular file")
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise MappedError(f"{entry['path']} is damaged (checksum mismatch)")
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except MappedError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, TypeError) as e:
+        raise MappedError(f"{entry.get('path')}: {e}") from e
+    if (dtype is not None and arr.dtype != np.dtype(dtype)) or (
+        shape is not None and arr.shape != shape
+    ):
+        raise MappedError(f"{entry['path']} has the wrong dtype or shape")
+    return arr
+
+
+def save_graph(index: Any, root: Path, rel: str, note: Note = _noop) -> dict:
+    """save_index to a temp name, hash, fsync, rename; the entry records size and mtime."""
+    path = root / rel
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        index.save_index(str(tmp))
+        note("write", tmp, None)
+        h = hashlib.sha256()
+        with open(tmp, "rb+") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+            os.fsync(f.fileno())
+            note("fsync", tmp, None)
+        os.replace(tmp, path)
+        note("rename", tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    st = os.stat(path)
+    return {
+        "path": rel,
+        "bytes": st.st_size,
+        "sha256": h.hexdigest(),
+        "mtime_ns": st.st_mtime_ns,
+        "count": int(index.get_current_count()),
+    }
+
+
+def load_graph(root: Path, entry: dict, dim: int, count: int, *, full_check: bool = False) -> Any:
+    """An hnswlib graph file, verified before hnswlib reads it (hnswlib trusts its input).
+
+    Up to GRAPH_HASH_MAX bytes (and always with full_check, or when the mtime changed):
+    hashed into a private copy, which is loaded, as the store does for every graph.
+    Larger: its size and mtime must be the recorded ones, then it is loaded in place.
+    """
+    path = root / entry["path"]
+    try:
+        st = os.lstat(path)
+        if not os.path.isfile(path) or os.path.islink(path) or st.st_size != int(entry["bytes"]):
+            raise MappedError(f"{entry['path']} is missing, not a file or the wrong size")
+        index = hnswlib.Index(space="l2", dim=dim)
+        if full_check or st.st_size <= GRAPH_HASH_MAX or st.st_mtime_ns != entry.get("mtime_ns"):
+            fd, tmp = tempfile.mkstemp(prefix="reasonedit-graph-")
+            try:
+                h = hashlib.sha256()
+                with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                    while block := src.read(1 << 24):
+                        h.update(block)
+                        out.write(block)
+                if h.hexdigest() != entry["sha256"]:
+                    raise MappedError(f"{entry['path']} is damaged (checksum mismatch)")
+                index.load_index(tmp, max_elements=max(count, 1))
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        else:
+            index.load_index(str(path), max_elements=max(count, 1))
+    except MappedError:
+        raise
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError) as e:
+        raise MappedError(f"{entry.get('path')}: {e}") from e
+    if index.get_current_count() != count:
+        raise MappedError(f"{entry['path']} holds {index.get_current_count()} keys, not {count}")
+    return index
