@@ -82,26 +82,38 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the whole new one.
+@contextlib.contextmanager
+def replaced(path: Path) -> Iterator[Path]:
+    """A temp name next to `path` for the body to write by any means (bytes, numpy,
+    pyarrow, hnswlib's save_index); then fsync, rename over `path`, fsync the directory.
 
-    On any failure (ENOSPC, EROFS, ...) the temp file is removed and the error re-raised.
+    Readers see the old file or the whole new one. On any failure (ENOSPC, EROFS, ...) the
+    temp file is removed and the error re-raised. Every file of the store is made durable
+    here, so the crash harness's hook (`file_operations`) sees each step.
     """
-    mkdirs(path.parent)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            note("write", tmp)
-            os.fsync(f.fileno())
-            note("fsync", tmp)
+        yield tmp
+        note("write", tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        note("fsync", tmp)
         rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` as `path` atomically and durably (see `replaced`)."""
+    mkdirs(path.parent)
+    with replaced(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
 
 
 def rename(src: Path, dst: Path) -> None:

@@ -17,44 +17,33 @@ own bounds checks (`validate`) keep offsets inside the buffers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import stat
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .mapped import MappedError, Note, _noop, hash_fd
+from ..files import replaced
+from .mapped import MappedError, hash_fd
 
 
-def write_facts(path: Path, table: pa.Table, *, note: Note = _noop) -> dict:
+def write_facts(path: Path, table: pa.Table) -> dict:
     """Write `table` (the live keys, no `vector` column) atomically as an Arrow IPC file.
 
     Returns the manifest entry without `path`: rows, bytes, sha256, mtime_ns, columns.
     """
     if "vector" in table.column_names:
         table = table.drop(["vector"])
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with replaced(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as w:
             w.write_table(table, max_chunksize=1 << 16)
-        note("write", tmp, None)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             sha = hash_fd(fd)
-            os.fsync(fd)
         finally:
             os.close(fd)
-        note("fsync", tmp, None)
-        os.replace(tmp, path)
-        note("rename", tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     st = os.stat(path)
     return {
         "rows": table.num_rows,

@@ -36,12 +36,13 @@ import io
 import mmap
 import os
 import stat
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..files import replaced
 
 #: dtypes a mapped vector file may hold (name in the manifest -> numpy dtype)
 MAPPED_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -49,31 +50,10 @@ MAPPED_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.
 _MAX_HEADER = 4096
 _HASH_BLOCK = 1 << 24
 
-#: hook(op, path, other) for every file operation (the store's file seam, crash harness)
-Note = Callable[[str, Path, "Path | None"], None]
-
 
 class MappedError(ValueError):
     """A mapped file that may not be used: missing, not a regular file, the wrong size,
     header or checksum. The caller treats the derived file as damaged."""
-
-
-def _noop(op: str, path: Path, other: Path | None = None) -> None:
-    return None
-
-
-def _fsync_dir(path: Path, note: Note) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-        note("fsync_dir", path, None)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def npy_header(rows: int, dim: int, dtype: str) -> bytes:
@@ -92,8 +72,6 @@ def write_vectors(
     rows: int,
     dim: int,
     dtype: str = "float32",
-    *,
-    note: Note = _noop,
 ) -> dict:
     """Write `rows` vectors, given as consecutive (m, dim) chunks, to `path` atomically.
 
@@ -105,40 +83,27 @@ def write_vectors(
     if dtype not in MAPPED_DTYPES:
         raise ValueError(f"mapped dtype must be one of {sorted(MAPPED_DTYPES)}")
     dt = MAPPED_DTYPES[dtype]
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     h = hashlib.sha256()
     written = 0
-    try:
-        with open(tmp, "xb") as f:
-            head = npy_header(rows, dim, dtype)
-            f.write(head)
-            h.update(head)
-            for chunk in chunks:
-                with np.errstate(over="ignore"):  # checked just below
-                    c = np.ascontiguousarray(chunk, dtype=dt)
-                if c.ndim != 2 or c.shape[1] != dim:
-                    raise ValueError(f"chunk of shape {c.shape}, expected (m, {dim})")
-                if not np.isfinite(c).all():
-                    raise ValueError("vectors must be finite (float16 overflows above 65504)")
-                written += len(c)
-                if written > rows:
-                    raise ValueError(f"more than the {rows} rows announced")
-                b = c.reshape(-1).view(np.uint8).data
-                f.write(b)
-                h.update(b)
-            if written != rows:
-                raise ValueError(f"{written} rows written, {rows} announced")
-            f.flush()
-            note("write", tmp, None)
-            os.fsync(f.fileno())
-            note("fsync", tmp, None)
-        os.replace(tmp, path)
-        note("rename", tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent, note)
+    with replaced(path) as tmp, open(tmp, "xb") as f:
+        head = npy_header(rows, dim, dtype)
+        f.write(head)
+        h.update(head)
+        for chunk in chunks:
+            with np.errstate(over="ignore"):  # checked just below
+                c = np.ascontiguousarray(chunk, dtype=dt)
+            if c.ndim != 2 or c.shape[1] != dim:
+                raise ValueError(f"chunk of shape {c.shape}, expected (m, {dim})")
+            if not np.isfinite(c).all():
+                raise ValueError("vectors must be finite (float16 overflows above 65504)")
+            written += len(c)
+            if written > rows:
+                raise ValueError(f"more than the {rows} rows announced")
+            b = c.reshape(-1).view(np.uint8).data
+            f.write(b)
+            h.update(b)
+        if written != rows:
+            raise ValueError(f"{written} rows written, {rows} announced")
     st = os.stat(path)
     return {
         "rows": rows,

@@ -32,7 +32,6 @@ import os
 import stat
 import tempfile
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,13 @@ import hnswlib
 import numpy as np
 
 from ... import retrieval as R
+from ..files import replaced
 from . import deltas as DL
 from . import graphs as GR
 from . import lift as LF
 from . import neighbours as NB
 from .ivf import NPROBE, FlatPart, IVFPart, valid_ivf
-from .mapped import MappedError, Note, VectorParts, _noop, open_parts, open_vectors, write_vectors
+from .mapped import MappedError, VectorParts, open_parts, open_vectors, write_vectors
 from .projection import DEFAULT_RANK, Projection, fit_sample_rows, one_thread
 
 GRAPH_M = 16  # hnsw parts (ann="hnsw"): rank + 1 dims
@@ -465,7 +465,6 @@ class ReducedIndex:
 
     def append_files(
         self, root: Path, tag: str, new_vectors: np.ndarray, *, dtype: str = "float32",
-        note: Note = _noop,
     ) -> dict:  # fmt: skip
         """Insert `new_vectors` and write only what the insert adds: a delta vector file,
         the reduced vectors of the new flat part, and the sigma and list patches
@@ -474,11 +473,11 @@ class ReducedIndex:
         old_idx, old_dist = self.knn_idx, self.knn_dist
         new = np.asarray(new_vectors, dtype=np.float32)
         rel = f"index/vectors-delta-{tag}.npy"
-        ent = dict(write_vectors(root / rel, [new], len(new), self.dim, dtype, note=note), path=rel)
+        ent = dict(write_vectors(root / rel, [new], len(new), self.dim, dtype), path=rel)
         m = open_vectors(root / rel, ent)
         g = self.projection.graph_vectors(new)
         grel = f"index/reduced-delta-{tag}.npy"
-        gent = dict(write_vectors(root / grel, [g], len(g), g.shape[1], note=note), path=grel)
+        gent = dict(write_vectors(root / grel, [g], len(g), g.shape[1]), path=grel)
         parts = VectorParts([*self.vectors.parts, m.array], [*self.vectors.mapped, m])
         app = self.append(parts, g)
         assert old_idx is not None and old_dist is not None
@@ -491,17 +490,17 @@ class ReducedIndex:
         e["parts"] = [*e["parts"], {"kind": "flat", "start": n_old, "stop": self.n, "vecs": gent}]
         e["deltas"]["sigma"].append(
             dict(_write_npy(root, f"index/rsigma-delta-{tag}.npy",
-                            DL.sigma_patch(self.sigma_raw, changed), note), keys=self.n)
+                            DL.sigma_patch(self.sigma_raw, changed)), keys=self.n)
         )  # fmt: skip
         e["deltas"]["knn"].append(
-            dict(_write_npy(root, f"index/rknn-delta-{tag}.npy", patch, note), keys=self.n)
+            dict(_write_npy(root, f"index/rknn-delta-{tag}.npy", patch), keys=self.n)
         )
         e["keys"] = self.n
         return e
 
     # -- files --------------------------------------------------------------------------
 
-    def save(self, root: Path, tag: str, *, dtype: str = "float32", note: Note = _noop) -> dict:
+    def save(self, root: Path, tag: str, *, dtype: str = "float32") -> dict:
         """Write every file under root/index/ (the full vectors too unless they are
         already one base file there) and return their manifest entries."""
         (root / "index").mkdir(parents=True, exist_ok=True)
@@ -511,25 +510,25 @@ class ReducedIndex:
         else:
             rel = f"index/vectors-{tag}.npy"
             chunks = (b for _, b in self.vectors.chunks())
-            ent = write_vectors(root / rel, chunks, self.n, self.dim, dtype, note=note)
+            ent = write_vectors(root / rel, chunks, self.n, self.dim, dtype)
             e["vectors"] = [dict(ent, path=rel)]
         e["projection"] = _write_npy(
-            root, f"index/proj-{tag}.npy", self.projection.to_array(), note
+            root,
+            f"index/proj-{tag}.npy",
+            self.projection.to_array(),
         )
-        e["sigma"] = dict(
-            _write_npy(root, f"index/rsigma-{tag}.npy", self.sigma_raw, note), rows=self.n
-        )
+        e["sigma"] = dict(_write_npy(root, f"index/rsigma-{tag}.npy", self.sigma_raw), rows=self.n)
         if self.knn_idx is not None and self.knn_dist is not None:
-            e["knn_idx"] = _write_npy(root, f"index/rknn_idx-{tag}.npy", self.knn_idx, note)
-            e["knn_dist"] = _write_npy(root, f"index/rknn_dist-{tag}.npy", self.knn_dist, note)
-        e["parts"] = [
-            self._save_part(p, root, f"{tag}-{j}", note) for j, p in enumerate(self.parts)
-        ]
+            e["knn_idx"] = _write_npy(root, f"index/rknn_idx-{tag}.npy", self.knn_idx)
+            e["knn_dist"] = _write_npy(root, f"index/rknn_dist-{tag}.npy", self.knn_dist)
+        e["parts"] = [self._save_part(p, root, f"{tag}-{j}") for j, p in enumerate(self.parts)]
         if self.lift is not None:
-            e["lift_hnsw"] = save_graph(self.lift.index, root, f"index/rlift-{tag}.bin", note)
-            e["lift_rows"] = _write_npy(root, f"index/rlift-rows-{tag}.npy", self.lift.rows, note)
+            e["lift_hnsw"] = save_graph(self.lift.index, root, f"index/rlift-{tag}.bin")
+            e["lift_rows"] = _write_npy(root, f"index/rlift-rows-{tag}.npy", self.lift.rows)
             e["lift_params"] = _write_npy(
-                root, f"index/rlift-params-{tag}.npy", self.lift.params, note
+                root,
+                f"index/rlift-params-{tag}.npy",
+                self.lift.params,
             )
         e["keys"], e["dim"], e["rank"] = self.n, self.dim, self.projection.rank
         e["deltas"] = {"sigma": [], "knn": []}
@@ -537,18 +536,16 @@ class ReducedIndex:
         return e
 
     @staticmethod
-    def _save_part(p: Any, root: Path, tag: str, note: Note) -> dict:
+    def _save_part(p: Any, root: Path, tag: str) -> dict:
         base = {"start": p.start, "stop": p.stop}
         if isinstance(p, HnswPart):
             return {
                 **base,
                 "kind": "hnsw",
-                "graph": save_graph(p.index, root, f"index/rgraph-{tag}.bin", note),
+                "graph": save_graph(p.index, root, f"index/rgraph-{tag}.bin"),
             }
         rel = f"index/reduced-{tag}.npy"
-        vecs = dict(
-            write_vectors(root / rel, [p.vecs], len(p.vecs), p.vecs.shape[1], note=note), path=rel
-        )
+        vecs = dict(write_vectors(root / rel, [p.vecs], len(p.vecs), p.vecs.shape[1]), path=rel)
         if isinstance(p, FlatPart):
             return {**base, "kind": "flat", "vecs": vecs}
         return {
@@ -556,9 +553,11 @@ class ReducedIndex:
             "kind": "ivf",
             "lists": len(p.centroids),
             "vecs": vecs,
-            "centroids": _write_npy(root, f"index/ivf-centroids-{tag}.npy", p.centroids, note),
+            "centroids": _write_npy(root, f"index/ivf-centroids-{tag}.npy", p.centroids),
             "lists_index": _write_npy(
-                root, f"index/ivf-lists-{tag}.npy", np.concatenate([p.offsets, p.labels]), note
+                root,
+                f"index/ivf-lists-{tag}.npy",
+                np.concatenate([p.offsets, p.labels]),
             ),
         }
 
@@ -672,25 +671,12 @@ def _open_lists(root: Path, entries: dict, base_rows: int, n: int):
 # -- file helpers (phase 1: the store's file seam replaces these when integrated) -----
 
 
-def _write_npy(root: Path, rel: str, arr: np.ndarray, note: Note) -> dict:
+def _write_npy(root: Path, rel: str, arr: np.ndarray) -> dict:
     buf = io.BytesIO()
     np.save(buf, np.asarray(arr), allow_pickle=False)
     data = buf.getvalue()
-    path = root / rel
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            note("write", tmp, None)
-            os.fsync(f.fileno())
-            note("fsync", tmp, None)
-        os.replace(tmp, path)
-        note("rename", tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replaced(root / rel) as tmp, open(tmp, "xb") as f:
+        f.write(data)
     return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -715,24 +701,15 @@ def _read_npy(root: Path, entry: dict, shape: tuple | None = None, dtype: Any = 
     return arr
 
 
-def save_graph(index: Any, root: Path, rel: str, note: Note = _noop) -> dict:
+def save_graph(index: Any, root: Path, rel: str) -> dict:
     """save_index to a temp name, hash, fsync, rename; the entry records size and mtime."""
     path = root / rel
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    h = hashlib.sha256()
+    with replaced(path) as tmp:
         index.save_index(str(tmp))
-        note("write", tmp, None)
-        h = hashlib.sha256()
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb") as f:
             while block := f.read(1 << 24):
                 h.update(block)
-            os.fsync(f.fileno())
-            note("fsync", tmp, None)
-        os.replace(tmp, path)
-        note("rename", tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     st = os.stat(path)
     return {
         "path": rel,
