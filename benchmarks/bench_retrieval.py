@@ -164,8 +164,8 @@ def cmd_build(args: argparse.Namespace) -> dict:
 
     d = Path(args.dir)
     reuse = args.reuse and (d / "vectors.json").exists()
-    if reuse:  # keep the vector file (and its entry) of an earlier build of DIR
-        keep = {"vectors.json", "index/" + json.loads((d / "vectors.json").read_text())["path"][6:]}
+    if reuse:  # keep the input keys (and their entry) of an earlier build of DIR
+        keep = {"vectors.json", json.loads((d / "vectors.json").read_text())["path"]}
         for p in sorted(d.rglob("*"), reverse=True):
             rel_p = str(p.relative_to(d))
             if p.is_file() and rel_p not in keep:
@@ -176,7 +176,10 @@ def cmd_build(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     mix = Mixture(args.n, args.dim)
-    rel = "index/vectors-000001.npy"
+    # the keys in row order (what a store derives from its Parquet segments); the index
+    # writes its own copy in IVF order and this one is deleted unless --keep-input
+    rel = "input/vectors.npy"
+    (d / "input").mkdir(exist_ok=True)
     if reuse:
         ent = json.loads((d / "vectors.json").read_text())
     else:
@@ -199,10 +202,16 @@ def cmd_build(args: argparse.Namespace) -> dict:
         )
 
     vectors = open_parts(d, [ent])
-    eng = ReducedIndex.build(vectors, rank=args.rank, ann=args.ann, lists=args.lists, log=log)
+    eng = ReducedIndex.build(
+        vectors, rank=args.rank, ann=args.ann, lists=args.lists, log=log,
+        root=d, tag="000001", dtype=args.dtype,
+    )  # fmt: skip
     t1 = time.perf_counter()
     entries = eng.save(d, "000001", dtype=args.dtype)
     phases["save_s"] = time.perf_counter() - t1
+    if not (args.keep_input or args.reuse) and entries["vectors"][0]["path"] != rel:
+        (d / rel).unlink()
+        (d / "vectors.json").unlink()
     total = time.perf_counter() - t0
     sizes = {k: _bytes(v) for k, v in entries.items() if _bytes(v)}
     out = {
@@ -298,15 +307,13 @@ def _truth(eng, q: np.ndarray, k: int = 5, shortlist: int = 64, vectors=None) ->
     q_sq = np.einsum("ij,ij->i", q, q)
     best_c = np.full((len(q), 0), np.inf, np.float32)
     best_r = np.zeros((len(q), 0), np.int64)
-    for start, block in vectors.chunks(16_384):
+    for rows, block in vectors.row_chunks(16_384):  # file order (sequential reads)
         b_sq = np.einsum("ij,ij->i", block, block)
         sq = b_sq[None, :] - 2.0 * (q @ block.T) + q_sq[:, None]
         np.maximum(sq, 0, out=sq)
-        corr = np.sqrt(sq) / eng.sigma[start : start + len(block)][None, :].astype(np.float32)
+        corr = np.sqrt(sq) / eng.sigma[rows][None, :].astype(np.float32)
         cc = np.concatenate([best_c, corr], axis=1)
-        rr = np.concatenate(
-            [best_r, np.broadcast_to(np.arange(start, start + len(block)), corr.shape)], 1
-        )
+        rr = np.concatenate([best_r, np.broadcast_to(rows, corr.shape)], 1)
         m = min(shortlist, cc.shape[1])
         part = np.argpartition(cc, m - 1, axis=1)[:, :m]
         best_c, best_r = np.take_along_axis(cc, part, 1), np.take_along_axis(rr, part, 1)
@@ -360,12 +367,14 @@ def cmd_search(args: argparse.Namespace) -> dict:
         cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
     t_truth = time.perf_counter() - t0
     eng.vectors.release()
-    sigma32 = eng.sigma.astype(np.float32)
     n_ref = args.ref_queries or max(3, min(30, int(3e9 // (eng.n * eng.dim))))
-    # the reference holds float32 keys: the mapped array itself (one base part, a fresh build)
+    # the reference scans the mapped array itself in file order (one base part, a fresh
+    # build), with squared norms and sigma in that order
     ref_vectors = other or eng.vectors
     v = ref_vectors.mapped[0] if ref_vectors.mapped else ref_vectors.parts[0]
-    v_sq = np.concatenate([np.einsum("ij,ij->i", b, b) for _, b in ref_vectors.chunks()])
+    chunks = [(r, np.einsum("ij,ij->i", b, b)) for r, b in ref_vectors.row_chunks()]
+    v_sq = np.concatenate([c[1] for c in chunks])
+    sigma32 = eng.sigma[np.concatenate([c[0] for c in chunks])].astype(np.float32)
     # threaded BLAS stalls on a loaded machine, one thread is slower on a quiet one: the
     # reference is the faster of the two (the conservative baseline for a speedup)
     from threadpoolctl import threadpool_limits
@@ -540,7 +549,8 @@ def main() -> None:
         p.add_argument("--workdir", default="/tmp/reasonedit-bench22")
         p.add_argument("--json-out", default=None)
         p.add_argument("--keep", action="store_true", help="all: keep the built directories")
-        p.add_argument("--reuse", action="store_true", help="build: keep DIR's vector file")
+        p.add_argument("--reuse", action="store_true", help="build: keep DIR's input keys")
+        p.add_argument("--keep-input", action="store_true", help="build: keep the input keys")
         p.add_argument("--lists", default="full", choices=("full", "reduced"), help="build: sigma")
         p.add_argument("--truth-vectors", default=None, help="search: DIR of float32 keys")
         p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")

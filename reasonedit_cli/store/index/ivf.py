@@ -86,6 +86,17 @@ class IVFPart:
 
     def __post_init__(self) -> None:
         self.c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
+        self._positions: np.ndarray | None = None
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Local row (label - start) -> index into `labels` / `vecs` (the inverse of the
+        list order; an IVF-ordered vector file has the same positions)."""
+        if self._positions is None:
+            pos = np.empty(len(self.labels), dtype=np.int64)
+            pos[self.labels - self.start] = np.arange(len(self.labels))
+            self._positions = pos
+        return self._positions
 
     @property
     def size(self) -> int:

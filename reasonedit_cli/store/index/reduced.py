@@ -46,7 +46,14 @@ from . import graphs as GR
 from . import lift as LF
 from . import neighbours as NB
 from .ivf import NPROBE, FlatPart, IVFPart, valid_ivf
-from .mapped import MappedError, VectorParts, open_parts, open_vectors, write_vectors
+from .mapped import (
+    MappedError,
+    VectorParts,
+    open_parts,
+    open_vectors,
+    write_permuted,
+    write_vectors,
+)
 from .projection import DEFAULT_RANK, Projection, fit_sample_rows, one_thread
 
 GRAPH_M = 16  # hnsw parts (ann="hnsw"): rank + 1 dims
@@ -72,6 +79,14 @@ def sq_distances(q: np.ndarray, block: np.ndarray) -> np.ndarray:
     every re-rank uses, so the exact and the ANN paths return identical numbers."""
     d = np.asarray(block, dtype=np.float32) - np.asarray(q, dtype=np.float32).reshape(1, -1)
     return np.einsum("ij,ij->i", d, d, dtype=np.float64)
+
+
+def _rounded(x: np.ndarray, half: bool) -> np.ndarray:
+    """x as float16 would store it (float32 out) when half, else x."""
+    if not half:
+        return x
+    with np.errstate(over="ignore"):  # write_vectors refuses what overflows
+        return np.asarray(x, dtype=np.float16).astype(np.float32)
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
@@ -197,6 +212,7 @@ def _ivf_lists(part: IVFPart, vectors: VectorParts, k: int, probe: int, log) -> 
             continue
         near = part.lists_near(part.centroids[j], probe, max(k + 1, LIST_CANDIDATES))
         cand = np.concatenate([part.labels[off[c] : off[c + 1]] for c in near])
+        vectors.prefetch(cand)  # contiguous ranges in an IVF-ordered file: read ahead
         qv, cv = vectors.take(members), vectors.take(cand)
         q_sq = np.einsum("ij,ij->i", qv, qv)
         c_sq = np.einsum("ij,ij->i", cv, cv)
@@ -264,20 +280,34 @@ class ReducedIndex:
         lift: bool = True,
         lists: str = "full",
         log: Any = None,
+        root: Path | None = None,
+        tag: str | None = None,
+        dtype: str = "float32",
     ) -> ReducedIndex:
         """Everything from the full vectors: fit, project, candidate index, lists,
         sigma, lifted graph (what a compaction does). Memory: the reduced vectors (n x
-        (rank + 1) float32, twice) and the index; the full vectors are streamed."""
+        (rank + 1) float32, twice) and the index; the full vectors are streamed.
+
+        With `root` and `tag`, an IVF build writes the index's own vector file
+        (`index/vectors-<tag>.npy`, `dtype`) in IVF order as soon as the lists are known,
+        reading `vectors` sequentially (`write_permuted`), and computes the neighbour
+        lists from it: each list and its neighbour lists are then contiguous ranges of
+        the file, read sequentially, where `vectors` in row order would be read at
+        random (a disk read a row once the file outgrows the page cache). Without
+        them, `save` writes that file. `dtype` float16 rounds the keys before they are
+        projected, so that reduced distances bound the stored keys' distances."""
         say = log or (lambda *_: None)
         n = len(vectors)
         # the vector files it reads are the index's own (save() writes no second copy)
+        # unless the index wants them in IVF order (below)
         entries = {"vectors": [m.entry for m in vectors.mapped]} if vectors.mapped else {}
-        proj = Projection.fit(vectors.take(fit_sample_rows(n)), rank)
+        half = dtype == "float16"
+        proj = Projection.fit(_rounded(vectors.take(fit_sample_rows(n)), half), rank)
         vectors.release()
         say("fitted projection")
         g = np.empty((n, proj.rank + 1), dtype=np.float32)
-        for start, block in vectors.chunks():
-            g[start : start + len(block)] = proj.graph_vectors(block)
+        for rows, block in vectors.row_chunks():
+            g[rows] = proj.graph_vectors(_rounded(block, half))
         say("projected")
         eng = cls(proj, [], vectors, np.ones(n), entries=entries)
         if ann == "hnsw":
@@ -288,6 +318,11 @@ class ReducedIndex:
         else:
             eng.parts = [FlatPart(g, 0, n)]
         say("index")
+        if isinstance(eng.parts[0], IVFPart) and root is not None and tag is not None:
+            eng.vectors = eng.write_ordered(root, tag, dtype)
+            vectors.release()
+            vectors = eng.vectors
+            say("ordered")
         if isinstance(eng.parts[0], IVFPart) and lists == "reduced":
             # sigma from reduced-space distances (underestimates it): for when the full
             # vectors cannot be read in random order fast enough (benchmarks/README.md)
@@ -307,6 +342,21 @@ class ReducedIndex:
             say("lift")
         return eng
 
+    def write_ordered(self, root: Path, tag: str, dtype: str = "float32") -> VectorParts:
+        """Write the base vectors in the IVF part's order as `index/vectors-<tag>.npy`
+        (the entry records `"order": "ivf"`), map it and return it as VectorParts; the
+        index's `vectors` entry becomes that file."""
+        part = self.parts[0]
+        if not isinstance(part, IVFPart) or part.start != 0 or part.stop != self.n:
+            raise ValueError("an IVF-ordered vector file needs one IVF part over every key")
+        order = part.labels - part.start
+        rel = f"index/vectors-{tag}.npy"
+        (root / "index").mkdir(parents=True, exist_ok=True)
+        ent = dict(write_permuted(root / rel, self.vectors, order, dtype), path=rel, order="ivf")
+        m = open_vectors(root / rel, ent)
+        self.entries["vectors"] = [ent]
+        return VectorParts([m.array], [m], [order])
+
     def set_sigma(self, sigma_raw: np.ndarray) -> None:
         self.sigma_raw = np.asarray(sigma_raw, dtype=np.float64)
         self.sigma = R.floor_sigma(self.sigma_raw)
@@ -323,6 +373,25 @@ class ReducedIndex:
         params = LF.lift_params(keys, self.sigma[rows])
         index = build_graph(LF.lift_keys(keys, self.sigma[rows], params), M=LF.LIFT_M)
         return LF.Lift(index, rows, params)
+
+    def graph_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The reduced (graph) vectors of `rows`, read from the parts that store them
+        (an IVF or flat part: one small row each) or projected from the full vectors."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.projection.rank + 1), dtype=np.float32)
+        done = np.zeros(len(rows), dtype=bool)
+        for p in self.parts:
+            sel = np.flatnonzero((rows >= p.start) & (rows < p.stop))
+            if not len(sel) or isinstance(p, HnswPart):
+                continue
+            local = rows[sel] - p.start
+            if isinstance(p, IVFPart):
+                local = p.positions[local]
+            out[sel] = p.vecs[local]
+            done[sel] = True
+        if not done.all():
+            out[~done] = self.projection.graph_vectors(self.vectors.take(rows[~done]))
+        return out
 
     # -- exact re-rank ----------------------------------------------------------------
 
@@ -413,7 +482,7 @@ class ReducedIndex:
             top = np.argpartition(-s, m - 1)[:m] if m < len(s) else np.arange(len(s))
             top = top[np.argsort(-s[top], kind="stable")]
             top = top[s[top] > -np.inf]
-            gv = self.projection.graph_vectors(self.vectors.take(top))
+            gv = self.graph_rows(top)
             self._scan = (cap, top, s[top], gv)
         _, order, values, gv = self._scan
         m = int(np.searchsorted(-values, -limit, side="left"))
@@ -430,8 +499,8 @@ class ReducedIndex:
         out = []
         for i in range(len(q)):
             raw = np.empty(self.n)
-            for start, block in self.vectors.chunks():
-                raw[start : start + len(block)] = sq_distances(q[i], block)
+            for rows, block in self.vectors.row_chunks():
+                raw[rows] = sq_distances(q[i], block)
             raw = np.sqrt(_finite(raw))
             corr = raw / self.sigma
             order = np.lexsort((np.arange(self.n), corr))[:k]
@@ -478,7 +547,7 @@ class ReducedIndex:
         g = self.projection.graph_vectors(new)
         grel = f"index/reduced-delta-{tag}.npy"
         gent = dict(write_vectors(root / grel, [g], len(g), g.shape[1]), path=grel)
-        parts = VectorParts([*self.vectors.parts, m.array], [*self.vectors.mapped, m])
+        parts = self.vectors.with_part(m.array, m)
         app = self.append(parts, g)
         assert old_idx is not None and old_dist is not None
         patch = DL.knn_patch(app, old_idx, old_dist)
@@ -505,7 +574,12 @@ class ReducedIndex:
         already one base file there) and return their manifest entries."""
         (root / "index").mkdir(parents=True, exist_ok=True)
         e: dict[str, Any] = {}
-        if self.entries.get("vectors") and len(self.entries["vectors"]) == 1:
+        ivf = isinstance(self.parts[0], IVFPart) and len(self.parts) == 1
+        own = self.entries.get("vectors") or []
+        if len(own) == 1 and (own[0].get("order") == "ivf") == ivf:
+            e["vectors"] = own
+        elif ivf:
+            self.vectors = self.write_ordered(root, tag, dtype)
             e["vectors"] = self.entries["vectors"]
         else:
             rel = f"index/vectors-{tag}.npy"
@@ -586,15 +660,29 @@ class ReducedIndex:
     @classmethod
     def _open(cls, root: Path, entries: dict, *, lists: bool, full_check: bool):
         n, dim = int(entries["keys"]), int(entries["dim"])
-        vectors = open_parts(root, entries["vectors"], full_check=full_check)
-        if len(vectors) != n or vectors.dim != dim:
-            raise MappedError("vector files do not cover every key")
         try:
             proj = Projection.from_array(_read_npy(root, entries["projection"]))
         except ValueError as e:
             raise MappedError(f"projection: {e}") from e
         if proj.dim != dim:
             raise MappedError("projection width differs from the keys'")
+        gdim = proj.rank + 1
+        parts = [_open_part(root, pe, gdim, n, full_check) for pe in entries["parts"]]
+        if not GR.graphs_cover(parts, n):  # duck-typed: start / stop
+            raise MappedError("index parts do not cover every key")
+        orders: list[np.ndarray | None] = []
+        for ve in entries["vectors"]:
+            if ve.get("order") is None:
+                orders.append(None)
+                continue
+            base = parts[0]  # the only order: the base file in its IVF part's order
+            if (ve.get("order") != "ivf" or orders or not isinstance(base, IVFPart)
+                    or base.start != 0 or base.size != int(ve["rows"])):  # fmt: skip
+                raise MappedError("vector file order does not match the IVF part")
+            orders.append(base.labels)
+        vectors = open_parts(root, entries["vectors"], full_check=full_check, orders=orders)
+        if len(vectors) != n or vectors.dim != dim:
+            raise MappedError("vector files do not cover every key")
         deltas = entries.get("deltas") or {}
         base_rows = int(entries["sigma"].get("rows", n))
         sigma_raw = _read_npy(root, entries["sigma"], (base_rows,), np.float64)
@@ -608,10 +696,6 @@ class ReducedIndex:
             raise MappedError(f"sigma delta: {e}") from e
         if len(sigma_raw) != n:
             raise MappedError("sigma files do not cover every key")
-        gdim = proj.rank + 1
-        parts = [_open_part(root, pe, gdim, n, full_check) for pe in entries["parts"]]
-        if not GR.graphs_cover(parts, n):  # duck-typed: start / stop
-            raise MappedError("index parts do not cover every key")
         eng = cls(proj, parts, vectors, sigma_raw, entries=entries)
         if entries.get("lift_hnsw"):
             rows = _read_npy(root, entries["lift_rows"], None, np.int64)
