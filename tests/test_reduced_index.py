@@ -22,6 +22,7 @@ from reasonedit_cli.store.index.mapped import (
     check_file,
     open_parts,
     open_vectors,
+    write_permuted,
     write_vectors,
 )
 from reasonedit_cli.store.index.projection import Projection
@@ -301,6 +302,50 @@ def test_insert_replays_from_delta_files(tmp_path):
         [len({a[0] for a in x} & {b[0] for b in y}) / 5 for x, y in zip(got, truth, strict=True)]
     )
     assert rec >= 0.97
+
+
+def test_vectors_stored_in_ivf_order(tmp_path):
+    """The base vector file is written in IVF order at build (sequential passes over the
+    input, even with a buffer far smaller than the file): each list is a contiguous range
+    of rows, rows map to positions through the IVF labels, and a reopened index returns
+    the same numbers as the one that built it."""
+    v = _mixture(4000, dim=DIM)
+    src = _write(tmp_path, v, "input.npy")
+    eng = ReducedIndex.build(
+        open_parts(tmp_path, [src]), rank=24, root=tmp_path, tag="000001", dtype="float16"
+    )
+    entries = eng.save(tmp_path, "000001")
+    ve = entries["vectors"]
+    assert len(ve) == 1 and ve[0]["order"] == "ivf" and ve[0]["dtype"] == "float16"
+    assert ve[0]["path"] == "index/vectors-000001.npy"
+    part = eng.parts[0]
+    stored = open_vectors(tmp_path / ve[0]["path"], ve[0]).array
+    v16 = v.astype(np.float16)
+    assert np.array_equal(stored, v16[part.labels])  # list j = rows offsets[j]..offsets[j+1]
+    rows = np.random.default_rng(3).permutation(4000)[:500]
+    assert np.array_equal(eng.vectors.take(rows), v16[rows].astype(np.float32))
+    r = ReducedIndex.open(tmp_path, json.loads(json.dumps(entries)))
+    q = _queries(v)
+    assert r.search(q, 5) == eng.search(q, 5)
+    got, truth = r.search(q, 5), r.exact_search(q, 5)
+    assert _recall(got, truth) >= 0.95
+    same = [
+        x == y for x, y in zip(got, truth, strict=True) if {a[0] for a in x} == {b[0] for b in y}
+    ]
+    assert same and all(same)
+    # a file in another order written in several passes is the same file
+    order = part.labels
+    small = write_permuted(tmp_path / "index/p.npy", open_parts(tmp_path, [src]), order,
+                           "float16", buffer_bytes=DIM * 2 * 333)  # fmt: skip
+    assert small["sha256"] == ve[0]["sha256"]
+    # an order that the index parts cannot give is refused, never guessed
+    bad = json.loads(json.dumps(entries))
+    bad["parts"] = [{**bad["parts"][0], "kind": "flat"}]
+    with pytest.raises(MappedError):
+        ReducedIndex.open(tmp_path, bad)
+    with pytest.raises(ValueError):
+        write_permuted(tmp_path / "index/q.npy", eng.vectors, np.zeros(4000, np.int64))
+    assert not (tmp_path / "index/q.npy").exists()
 
 
 def test_vector_parts_need_a_part():

@@ -309,6 +309,17 @@ class VectorParts:
             out[sel[order]] = self.parts[i][at[order]]
         return out
 
+    def file_order(self, rows: np.ndarray) -> np.ndarray:
+        """A sort key of rows by where they are stored (part, then position in it)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out = rows.copy()
+        for i in np.unique(which):
+            if self.positions[i] is not None:
+                sel = which == i
+                out[sel] = self.positions[i][rows[sel] - self.starts[i]] + self.starts[i]
+        return out
+
     def prefetch(self, rows: np.ndarray, gap: int = 64) -> None:
         """Read ahead (MADV_WILLNEED) the file ranges that hold `rows`: runs of positions
         at most `gap` apart become one range. For callers about to read whole IVF lists
