@@ -395,18 +395,23 @@ def cmd_search(args: argparse.Namespace) -> dict:
         parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
         specs.append(tuple(parts[:3]))
     times: dict = {sp: [] for sp in specs}
+    cpu: dict = {sp: [] for sp in specs}  # this process's CPU time: what load cannot inflate
+    by_round: dict = {sp: [] for sp in specs}  # round 1 meets a colder page cache
     got: dict = {}
     for _ in range(args.rounds):
         for sp in specs:
+            n_before = len(times[sp])
             kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
             eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 r = eng.search(q[i], 5, **kw)[0]
                 times[sp].append(time.perf_counter() - t)
+                cpu[sp].append(time.process_time() - c)
                 hits.append([x[0] for x in r])
             got.setdefault(sp, hits)
+            by_round[sp].append(statistics.median(times[sp][n_before:]) * 1e3)
     half = len(q) // 2
     rows = []
     for sp in specs:
@@ -419,6 +424,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 "lift_fetch": sp[2] if eng.lift is not None else 0,
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
+                "ms_median_by_round": by_round[sp],
+                "cpu_ms_median": statistics.median(cpu[sp]) * 1e3,
                 "recall@5": float(np.mean(per_q)),
                 "recall@5_near_duplicates": float(np.mean(per_q[:half])),
                 "recall@5_fresh": float(np.mean(per_q[half:])),

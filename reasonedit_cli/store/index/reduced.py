@@ -70,7 +70,7 @@ MIN_IVF_KEYS = 2048  # below this a base part is flat (scanned in full)
 NEAR_DUPLICATE = 1e-3  # ivf_lists: squared distances below this x the norms are recomputed
 #: graph files above this size are checked by size and mtime on open, not rehashed
 GRAPH_HASH_MAX = 256 << 20
-_BATCH_ROWS = 32  # queries re-ranked together (gather of BATCH x fetch full rows)
+_TOPK_BATCH = 16  # exact_topk: queries re-ranked together (one GEMM, BATCH x fetch rows)
 
 
 def sq_distances(q: np.ndarray, block: np.ndarray) -> np.ndarray:
@@ -162,8 +162,16 @@ class RerankedParts:
     `neighbours.append_knn_ann` needs to keep neighbour lists on insert.
     """
 
-    def __init__(self, engine: ReducedIndex, fetch: int = LIST_FETCH, nprobe: int = LIST_PROBE):
+    def __init__(
+        self,
+        engine: ReducedIndex,
+        fetch: int = LIST_FETCH,
+        nprobe: int = LIST_PROBE,
+        known: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
         self.engine, self.fetch, self.nprobe = engine, fetch, nprobe
+        #: (queries, their graph vectors) already projected (an insert's new keys)
+        self.known = known
 
     def get_current_count(self) -> int:
         return self.engine.n
@@ -173,7 +181,11 @@ class RerankedParts:
 
     def knn_query(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self.engine.dim)
-        g = self.engine.projection.graph_vectors(q)
+        kq = self.known
+        if kq is not None and kq[0].shape == q.shape and np.array_equal(kq[0], q):
+            g = kq[1]
+        else:
+            g = self.engine.projection.graph_vectors(q)
         cand, _ = candidates(self.engine.parts, g, max(k, self.fetch), self.nprobe)
         # queries whose nearest candidates lie together in the file are re-ranked
         # together (an IVF-ordered file: the same lists), so that a batch's gather and
@@ -406,7 +418,7 @@ class ReducedIndex:
         """Per query the k nearest of its batch's candidate rows by full-width squared
         distance: (labels (m, k) int64, squared distances (m, k) float64), -1 / inf padded.
 
-        Queries go _BATCH_ROWS at a time: the batch's candidates are gathered once (each
+        Queries go _TOPK_BATCH at a time: the batch's candidates are gathered once (each
         row read and converted once) and compared with every query of the batch by one
         GEMM, so a query may find more than its own candidates. As for the neighbour
         lists at build (`ivf_lists`), the GEMM form is relatively exact to ~1e-6 except
@@ -415,9 +427,9 @@ class ReducedIndex:
         m, f = cand.shape
         lab = np.full((m, k), -1, dtype=np.int64)
         sq = np.full((m, k), np.inf)
-        for s in range(0, m, _BATCH_ROWS):
-            qb = q[s : s + _BATCH_ROWS]
-            u = np.unique(cand[s : s + _BATCH_ROWS])
+        for s in range(0, m, _TOPK_BATCH):
+            qb = q[s : s + _TOPK_BATCH]
+            u = np.unique(cand[s : s + _TOPK_BATCH])
             kk = min(k, len(u))
             if kk <= 0:
                 continue
@@ -553,8 +565,9 @@ class ReducedIndex:
             self.parts.append(FlatPart(g, n_old, len(vectors)))
         with one_thread():  # threaded BLAS stalled this 4x on the shared 2-core machine
             app = NB.append_knn_ann(
-                RerankedParts(self), new, self.knn_idx, self.knn_dist, reverse_fetch=REVERSE_FETCH
-            )
+                RerankedParts(self, known=(new, g)), new, self.knn_idx, self.knn_dist,
+                reverse_fetch=REVERSE_FETCH,
+            )  # fmt: skip
         self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
         raw = np.concatenate([self.sigma_raw, np.ones(len(new))])
         changed = np.concatenate([app.rows, np.arange(n_old, len(vectors))])
