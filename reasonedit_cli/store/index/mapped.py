@@ -22,6 +22,10 @@ changes distances, so `ask` may retrieve different facts or none; it cannot read
 the mapping (the shape is checked against the size) nor crash the process (a search
 treats non-finite distances as infinitely far).
 
+A base file may be stored in another order than its rows (the IVF order of the index:
+each list a contiguous range, so the reads of a list and its neighbours are sequential;
+`write_permuted` writes it, `VectorParts(orders=...)` maps rows to positions).
+
 Inserts never modify a mapped file: they write a small delta file of just their rows
 (`VectorParts` serves base + deltas as one array by row), and compaction writes a new
 base. Older readers keep the files they mapped; POSIX keeps an unlinked file's pages

@@ -5,7 +5,9 @@ but 1,408 (LLaVA-1.5-7B's projector input + MiniLM) to 4,480 (a 7-8B language la
 MiniLM) with real ones; at a million keys and 4,480 dimensions a full-width hnsw graph
 alone would be 18 GB. Here:
 
-- the full vectors are a memory-mapped derived file (`mapped.py`), never decoded on open;
+- the full vectors are a memory-mapped derived file (`mapped.py`), never decoded on open,
+  stored in the IVF part's list order (`write_ordered`) so that the keys of a list are
+  contiguous and read sequentially;
 - candidates come from `Projection.graph_vectors` (PCA to `rank` dims + the residual
   norm, `projection.py`): rank + 1 floats a key, in a memory-mapped IVF index (`ivf.py`;
   hnswlib parts remain available, `ann="hnsw"`, for the side-by-side comparison), plus
@@ -208,16 +210,10 @@ def ivf_lists(
     for near-duplicates (cancellation in |q|^2 + |k|^2 - 2qk), which are recomputed by
     `sq_distances` (entries below NEAR_DUPLICATE of the squared norms).
     """
-    # small per-list GEMMs: one BLAS thread (threads stall on a loaded machine)
-    small = part.size * vectors.dim * max(LIST_CANDIDATES, 4 * n_per(part)) < 2e8 * len(
-        part.centroids
-    )
-    with one_thread() if small else contextlib.nullcontext():
+    # per-list GEMMs (tens of ms each): one BLAS thread. Threaded BLAS on the shared
+    # 2-core machine made each list take ~1 s (100k x 4,480 at load 9)
+    with one_thread():
         return _ivf_lists(part, vectors, k, probe, log)
-
-
-def n_per(part: IVFPart) -> int:
-    return max(1, part.size // max(1, len(part.centroids)))
 
 
 def _ivf_lists(part: IVFPart, vectors: VectorParts, k: int, probe: int, log) -> tuple:
