@@ -183,11 +183,10 @@ class MappedArray:
         consecutive positions.
 
         Why not index the mapping: each 4 KB page a mapping touches first is a page
-        fault, and with MADV_RANDOM (no fault-around) a 9 KB row is 2-3 of them; in this
-        VM under load a fault cost ~16 us, i.e. ~5 ms for a search's 150 rows and most
-        of a build's neighbour-list step, while a read copies from the page cache at
-        memory speed. It also keeps the page cache out of this process's RSS, and a
-        file truncated under it gives an error instead of SIGBUS.
+        fault, and with MADV_RANDOM (no fault-around) a 9 KB row is 2-3 of them, while
+        a read copies from the page cache (docs/codebook-format.md has the numbers). It
+        also keeps the page cache out of this process's RSS, and a file truncated under
+        it gives an error instead of SIGBUS.
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         rows, dim = self.array.shape
