@@ -348,6 +348,21 @@ def test_vectors_stored_in_ivf_order(tmp_path):
     assert not (tmp_path / "index/q.npy").exists()
 
 
+def test_mapped_rows_are_read_not_faulted(tmp_path):
+    """MappedArray.read: runs of positions, repeats, any order given; a file truncated
+    under a reader raises MappedError (touching the mapping there would be SIGBUS)."""
+    v = _mixture(3000)
+    ent = _write(tmp_path, v, dtype="float16")
+    m = open_vectors(tmp_path / ent["path"], ent)
+    pos = np.array([0, 1, 2, 7, 7, 100, 2999, 5])
+    assert np.array_equal(m.read(pos), v.astype(np.float16)[pos])
+    with pytest.raises(IndexError):
+        m.read(np.array([3000]))
+    os.truncate(tmp_path / ent["path"], ent["bytes"] // 2)
+    with pytest.raises(MappedError):
+        m.read(np.array([10, 2990]))
+
+
 def test_vector_parts_need_a_part():
     with pytest.raises(ValueError):
         VectorParts([])
