@@ -87,6 +87,19 @@ class IVFPart:
     def __post_init__(self) -> None:
         self.c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
         self._positions: np.ndarray | None = None
+        self._vsq: np.ndarray | None = None  # |v|^2 by position, filled list by list
+
+    def list_sq(self, j: int) -> np.ndarray:
+        """Squared norms of list j's reduced vectors, computed on first use and kept
+        (a search then reads each probed list once: |v|^2 - 2 v.q + |q|^2)."""
+        lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
+        if self._vsq is None:
+            self._vsq = np.full(len(self.labels), np.nan, dtype=np.float32)
+        out = self._vsq[lo:hi]
+        if hi > lo and np.isnan(out[0]):
+            v = self.vecs[lo:hi]
+            out[:] = np.einsum("ij,ij->i", v, v)
+        return out
 
     @property
     def positions(self) -> np.ndarray:
@@ -145,11 +158,16 @@ class IVFPart:
         sq = np.empty((len(q), k), dtype=np.float32)
         for i in range(len(q)):
             near = self.lists_near(q[i], nprobe, k)
-            blocks = [self.vecs[self.offsets[j] : self.offsets[j + 1]] for j in near]
+            near = near[self.offsets[near + 1] > self.offsets[near]]
+            q_sq = float(np.dot(q[i], q[i]))
+            # per list |v|^2 - 2 v.q + |q|^2 on the mapped slice: one pass over each list,
+            # no copy (einsum: a threaded BLAS GEMV stalls on a busy machine)
+            parts = [self.list_sq(j) - 2.0 * np.einsum("ij,j->i", self.vecs[
+                self.offsets[j] : self.offsets[j + 1]], q[i]) for j in near]  # fmt: skip
             idx = np.concatenate([np.arange(self.offsets[j], self.offsets[j + 1]) for j in near])
-            d = np.concatenate(blocks)
-            d -= q[i]
-            dd = np.einsum("ij,ij->i", d, d)
+            dd = np.concatenate(parts)
+            dd += q_sq
+            np.maximum(dd, 0.0, out=dd)
             part = np.argpartition(dd, k - 1)[:k] if k < len(dd) else np.arange(len(dd))
             part = part[np.argsort(dd[part], kind="stable")]
             lab[i], sq[i] = self.labels[idx[part]], dd[part]

@@ -63,7 +63,9 @@ GRAPH_EF_CONSTRUCTION = 100
 GRAPH_SEED = 100
 SEARCH_FETCH = 128  # candidates per part, re-ranked on the full vectors
 LIFT_FETCH = 32  # lifted-graph candidates per query (its reduced-space ranking is approximate)
-SIGMA_SCAN = 512  # largest sigmas outside the lifted graph screened per query
+#: largest sigmas outside the lifted graph screened per query: 128 and 512 gave the same
+#: recall@5 at 100k x 4,480 (0.944 / 0.980 at fetch 128 / 256), 512 cost ~4 ms more CPU
+SIGMA_SCAN = 128
 LIST_PROBE = 3  # neighbour lists: a list's keys against the keys of its 3 nearest lists
 LIST_CANDIDATES = 768  # ... and more lists until they hold this many keys
 LIST_FETCH = 48  # insert: candidates per new key re-ranked for its 30 nearest
@@ -492,15 +494,16 @@ class ReducedIndex:
             bound = bound * (1.0 - 1e-5)
         out = []
         for i in range(len(q)):
-            rows = np.unique(cand[i])
-            raw = np.sqrt(_finite(sq_distances(q[i], self.vectors.take(rows))))
+            rows, block = self.vectors.take_stored(np.unique(cand[i]))
+            raw = np.sqrt(_finite(sq_distances(q[i], block)))
             corr = raw / self.sigma[rows]
             if bound is not None and scan > 0:
                 kth = float(np.partition(corr, k - 1)[k - 1])
                 extra = self._scan_rows(g[i], bound[i] / kth if kth > 0 else np.inf, kth, scan)
                 extra = extra[~np.isin(extra, rows)]
                 if len(extra):
-                    xraw = np.sqrt(_finite(sq_distances(q[i], self.vectors.take(extra))))
+                    extra, xblock = self.vectors.take_stored(extra)
+                    xraw = np.sqrt(_finite(sq_distances(q[i], xblock)))
                     rows = np.concatenate([rows, extra])
                     raw = np.concatenate([raw, xraw])
                     corr = np.concatenate([corr, xraw / self.sigma[extra]])
