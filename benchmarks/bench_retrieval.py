@@ -344,7 +344,7 @@ def _reference(v: np.ndarray, v_sq: np.ndarray, sigma32: np.ndarray, q1: np.ndar
 
 def cmd_search(args: argparse.Namespace) -> dict:
     from reasonedit_cli.store.index.ivf import NPROBE
-    from reasonedit_cli.store.index.reduced import LIFT_FETCH
+    from reasonedit_cli.store.index.reduced import LIFT_FETCH, SIGMA_SCAN
 
     d = Path(args.dir)
     build = _engine_json(d)["build"]
@@ -389,11 +389,12 @@ def cmd_search(args: argparse.Namespace) -> dict:
     ref_vectors.release()
     ref_by_mode = {m: statistics.median(t) * 1e3 for m, t in ref_runs.items()}
     ref_ms = min(ref_by_mode.values())
-    specs = []  # fetch:nprobe:lift_fetch (lift_fetch 0 = no lifted graph)
+    specs = []  # fetch:nprobe:lift_fetch:scan (lift_fetch 0 = no lifted graph)
     for s in args.fetch.split(","):
         parts = [int(x) for x in s.split(":")]
         parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
-        specs.append(tuple(parts[:3]))
+        parts += [SIGMA_SCAN][len(parts) - 3 :]
+        specs.append(tuple(parts[:4]))
     times: dict = {sp: [] for sp in specs}
     cpu: dict = {sp: [] for sp in specs}  # this process's CPU time: what load cannot inflate
     by_round: dict = {sp: [] for sp in specs}  # round 1 meets a colder page cache
@@ -402,6 +403,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
         for sp in specs:
             n_before = len(times[sp])
             kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
+            kw["scan"] = sp[3]
             eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
@@ -422,6 +424,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 "fetch": sp[0],
                 "nprobe": sp[1],
                 "lift_fetch": sp[2] if eng.lift is not None else 0,
+                "sigma_scan": sp[3],
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "ms_median_by_round": by_round[sp],
@@ -547,7 +550,7 @@ def main() -> None:
         p.add_argument(
             "--fetch",
             default="64,128,256,128:24,128:12:64,128:12:0",
-            help="search settings FETCH[:NPROBE[:LIFT_FETCH]], LIFT_FETCH 0 = no lifted graph",
+            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN]]] (LIFT_FETCH 0: no lifted graph)",
         )
         p.add_argument("--rounds", type=int, default=2)
         p.add_argument("--keys", default="1000,5000", help="insert: keys per batch")
