@@ -550,7 +550,7 @@ def main() -> None:
         p.add_argument(
             "--fetch",
             default="64,128,256,128:24,128:12:64,128:12:0",
-            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN]]] (LIFT_FETCH 0: no lifted graph)",
+            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN]]]; LIFT_FETCH 0: no lift",
         )
         p.add_argument("--rounds", type=int, default=2)
         p.add_argument("--keys", default="1000,5000", help="insert: keys per batch")
