@@ -31,8 +31,8 @@ from typer.core import TyperGroup, TyperOption
 from reasonedit_cli import validation
 
 if TYPE_CHECKING:  # pragma: no cover
-    from reasonedit_cli.distributed import RayOptions
     from reasonedit_cli.backend import TextBackend, VLMBackend
+    from reasonedit_cli.distributed import RayOptions
     from reasonedit_cli.editor import Editor
 
 F = TypeVar("F", bound=Callable[..., Any])

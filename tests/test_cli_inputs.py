@@ -167,6 +167,35 @@ def test_a_48mp_photo_is_decoded_reduced_and_deterministically(photo_48mp):
     assert box_to_original(box, img) == [6000, 4000, 8000, 6000]
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("large", [False, True])
+def test_exif_orientation_is_applied_and_boxes_are_upright(orientation, large, tmp_path):
+    """A phone stores a portrait photo as landscape pixels plus an EXIF orientation tag; the
+    model must see it upright (as every viewer shows it), and boxes are in that frame."""
+    from PIL import Image, ImageDraw
+
+    from reasonedit_cli.edits import box_to_decoded, decode_image, original_size
+
+    w, h = (3000, 4000) if large else (300, 400)  # upright: portrait, red top-left quarter
+    upright = Image.new("RGB", (w, h), "white")
+    ImageDraw.Draw(upright).rectangle((0, 0, w // 2 - 1, h // 2 - 1), fill="red")
+    # what the camera stores: pixels turned so that applying `orientation` gives `upright`
+    undo = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]  # fmt: skip
+    stored = upright.transpose(undo) if undo is not None else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    stored.save(path, quality=90, exif=exif)
+
+    img = decode_image(path.read_bytes(), "photo")
+    assert original_size(img) == (w, h)
+    assert img.width < img.height
+    box = box_to_decoded([0, 0, w // 2, h // 2], img)
+    r, g, b = img.crop(tuple(box)).resize((1, 1)).getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60
+
+
 def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, fake_models):
     import hashlib
 
