@@ -579,3 +579,37 @@ def test_readme_names_real_ids_and_in_repo_docs():
     for link in re.findall(r"\]\((docs/[\w.-]+\.md)", readme):
         assert (root / link).is_file(), link
     assert "`--one-thread`" not in readme  # a benchmark flag, not a CLI option
+
+
+def _png_bytes(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_ray_workers_decode_with_the_drivers_pixel_limit():
+    """A Ray worker is another process: the driver's --max-image-pixels travels in the
+    worker settings, which `EditBatchWorker` applies first, or a worker would decode with
+    the default limit."""
+    from reasonedit_cli import edits as E
+    from reasonedit_cli.distributed import start_worker, worker_settings
+    from reasonedit_cli.editor import Editor
+    from reasonedit_cli.errors import InputError
+
+    E.set_max_image_pixels(5_000)
+    try:
+        settings = worker_settings(Editor(None), patches="none", top_k_patches=0, w=None)
+    finally:
+        E.set_max_image_pixels(None)  # a fresh worker process starts at the default
+    assert settings["max_image_pixels"] == 5_000
+    try:
+        start_worker(settings)
+        assert E.max_image_pixels() == 5_000
+        with pytest.raises(InputError, match="too many pixels"):
+            E.decode_image(_png_bytes(100, 100), "image")
+    finally:
+        E.set_max_image_pixels(None)
