@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING
 
 from ..errors import CodebookError
+from .engine import verify_engine
 from .files import MAX_MANIFEST_BYTES, read_regular, tmp_files
 from .format import LOCK, MANIFEST, CheckReport, canonical
 from .lock import lock_owner
@@ -45,6 +46,8 @@ def check_codebook(
         return rep
     health = cb.index.health(cb.hnsw_min_keys)
     derived_bad, lift_missing = health.bad, health.lift_missing
+    # the engine's mapped files (store/engine.py): rehashed in full, mtimes re-stamped
+    derived_bad = derived_bad + verify_engine(cb.path, cb.manifest)
     if lift_missing and not repair:
         rep.notes.append(
             "the lifted graph of large-sigma keys is not persisted (a codebook written "
