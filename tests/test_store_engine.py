@@ -150,3 +150,24 @@ def test_ask_from_the_cli_decodes_no_segment(tmp_path, tiny_llava, monkeypatch):
     assert mapped.exit_code == 0, mapped.output
     a, b = json.loads(mapped.stdout), json.loads(plain.stdout)
     assert a == b and a["retrieved"], (a, b)
+
+
+def test_synthetic_codebook_in_the_real_format(tmp_path, monkeypatch):
+    """scripts/make_synthetic_codebook.py's builder: a real codebook's keys first, then
+    synthetic ones; it opens through the engine, doctor finds it clean, its search has
+    the exact path's numbers and the real keys are still found."""
+    from reasonedit_cli.store.synthetic import build_synthetic_codebook
+
+    monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", "300")
+    real = grow(tmp_path / "real", 10**9, batches=[20])
+    out = build_synthetic_codebook(tmp_path / "syn", 600, config_from=tmp_path / "real")
+    assert out["engine"] and out["keys"] == 600 and out["real_keys"] == 60
+    cb = Codebook.open(tmp_path / "syn")
+    assert cb.engine() is not None and cb.n_keys == 600 and cb.config == real.config
+    assert cb.check(images=False).ok
+    q = real.vectors()[:10] + 0.01
+    assert cb.search(q, 5) == cb.search(q, 5, method="exact")
+    assert [h[0][0] for h in cb.search(q, 1)] == list(range(10))
+    assert R.retrieve(cb, q[0]).tau == cb.tau == cb.manifest["derived"]["tau"]
+    with pytest.raises(Exception, match="exists"):
+        build_synthetic_codebook(tmp_path / "syn", 600, 16)
