@@ -13,8 +13,8 @@ store's sigma (its `sigma` entries are the store's sigma files), and the winners
 distances are recomputed by the store's one distance function (`retrieval.direct_l2`),
 so both paths return the same numbers as the exact search.
 
-Policy (docs/codebook-format.md#wide-keys): below ENGINE_MIN_KEYS keys no engine files
-are written (decoding a few thousand keys costs milliseconds, see benchmarks/README.md)
+Policy (docs/codebook-format.md#wide-keys-in-the-store): below ENGINE_MIN_KEYS keys no
+engine files are written (decoding a few thousand keys costs milliseconds, see benchmarks/README.md)
 and readers use the `DerivedIndex` as before; a codebook written before the engine (or
 with `tau_rule: reference`, whose sigma is the reference's) opens exactly as before and
 gets the engine files on its next write. The writer (`derive_engine`) appends to the
