@@ -113,6 +113,12 @@ def test_damaged_engine_file_falls_back_and_doctor_repairs(tmp_path, monkeypatch
     assert fresh.engine() is None and fresh.search(QUERIES, 5) == good
     rep = cb.check(images=False)
     assert not rep.ok and any("checksum" in p for p in rep.problems), rep.problems
+    # an insert on top of a damaged engine rebuilds it instead of failing
+    shutil.copytree(tmp_path / "cb", tmp_path / "cb2")
+    cb2 = Codebook.open(tmp_path / "cb2", hnsw_min_keys=10**6, engine_min_keys=50)
+    with cb2.writer() as w:
+        w.add(*make_edits(500, 2))
+    assert len(cb2.manifest["derived"]["engine"]["facts"]) == 1 and cb2.check(images=False).ok
     rep = cb.check(repair=True, images=False)
     assert rep.ok and Codebook.open(tmp_path / "cb").engine() is not None
     assert cb.check(images=False).ok and Codebook.open(tmp_path / "cb").search(QUERIES, 5) == good

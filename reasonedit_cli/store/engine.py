@@ -218,10 +218,15 @@ def derive_engine(
     old = engine_section(old_manifest)
     if kind == "same" and old is not None and int(old["keys"]) == n:
         section = copy.deepcopy(old)
-    elif kind == "append" and old is not None and _append_fits(old, n):
-        section = _append(root, tag, old, new)
     else:
-        section = _build(root, tag, new, sigma_raw)
+        section = None
+        if kind == "append" and old is not None and _append_fits(old, n):
+            try:
+                section = _append(root, tag, old, new)
+            except (MappedError, KeyError, TypeError, ValueError, IndexError):
+                section = None  # the previous engine is damaged: rebuild it from the keys
+        if section is None:
+            section = _build(root, tag, new, sigma_raw)
     section["keys"] = n
     section["sigma"] = "store"  # search divides by the derived section's sigma files
     return section
