@@ -26,6 +26,7 @@ and once the appended parts outgrow REBUILD_FRACTION of the keys.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ import pyarrow as pa
 from .. import retrieval as R
 from .index import DerivedIndex
 from .index.facts import open_facts, write_facts
+from .index.ivf import NPROBE, IVFPart
 from .index.mapped import MappedError, VectorParts
 from .index.reduced import ReducedIndex
 
@@ -55,12 +57,14 @@ def min_keys() -> int:
 
 
 RERANK_EXTRA = 8  # winners asked of the engine beyond k, re-ranked by direct_l2
-#: IVF lists probed and candidates re-ranked per query: above the engine's defaults
-#: (12, 128), which found 0.67 of the exact top 5 on 20k isotropic 24-d keys
-#: (tests/test_codebook.py::test_hnsw_recall_20k); 96 / 256 found 0.97 there, at
-#: 2.6 ms a query against 1.6 ms
-SEARCH_NPROBE = 96
-SEARCH_FETCH = 256
+#: keys scanned in the reduced space per query: IVF lists are probed until they hold
+#: this many (at least the engine's NPROBE). With the engine's 12 lists a 20k-key
+#: codebook (490 lists of ~41 keys) found 0.67 of the exact top 5 on isotropic 24-d
+#: keys (tests/test_codebook.py::test_hnsw_recall_20k); 100 lists (4,100 keys) found
+#: 0.98 at 3.6 ms a query. At a million keys (~290 a list) this is 15 lists: 96 lists
+#: there cost 239 ms a query against 31 ms for 12 (1M x 512, loaded machine)
+SEARCH_ROWS = 4096
+SEARCH_FETCH = 128  # candidates per part re-ranked on the full vectors (the engine's)
 REBUILD_FRACTION = 0.25  # appended rows above this share of the keys: rebuild (refit)
 MAX_APPENDS = 32  # ... or more appended parts than this (each is scanned in full)
 #: the facts columns `retrieve` reads
@@ -121,6 +125,9 @@ class Engine:
         )
         if section.get("sigma", "store") == "store":
             self.index.set_sigma(store_sigma(root, derived, self.index.n))
+        per_list = [p.size / max(1, len(p.centroids)) for p in self.index.parts
+                    if isinstance(p, IVFPart)]  # fmt: skip
+        self.nprobe = max([NPROBE] + [math.ceil(SEARCH_ROWS / max(1.0, m)) for m in per_list])
         self.facts: list[tuple[int, pa.Table]] = []
         start = 0
         for fe in section["facts"]:
@@ -147,7 +154,7 @@ class Engine:
         """k nearest keys per query by corrected distance, (row, raw, corrected), with
         the numbers of the store's exact path: the engine's winners (and RERANK_EXTRA
         more) re-ranked by `retrieval.direct_l2` over the same vectors and sigma."""
-        res = self.index.search(q, k + RERANK_EXTRA, nprobe=SEARCH_NPROBE, fetch=SEARCH_FETCH)
+        res = self.index.search(q, k + RERANK_EXTRA, nprobe=self.nprobe, fetch=SEARCH_FETCH)
         out: list[list[tuple[int, float, float]]] = []
         sigma = self.index.sigma
         for i, hits in enumerate(res):
