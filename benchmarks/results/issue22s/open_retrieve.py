@@ -1,13 +1,35 @@
-import sys, time, numpy as np
-t0 = time.perf_counter()
-from reasonedit_cli.store import Codebook
-from reasonedit_cli import retrieval as R
-t1 = time.perf_counter()
-cb = Codebook.open(sys.argv[1])
-q = np.random.default_rng(0).normal(size=(cb.dim,)).astype(np.float32)
-r = R.retrieve(cb, q)
-t2 = time.perf_counter()
-r = R.retrieve(cb, q + 0.1)
-t3 = time.perf_counter()
+"""Codebook.open + the first and a second retrieve in this process, peak RSS (issue 22).
+
+python benchmarks/results/issue22s/open_retrieve.py CODEBOOK
+"""
+
+from __future__ import annotations
+
 import resource
-print(sys.argv[1], "import %.2f s, open+first retrieve %.3f s, second %.4f s, engine=%s, RSS %d MB" % (t1-t0, t2-t1, t3-t2, cb.engine() is not None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss//1024))
+import sys
+import time
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    import numpy as np
+
+    from reasonedit_cli import retrieval as R
+    from reasonedit_cli.store import Codebook
+
+    t1 = time.perf_counter()
+    cb = Codebook.open(sys.argv[1])
+    q = np.random.default_rng(0).normal(size=(cb.dim or 1,)).astype(np.float32)
+    R.retrieve(cb, q)
+    t2 = time.perf_counter()
+    R.retrieve(cb, q + 0.1)
+    t3 = time.perf_counter()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(
+        f"{sys.argv[1]}: import {t1 - t0:.2f} s, open + first retrieve {t2 - t1:.3f} s, "
+        f"second {t3 - t2:.4f} s, engine {cb.engine() is not None}, peak RSS {rss} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()
