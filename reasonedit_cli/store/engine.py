@@ -223,10 +223,10 @@ def derive_engine(
         return None  # the store persisted no sigma to search by
     tag = f"{version:06d}"
     old = engine_section(old_manifest)
+    section: dict | None = None
     if kind == "same" and old is not None and int(old["keys"]) == n:
         section = copy.deepcopy(old)
     else:
-        section = None
         if kind == "append" and old is not None and _append_fits(old, n):
             try:
                 section = _append(root, tag, old, new)
