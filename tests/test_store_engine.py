@@ -177,3 +177,20 @@ def test_synthetic_codebook_in_the_real_format(tmp_path, monkeypatch):
     assert R.retrieve(cb, q[0]).tau == cb.tau == cb.manifest["derived"]["tau"]
     with pytest.raises(Exception, match="exists"):
         build_synthetic_codebook(tmp_path / "syn", 600, 16)
+
+
+def test_load_for_serving_maps_the_engine_and_decodes_no_keys(tmp_path, monkeypatch):
+    """`Codebook.load` (what `serve` calls before it answers) opens the engine instead
+    of decoding the keys; queries then answer with the exact path's numbers."""
+    grow(tmp_path / "cb", 50, batches=[30, 5])
+    exact = Codebook.open(tmp_path / "cb").search(QUERIES, 5, method="exact")
+    real = RD.read_segment
+
+    def edits_only(root, entry, dim):
+        assert entry["kind"] == "edits", "a keys segment was decoded"
+        return real(root, entry, dim)
+
+    monkeypatch.setattr(RD, "read_segment", edits_only)
+    cb = Codebook.open(tmp_path / "cb").load()
+    assert cb.engine() is not None and cb.search(QUERIES, 5) == exact
+    assert R.retrieve(cb, QUERIES[0]).tau == cb.tau

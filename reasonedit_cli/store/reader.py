@@ -279,17 +279,23 @@ class Codebook:
         writer's clean-up cannot remove a file from under it. Only the neighbour lists that
         a query with another percentile needs (`tau_for`) still load on first use; they are
         rebuilt from the vectors if their files have gone.
+
+        With the engine's files (store/engine.py) the keys are not decoded: the engine is
+        opened and verified here, and its files stay mapped (an unlinked file's pages
+        live on while mapped), so a million keys load in under a second.
         """
-        self.keys_table()
+        eng = self.engine()
+        if eng is None:
+            self.keys_table()
         self.edits_table()
-        self.engine()
         if self.n_keys:
-            self.vectors()
-            self.sigma()
+            if eng is None:
+                self.vectors()
+                self.sigma()
+                if self.n_keys >= self.hnsw_min_keys:
+                    self.index.graphs()
+                    self.index.lift()
             _ = self.tau
-            if self.n_keys >= self.hnsw_min_keys:
-                self.index.graphs()
-                self.index.lift()
             # one search runs the remaining lazy paths a query takes
             self.search(np.zeros((1, self.dim or self.vectors().shape[1]), np.float32), k=1)
         return self
