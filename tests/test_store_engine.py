@@ -73,6 +73,12 @@ def test_engine_files_search_and_retrieve_like_the_old_path(tmp_path, monkeypatc
         hits, ret, cb = answers(tmp_path / "engine")
         assert cb.engine() is not None and cb.n_keys == 207
     assert hits == exact == old_hits  # identical numbers, not just the same rows
+    real = RD.read_segment
+    with monkeypatch.context() as m:  # tau for another percentile: no keys segment either
+        m.setattr(RD, "read_segment", lambda r, e, d: real(r, e, d) if e["kind"] == "edits"
+                  else pytest.fail("keys decoded"))  # fmt: skip
+        taus = Codebook.open(tmp_path / "engine").tau_for(40.0)
+    assert taus == Codebook.open(tmp_path / "old", hnsw_min_keys=10**6).tau_for(40.0)
     assert ret == old_ret and sum(not r.rejected for r in ret) >= 5
     # a removal renumbers rows: the engine is rebuilt, still the same answers
     for cb in (eng_cb, old_cb):

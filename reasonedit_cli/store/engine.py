@@ -169,6 +169,11 @@ class Engine:
             out.append([(int(rows[j]), float(raw[j]), float(corr[j])) for j in order])
         return out
 
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One facts column over every row (the facts files' chunks, not copied)."""
+        chunks = [c for _, t in self.facts for c in t.column(name).chunks]
+        return pa.chunked_array(chunks, type=self.facts[0][1].schema.field(name).type)
+
     def row_facts(self, rows: Sequence[int]) -> list[dict]:
         """The facts (FACT_COLUMNS) of these rows, reading only their entries."""
         out = []

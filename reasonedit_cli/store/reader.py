@@ -372,10 +372,10 @@ class Codebook:
             d = self.index.lists(need_knn=True)
             if self.tau_rule == "nearest":
                 return R.nearest_threshold(d.dist, d.sigma, p, len(self.edit_ids()))
-            edit_of = self.keys_table().column("edit_id").to_numpy(zero_copy_only=False)
+            edit_of = self.key_column("edit_id").to_numpy(zero_copy_only=False)
             _, codes = np.unique(edit_of, return_inverse=True)
             if self.tau_rule == "images":
-                image_of = self.keys_table().column("image_sha256").to_numpy(zero_copy_only=False)
+                image_of = self.key_column("image_sha256").to_numpy(zero_copy_only=False)
                 _, image_codes = np.unique(image_of, return_inverse=True)
                 return R.other_image_threshold(d.idx, d.dist, d.sigma, image_codes, codes, p)
             return R.other_edit_threshold(d.idx, d.dist, d.sigma, codes, p, len(self.edit_ids()))
@@ -480,7 +480,7 @@ class Codebook:
 
     def n_images(self) -> int:
         """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
-        return len(set(self.keys_table().column("image_sha256").to_pylist()))
+        return len(set(self.key_column("image_sha256").to_pylist()))
 
     def edits(self, ids: Iterable[str] | None = None) -> list[EditRecord]:
         """Live edits in insertion order (only those in `ids` when given)."""
@@ -614,6 +614,15 @@ class Codebook:
                 except (MappedError, KeyError, TypeError, ValueError, AttributeError):
                     self._engine = None  # damaged or malformed: the decoded path answers
         return self._engine
+
+    def key_column(self, name: str) -> pa.ChunkedArray:
+        """One column of the live keys (not `vector`) in row order: from the mapped facts
+        files when the engine is open (no segment decoded: tau for another percentile),
+        else from the keys table."""
+        eng = self.engine() if self._keys is None else None
+        if eng is not None:
+            return eng.column(name)
+        return self.keys_table().column(name)
 
     def key_facts(self, rows: Iterable[int]) -> list[dict]:
         """The facts of these key rows (engine.FACT_COLUMNS: value, kind, edit_id,
