@@ -199,7 +199,7 @@ class MappedArray:
             out[:] = self.array[pos]
             return out
         rb = dim * self.array.dtype.itemsize
-        buf = memoryview(out.reshape(-1).view(np.uint8))
+        buf = out.reshape(-1).view(np.uint8).data  # writable: preadv fills `out`
         cut = np.flatnonzero(np.diff(pos) != 1) + 1
         for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, len(pos)].tolist(), strict=True):
             at, want = a * rb, b * rb
