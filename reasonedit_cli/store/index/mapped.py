@@ -64,10 +64,17 @@ class MappedError(ValueError):
 def _all_finite(c: np.ndarray) -> bool:
     """np.isfinite(c).all(), on the exponent bits for float16 (numpy's float16 isfinite
     converts every element to float32 first: seconds a GB)."""
-    if c.dtype == np.float16:
-        exp = np.uint16(0x7C00)
-        return not np.any(np.bitwise_and(c.view(np.uint16), exp) == exp)
-    return bool(np.isfinite(c).all())
+    flat = c.reshape(-1)
+    step = 1 << 24  # in slices: a 2 GB block would otherwise take 3 GB of temporaries
+    for a in range(0, len(flat), step):
+        part = flat[a : a + step]
+        if c.dtype == np.float16:
+            exp = np.uint16(0x7C00)
+            if np.any(np.bitwise_and(part.view(np.uint16), exp) == exp):
+                return False
+        elif not np.isfinite(part).all():
+            return False
+    return True
 
 
 def npy_header(rows: int, dim: int, dtype: str) -> bytes:
