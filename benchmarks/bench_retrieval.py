@@ -4,8 +4,9 @@ Synthetic keys from a Gaussian mixture (n/100 clusters, log-normal spreads, Diri
 weights: realistic hubness) at widths 512 (bundled demo VLM 128 + MiniLM 384), 1,408
 (LLaVA-1.5-7B projector input 1,024 + 384) and 4,480 (a 7-8B language layer 4,096 + 384),
 indexed by the reduced-projection engine (`reasonedit_cli/store/index/`: memory-mapped
-full vectors, hnswlib over a PCA projection + residual norm, lifted graph of large-sigma
-keys, exact re-rank by corrected distance). Every subcommand prints JSON.
+full vectors in IVF order, an IVF index (or hnswlib, `--ann hnsw`) over a PCA projection +
+residual norm, lifted graph of large-sigma keys, exact re-rank by corrected distance).
+Every subcommand prints JSON.
 
     python benchmarks/bench_retrieval.py build  --n 1000000 --dim 4480 --dir DIR
     python benchmarks/bench_retrieval.py open   --dir DIR --runs 5 --json
