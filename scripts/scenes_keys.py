@@ -28,6 +28,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc")
 
 
+def sibling_w(h, s, image_codes, edit_codes, w_auto, p=25.0, top=10.0):
+    """A candidate auto-w rule (not a default): the smallest w >= the auto w (grid of
+    x1.1 steps up to `top` x auto) at which the p-th percentile of each key's corrected
+    gap to the nearest key of ANOTHER edit on ITS OWN image reaches tau (`images` rule),
+    so that an edit's own question no longer retrieves the other edits of its image.
+    With no image holding two edits it is the auto w."""
+    from reasonedit_cli import retrieval as RT
+
+    icodes = np.unique(np.asarray(image_codes), return_inverse=True)[1]
+    ecodes = np.unique(np.asarray(edit_codes), return_inverse=True)[1]
+    same = icodes[:, None] == icodes[None, :]
+    other = ecodes[:, None] != ecodes[None, :]
+    if not (same & other).any():
+        return float(w_auto)
+    f = 1.0
+    while f <= top:
+        w = w_auto * f
+        kv = np.concatenate([h, w * s], 1)
+        knn_i, knn_d = RT.knn_lists(kv)
+        sigma = RT.sigma_from_knn(knn_d)
+        tau = RT.other_image_threshold(knn_i, knn_d, sigma, icodes, ecodes, p)
+        d = RT.pairwise_l2(kv, kv) / sigma[:, None]
+        sib = np.where(same & other, d, np.inf).min(1)
+        sib = sib[np.isfinite(sib)]
+        if tau is not None and np.percentile(sib, p) >= tau:
+            return float(w)
+        f *= 1.1
+    return float(w_auto * top)
+
+
 def load(args):
     import tempfile
 
@@ -166,6 +196,18 @@ def main() -> None:
             )
         else:
             raise SystemExit(f"rule {rule}")
+        # the gap to the nearest key of another edit ON THE SAME image, against the
+        # gap to the nearest key of another image (what `images` measures), corrected
+        dfull = RT.pairwise_l2(kv, kv) / sigma[:, None]
+        same_img = icodes[:, None] == icodes[None, :]
+        other_edit = ecodes[:, None] != ecodes[None, :]
+        sib = np.where(same_img & other_edit, dfull, np.inf).min(1)
+        img = np.where(~same_img, dfull, np.inf).min(1)
+        sib = sib[np.isfinite(sib)]
+        gaps = {
+            "sib_p25": round(float(np.percentile(sib, p)), 3) if len(sib) else None,
+            "img_p25": round(float(np.percentile(img, p)), 3),
+        }
         s_q = tf(ptexts)
         qs = [np.concatenate([h_q, w * s_q], 1)]
         if use_reg:
@@ -197,7 +239,7 @@ def main() -> None:
                 if got:
                     prec[pr.kind].append(len(got & {pr.edit_id}) / len(got))
         out = {"text": tk, "w_x": wf, "w": round(float(w), 3), "rule": rule, "p": p}
-        out |= {"reg": use_reg, "tau": round(float(tau), 3)}
+        out |= {"reg": use_reg, "tau": round(float(tau), 3), **gaps}
         out |= {k: round(float(np.mean(v)), 3) for k, v in res.items() if v}
         out |= {f"P_{k}": round(float(np.mean(v)), 2) for k, v in prec.items() if v}
         out["n"] = {k: len(v) for k, v in res.items() if v}

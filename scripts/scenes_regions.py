@@ -107,14 +107,34 @@ def main() -> None:
             ev.workdir = tmp / f"auto{i}"
             ev._codebooks.clear()  # noqa: SLF001 (diagnostic script)
             ev.build("reasonedit", ev.embedder)  # sets the auto w on the first batch
-            ev.embedder.w = float(ev.embedder.w or 0.0) * float(wf)
+            if wf == "sib":  # the candidate rule of scripts/scenes_keys.py, first 32 edits
+                from scenes_keys import sibling_w
+
+                from reasonedit_cli.editor import crop
+
+                rows = [(e, sp) for e in edits[:32] for sp in ev.specs()[e.id]]
+                kimgs = [
+                    crop(gen.image(e.image_bytes), sp.box) if sp.box else gen.image(e.image_bytes)
+                    for e, sp in rows
+                ]
+                ktexts = [sp.key_text for _, sp in rows]
+                h = ev.halves.vlm_half(kimgs, ktexts, ev.embedder.layer)
+                ev.embedder.w = sibling_w(
+                    h,
+                    ev.halves.text_half(ktexts),
+                    [hash(e.image_bytes) for e, _ in rows],
+                    [e.id for e, _ in rows],
+                    float(ev.embedder.w or 0.0),
+                )
+            else:
+                ev.embedder.w = float(ev.embedder.w or 0.0) * float(wf)
             ev.workdir = tmp / f"s{i}"
             ev._codebooks.clear()  # noqa: SLF001
             ev.percentile = float(p)
             report = summarize(ev.probes, {m: ev.run(m) for m in methods})
             report["settings"] = {
                 "text": text,
-                "w_factor": float(wf),
+                "w_factor": wf,
                 "w": ev.embedder.w,
                 "percentile": float(p),
                 "seed": args.seed,
