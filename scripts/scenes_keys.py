@@ -28,36 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc")
 
 
-def sibling_w(h, s, image_codes, edit_codes, w_auto, p=25.0, top=10.0):
-    """A candidate auto-w rule (not a default): the smallest w >= the auto w (grid of
-    x1.1 steps up to `top` x auto) at which the p-th percentile of each key's corrected
-    gap to the nearest key of ANOTHER edit on ITS OWN image reaches tau (`images` rule),
-    so that an edit's own question no longer retrieves the other edits of its image.
-    With no image holding two edits it is the auto w."""
-    from reasonedit_cli import retrieval as RT
-
-    icodes = np.unique(np.asarray(image_codes), return_inverse=True)[1]
-    ecodes = np.unique(np.asarray(edit_codes), return_inverse=True)[1]
-    same = icodes[:, None] == icodes[None, :]
-    other = ecodes[:, None] != ecodes[None, :]
-    if not (same & other).any():
-        return float(w_auto)
-    f = 1.0
-    while f <= top:
-        w = w_auto * f
-        kv = np.concatenate([h, w * s], 1)
-        knn_i, knn_d = RT.knn_lists(kv)
-        sigma = RT.sigma_from_knn(knn_d)
-        tau = RT.other_image_threshold(knn_i, knn_d, sigma, icodes, ecodes, p)
-        d = RT.pairwise_l2(kv, kv) / sigma[:, None]
-        sib = np.where(same & other, d, np.inf).min(1)
-        sib = sib[np.isfinite(sib)]
-        if tau is not None and np.percentile(sib, p) >= tau:
-            return float(w)
-        f *= 1.1
-    return float(w_auto * top)
-
-
 def load(args):
     import tempfile
 

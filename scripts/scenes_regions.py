@@ -108,9 +108,8 @@ def main() -> None:
             ev._codebooks.clear()  # noqa: SLF001 (diagnostic script)
             ev.build("reasonedit", ev.embedder)  # sets the auto w on the first batch
             if wf == "sib":  # the candidate rule of scripts/scenes_keys.py, first 32 edits
-                from scenes_keys import sibling_w
-
                 from reasonedit_cli.editor import crop
+                from reasonedit_cli.embedding import sibling_w
 
                 rows = [(e, sp) for e in edits[:32] for sp in ev.specs()[e.id]]
                 kimgs = [

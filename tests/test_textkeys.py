@@ -1,4 +1,4 @@
-"""idf-pooled text halves (reasonedit_cli/textkeys.py), on the real MiniLM encoder."""
+"""Retrieval levers of #18: idf-pooled text halves (textkeys.py) and `embedding.sibling_w`."""
 
 from __future__ import annotations
 
@@ -60,3 +60,30 @@ def test_encode_is_unit_length_and_uniform_weights_give_the_mean(enc):
 def test_mean_is_not_an_idf_mode(enc):
     with pytest.raises(ValueError):
         IdfText.fit(enc, FITTED, "mean")
+
+
+def test_sibling_w_raises_w_only_where_an_image_holds_two_edits():
+    from reasonedit_cli import retrieval as R
+    from reasonedit_cli.embedding import sibling_w
+
+    rng = np.random.default_rng(0)
+    n_img = 12
+    img_h = rng.normal(size=(n_img, 8)) * 3.0
+    # two edits per image, each with two keys (question, sentence) on that image
+    h = np.repeat(img_h, 4, axis=0)
+    s = rng.normal(size=(len(h), 6))
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    images = np.repeat(np.arange(n_img), 4)
+    edits = np.repeat(np.arange(2 * n_img), 2)
+    w0 = 0.5
+    w = sibling_w(h, s, images, edits, w0)
+    assert w > w0
+    kv = np.concatenate([h, w * s], axis=1)
+    knn_i, knn_d = R.knn_lists(kv)
+    sigma = R.sigma_from_knn(knn_d)
+    tau = R.other_image_threshold(knn_i, knn_d, sigma, images, edits, 25.0)
+    d = R.pairwise_l2(kv, kv) / sigma[:, None]
+    sib = (images[:, None] == images[None, :]) & (edits[:, None] != edits[None, :])
+    assert np.percentile(np.where(sib, d, np.inf).min(1), 25) >= tau
+    # one edit per image: the auto w stays
+    assert sibling_w(h, s, np.arange(len(h)) // 2, np.arange(len(h)) // 2, w0) == w0
