@@ -287,7 +287,7 @@ class Editor:
     # ----------------------------------------------------------- lazy parts
     @property
     def codebook_has_keys(self) -> bool:
-        return self.codebook is not None and self.codebook.keys_table().num_rows > 0
+        return self.codebook is not None and self.codebook.n_keys > 0
 
     @property
     def config(self) -> dict[str, Any]:

@@ -554,32 +554,29 @@ def retrieve(
     results = codebook.search(q, k=k)[0]
     if not results:
         return Retrieval(rejected=True, tau=tau)
-    table = codebook.keys_table()
     nearest = results[0][2]
     if rule == "reference":
         ok = [results[i] for i in reference_hits([r[2] for r in results], tau, k)]
     elif tau is None:
-        radius = table.column("radius")[results[0][0]].as_py()
+        radius = _key_facts(codebook, [results[0][0]])[0]["radius"]
         ok = [r for r in results[:1] if radius is not None and r[1] <= radius]
     else:
         ok = [r for r in results if r[2] <= tau]
     if not ok:
         return Retrieval(rejected=True, tau=tau, nearest=nearest)
-    names = ("value", "kind", "edit_id", "key_id", "box", "merged")
-    cols = {name: table.column(name) for name in names}
     hits = []
-    for row, raw, corr in ok:
-        box = cols["box"][row].as_py()
-        value, edit_id = cols["value"][row].as_py(), cols["edit_id"][row].as_py()
-        merged = [(m["value"], m["edit_id"]) for m in cols["merged"][row].as_py()]
+    for (row, raw, corr), f in zip(ok, _key_facts(codebook, [r[0] for r in ok])):
+        box = f["box"]
+        value, edit_id = f["value"], f["edit_id"]
+        merged = [(m["value"], m["edit_id"]) for m in f["merged"]]
         hits.append(
             Hit(
                 value=value,
                 distance=float(corr),
                 raw_distance=float(raw),
-                kind=cols["kind"][row].as_py(),
+                kind=f["kind"],
                 edit_id=edit_id,
-                key_id=cols["key_id"][row].as_py(),
+                key_id=f["key_id"],
                 box=tuple(box) if box is not None else None,
                 row=int(row),
                 entries=[(value, edit_id), *merged],
@@ -595,6 +592,16 @@ def retrieve(
         tau=tau,
         nearest=nearest,
     )
+
+
+def _key_facts(codebook: Any, rows: list[int]) -> list[dict]:
+    """The hit rows' facts: `Codebook.key_facts` (the mapped facts file of a large
+    codebook: no segment decoded), or the keys table of another codebook-like object."""
+    if hasattr(codebook, "key_facts"):
+        return codebook.key_facts(rows)
+    table = codebook.keys_table()
+    names = ("value", "kind", "edit_id", "key_id", "box", "merged", "radius")
+    return [{c: table.column(c)[r].as_py() for c in names} for r in rows]
 
 
 def build_prompt(facts: Sequence[str], prompt: str) -> str:

@@ -16,8 +16,10 @@
    subset of them (reordering). Identical disk states are tried once.
 3. `check_state`: the codebook opens; its live content is exactly the acknowledged state
    before or after the operation in flight (after, once it returned); every edit is
-   there once; search answers as that state did; `check()` is clean, or
-   `doctor --repair` makes it clean without changing the content.
+   there once; search answers as that state did (the exact path and the default one,
+   which goes through the wide-key engine's mapped files: ENGINE_MIN_KEYS below makes
+   every commit write them, issue 22); `check()` is clean, or `doctor --repair` makes
+   it clean without changing the content.
 
 `python tests/crash_harness.py run WORKLOAD OUT [MAX_STATES]` runs all three and writes
 the figures to OUT/figures.json (tests/test_reliability_slow.py and test_crash.py call it).
@@ -25,6 +27,7 @@ the figures to OUT/figures.json (tests/test_reliability_slow.py and test_crash.p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+#: the engine threshold while recording and checking: every commit writes engine files
+ENGINE_MIN_KEYS = "1"
+ENGINE_FILES = ("vectors-", "reduced-", "proj-", "rknn", "rlift-", "ivf-", "facts-")
 sys.path.insert(0, str(HERE))
 
 # ---------------------------------------------------------------- 1. recording
@@ -55,10 +61,13 @@ def _summary(cb: Any) -> dict:
         ).hexdigest(),
         "n_keys": keys.num_rows,
         "hits": None,
+        "auto": None,
     }
     if keys.num_rows:
         q = np.random.default_rng(7).normal(size=(3, cb.dim)).astype("float32")
         out["hits"] = [[r for r, _, _ in h] for h in cb.search(q, k=3, method="exact")]
+        # the default path: the engine's mapped files when listed (issue 22)
+        out["auto"] = [[r for r, _, _ in h] for h in cb.search(q, k=3)]
     return out
 
 
@@ -415,8 +424,23 @@ def check_state(cb_path: Path, allowed: list[dict], model_ok: bool) -> tuple[lis
     return problems, info
 
 
+@contextlib.contextmanager
+def _engine_threshold():
+    """REASONEDIT_ENGINE_MIN_KEYS=ENGINE_MIN_KEYS for the duration (restored after:
+    check_state runs in the caller's process)."""
+    old = os.environ.get("REASONEDIT_ENGINE_MIN_KEYS")
+    os.environ["REASONEDIT_ENGINE_MIN_KEYS"] = ENGINE_MIN_KEYS
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("REASONEDIT_ENGINE_MIN_KEYS", None)
+        else:
+            os.environ["REASONEDIT_ENGINE_MIN_KEYS"] = old
+
+
 def _same(a: dict, b: dict, version: bool = True) -> bool:
-    keys = ("edits", "key_ids", "n_keys", "hits") + (("version",) if version else ())
+    keys = ("edits", "key_ids", "n_keys", "hits", "auto") + (("version",) if version else ())
     return all(a[k] == b[k] for k in keys)
 
 
@@ -428,6 +452,7 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
         shutil.rmtree(rec)
     rec.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    env["REASONEDIT_ENGINE_MIN_KEYS"] = ENGINE_MIN_KEYS
     args = [sys.executable, str(Path(__file__).resolve()), "record", workload, str(rec)]
     res = subprocess.run(args + ([model] if model else []), capture_output=True, text=True, env=env)
     if res.returncode != 0:
@@ -456,6 +481,11 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
         "workload": workload,
         "operations": [e["step"] for e in log if e["op"] == "begin"],
         "fs_ops": sum(e["op"] not in ("begin", "ack", "start") for e in log),
+        # writes of the wide-key engine's files (issue 22): mapped vectors, reduced
+        # index, facts, lifted graph
+        "engine_writes": sum(
+            e["op"] == "write" and os.path.basename(e["path"]).startswith(ENGINE_FILES) for e in log
+        ),
         "by_op": {},
         "crash_points": len({t[0] for t in states}),
         "states": 0,
@@ -495,7 +525,8 @@ def run(workload: str, out: Path, max_states: int | None, model: str | None) -> 
         allowed = [acks[s]]
         if in_flight and s + 1 < len(acks):
             allowed = [acks[s], *inter[s], acks[s + 1]]
-        problems, info = check_state(work, allowed, model is not None)
+        with _engine_threshold():  # doctor --repair rebuilds the engine files too
+            problems, info = check_state(work, allowed, model is not None)
         figures["states"] += 1
         figures["doctor_0"] += info.get("doctor") == 0
         figures["repaired"] += bool(info.get("repaired"))

@@ -154,12 +154,18 @@ def damage_cases(root: Path, n: int, seed: int, *, per_file_min: int = 2) -> lis
     return cases
 
 
+#: name prefixes of the wide-key engine's files (store/engine.py) under index/
+ENGINE_FILES = ("vectors-", "reduced-", "proj-", "rsigma-", "rknn", "rlift-", "ivf-", "facts-")
+
+
 def file_kind(rel: Path) -> str:
     rel = Path(rel)
     if rel.name == "manifest.json":
         return "manifest"
     top = rel.parts[0]
     if top == "index":
+        if rel.name.startswith(ENGINE_FILES):
+            return "engine"  # the wide-key engine's mapped files (issue 22)
         return "hnsw" if rel.suffix == ".bin" else "index-npy"
     return {"versions": "versions", "segments": "segments", "images": "images"}.get(top, "other")
 
@@ -267,7 +273,7 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
     if reader == "error" and res.exit_code == 0:
         out["problems"].append("doctor said OK but the reader failed")
     # 3. derived damage: repair must make doctor clean again
-    if reader == "ok" and res.exit_code == 1 and kind in ("index-npy", "hnsw"):
+    if reader == "ok" and res.exit_code == 1 and kind in ("index-npy", "hnsw", "engine"):
         rep = runner.invoke(app, ["doctor", "-c", str(work), "--repair"])
         again = runner.invoke(app, ["doctor", "-c", str(work)])
         out["repair"] = [rep.exit_code, again.exit_code]
@@ -330,7 +336,7 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
         out["outcome"] = "clear error"
     elif res.exit_code == 0:
         out["outcome"] = "harmless"
-    elif kind in ("index-npy", "hnsw"):
+    elif kind in ("index-npy", "hnsw", "engine"):
         out["outcome"] = "recovered"
     else:
         out["outcome"] = "detected by doctor"

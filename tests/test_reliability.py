@@ -454,9 +454,11 @@ def test_second_writer_fails_clearly_and_reader_works(base, tmp_path):
 # ---------------------------------------------------------------- damage fuzz
 
 
-def test_damage_fuzz_subset(base, tmp_path):
+def test_damage_fuzz_subset(base, tmp_path, monkeypatch):
     """Truncations and bit flips of every kind of file: a clear error, a report by
-    doctor or a recovery (derived files) -- never a traceback or a signal."""
+    doctor or a recovery (derived files) -- never a traceback or a signal. The synthetic
+    codebook has the wide-key engine's files too (issue 22: threshold lowered to 100)."""
+    monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", "100")  # the workers inherit it
     syn = build_synthetic_codebook(
         tmp_path / "syn", n_edits=40, keys_per_edit=4, hnsw_min_keys=100, keep_deltas=True
     )
@@ -471,7 +473,9 @@ def test_damage_fuzz_subset(base, tmp_path):
     assert summary["cases"] >= 90
     assert not summary["failures"], json.dumps(summary["failures"][:3], indent=1)[:3000]
     kinds = summary["by_kind"]
-    assert {"manifest", "versions", "segments", "images", "index-npy", "hnsw"} <= set(kinds)
+    assert {"manifest", "versions", "segments", "images", "index-npy", "hnsw", "engine"} <= set(
+        kinds
+    )
     fixed = "repaired by doctor --repair"
     assert set(kinds["manifest"]) <= {"clear error", "harmless", fixed}
     assert set(kinds["segments"]) <= {"clear error", fixed}
@@ -479,6 +483,7 @@ def test_damage_fuzz_subset(base, tmp_path):
     # (its key values are not add-edit's, and its "model" cannot re-embed): clear errors
     assert fixed in kinds["manifest"], kinds
     assert set(kinds["hnsw"]) <= {"recovered", "harmless"}
+    assert set(kinds["engine"]) <= {"recovered", "harmless"}, kinds["engine"]
 
 
 BAD_VALUES = ["x", -1, None, {}]  # the slow suite adds 10**30, [], 1.5, True

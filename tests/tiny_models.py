@@ -77,13 +77,13 @@ def _tokenizer(
     )
 
 
-def _llama(tok, hidden: int = 32, **kw):
+def _llama(tok, hidden: int = 32, layers: int = 2, intermediate: int | None = None, **kw):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         vocab_size=len(tok),
@@ -121,8 +121,13 @@ def _save_parts(model, tok, path: Path, processor_cls, image_processor, template
 
 
 # ------------------------------------------------------------------------------- LLaVA
-def build_tiny_llava(path: Path, seed: int = 0) -> Path:
-    """LLaVA 1.5 layout: CLIP vision tower, MLP projector, Llama decoder."""
+def build_tiny_llava(
+    path: Path, seed: int = 0, *, text_hidden: int = 32, text_layers: int = 2
+) -> Path:
+    """LLaVA 1.5 layout: CLIP vision tower, MLP projector, Llama decoder.
+
+    text_hidden / text_layers: a wider, shallower decoder (issue 22: text_hidden=4096,
+    one layer gives a 7-8B model's key width at its language layers, 4,096 + 384)."""
     import torch
     from transformers import (
         CLIPImageProcessorPil,
@@ -154,7 +159,12 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=_llama(tok),
+        text_config=_llama(
+            tok,
+            text_hidden,
+            text_layers,
+            intermediate=None if text_hidden <= 64 else 64,  # keeps a 4,096-wide one small
+        ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",

@@ -11,8 +11,10 @@ import json
 from typing import TYPE_CHECKING
 
 from ..errors import CodebookError
+from .engine import engine_section, verify_engine
 from .files import MAX_MANIFEST_BYTES, read_regular, tmp_files
 from .format import LOCK, MANIFEST, CheckReport, canonical
+from .index.derived import NO_GRAPH
 from .lock import lock_owner
 from .staging import check_staging
 
@@ -45,6 +47,14 @@ def check_codebook(
         return rep
     health = cb.index.health(cb.hnsw_min_keys)
     derived_bad, lift_missing = health.bad, health.lift_missing
+    # the engine's mapped files (store/engine.py): rehashed in full, mtimes re-stamped
+    engine_bad = verify_engine(cb.path, cb.manifest)
+    if not engine_bad and engine_section(cb.manifest) is not None and NO_GRAPH in derived_bad:
+        # readers search through the engine: a missing full-width graph (a synthetic
+        # codebook, store/synthetic.py) is no problem, and the next writer builds it
+        derived_bad = [b for b in derived_bad if b != NO_GRAPH]
+        rep.notes.append("the full-width hnsw graph is not persisted (the engine searches)")
+    derived_bad = derived_bad + engine_bad
     if lift_missing and not repair:
         rep.notes.append(
             "the lifted graph of large-sigma keys is not persisted (a codebook written "

@@ -175,4 +175,20 @@ def derived_paths(manifest: dict) -> set[str]:
     out = {e["path"] for e in (d.get("files") or {}).values()}
     for entries in (d.get("deltas") or {}).values():
         out |= {e["path"] for e in entries}
-    return out
+    return out | engine_paths(manifest)
+
+
+def _paths(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["path"]} if isinstance(node.get("path"), str) else set()
+        return own.union(*(_paths(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_paths(v) for v in node))
+    return set()
+
+
+def engine_paths(manifest: dict) -> set[str]:
+    """Every file the manifest's `derived.engine` section lists (store/engine.py; the
+    store's sigma files it searches by too)."""
+    d = manifest.get("derived") or {}
+    return _paths(d.get("engine")) if isinstance(d.get("engine"), dict) else set()

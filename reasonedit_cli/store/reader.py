@@ -25,6 +25,7 @@ from .. import retrieval as R
 from ..errors import CodebookError
 from . import compat
 from .check import check_codebook
+from .engine import FACT_COLUMNS, Engine, engine_section, min_keys
 from .files import (
     MAX_MANIFEST_BYTES,
     MAX_PARQUET_FOOTER,
@@ -47,6 +48,7 @@ from .format import (
 )
 from .index import DerivedIndex
 from .index.derived import Hits
+from .index.mapped import MappedError
 from .lock import WriterLock
 from .manifest import (
     MANIFEST_HINT,
@@ -147,6 +149,7 @@ class Codebook:
     _vectors: np.ndarray | None
     _index: DerivedIndex | None  # loaded on first use, or handed over by the writer
     _pair_sample: np.ndarray | None  # tau_rule "all": the seeded sample of pairs
+    _engine: Engine | None  # the mapped engine files (store/engine.py), opened on first use
 
     def __init__(
         self,
@@ -154,11 +157,14 @@ class Codebook:
         manifest: dict,
         *,
         hnsw_min_keys: int = HNSW_MIN_KEYS,
+        engine_min_keys: int | None = None,
         keys: pa.Table | None = None,
         edits: pa.Table | None = None,
     ):
         self.path = path
         self.hnsw_min_keys = hnsw_min_keys
+        # writers: engine files from this many keys (store/engine.py)
+        self.engine_min_keys = min_keys() if engine_min_keys is None else engine_min_keys
         self.hnsw_lock = threading.Lock()  # hnswlib: no concurrent add and query (index, writer)
         self._set_manifest(manifest)
         self._keys, self._edits = keys, edits
@@ -167,12 +173,22 @@ class Codebook:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, *, create: bool = False, hnsw_min_keys: int = HNSW_MIN_KEYS
+        cls,
+        path: str | os.PathLike,
+        *,
+        create: bool = False,
+        hnsw_min_keys: int = HNSW_MIN_KEYS,
+        engine_min_keys: int | None = None,
     ) -> Codebook:
-        """Open the codebook at path; create=True makes an empty one if missing or empty."""
+        """Open the codebook at path; create=True makes an empty one if missing or empty.
+
+        Reads the manifest only: the engine's files (a codebook of ENGINE_MIN_KEYS keys
+        or more, store/engine.py) are mapped on the first search, never decoded.
+        """
         p = Path(path).expanduser().absolute()
+        opts: dict[str, Any] = {"hnsw_min_keys": hnsw_min_keys, "engine_min_keys": engine_min_keys}
         if os.path.lexists(p / MANIFEST):
-            return cls(p, read_manifest(p), hnsw_min_keys=hnsw_min_keys)
+            return cls(p, read_manifest(p), **opts)
         kept = version_files(p)
         if kept:  # never create a new v0 over a codebook that lost its manifest
             raise CodebookError(
@@ -202,7 +218,7 @@ class Codebook:
                 data = manifest_bytes(empty_manifest(now_iso()))
                 atomic_write(p / "versions" / "v000000.json", data)
                 atomic_write(p / MANIFEST, data)
-        return cls(p, read_manifest(p), hnsw_min_keys=hnsw_min_keys)
+        return cls(p, read_manifest(p), **opts)
 
     def refresh(self) -> bool:
         """Reload the manifest; True when a newer version was committed since."""
@@ -222,7 +238,9 @@ class Codebook:
         m = read_manifest(self.path)
         if self._is_manifest(m):
             return None
-        return type(self)(self.path, m, hnsw_min_keys=self.hnsw_min_keys)
+        return type(self)(
+            self.path, m, hnsw_min_keys=self.hnsw_min_keys, engine_min_keys=self.engine_min_keys
+        )
 
     def view(
         self, manifest: dict, *, keys: pa.Table | None = None, edits: pa.Table | None = None
@@ -231,7 +249,12 @@ class Codebook:
         writer is about to commit, a staging job's segments); `keys`/`edits` are its live
         tables when the caller already has them."""
         return type(self)(
-            self.path, manifest, hnsw_min_keys=self.hnsw_min_keys, keys=keys, edits=edits
+            self.path,
+            manifest,
+            hnsw_min_keys=self.hnsw_min_keys,
+            engine_min_keys=self.engine_min_keys,
+            keys=keys,
+            edits=edits,
         )
 
     def adopt(
@@ -256,16 +279,23 @@ class Codebook:
         writer's clean-up cannot remove a file from under it. Only the neighbour lists that
         a query with another percentile needs (`tau_for`) still load on first use; they are
         rebuilt from the vectors if their files have gone.
+
+        With the engine's files (store/engine.py) the keys are not decoded: the engine is
+        opened and verified here, and its files stay mapped (an unlinked file's pages
+        live on while mapped): 1.26 s for a million keys, imports included.
         """
-        self.keys_table()
+        eng = self.engine()
+        if eng is None:
+            self.keys_table()
         self.edits_table()
         if self.n_keys:
-            self.vectors()
-            self.sigma()
+            if eng is None:
+                self.vectors()
+                self.sigma()
+                if self.n_keys >= self.hnsw_min_keys:
+                    self.index.graphs()
+                    self.index.lift()
             _ = self.tau
-            if self.n_keys >= self.hnsw_min_keys:
-                self.index.graphs()
-                self.index.lift()
             # one search runs the remaining lazy paths a query takes
             self.search(np.zeros((1, self.dim or self.vectors().shape[1]), np.float32), k=1)
         return self
@@ -280,6 +310,8 @@ class Codebook:
         self._vectors = None
         self._index = None
         self._pair_sample = None
+        self._engine = None
+        self._engine_tried = False
 
     # -- manifest views ---------------------------------------------------
 
@@ -299,6 +331,12 @@ class Codebook:
 
     @property
     def n_keys(self) -> int:
+        """Live keys: the manifest's count when it lists engine files of this version
+        (no segment decoded), else the decoded keys table's."""
+        if self._keys is None:
+            e = engine_section(self.manifest)
+            if e is not None:
+                return int(e["keys"])
         return self.keys_table().num_rows
 
     @property
@@ -334,10 +372,10 @@ class Codebook:
             d = self.index.lists(need_knn=True)
             if self.tau_rule == "nearest":
                 return R.nearest_threshold(d.dist, d.sigma, p, len(self.edit_ids()))
-            edit_of = self.keys_table().column("edit_id").to_numpy(zero_copy_only=False)
+            edit_of = self.key_column("edit_id").to_numpy(zero_copy_only=False)
             _, codes = np.unique(edit_of, return_inverse=True)
             if self.tau_rule == "images":
-                image_of = self.keys_table().column("image_sha256").to_numpy(zero_copy_only=False)
+                image_of = self.key_column("image_sha256").to_numpy(zero_copy_only=False)
                 _, image_codes = np.unique(image_of, return_inverse=True)
                 return R.other_image_threshold(d.idx, d.dist, d.sigma, image_codes, codes, p)
             return R.other_edit_threshold(d.idx, d.dist, d.sigma, codes, p, len(self.edit_ids()))
@@ -442,7 +480,7 @@ class Codebook:
 
     def n_images(self) -> int:
         """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
-        return len(set(self.keys_table().column("image_sha256").to_pylist()))
+        return len(set(self.key_column("image_sha256").to_pylist()))
 
     def edits(self, ids: Iterable[str] | None = None) -> list[EditRecord]:
         """Live edits in insertion order (only those in `ids` when given)."""
@@ -560,15 +598,54 @@ class Codebook:
         30 nearest distances, NaN without neighbours), in keys_table() order."""
         return self.index.reference_sigma()
 
+    def engine(self) -> Engine | None:
+        """The engine files of this version, mapped and checked (store/engine.py), or
+        None: none listed (fewer than ENGINE_MIN_KEYS keys, a codebook written before
+        them, `tau_rule: reference`) or damaged. Then search and facts take the decoded
+        path, so damage there costs speed, never an answer (`doctor` reports it)."""
+        if not self._engine_tried:
+            self._engine_tried = True
+            section = engine_section(self.manifest)
+            if section is not None and section.get("keys") and self.dim:
+                try:
+                    eng = Engine(self.path, self.manifest["derived"])
+                    if eng.index.dim == self.dim:
+                        self._engine = eng
+                except (MappedError, KeyError, TypeError, ValueError, AttributeError):
+                    self._engine = None  # damaged or malformed: the decoded path answers
+        return self._engine
+
+    def key_column(self, name: str) -> pa.ChunkedArray:
+        """One column of the live keys (not `vector`) in row order: from the mapped facts
+        files when the engine is open (no segment decoded: tau for another percentile),
+        else from the keys table."""
+        eng = self.engine() if self._keys is None else None
+        if eng is not None:
+            return eng.column(name)
+        return self.keys_table().column(name)
+
+    def key_facts(self, rows: Iterable[int]) -> list[dict]:
+        """The facts of these key rows (engine.FACT_COLUMNS: value, kind, edit_id,
+        key_id, box, merged, radius): from the mapped facts file when the engine is
+        open, else from the decoded keys table."""
+        rows = [int(r) for r in rows]
+        eng = self.engine() if self._keys is None else None
+        if eng is not None:
+            return eng.row_facts(rows)
+        table = self.keys_table()
+        cols = {c: table.column(c) for c in FACT_COLUMNS}
+        return [{c: cols[c][r].as_py() for c in FACT_COLUMNS} for r in rows]
+
     # -- search -----------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int = 5, *, method: str = "auto") -> Hits:
         """k nearest keys per query by hubness-corrected distance.
 
         Returns per query a list of (row, raw L2 distance, corrected distance), best
-        first. method: "exact" (numpy brute force), "hnsw", or "auto" (hnsw from
-        `hnsw_min_keys` keys on). The hnsw path over-fetches candidates by raw distance,
-        adds those of the lifted graph (the large-sigma keys, searched by corrected
+        first. method: "exact" (numpy brute force), "hnsw", or "auto": the mapped engine
+        when this version has one (store/engine.py: the same numbers, nothing decoded),
+        else hnsw from `hnsw_min_keys` keys on. The hnsw path over-fetches candidates
+        by raw distance, adds those of the lifted graph (the large-sigma keys, searched by corrected
         distance: store/index/lift.py), and re-ranks them exactly, since the correction
         can reorder neighbours.
         """
@@ -585,6 +662,10 @@ class Codebook:
             )
         if method not in ("auto", "exact", "hnsw"):
             raise ValueError(f"unknown search method {method!r}")
+        if method == "auto":
+            eng = self.engine()
+            if eng is not None:
+                return eng.search(q, k)
         use_hnsw = method == "hnsw" or (method == "auto" and n >= self.hnsw_min_keys)
         return self.index.search(q, k, use_hnsw=use_hnsw)
 

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CodebookError
+from .engine import derive_engine
 from .files import MAX_MANIFEST_BYTES, atomic_write, read_regular, tmp_files, unlink
 from .format import (
     EXT_RE,
@@ -518,6 +519,9 @@ class CodebookWriter:
 
         The index files are written by store/index/update.py (deltas where that is exact,
         base files otherwise); tau is measured on the new index by the codebook's rule.
+        From `engine_min_keys` keys on, the engine's mapped files follow
+        (store/engine.py: appended to on an insert, rebuilt otherwise), searching by
+        the sigma just computed.
         """
         cb = self.cb
         needs_old = kind in ("append", "same", "compact") or (kind == "remove" and new.n_keys)
@@ -531,7 +535,21 @@ class CodebookWriter:
         keep = state[3] if kind == "remove" and state else None
         index, layout = update.derive(new, kind, keep, reference=new.tau_rule == "reference")
         new.use_index(index)
-        return index, new.derived_section(layout)
+        derived = new.derived_section(layout)
+        if new.n_keys >= cb.engine_min_keys and new.tau_rule != "reference":
+            engine = derive_engine(
+                self.path,
+                new.version,
+                cb.manifest,
+                kind,
+                new,
+                derived,
+                index.lists().sigma_raw,
+                min_keys=cb.engine_min_keys,
+            )
+            if engine is not None:
+                derived["engine"] = engine
+        return index, derived
 
     def _gc_derived(self, previous: dict) -> None:
         """Drop derived files not listed by the current or the previous manifest.

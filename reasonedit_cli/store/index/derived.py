@@ -39,6 +39,8 @@ SEARCH_EF = 64  # hnsw ef for search (>= fetch); recall/latency in benchmarks/RE
 SEARCH_SIGMA_SCAN = 2048  # at most this many large-sigma keys checked per query (bound)
 SEARCH_SIGMA_SCAN_LIFTED = 512  # the same when the lifted graph covers the largest sigmas
 
+NO_GRAPH = "hnsw index is not persisted"  # Health.bad's line for a missing graph
+
 #: One search result per query: (row, raw L2 distance, corrected distance), best first.
 Hits = list[list[tuple[int, float, float]]]
 
@@ -377,7 +379,7 @@ class DerivedIndex:
             bad += [f"{f} is missing or damaged" for f in failed if f]
         bad += [f"{f} is missing or damaged" for f in self.load_graphs(rebuild=False)[1]]
         if n >= hnsw_min_keys and not files.get("hnsw"):
-            bad.append("hnsw index is not persisted")
+            bad.append(NO_GRAPH)
         lift_bad = self.load_lift()[1] if n else None
         if lift_bad:
             bad.append(f"{lift_bad} is missing or damaged")
