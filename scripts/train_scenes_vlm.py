@@ -252,6 +252,38 @@ def probe_sample(scene: S.Scene, rng: random.Random) -> tuple[str, str]:
     return sentence_question(sent), "yes" if truth else "no"
 
 
+def crop_boxes(scene: S.Scene, rng: random.Random, n: int = 2) -> list[tuple[int, ...]]:
+    """`n` of the patch search's candidate crops (`patches.grid_candidates`) of a scene:
+    the first holds one of its objects' centres, the others are drawn at random."""
+    from reasonedit_cli.patches import grid_candidates
+
+    cands = [c.box for c in grid_candidates(S.IMAGE_SIZE, S.IMAGE_SIZE)]
+    o = rng.choice(scene.objects)
+    holding = [b for b in cands if _holds(b, o) and (b[2] - b[0]) < S.IMAGE_SIZE]
+    out = [rng.choice(holding or cands)]
+    return out + [rng.choice(cands) for _ in range(n - 1)]
+
+
+def _holds(box: tuple[int, ...], o: S.SceneObject) -> bool:
+    return box[0] <= o.x < box[2] and box[1] <= o.y < box[3]
+
+
+def crop_probe_sample(scene: S.Scene, box: tuple[int, ...], rng: random.Random) -> tuple[str, str]:
+    """The patch search's verification prompt on a crop: yes only when the crop holds
+    the object the chain sentence names and the sentence is true of it (the search keeps
+    the crops that pass, so a crop without the object must fail)."""
+    inside = [o for o in scene.objects if _holds(box, o)]
+    o = rng.choice(inside) if inside and rng.random() < 0.65 else rng.choice(scene.objects)
+    truth = rng.random() < 0.6
+    if rng.random() < 0.5:
+        sh = o.shape if truth else rng.choice([x for x in S.SHAPES if x != o.shape])
+        sent = S.shape_chain(o, sh)[0]
+    else:
+        c = o.color if truth else rng.choice([x for x in S.COLORS if x != o.color])
+        sent = S.color_chain(o, c)[0]
+    return sentence_question(sent), "yes" if truth and _holds(box, o) else "no"
+
+
 def sample(scene: S.Scene, idx: int, cond: str, rng: random.Random, family: str | None = None):
     """-> (bank index, prompt, answer, family, cond) for one training/eval sample."""
     if cond == "probe":
@@ -359,7 +391,6 @@ def selection_score(h: dict, lo: float, hi: float) -> float:
         if f in ("color", "shape"):
             tot -= 10 * max(0.0, lo - g("plain"), g("plain") - hi)
     return tot
-
 
 
 # ---------------------------------------------------------------- vision: object level
@@ -567,6 +598,13 @@ def main() -> None:
         action="store_true",
         help="train the projector in the LLaVA stage (the vision tower stays frozen)",
     )
+    ap.add_argument(
+        "--crop_probes",
+        type=int,
+        default=0,
+        help="render patch-search crops of the first N training scenes for the mix's "
+        "crop_probe condition (verification prompts on crops)",
+    )
     ap.add_argument("--export", default=None, help="only write --out from a ckpt_*.pt")
     ap.add_argument(
         "--init", default=None, help="start from a ckpt_*.pt (with --vision_steps 0: continue)"
@@ -612,7 +650,17 @@ def main() -> None:
         print("PAIRS " + json.dumps({"model": args.measure_vision, **res}), flush=True)
         return
 
-    bank = pixel_bank(proc, [S.render(s) for s in train + val])
+    # patch-search crops (--crop_probes): two per scene of the first N training scenes
+    crop_rng = random.Random(args.seed + 3)
+    crops = [
+        (i, b)
+        for i in range(min(args.crop_probes, len(train)))
+        for b in crop_boxes(train[i], crop_rng)
+    ]
+    images = [S.render(s) for s in train + val]
+    images += [images[i].crop(b) for i, b in crops]
+    bank = pixel_bank(proc, images)
+    crop_at = len(train) + len(val)
     print(
         f"data: {len(train)} train + {len(val)} val scenes, vocab {len(tok)}, "
         f"{time.time() - t_start:.0f}s",
@@ -785,8 +833,14 @@ def main() -> None:
             early = time.time() - t0 < cur_frac * 60 * args.minutes
             cs, ws = cur_mix if early else (conds, weights)
             for _ in range(args.batch * 8):
+                cond = rng.choices(cs, ws)[0]
+                if cond == "crop_probe":
+                    k = rng.randrange(len(crops))
+                    p, a = crop_probe_sample(train[crops[k][0]], crops[k][1], rng)
+                    raw.append((crop_at + k, p, a, "probe", cond))
+                    continue
                 i = rng.randrange(len(train))
-                raw.append(sample(train[i], i, rng.choices(cs, ws)[0], rng))
+                raw.append(sample(train[i], i, cond, rng))
             raw.sort(key=lambda x: len(x[1]))
             pool = [raw[k : k + args.batch] for k in range(0, len(raw), args.batch)]
             rng.shuffle(pool)
