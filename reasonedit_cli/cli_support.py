@@ -31,6 +31,7 @@ from typer.core import TyperGroup, TyperOption
 from reasonedit_cli import validation
 
 if TYPE_CHECKING:  # pragma: no cover
+    from reasonedit_cli.backend import TextBackend, VLMBackend
     from reasonedit_cli.distributed import RayOptions
     from reasonedit_cli.editor import Editor
 
@@ -298,8 +299,13 @@ class ModelOptions:
         create: bool = False,
         lock_timeout: float = 10.0,
         preset: str | None = None,
+        vlm: VLMBackend | None = None,
+        text: TextBackend | None = None,
     ) -> Editor:
-        """The `Editor` on `codebook` with these models: how every command builds one."""
+        """The `Editor` on `codebook` with these models: how every command builds one.
+
+        `vlm` / `text` hand in already-built backends (a fake in tests, a shared model in
+        an application) instead of loading `--model` / `--text-model`."""
         from reasonedit_cli.editor import Editor
 
         return Editor(
@@ -312,6 +318,8 @@ class ModelOptions:
             create=create,
             lock_timeout=lock_timeout,
             preset=preset,
+            vlm=vlm,
+            text=text,
         )
 
 

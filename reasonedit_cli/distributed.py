@@ -156,6 +156,7 @@ def worker_settings(
     editor: Editor, *, patches: str, top_k_patches: int, w: float | None
 ) -> dict[str, Any]:
     """What a worker needs to compute keys exactly as `editor` would (plain JSON)."""
+    from reasonedit_cli.edits import max_image_pixels
     from reasonedit_cli.embedding import DEFAULT_LAYER
     from reasonedit_cli.presets import hook_layer
 
@@ -170,7 +171,19 @@ def worker_settings(
         "w": w,
         "patches": patches,
         "top_k_patches": top_k_patches,
+        # the driver's --max-image-pixels: workers decode the images in their own process
+        "max_image_pixels": max_image_pixels(),
     }
+
+
+def start_worker(settings: dict[str, Any]) -> None:
+    """What a worker process sets up before it loads a model: quiet libraries and the
+    driver's image pixel limit (a worker is another process, which would otherwise decode
+    with the default limit)."""
+    from reasonedit_cli.edits import set_max_image_pixels
+
+    _quiet_worker()
+    set_max_image_pixels(settings.get("max_image_pixels"))
 
 
 class EditBatchWorker:
@@ -181,7 +194,7 @@ class EditBatchWorker:
     """
 
     def __init__(self, settings: dict[str, Any], staging: str, fail_batch: int | None = None):
-        _quiet_worker()
+        start_worker(settings)
         from reasonedit_cli.editor import Editor
 
         self.settings = settings

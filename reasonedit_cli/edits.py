@@ -244,10 +244,17 @@ def decode_image(data: bytes, where: str) -> Image.Image:
                 # DCT scaling by 1/2..1/8: decodes at the smallest scale >= the request
                 img.draft("RGB", (-(-size[0] // factor), -(-size[1] // factor)))
             img.load()
+            orientation = _orientation(img)
             rgb = img.convert("RGB")
             factor = -(-max(rgb.size) // DECODE_MAX_SIDE)
             if factor > 1:
                 rgb = rgb.reduce(factor)
+            if orientation in _transposes():
+                # a camera's EXIF orientation: the model sees the photo upright, as a viewer
+                # shows it, and boxes are given in that frame
+                rgb = rgb.transpose(_transposes()[orientation])
+                if orientation >= 5:  # a quarter turn: width and height swap
+                    size = (size[1], size[0])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         size = size or _header_size(data)
         raise InputError(
@@ -264,6 +271,30 @@ def decode_image(data: bytes, where: str) -> Image.Image:
     if rgb.size != size:
         rgb.info["reasonedit_original_size"] = size
     return rgb
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright; 2-8 flips and quarter turns), 1 if unreadable."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block must not make a readable image unreadable
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _transposes() -> dict[int, Image.Transpose]:
+    from PIL import Image
+
+    t = Image.Transpose
+    return {
+        2: t.FLIP_LEFT_RIGHT,
+        3: t.ROTATE_180,
+        4: t.FLIP_TOP_BOTTOM,
+        5: t.TRANSPOSE,
+        6: t.ROTATE_270,
+        7: t.TRANSVERSE,
+        8: t.ROTATE_90,
+    }
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:

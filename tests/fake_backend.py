@@ -240,24 +240,12 @@ def fake_models(monkeypatch):
     """Every command's `Editor` gets a FakeVLM and a FakeText (one pair per test, shared
     by the commands the test runs), instead of loading models. Returns the pair."""
     from reasonedit_cli import cli_support
-    from reasonedit_cli.editor import Editor
 
     vlm, text = FakeVLM(), FakeText()
+    build = cli_support.ModelOptions.editor
 
-    def editor(self, codebook, *, create=False, lock_timeout=10.0, preset=None):
-        return Editor(
-            codebook,
-            model=self.model,
-            text_model=self.text_model,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-            create=create,
-            lock_timeout=lock_timeout,
-            preset=preset,
-            vlm=vlm,
-            text=text,
-        )
+    def editor(self, codebook, **kwargs):
+        return build(self, codebook, vlm=vlm, text=text, **kwargs)
 
     monkeypatch.setattr(cli_support.ModelOptions, "editor", editor)
     return vlm, text

@@ -167,6 +167,35 @@ def test_a_48mp_photo_is_decoded_reduced_and_deterministically(photo_48mp):
     assert box_to_original(box, img) == [6000, 4000, 8000, 6000]
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("large", [False, True])
+def test_exif_orientation_is_applied_and_boxes_are_upright(orientation, large, tmp_path):
+    """A phone stores a portrait photo as landscape pixels plus an EXIF orientation tag; the
+    model must see it upright (as every viewer shows it), and boxes are in that frame."""
+    from PIL import Image, ImageDraw
+
+    from reasonedit_cli.edits import box_to_decoded, decode_image, original_size
+
+    w, h = (3000, 4000) if large else (300, 400)  # upright: portrait, red top-left quarter
+    upright = Image.new("RGB", (w, h), "white")
+    ImageDraw.Draw(upright).rectangle((0, 0, w // 2 - 1, h // 2 - 1), fill="red")
+    # what the camera stores: pixels turned so that applying `orientation` gives `upright`
+    undo = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]  # fmt: skip
+    stored = upright.transpose(undo) if undo is not None else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    stored.save(path, quality=90, exif=exif)
+
+    img = decode_image(path.read_bytes(), "photo")
+    assert original_size(img) == (w, h)
+    assert img.width < img.height
+    box = box_to_decoded([0, 0, w // 2, h // 2], img)
+    r, g, b = img.crop(tuple(box)).resize((1, 1)).getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60
+
+
 def test_a_48mp_photo_is_accepted_and_stored_as_given(photo_48mp, tmp_path, fake_models):
     import hashlib
 
@@ -550,3 +579,37 @@ def test_readme_names_real_ids_and_in_repo_docs():
     for link in re.findall(r"\]\((docs/[\w.-]+\.md)", readme):
         assert (root / link).is_file(), link
     assert "`--one-thread`" not in readme  # a benchmark flag, not a CLI option
+
+
+def _png_bytes(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_ray_workers_decode_with_the_drivers_pixel_limit():
+    """A Ray worker is another process: the driver's --max-image-pixels travels in the
+    worker settings, which `EditBatchWorker` applies first, or a worker would decode with
+    the default limit."""
+    from reasonedit_cli import edits as E
+    from reasonedit_cli.distributed import start_worker, worker_settings
+    from reasonedit_cli.editor import Editor
+    from reasonedit_cli.errors import InputError
+
+    E.set_max_image_pixels(5_000)
+    try:
+        settings = worker_settings(Editor(None), patches="none", top_k_patches=0, w=None)
+    finally:
+        E.set_max_image_pixels(None)  # a fresh worker process starts at the default
+    assert settings["max_image_pixels"] == 5_000
+    try:
+        start_worker(settings)
+        assert E.max_image_pixels() == 5_000
+        with pytest.raises(InputError, match="too many pixels"):
+            E.decode_image(_png_bytes(100, 100), "image")
+    finally:
+        E.set_max_image_pixels(None)
