@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,6 +80,47 @@ def auto_w(h: np.ndarray, s: np.ndarray) -> float:
     from reasonedit_cli.calibration import reference_w
 
     return AUTO_W_SHARE * reference_w(h, s)
+
+
+def sibling_w(
+    h: np.ndarray,
+    s: np.ndarray,
+    image_codes: Sequence[Any],
+    edit_codes: Sequence[Any],
+    w_auto: float,
+    p: float = 25.0,
+    top: float = 10.0,
+) -> float:
+    """A candidate `auto` w for codebooks whose images carry several edits (issue #18;
+    measured, not the default: docs/evaluation.md, "Retrieval levers on both worlds").
+
+    The smallest w >= `w_auto` (steps of x1.1, at most `top` x) at which the p-th
+    percentile of every key's corrected distance to the nearest key of ANOTHER edit on
+    ITS OWN image reaches tau (rule "images"): from there an edit's own question no
+    longer retrieves the other edits of its image, the text half doing the job the
+    image half cannot. `h`, `s`: the keys' VLM and text halves; codes: each key's image
+    and edit. With no image holding two edits it returns `w_auto` unchanged.
+    """
+    from reasonedit_cli import retrieval as R
+
+    icodes = np.unique(np.asarray(image_codes), return_inverse=True)[1]
+    ecodes = np.unique(np.asarray(edit_codes), return_inverse=True)[1]
+    siblings = (icodes[:, None] == icodes[None, :]) & (ecodes[:, None] != ecodes[None, :])
+    if not siblings.any():
+        return float(w_auto)
+    f = 1.0
+    while f <= top:
+        w = w_auto * f
+        kv = np.concatenate([h, w * s], axis=1)
+        knn_i, knn_d = R.knn_lists(kv)
+        sigma = R.sigma_from_knn(knn_d)
+        tau = R.other_image_threshold(knn_i, knn_d, sigma, icodes, ecodes, p)
+        gap = np.where(siblings, R.pairwise_l2(kv, kv) / sigma[:, None], np.inf).min(axis=1)
+        gap = gap[np.isfinite(gap)]
+        if tau is not None and float(np.percentile(gap, p)) >= tau:
+            return float(w)
+        f *= 1.1
+    return float(w_auto * top)
 
 
 def _probe_image() -> Image.Image:

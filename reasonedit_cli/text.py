@@ -119,6 +119,34 @@ class TextEncoder:
                 out.append(pooled.float().cpu().numpy())
         return np.concatenate(out, axis=0)
 
+    def token_states(self, texts: Sequence[str], *, batch_size: int = 64) -> list[tuple[Any, Any]]:
+        """Per text its token ids and the encoder's last hidden states, (n,) int64 and
+        (n, d) float32, padding dropped: what the sentence embedding mean-pools.
+
+        For keys that pool the tokens with other weights (`reasonedit_cli.textkeys`)."""
+        import torch
+
+        if self._fast is not None:
+            tok, model = self._fast
+        else:  # a sentence-transformers pipeline: its first module is the transformer
+            first = self._st[0]
+            tok, model = first.tokenizer, first.auto_model
+        out: list[tuple[Any, Any]] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = tok(
+                    list(texts[start : start + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=getattr(self, "max_length", 256),
+                    return_tensors="pt",
+                ).to(self.device)
+                hidden = model(**batch).last_hidden_state.float().cpu().numpy()
+                mask = batch["attention_mask"].cpu().numpy().astype(bool)
+                ids = batch["input_ids"].cpu().numpy()
+                out += [(ids[i][mask[i]], hidden[i][mask[i]]) for i in range(len(ids))]
+        return out
+
 
 def _is_simple_mean_pooling(path: Path) -> bool:
     """True when the sentence-transformers pipeline is Transformer + mean pooling + Normalize."""

@@ -36,6 +36,15 @@ def main() -> None:
     ap.add_argument("--model", default="scenes")
     ap.add_argument("--normalize", action="store_true", help="unit-length image halves")
     ap.add_argument("--w-factor", type=float, default=None, help="frontier: w = this x auto")
+    ap.add_argument("--text", default="mean", help="evaluate: text half pooling (mean, idf0, mix0)")
+    ap.add_argument("--tau-rule", default=None, help="evaluate: the codebooks' tau_rule")
+    ap.add_argument("--dataset", default="scenes")
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="evaluate: several settings on the same edits, TEXT:WFACTOR:P,... (e.g. "
+        "mean:1:25,idf0:3:25); the text half is fitted on the first 32 edits' key texts",
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -47,11 +56,20 @@ def main() -> None:
     from reasonedit_cli.evaluation import Evaluation, Generations, build_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="scenes-regions-"))
-    ed = Editor(tmp / "cb", model=args.model, create=True)
+    ed = Editor(tmp / "cb", model=args.model or None, create=True)
+    if args.tau_rule:
+        from dataclasses import replace
+
+        ed.preset = replace(ed.preset, tau_rule=args.tau_rule)
     gen = Generations(ed.vlm, 16)
-    edits, probes, _ = build_dataset("scenes", gen, n_edits=args.n_edits, seed=args.seed)
+    edits, probes, _ = build_dataset(args.dataset, gen, n_edits=args.n_edits, seed=args.seed)
     ev = Evaluation(
-        ed, edits, probes, workdir=tmp / "w", gen=gen, patch_search=args.what == "boxes"
+        ed,
+        edits,
+        probes,
+        workdir=tmp / "w",
+        gen=gen,
+        patch_search=args.what in ("boxes", "evaluate"),
     )
 
     if args.what == "boxes":
@@ -66,6 +84,68 @@ def main() -> None:
         print(json.dumps({"edits": len(edits), "patch_crop_on_object_quadrant": hit}))
         return
 
+    if args.text != "mean":
+        # the text half pooled with idf weights fitted on the codebook's key texts
+        from reasonedit_cli.textkeys import IdfText
+
+        texts = [s.key_text for e in edits for s in ev.specs()[e.id]]
+        ev.halves.text_half = IdfText.fit(ed.text, texts, args.text).encode
+    if args.what == "evaluate" and args.settings:
+        from reasonedit_cli.evaluation import CachedEmbedder, markdown_table, summarize
+        from reasonedit_cli.textkeys import IdfText
+
+        mean_half = ev.halves.text_half
+        first = [s.key_text for e in edits[:32] for s in ev.specs()[e.id]]
+        methods = [m.strip() for m in args.methods.split(",")]
+        reports = []
+        for i, setting in enumerate(args.settings.split(",")):
+            text, wf, p = setting.split(":")
+            ev.halves.text_half = (
+                mean_half if text == "mean" else IdfText.fit(ed.text, first, text).encode
+            )
+            ev.embedder = CachedEmbedder(ev.halves, ev.embedder.layer, None)
+            ev.workdir = tmp / f"auto{i}"
+            ev._codebooks.clear()  # noqa: SLF001 (diagnostic script)
+            ev.build("reasonedit", ev.embedder)  # sets the auto w on the first batch
+            if wf == "sib":  # the candidate rule of scripts/scenes_keys.py, first 32 edits
+                from reasonedit_cli.editor import crop
+                from reasonedit_cli.embedding import sibling_w
+
+                rows = [(e, sp) for e in edits[:32] for sp in ev.specs()[e.id]]
+                kimgs = [
+                    crop(gen.image(e.image_bytes), sp.box) if sp.box else gen.image(e.image_bytes)
+                    for e, sp in rows
+                ]
+                ktexts = [sp.key_text for _, sp in rows]
+                h = ev.halves.vlm_half(kimgs, ktexts, ev.embedder.layer)
+                ev.embedder.w = sibling_w(
+                    h,
+                    ev.halves.text_half(ktexts),
+                    [hash(e.image_bytes) for e, _ in rows],
+                    [e.id for e, _ in rows],
+                    float(ev.embedder.w or 0.0),
+                )
+            else:
+                ev.embedder.w = float(ev.embedder.w or 0.0) * float(wf)
+            ev.workdir = tmp / f"s{i}"
+            ev._codebooks.clear()  # noqa: SLF001
+            ev.percentile = float(p)
+            report = summarize(ev.probes, {m: ev.run(m) for m in methods})
+            report["settings"] = {
+                "text": text,
+                "w_factor": wf,
+                "w": ev.embedder.w,
+                "percentile": float(p),
+                "seed": args.seed,
+                "dataset": args.dataset,
+                "tau_rule": ed.preset.tau_rule,
+            }
+            print(json.dumps(report["settings"]))
+            print(markdown_table(report), flush=True)
+            reports.append(report)
+        if args.out:
+            Path(args.out).write_text(json.dumps(reports, indent=1))
+        return
     if args.what in ("taus", "evaluate"):
         ev.percentile = args.percentile
         if args.w_factor is not None:
@@ -82,7 +162,13 @@ def main() -> None:
 
         methods = [m.strip() for m in args.methods.split(",")]
         report = summarize(ev.probes, {m: ev.run(m) for m in methods})
-        report["settings"] = {"w": ev.embedder.w, "percentile": args.percentile, "seed": args.seed}
+        report["settings"] = {
+            "w": ev.embedder.w,
+            "percentile": args.percentile,
+            "seed": args.seed,
+            "text": args.text,
+            "tau_rule": ed.preset.tau_rule,
+        }
         print(markdown_table(report))
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))

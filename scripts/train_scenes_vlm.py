@@ -252,6 +252,38 @@ def probe_sample(scene: S.Scene, rng: random.Random) -> tuple[str, str]:
     return sentence_question(sent), "yes" if truth else "no"
 
 
+def crop_boxes(scene: S.Scene, rng: random.Random, n: int = 2) -> list[tuple[int, ...]]:
+    """`n` of the patch search's candidate crops (`patches.grid_candidates`) of a scene:
+    the first holds one of its objects' centres, the others are drawn at random."""
+    from reasonedit_cli.patches import grid_candidates
+
+    cands = [c.box for c in grid_candidates(S.IMAGE_SIZE, S.IMAGE_SIZE)]
+    o = rng.choice(scene.objects)
+    holding = [b for b in cands if _holds(b, o) and (b[2] - b[0]) < S.IMAGE_SIZE]
+    out = [rng.choice(holding or cands)]
+    return out + [rng.choice(cands) for _ in range(n - 1)]
+
+
+def _holds(box: tuple[int, ...], o: S.SceneObject) -> bool:
+    return box[0] <= o.x < box[2] and box[1] <= o.y < box[3]
+
+
+def crop_probe_sample(scene: S.Scene, box: tuple[int, ...], rng: random.Random) -> tuple[str, str]:
+    """The patch search's verification prompt on a crop: yes only when the crop holds
+    the object the chain sentence names and the sentence is true of it (the search keeps
+    the crops that pass, so a crop without the object must fail)."""
+    inside = [o for o in scene.objects if _holds(box, o)]
+    o = rng.choice(inside) if inside and rng.random() < 0.65 else rng.choice(scene.objects)
+    truth = rng.random() < 0.6
+    if rng.random() < 0.5:
+        sh = o.shape if truth else rng.choice([x for x in S.SHAPES if x != o.shape])
+        sent = S.shape_chain(o, sh)[0]
+    else:
+        c = o.color if truth else rng.choice([x for x in S.COLORS if x != o.color])
+        sent = S.color_chain(o, c)[0]
+    return sentence_question(sent), "yes" if truth and _holds(box, o) else "no"
+
+
 def sample(scene: S.Scene, idx: int, cond: str, rng: random.Random, family: str | None = None):
     """-> (bank index, prompt, answer, family, cond) for one training/eval sample."""
     if cond == "probe":
@@ -361,6 +393,142 @@ def selection_score(h: dict, lo: float, hi: float) -> float:
     return tot
 
 
+# ---------------------------------------------------------------- vision: object level
+def quadrant_tokens(grid: int) -> list[list[int]]:
+    """Token positions of each quadrant (S.REGIONS order): the corner windows of
+    `regions.windows` on the grid, i.e. the window a region key of that object pools."""
+    quads = []
+    for reg in S.REGIONS:
+        r0 = 0 if "top" in reg else grid // 2
+        c0 = 0 if "left" in reg else grid // 2
+        quads.append(
+            [r * grid + c for r in range(r0, r0 + grid // 2) for c in range(c0, c0 + grid // 2)]
+        )
+    return quads
+
+
+def object_loss(hq, lab, cap, temp: float, hard: float):
+    """Object-level contrast on the raw quadrant features `hq` (B, 4, D): the mean of the
+    quadrant's patch tokens, exactly the window a region key pools. `lab` (B, 4, 3):
+    colour / shape / size index (colour == len(COLORS): empty quadrant). `cap`: the
+    caption embedder (`<size> <colour> <shape>` -> D, a sum of attribute embeddings).
+
+    Two terms, both on squared L2 distances divided by the batch's mean pairwise squared
+    distance (detached: the loss does not reward inflating the features), because L2 on
+    these raw features is what the codebook measures:
+    * region vs caption: each object's feature against all 96 captions (the same colour
+      with another shape and the same shape with another colour are among them);
+    * region vs region (supervised contrastive): objects of the same colour and shape in
+      other scenes are positives; negatives sharing colour or shape (the hard ones) get
+      their logits raised by `hard` (a log-weight), so they count more in the softmax.
+    """
+    import torch
+
+    nc = len(S.COLORS)
+    keep = lab[:, :, 0] < nc
+    r = hq[keep]  # (N, D)
+    y = lab[keep]  # (N, 3)
+    if r.shape[0] < 4:
+        return hq.sum() * 0.0
+    d2 = torch.cdist(r, r).pow(2)
+    scale = d2.detach().sum() / max(1, r.shape[0] * (r.shape[0] - 1))
+    c_all, s_all, z_all = torch.meshgrid(
+        torch.arange(nc), torch.arange(len(S.SHAPES)), torch.arange(len(S.SIZES)), indexing="ij"
+    )
+    protos = cap(c_all.reshape(-1), s_all.reshape(-1), z_all.reshape(-1))  # (96, D)
+    tgt = (y[:, 0] * len(S.SHAPES) + y[:, 1]) * len(S.SIZES) + y[:, 2]
+    l_cap = torch.nn.functional.cross_entropy(-torch.cdist(r, protos).pow(2) / (temp * scale), tgt)
+    same_c = y[:, 0:1] == y[:, 0][None]
+    same_s = y[:, 1:2] == y[:, 1][None]
+    pos = same_c & same_s
+    eye = torch.eye(r.shape[0], dtype=torch.bool)
+    pos = pos & ~eye
+    logits = -d2 / (temp * scale) + hard * ((same_c ^ same_s).float())
+    logits = logits.masked_fill(eye, -1e9)
+    has = pos.any(1)
+    if not has.any():
+        return l_cap
+    logp = logits.log_softmax(1)
+    l_sup = -(logp * pos.float()).sum(1)[has] / pos.float().sum(1)[has]
+    return l_cap + l_sup.mean()
+
+
+class CaptionEmbed:
+    """`<size> <colour> <shape>` -> a D-vector: the sum of three attribute embeddings."""
+
+    def __init__(self, d: int) -> None:
+        import torch
+
+        self.c = torch.nn.Embedding(len(S.COLORS), d)
+        self.s = torch.nn.Embedding(len(S.SHAPES), d)
+        self.z = torch.nn.Embedding(len(S.SIZES), d)
+        for e in (self.c, self.s, self.z):
+            torch.nn.init.normal_(e.weight, std=0.5)
+
+    def __call__(self, c, s, z):
+        return self.c(c) + self.s(s) + self.z(z)
+
+    def parameters(self):
+        return [*self.c.parameters(), *self.s.parameters(), *self.z.parameters()]
+
+
+def pair_metric(vt, proc, n_scenes: int = 1500, n_anchors: int = 600, seed: int = 70_000) -> dict:
+    """How well the raw quadrant-window features (what `regions.py` pools for a region
+    key, layer `projector`) pick out an object across scenes, on held-out scenes.
+
+    For an anchor object, a positive is the same colour and shape in another scene (the
+    I-Gen case); confusers are the same colour with another shape, and the same shape
+    with another colour, each in another scene. Reported: the share of triples whose
+    positive is nearer (L2) than the confuser, and a nearest-centroid shape / colour
+    accuracy per object (centroids from the other half of the scenes)."""
+    import numpy as np
+    import torch
+
+    scenes = [S.make_scene(random.Random(seed + k)) for k in range(n_scenes)]
+    bank = pixel_bank(proc, [S.render(s) for s in scenes])
+    with torch.no_grad():
+        hs = torch.cat(
+            [
+                vt(bank[k : k + 250], output_hidden_states=True).hidden_states[-1][:, 1:]
+                for k in range(0, len(bank), 250)
+            ]
+        )
+    grid = int(hs.shape[1] ** 0.5)
+    quads = quadrant_tokens(grid)
+    feats, meta = [], []
+    for i, sc in enumerate(scenes):
+        for o in sc.objects:
+            feats.append(hs[i, quads[S.REGIONS.index(o.region)]].mean(0).numpy())
+            meta.append((i, o.color, o.shape))
+    f = np.stack(feats)
+    by: dict[tuple[str, str], list[int]] = {}
+    for j, (_, c, s) in enumerate(meta):
+        by.setdefault((c, s), []).append(j)
+    rng = random.Random(seed)
+    wins = {"other_shape": [], "other_colour": []}
+    for _ in range(n_anchors):
+        a = rng.randrange(len(meta))
+        i, c, s = meta[a]
+        pos = [j for j in by[(c, s)] if meta[j][0] != i]
+        n1 = [j for x in S.SHAPES if x != s for j in by.get((c, x), []) if meta[j][0] != i]
+        n2 = [j for x in S.COLORS if x != c for j in by.get((x, s), []) if meta[j][0] != i]
+        if not (pos and n1 and n2):
+            continue
+        p, q1, q2 = rng.choice(pos), rng.choice(n1), rng.choice(n2)
+        dp = np.linalg.norm(f[a] - f[p])
+        wins["other_shape"].append(dp < np.linalg.norm(f[a] - f[q1]))
+        wins["other_colour"].append(dp < np.linalg.norm(f[a] - f[q2]))
+    half = np.array([m[0] < n_scenes // 2 for m in meta])
+    out = {k: round(float(np.mean(v)), 3) for k, v in wins.items()}
+    out["triples"] = len(wins["other_shape"])
+    for name, k, vals in (("shape", 2, S.SHAPES), ("colour", 1, S.COLORS)):
+        lab = np.array([vals.index(m[k]) for m in meta])
+        cen = np.stack([f[half & (lab == v)].mean(0) for v in range(len(vals))])
+        pred = ((f[~half][:, None] - cen[None]) ** 2).sum(-1).argmin(1)
+        out[f"centroid_{name}_acc"] = round(float((pred == lab[~half]).mean()), 3)
+    return out
+
+
 # ---------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -381,6 +549,31 @@ def main() -> None:
     ap.add_argument("--vision_batch", type=int, default=128)
     ap.add_argument("--clip_weight", type=float, default=1.0)
     ap.add_argument("--temp", type=float, default=0.1)
+    ap.add_argument(
+        "--obj_weight",
+        type=float,
+        default=0.0,
+        help="weight of the object-level contrast (object_loss); 0: the old recipe",
+    )
+    ap.add_argument("--obj_temp", type=float, default=0.1, help="object contrast temperature")
+    ap.add_argument(
+        "--obj_hard",
+        type=float,
+        default=1.0,
+        help="log-weight of hard negatives (same colour or same shape) in the object contrast",
+    )
+    ap.add_argument("--quad_weight", type=float, default=1.0, help="per-quadrant attribute loss")
+    ap.add_argument(
+        "--shape_weight", type=float, default=1.0, help="weight of shape in the quadrant loss"
+    )
+    ap.add_argument(
+        "--vision_only", action="store_true", help="stop after the vision stage (measure it)"
+    )
+    ap.add_argument(
+        "--measure_vision",
+        default=None,
+        help="only print pair_metric for a model directory or ckpt_*.pt, then exit",
+    )
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--minutes", type=float, default=30.0, help="LLaVA-stage wall budget")
     ap.add_argument("--batch", type=int, default=48)
@@ -404,6 +597,13 @@ def main() -> None:
         "--train_projector",
         action="store_true",
         help="train the projector in the LLaVA stage (the vision tower stays frozen)",
+    )
+    ap.add_argument(
+        "--crop_probes",
+        type=int,
+        default=0,
+        help="render patch-search crops of the first N training scenes for the mix's "
+        "crop_probe condition (verification prompts on crops)",
     )
     ap.add_argument("--export", default=None, help="only write --out from a ckpt_*.pt")
     ap.add_argument(
@@ -436,8 +636,31 @@ def main() -> None:
         save(model, proc, args.out)
         print(f"exported {args.export} -> {args.out}")
         return
+    if args.measure_vision:
+        if os.path.isdir(args.measure_vision):
+            from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    bank = pixel_bank(proc, [S.render(s) for s in train + val])
+            m = LlavaForConditionalGeneration.from_pretrained(args.measure_vision)
+            mproc = AutoProcessor.from_pretrained(args.measure_vision)
+        else:
+            m, mproc = build_model(tok, args), proc
+            m.load_state_dict(torch.load(args.measure_vision))
+        m.eval()
+        res = pair_metric(m.model.vision_tower, mproc)
+        print("PAIRS " + json.dumps({"model": args.measure_vision, **res}), flush=True)
+        return
+
+    # patch-search crops (--crop_probes): two per scene of the first N training scenes
+    crop_rng = random.Random(args.seed + 3)
+    crops = [
+        (i, b)
+        for i in range(min(args.crop_probes, len(train)))
+        for b in crop_boxes(train[i], crop_rng)
+    ]
+    images = [S.render(s) for s in train + val]
+    images += [images[i].crop(b) for i, b in crops]
+    bank = pixel_bank(proc, images)
+    crop_at = len(train) + len(val)
     print(
         f"data: {len(train)} train + {len(val)} val scenes, vocab {len(tok)}, "
         f"{time.time() - t_start:.0f}s",
@@ -458,13 +681,8 @@ def main() -> None:
     img_proj = torch.nn.Linear(D, 64)
     quad_head = torch.nn.Linear(D, (len(S.COLORS) + 1) + (len(S.SHAPES) + 1) + 3)
     grid = int(N_IMAGE_TOKENS**0.5)
-    quads = []
-    for reg in S.REGIONS:
-        r0 = 0 if "top" in reg else grid // 2
-        c0 = 0 if "left" in reg else grid // 2
-        quads.append(
-            [r * grid + c for r in range(r0, r0 + grid // 2) for c in range(c0, c0 + grid // 2)]
-        )
+    quads = quadrant_tokens(grid)
+    cap = CaptionEmbed(D)
     lab = torch.zeros((len(train), 4, 3), dtype=torch.long)
     bag = torch.zeros((len(train), len(pairs)))
     for i, sc in enumerate(train):
@@ -477,6 +695,8 @@ def main() -> None:
             bag[i, pairs.index((o.color, o.shape))] = 1.0
     params = list(vt.parameters()) + list(obj_emb.parameters()) + list(img_proj.parameters())
     params += list(quad_head.parameters())
+    if args.obj_weight:
+        params += cap.parameters()
     vopt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     tv = time.time()
@@ -506,22 +726,38 @@ def main() -> None:
             z = quad_head(hs[:, pos].mean(1))
             yl = lab[idx, qi]
             l_quad = l_quad + torch.nn.functional.cross_entropy(z[:, :nc], yl[:, 0])
-            l_quad = l_quad + torch.nn.functional.cross_entropy(z[:, nc : nc + ns], yl[:, 1])
+            l_quad = l_quad + args.shape_weight * torch.nn.functional.cross_entropy(
+                z[:, nc : nc + ns], yl[:, 1]
+            )
             l_quad = l_quad + 0.5 * torch.nn.functional.cross_entropy(z[:, nc + ns :], yl[:, 2])
             acc[0] += (z[:, :nc].argmax(-1) == yl[:, 0]).float().mean().item() / 4
             acc[1] += (z[:, nc : nc + ns].argmax(-1) == yl[:, 1]).float().mean().item() / 4
-        loss = args.clip_weight * l_clip + l_quad / 4
+        loss = args.clip_weight * l_clip + args.quad_weight * l_quad / 4
+        l_obj = torch.zeros(())
+        if args.obj_weight:
+            hq = torch.stack([hs[:, pos].mean(1) for pos in quads], 1)
+            l_obj = object_loss(hq, lab[idx], cap, args.obj_temp, args.obj_hard)
+            loss = loss + args.obj_weight * l_obj
         vopt.zero_grad(set_to_none=True)
         loss.backward()
         vopt.step()
         if step % 50 == 0 or step == args.vision_steps - 1:
             print(
                 f"vision step {step} clip {l_clip.item():.3f} "
-                f"quad {float(l_quad.detach()) / 4:.3f} "
+                f"quad {float(l_quad.detach()) / 4:.3f} obj {l_obj.item():.3f} "
                 f"acc colour {acc[0]:.2f} shape {acc[1]:.2f} {time.time() - tv:.0f}s",
                 flush=True,
             )
     torch.save(model.state_dict(), os.path.join(args.workdir, "ckpt_vision.pt"))
+    if args.vision_steps:
+        vt.eval()
+        res = pair_metric(vt, proc)
+        vt.train()
+        print(f"PAIRS {json.dumps(res)} {time.time() - t_start:.0f}s", flush=True)
+        with open(os.path.join(args.workdir, "vision_pairs.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    if args.vision_only:
+        return
 
     # ---- stage 2: language model on cached image features
     projector = model.model.multi_modal_projector
@@ -597,8 +833,14 @@ def main() -> None:
             early = time.time() - t0 < cur_frac * 60 * args.minutes
             cs, ws = cur_mix if early else (conds, weights)
             for _ in range(args.batch * 8):
+                cond = rng.choices(cs, ws)[0]
+                if cond == "crop_probe":
+                    k = rng.randrange(len(crops))
+                    p, a = crop_probe_sample(train[crops[k][0]], crops[k][1], rng)
+                    raw.append((crop_at + k, p, a, "probe", cond))
+                    continue
                 i = rng.randrange(len(train))
-                raw.append(sample(train[i], i, rng.choices(cs, ws)[0], rng))
+                raw.append(sample(train[i], i, cond, rng))
             raw.sort(key=lambda x: len(x[1]))
             pool = [raw[k : k + args.batch] for k in range(0, len(raw), args.batch)]
             rng.shuffle(pool)

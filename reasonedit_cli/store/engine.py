@@ -9,18 +9,19 @@ store/index/facts.py). The manifest lists them under `derived.engine`.
 A reader that finds them (`Codebook.engine`) opens the codebook by mapping them: its
 search goes through `ReducedIndex.search` and its hits' facts through `facts.row_facts`,
 so `ask` decodes no segment, whatever the codebook's size. The engine searches with the
-store's sigma (its `sigma` entries are the store's sigma files), and the winners'
-distances are recomputed by the store's one distance function (`retrieval.direct_l2`),
+store's sigma (section `"sigma": "store"`: the derived section's sigma files), and the
+winners' distances are recomputed by the store's one distance function (`retrieval.direct_l2`),
 so both paths return the same numbers as the exact search.
 
 Policy (docs/codebook-format.md#wide-keys-in-the-store): below ENGINE_MIN_KEYS keys no
-engine files are written (decoding a few thousand keys costs milliseconds, see benchmarks/README.md)
-and readers use the `DerivedIndex` as before; a codebook written before the engine (or
-with `tau_rule: reference`, whose sigma is the reference's) opens exactly as before and
-gets the engine files on its next write. The writer (`derive_engine`) appends to the
-engine on an insert (`ReducedIndex.append_files` plus a facts file of the new rows) and
-rebuilds it (`ReducedIndex.build`, which refits the projection) on every other change
-and once the appended parts outgrow REBUILD_FRACTION of the keys.
+engine files are written and readers use the `DerivedIndex` as before (measured in
+benchmarks/README.md: equal at 100-500 keys, the engine faster at 2,000); a codebook
+written before the engine (or with `tau_rule: reference`, whose sigma is the
+reference's) opens exactly as before and gets the engine files on its next write. The
+writer (`derive_engine`) appends to the engine on an insert (`ReducedIndex.append_files`
+plus a facts file of the new rows) and rebuilds it (`ReducedIndex.build`, which refits
+the projection) on every other change and once the appended parts outgrow
+REBUILD_FRACTION of the keys.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from .index.ivf import NPROBE, IVFPart
 from .index.mapped import MappedError, VectorParts
 from .index.reduced import ReducedIndex
 
-#: below this many keys no engine files are written (the Parquet path decodes them in
-#: milliseconds); REASONEDIT_ENGINE_MIN_KEYS overrides it (`min_keys`)
+#: below this many keys no engine files are written (the decoded path is as fast there);
+#: REASONEDIT_ENGINE_MIN_KEYS overrides it (`min_keys`)
 ENGINE_MIN_KEYS = 2000
 
 

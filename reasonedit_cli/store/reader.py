@@ -282,7 +282,7 @@ class Codebook:
 
         With the engine's files (store/engine.py) the keys are not decoded: the engine is
         opened and verified here, and its files stay mapped (an unlinked file's pages
-        live on while mapped), so a million keys load in under a second.
+        live on while mapped): 1.26 s for a million keys, imports included.
         """
         eng = self.engine()
         if eng is None:
