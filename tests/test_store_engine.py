@@ -183,6 +183,18 @@ def test_synthetic_codebook_in_the_real_format(tmp_path, monkeypatch):
     assert R.retrieve(cb, q[0]).tau == cb.tau == cb.manifest["derived"]["tau"]
     with pytest.raises(Exception, match="exists"):
         build_synthetic_codebook(tmp_path / "syn", 600, 16)
+    # from MIN_IVF_KEYS on the engine stores its vectors in IVF order, and the
+    # row-order input the segments were cut from is not left behind
+    from reasonedit_cli.store.index.reduced import MIN_IVF_KEYS
+
+    big = build_synthetic_codebook(tmp_path / "big", MIN_IVF_KEYS + 100, 16)
+    cb = Codebook.open(tmp_path / "big")
+    (vec,) = cb.manifest["derived"]["engine"]["index"]["vectors"]
+    assert big["engine"] and vec["order"] == "ivf"
+    assert sorted(p.name for p in (tmp_path / "big" / "index").glob("*input*")) == []
+    assert cb.check(images=False).ok
+    q = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    assert cb.search(q, 5) == cb.search(q, 5, method="exact")
 
 
 def test_load_for_serving_maps_the_engine_and_decodes_no_keys(tmp_path, monkeypatch):

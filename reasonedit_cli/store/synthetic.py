@@ -51,7 +51,7 @@ from .index import DerivedIndex, Lists
 from .index import deltas as DL
 from .index.facts import write_facts
 from .index.mapped import VectorParts, open_vectors, write_vectors
-from .index.reduced import ReducedIndex
+from .index.reduced import MIN_IVF_KEYS, ReducedIndex
 from .manifest import manifest_bytes
 
 SEGMENT_ROWS = 50_000  # keys per Parquet segment (a segment is decoded whole)
@@ -161,13 +161,22 @@ def build_synthetic_codebook(
         for s in range(0, n_syn, CHUNK):
             yield n_real + s, mix.rows(s, min(CHUNK, n_syn - s))
 
-    # 1. the mapped vectors (streamed), then the engine over them
-    rel = "index/vectors-000001.npy"
+    # 1. the keys in row order (streamed; the segments below are cut from them), then the
+    # engine over them, which writes its own vector file in IVF order (sequential reads
+    # for its neighbour lists); the row-order file is deleted once the segments exist
+    use_engine = n >= min_keys() and config.get("tau_rule") != "reference"
+    ordered = use_engine and n >= MIN_IVF_KEYS  # fewer keys: one flat part, row order
+    rel = "index/synthetic-input-vectors.npy" if ordered else "index/vectors-000001.npy"
     ent = dict(write_vectors(root / rel, (b for _, b in chunks()), n, dim), path=rel)
     steps["vectors"] = time.perf_counter() - t0
     say(f"vectors written ({steps['vectors']:.0f} s)")
     m = open_vectors(root / rel, ent)
-    eng = ReducedIndex.build(VectorParts([m.array], [m]), lift=n > SEARCH_FETCH, log=say)
+    eng = ReducedIndex.build(
+        VectorParts([m.array], [m]),
+        lift=n > SEARCH_FETCH,
+        log=say,
+        **({"root": root, "tag": "000001"} if ordered else {}),
+    )
     steps["engine"] = time.perf_counter() - t0 - sum(steps.values())
     say(f"engine built ({steps['engine']:.0f} s)")
     # 2. Parquet segments: the real keys, then the synthetic ones in SEGMENT_ROWS pieces
@@ -228,7 +237,6 @@ def build_synthetic_codebook(
         "knn_dist": derived_file("index/knn_dist-000001.npy", eng.knn_dist),
     }
     layout = {"files": files, "deltas": {"sigma": [], "knn": [], "hnsw": []}}
-    use_engine = n >= min_keys() and config.get("tau_rule") != "reference"
     index = eng.save(root, "000001") if use_engine else {}
     frel = "index/facts-000001.arrow"
     fe = dict(write_facts(root / frel, facts_table), path=frel, start=0) if use_engine else {}
@@ -251,7 +259,10 @@ def build_synthetic_codebook(
     derived = view.derived_section(layout)
     if use_engine:
         derived["engine"] = {"index": index, "facts": [fe], "keys": n, "sigma": "store"}
-    else:  # below the threshold a reader takes the Parquet path, as for a written one
+    if ordered or not use_engine:
+        # the row-order input is no file of the codebook: the engine has its IVF-order
+        # copy, or (below the threshold) a reader takes the Parquet path, as for a
+        # codebook that was written
         m.release()
         del m, eng
         unlink(root / rel)
