@@ -175,7 +175,8 @@ def build_synthetic_codebook(
         VectorParts([m.array], [m]),
         lift=n > SEARCH_FETCH,
         log=say,
-        **({"root": root, "tag": "000001"} if ordered else {}),
+        root=root if ordered else None,
+        tag="000001" if ordered else None,
     )
     steps["engine"] = time.perf_counter() - t0 - sum(steps.values())
     say(f"engine built ({steps['engine']:.0f} s)")
