@@ -43,9 +43,10 @@ from .index.ivf import NPROBE, IVFPart
 from .index.mapped import MappedError, VectorParts
 from .index.reduced import ReducedIndex
 
-#: below this many keys no engine files are written (the decoded path is as fast there);
-#: REASONEDIT_ENGINE_MIN_KEYS overrides it (`min_keys`)
-ENGINE_MIN_KEYS = 2000
+#: below this many keys no engine files are written (the decoded path is as fast there:
+#: benchmarks/README.md, "Cold ask vs codebook size"); REASONEDIT_ENGINE_MIN_KEYS
+#: overrides it (`min_keys`)
+ENGINE_MIN_KEYS = 500
 
 
 def min_keys() -> int:
