@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,48 +103,47 @@ class TextEncoder:
 
         tok, model = self._fast  # type: ignore[misc]
         out = []
+        for batch, hidden in self._forward(tok, model, texts, batch_size, self.max_length):
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out.append(pooled.float().cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def _forward(
+        self, tok: Any, model: Any, texts: Sequence[str], batch_size: int, max_length: int
+    ) -> Iterator[tuple[Any, Any]]:
+        """The tokenized batches of `texts` and the encoder's last hidden states, no grad."""
+        import torch
+
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 batch = tok(
                     list(texts[start : start + batch_size]),
                     padding=True,
                     truncation=True,
-                    max_length=self.max_length,
+                    max_length=max_length,
                     return_tensors="pt",
                 ).to(self.device)
-                hidden = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out.append(pooled.float().cpu().numpy())
-        return np.concatenate(out, axis=0)
+                yield batch, model(**batch).last_hidden_state
 
     def token_states(self, texts: Sequence[str], *, batch_size: int = 64) -> list[tuple[Any, Any]]:
         """Per text its token ids and the encoder's last hidden states, (n,) int64 and
         (n, d) float32, padding dropped: what the sentence embedding mean-pools.
 
         For keys that pool the tokens with other weights (`reasonedit_cli.textkeys`)."""
-        import torch
-
         if self._fast is not None:
             tok, model = self._fast
         else:  # a sentence-transformers pipeline: its first module is the transformer
             first = self._st[0]
             tok, model = first.tokenizer, first.auto_model
         out: list[tuple[Any, Any]] = []
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = tok(
-                    list(texts[start : start + batch_size]),
-                    padding=True,
-                    truncation=True,
-                    max_length=getattr(self, "max_length", 256),
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = model(**batch).last_hidden_state.float().cpu().numpy()
-                mask = batch["attention_mask"].cpu().numpy().astype(bool)
-                ids = batch["input_ids"].cpu().numpy()
-                out += [(ids[i][mask[i]], hidden[i][mask[i]]) for i in range(len(ids))]
+        max_length = getattr(self, "max_length", 256)
+        for batch, states in self._forward(tok, model, texts, batch_size, max_length):
+            hidden = states.float().cpu().numpy()
+            mask = batch["attention_mask"].cpu().numpy().astype(bool)
+            ids = batch["input_ids"].cpu().numpy()
+            out += [(ids[i][mask[i]], hidden[i][mask[i]]) for i in range(len(ids))]
         return out
 
 
