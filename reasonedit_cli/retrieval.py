@@ -558,14 +558,14 @@ def retrieve(
     if rule == "reference":
         ok = [results[i] for i in reference_hits([r[2] for r in results], tau, k)]
     elif tau is None:
-        radius = _key_facts(codebook, [results[0][0]])[0]["radius"]
+        radius = codebook.key_facts([results[0][0]])[0]["radius"]
         ok = [r for r in results[:1] if radius is not None and r[1] <= radius]
     else:
         ok = [r for r in results if r[2] <= tau]
     if not ok:
         return Retrieval(rejected=True, tau=tau, nearest=nearest)
     hits = []
-    for (row, raw, corr), f in zip(ok, _key_facts(codebook, [r[0] for r in ok])):
+    for (row, raw, corr), f in zip(ok, codebook.key_facts([r[0] for r in ok])):
         box = f["box"]
         value, edit_id = f["value"], f["edit_id"]
         merged = [(m["value"], m["edit_id"]) for m in f["merged"]]
@@ -592,16 +592,6 @@ def retrieve(
         tau=tau,
         nearest=nearest,
     )
-
-
-def _key_facts(codebook: Any, rows: list[int]) -> list[dict]:
-    """The hit rows' facts: `Codebook.key_facts` (the mapped facts file of a large
-    codebook: no segment decoded), or the keys table of another codebook-like object."""
-    if hasattr(codebook, "key_facts"):
-        return codebook.key_facts(rows)
-    table = codebook.keys_table()
-    names = ("value", "kind", "edit_id", "key_id", "box", "merged", "radius")
-    return [{c: table.column(c)[r].as_py() for c in names} for r in rows]
 
 
 def build_prompt(facts: Sequence[str], prompt: str) -> str:

@@ -42,6 +42,7 @@ from .index.facts import open_facts, write_facts
 from .index.ivf import NPROBE, IVFPart
 from .index.mapped import MappedError, VectorParts
 from .index.reduced import ReducedIndex
+from .manifest import engine_entries
 
 #: below this many keys no engine files are written (the decoded path is as fast there:
 #: benchmarks/README.md, "Cold ask vs codebook size"); REASONEDIT_ENGINE_MIN_KEYS
@@ -90,21 +91,7 @@ def engine_section(manifest: dict) -> dict | None:
 def engine_files(manifest: dict) -> list[dict]:
     """The entries of the engine's files that record an mtime (the mapped and large
     files a normal open checks by size and mtime): what `doctor` re-stamps."""
-    d = manifest.get("derived") or {}
-    out: list[dict] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("path"), str) and "mtime_ns" in node:
-                out.append(node)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(d.get("engine"))
-    return out
+    return [e for e in engine_entries(manifest) if "mtime_ns" in e]
 
 
 class Engine:

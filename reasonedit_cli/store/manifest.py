@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +179,25 @@ def derived_paths(manifest: dict) -> set[str]:
     return out | engine_paths(manifest)
 
 
-def _paths(node: Any) -> set[str]:
-    if isinstance(node, dict):
-        own = {node["path"]} if isinstance(node.get("path"), str) else set()
-        return own.union(*(_paths(v) for v in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_paths(v) for v in node))
-    return set()
+def engine_entries(manifest: dict) -> Iterator[dict]:
+    """Every file entry (a dict with a `path`) in the manifest's `derived.engine` section
+    (store/engine.py), at any depth."""
+
+    def walk(node: Any) -> Iterator[dict]:
+        if isinstance(node, dict):
+            if isinstance(node.get("path"), str):
+                yield node
+            for v in node.values():
+                yield from walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from walk(v)
+
+    engine = (manifest.get("derived") or {}).get("engine")
+    return walk(engine) if isinstance(engine, dict) else iter(())
 
 
 def engine_paths(manifest: dict) -> set[str]:
     """Every file the manifest's `derived.engine` section lists (store/engine.py; the
     store's sigma files it searches by too)."""
-    d = manifest.get("derived") or {}
-    return _paths(d.get("engine")) if isinstance(d.get("engine"), dict) else set()
+    return {e["path"] for e in engine_entries(manifest)}
