@@ -122,6 +122,7 @@ METHODS = (
     "no-patches",
     "reasonedit-regions",
     "vision-regions",
+    "reasonedit-objects",
 )
 #: p of the rejection sweep; 1 is the reference's default (REFERENCE row 12)
 SWEEP_P = (1, 5, *range(10, 100, 10))
@@ -485,6 +486,10 @@ class Evaluation:
             from reasonedit_cli.regions import region_outcomes
 
             return region_outcomes(self, method)
+        if method == "reasonedit-objects":
+            from reasonedit_cli.regions import object_outcomes
+
+            return object_outcomes(self)
         if method == "ike":
             return self.ike()
         if method == "ike-reference":

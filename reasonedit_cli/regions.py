@@ -324,12 +324,20 @@ def region_outcomes(ev: Any, method: str, source: str = "named") -> list[Any]:
 
 
 def region_codebook(
-    ev: Any, method: str, source: str = "named", normalize: bool = False, w: float | None = None
+    ev: Any,
+    method: str,
+    source: str = "named",
+    normalize: bool = False,
+    w: float | None = None,
+    regions_only: bool = False,
+    name: str | None = None,
 ) -> tuple[Any, RegionEmbedder]:
     """The codebook of `region_outcomes` (every edit's keys plus its region key) and the
     region embedder that made it (for the queries). `w` overrides the dual key's weight
     (default: the evaluation's, `auto` on the first keys); `normalize` gives every image
-    half unit length (times sqrt(d)) and its own `auto` w."""
+    half unit length (times sqrt(d)) and its own `auto` w. `regions_only`: the region
+    keys alone (the object index of `object_outcomes`), for the edits that have one;
+    `name`: the sub-codebook's name (default: `method`)."""
     from reasonedit_cli.augment import augment_image
     from reasonedit_cli.editor import KeySpec, answer_value
 
@@ -340,7 +348,7 @@ def region_codebook(
 
         w_half = 0.0 if mode == "vision" else w
         embedder = CachedEmbedder(ev.halves, ev.embedder.layer, w_half, "dual")
-    ed = ev.editor_for(method, embedder)
+    ed = ev.editor_for(name or method, embedder)
     rk = RegionEmbedder(
         ev.editor.vlm, embedder.layer, ev.halves.text_half, 0.0, ev.batch_size, normalize
     )
@@ -348,6 +356,7 @@ def region_codebook(
 
     def key_specs(chunk: Sequence[Any], images: Any = None, **kw: Any) -> list[Any]:
         specs = list(base_specs(chunk, images, **kw))
+        n_base = len(specs)
         for i, e in enumerate(chunk):
             img = ev.gen.image(e.image_bytes)
             box = region_box(specs, i, e.reasoning, img.size, source)
@@ -356,7 +365,7 @@ def region_codebook(
                 win = wins[window_for(box, img.size, wins)]
                 value = answer_value(e.question, e.answer)
                 specs.append(KeySpec(i, "answer", e.question, value, pixel_box(win.box, img.size)))
-        return specs
+        return specs[n_base:] if regions_only else specs
 
     def embed_specs(edits: Sequence[Any], specs: Sequence[Any], images: Sequence[Any]):
         reg = [j for j, s in enumerate(specs) if is_region_key(s.kind, s.box)]
@@ -382,9 +391,12 @@ def region_codebook(
                 rk.w = auto_w(h, ev.halves.text_half(ptexts))
             v = rk.whole_vectors(plain, ptexts)
             r = np.zeros(len(rest))
-        else:
+        elif rest:
             v, r = base_embed(edits, [specs[j] for j in rest], images)
             rk.w = float(embedder.w or 0.0)
+        else:  # regions_only
+            rk.w = float(embedder.w or 0.0)
+            v, r = None, np.zeros(0)
         imgs = [images[specs[j].edit_index] for j in reg]
         texts = [specs[j].key_text for j in reg]
         boxes = [specs[j].box for j in reg]
@@ -396,14 +408,112 @@ def region_codebook(
             for img, j, b in zip(imgs, reg, boxes)
         ]
         av, _ = rk.key_vectors(aug, texts, boxes)
-        vectors = np.zeros((len(specs), v.shape[1]), dtype=np.float32)
+        dim = rv.shape[1] if v is None else v.shape[1]
+        vectors = np.zeros((len(specs), dim), dtype=np.float32)
         radii = np.zeros(len(specs), dtype=np.float64)
-        vectors[rest], radii[rest] = v, r
+        if v is not None:
+            vectors[rest], radii[rest] = v, r
         if reg:
             vectors[reg], radii[reg] = rv, np.linalg.norm(rv - av, axis=1)
         return vectors, radii
 
     ed.key_specs = key_specs  # the same override `Evaluation.editor_for` makes
     ed.embed_specs = embed_specs
-    ed.add_edits(ev.edits, batch_size=max(ev.batch_size, 32), patches="none")
+    edits = ev.edits
+    if regions_only:  # an edit whose reasoning names no region has no key here
+        specs = ev.specs()
+        edits = [
+            e
+            for e in ev.edits
+            if region_box(specs[e.id], 0, e.reasoning, ev.gen.image(e.image_bytes).size, source)
+            is not None
+        ]
+    if edits:
+        ed.add_edits(edits, batch_size=max(ev.batch_size, 32), patches="none")
     return ed.codebook, rk
+
+
+# ------------------------------------------------------------------ the object index
+#: `reasonedit-objects` (issue #18 item 4): the object index's w as a multiple of the
+#: whole-image keys' w, and its tau as a multiple of its own `images` tau. Chosen on
+#: scenes seeds 1 and 2 by retrieval (`scripts/scenes_keys.py --union 30:images*1.5`):
+#: I-Gen 0.48 / 0.72 at Loc 0.97 / 0.97, 8-15 % of same-attribute confusers let in.
+OBJECT_W_FACTOR = 30.0
+OBJECT_TAU_X = 1.5
+
+
+class ScaledTau:
+    """A codebook whose rejection threshold is `factor` x its own (the object index's
+    wider gate); searches and facts are the codebook's."""
+
+    def __init__(self, codebook: Any, factor: float) -> None:
+        self.codebook = codebook
+        self.factor = float(factor)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(getattr(self.codebook, "config", {}))
+
+    @property
+    def tau(self) -> float | None:
+        t = self.codebook.tau
+        return None if t is None else float(t) * self.factor
+
+    def tau_for(self, p: float) -> float | None:
+        t = self.codebook.tau_for(p)
+        return None if t is None else float(t) * self.factor
+
+    def search(self, q: np.ndarray, k: int) -> Any:
+        return self.codebook.search(q, k=k)
+
+    def key_facts(self, rows: Sequence[int]) -> Any:
+        return self.codebook.key_facts(rows)
+
+
+def union_retrieval(main: Retrieval, extra: Retrieval) -> Retrieval:
+    """`main`'s retrieval with `extra`'s hits added: facts `extra` alone found go first,
+    so `main`'s nearest fact still stands right before the question."""
+    from dataclasses import replace
+
+    if extra.rejected:
+        return main
+    if main.rejected:
+        return extra
+    new = [f for f in extra.facts if f not in main.facts]
+    return replace(main, hits=[*main.hits, *extra.hits], facts=[*new, *main.facts])
+
+
+def object_outcomes(
+    ev: Any, w_factor: float = OBJECT_W_FACTOR, tau_x: float = OBJECT_TAU_X
+) -> list[Any]:
+    """`evaluate`'s `reasonedit-objects`: `reasonedit`'s codebook, and beside it a separate
+    index of one region key per edit (the window of the object its reasoning names) with
+    a text-heavy w (`w_factor` x the dual key's) and a wider gate (`tau_x` x its tau);
+    queried over every window, a probe gets the union of the two retrievals.
+
+    Why a second index and not region keys among the whole-image ones
+    (`reasonedit-regions`): an I-Gen probe asks the edit's own question, so its text half
+    is the edit's and a heavy w leaves its distance alone while it pushes every other
+    question away; the whole-image keys need a light w, or rephrasings are lost. One
+    codebook cannot have both w."""
+    from reasonedit_cli.evaluation import Outcome
+    from reasonedit_cli.retrieval import retrieve
+
+    cb, vecs = ev.build("reasonedit", ev.embedder)
+    main = [retrieve(cb, v, k=ev.top_k, p=ev.percentile) for v in vecs]
+    w = float(ev.embedder.w or 0.0) * w_factor
+    ocb, rk = region_codebook(
+        ev, "reasonedit-regions", w=w, regions_only=True, name="reasonedit-objects"
+    )
+    rs = main
+    if ocb.n_keys:
+        gate = ScaledTau(ocb, tau_x)
+        images = ev.probe_images()
+        qv = rk.query_vectors(images, [p.question for p in ev.probes])[:, 1:]  # windows
+        rs = [
+            union_retrieval(m, best_retrieval(gate, q, k=ev.top_k, p=ev.percentile))
+            for m, q in zip(main, qv)
+        ]
+    prompts = ev.prompts_with_facts([r.facts for r in rs])
+    answers = ev.gen.answer([p.image_bytes for p in ev.probes], prompts)
+    return [Outcome(a, r.edit_ids, r.rejected, q) for a, r, q in zip(answers, rs, prompts)]

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc")
+KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc", "confuser")
 
 
 def load(args):
@@ -55,6 +55,39 @@ def load(args):
     return ed, ev, specs
 
 
+def tau_of(RT, kv, eo, io, rule, p):
+    """sigma and tau of keys `kv` (edit codes `eo`, image codes `io`) under `rule`."""
+    knn_i, knn_d = RT.knn_lists(kv)
+    sigma = RT.sigma_from_knn(knn_d)
+    _, ecodes = np.unique(eo, return_inverse=True)
+    _, icodes = np.unique(io, return_inverse=True)
+    base, _, m = rule.partition("*")
+    if base == "images":
+        tau = RT.other_image_threshold(knn_i, knn_d, sigma, icodes, ecodes, p)
+    elif base == "edits":
+        tau = RT.other_edit_threshold(knn_i, knn_d, sigma, ecodes, p, len(set(eo)))
+    else:
+        raise SystemExit(f"rule {rule}")
+    return sigma, float(tau) * (float(m) if m else 1.0), icodes, ecodes
+
+
+def retrieved(RT, qs, kv, sigma, tau, eo):
+    """Per query row: the edits retrieved (K = 5 within tau; over several query rows, the
+    row whose nearest key is nearest among those that retrieve anything)."""
+    ds = [RT.pairwise_l2(q, kv) / sigma[None, :] for q in qs]
+    out = []
+    for i in range(qs[0].shape[0]):
+        cands = []
+        for d in ds:
+            row = d[i]
+            order = np.argsort(row, kind="stable")[:5]
+            ok = [j for j in order if row[j] <= tau]
+            if ok:
+                cands.append((row[order[0]], ok))
+        out.append(set(eo[min(cands)[1]]) if cands else set())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="scenes")
@@ -70,6 +103,18 @@ def main() -> None:
     ap.add_argument("--no-patches", action="store_true")
     ap.add_argument("--layer", default=None, help="key layer (default: the editor's)")
     ap.add_argument("--w-abs", type=float, default=None, help="w itself, not a factor of auto")
+    ap.add_argument(
+        "--confusers",
+        action="store_true",
+        help="add a `confuser` probe per edit (scripts/scenes_dists.py): the edit's question on "
+        "a scene with its named attribute and the other changed; scored: own edit NOT retrieved",
+    )
+    ap.add_argument(
+        "--union",
+        default=None,
+        help="W_FACTOR:RULE,...: also a SEPARATE index of region keys only (one per edit) "
+        "at w = W_FACTOR x auto with its own tau under RULE; a probe retrieves the union",
+    )
     args = ap.parse_args()
 
     from reasonedit_cli import regions as R
@@ -79,7 +124,24 @@ def main() -> None:
     from reasonedit_cli.textkeys import IdfText
 
     ed, ev, specs = load(args)
-    edits, probes = ev.edits, ev.probes
+    edits, probes = ev.edits, list(ev.probes)
+    if args.confusers:
+        from dataclasses import replace
+
+        from scenes_dists import confusers
+
+        for e, data in zip(edits, confusers(edits, args.seed)):
+            probes.append(
+                replace(
+                    probes[0],
+                    image_bytes=data,
+                    question=e.question,
+                    answer="",
+                    kind="confuser",
+                    edit_id=e.id,
+                    where="confuser",
+                )
+            )
     gen = ev.gen
     layer = ev.embedder.layer
     if args.layer:
@@ -111,7 +173,7 @@ def main() -> None:
         reg_rows.append((e.id, e.image_bytes, e.question))
         reg_h.append(rk.tokens([img])[0][list(win.tokens)].mean(0))
     reg_h = np.stack(reg_h) if reg_h else np.zeros((0, h_keys.shape[1]))
-    pimgs = ev.probe_images()
+    pimgs = [gen.image(p.image_bytes) for p in probes]
     ptexts = [p.question for p in probes]
     h_q = ev.halves.vlm_half(pimgs, ptexts, layer)
     wins = rk.grid_windows(pimgs[:1])
@@ -131,6 +193,24 @@ def main() -> None:
         texts_cache[kind] = f
         return f
 
+    def report(out, gots, tau, gaps, use_reg):
+        res = {k: [] for k in KINDS}
+        prec = {k: [] for k in KINDS}
+        for pr, got in zip(probes, gots):
+            if pr.kind in ("loc", "hard_loc"):
+                res[pr.kind].append(not got)
+            elif pr.kind == "confuser":
+                res[pr.kind].append(pr.edit_id not in got)
+            else:
+                res[pr.kind].append(pr.edit_id in got)
+                if got:
+                    prec[pr.kind].append(len(got & {pr.edit_id}) / len(got))
+        out |= {"reg": use_reg, "tau": round(float(tau), 3), **gaps}
+        out |= {k: round(float(np.mean(v)), 3) for k, v in res.items() if v}
+        out |= {f"P_{k}": round(float(np.mean(v)), 2) for k, v in prec.items() if v}
+        out["n"] = {k: len(v) for k, v in res.items() if v}
+        print(json.dumps(out), flush=True)
+
     for tk, wf, rule, p, use_reg in itertools.product(
         args.texts.split(","),
         [float(x) for x in args.w_factors.split(",")],
@@ -148,24 +228,7 @@ def main() -> None:
             kv = np.concatenate([kv, rv])
             eo = np.concatenate([edit_of, [r[0] for r in reg_rows]])
             io = np.concatenate([image_of, [hash(r[1]) for r in reg_rows]])
-        knn_i, knn_d = RT.knn_lists(kv)
-        sigma = RT.sigma_from_knn(knn_d)
-        _, ecodes = np.unique(eo, return_inverse=True)
-        _, icodes = np.unique(io, return_inverse=True)
-        if rule == "images":
-            tau = RT.other_image_threshold(knn_i, knn_d, sigma, icodes, ecodes, p)
-        elif rule == "edits":
-            tau = RT.other_edit_threshold(knn_i, knn_d, sigma, ecodes, p, len(set(eo)))
-        elif rule.startswith("images*"):
-            tau = RT.other_image_threshold(knn_i, knn_d, sigma, icodes, ecodes, p) * float(
-                rule.split("*")[1]
-            )
-        elif rule.startswith("edits*"):
-            tau = RT.other_edit_threshold(knn_i, knn_d, sigma, ecodes, p, len(set(eo))) * float(
-                rule.split("*")[1]
-            )
-        else:
-            raise SystemExit(f"rule {rule}")
+        sigma, tau, icodes, ecodes = tau_of(RT, kv, eo, io, rule, p)
         # the gap to the nearest key of another edit ON THE SAME image, against the
         # gap to the nearest key of another image (what `images` measures), corrected
         dfull = RT.pairwise_l2(kv, kv) / sigma[:, None]
@@ -183,37 +246,24 @@ def main() -> None:
         if use_reg:
             for j in range(h_qw.shape[1]):
                 qs.append(np.concatenate([h_qw[:, j], w * s_q], 1))
-        best = None
-        for q in qs:
-            d = RT.pairwise_l2(q, kv) / sigma[None, :]
-            if best is None:
-                best = [d]
-            else:
-                best.append(d)
-        res = {k: [] for k in KINDS}
-        prec = {k: [] for k in KINDS}
-        for i, pr in enumerate(probes):
-            # the query row whose nearest key is nearest among those within tau
-            cands = []
-            for d in best:
-                row = d[i]
-                order = np.argsort(row, kind="stable")[:5]
-                ok = [j for j in order if row[j] <= tau]
-                if ok:
-                    cands.append((row[order[0]], ok))
-            got = set(eo[min(cands)[1]]) if cands else set()
-            if pr.kind in ("loc", "hard_loc"):
-                res[pr.kind].append(not got)
-            else:
-                res[pr.kind].append(pr.edit_id in got)
-                if got:
-                    prec[pr.kind].append(len(got & {pr.edit_id}) / len(got))
-        out = {"text": tk, "w_x": wf, "w": round(float(w), 3), "rule": rule, "p": p}
-        out |= {"reg": use_reg, "tau": round(float(tau), 3), **gaps}
-        out |= {k: round(float(np.mean(v)), 3) for k, v in res.items() if v}
-        out |= {f"P_{k}": round(float(np.mean(v)), 2) for k, v in prec.items() if v}
-        out["n"] = {k: len(v) for k, v in res.items() if v}
-        print(json.dumps(out), flush=True)
+        gots = retrieved(RT, qs, kv, sigma, tau, eo)
+        unions = [None]
+        if args.union and len(reg_rows):
+            unions += args.union.split(",")
+        for un in unions:
+            extra = [set() for _ in probes]
+            out = {"text": tk, "w_x": wf, "w": round(float(w), 3), "rule": rule, "p": p}
+            if un:
+                uf, urule = un.split(":")
+                uw = auto_w(h_keys, s_keys) * float(uf)
+                rv = np.concatenate([reg_h, uw * tf([r[2] for r in reg_rows])], 1)
+                reo = np.array([r[0] for r in reg_rows])
+                rio = np.array([hash(r[1]) for r in reg_rows])
+                rsig, rtau, _, _ = tau_of(RT, rv, reo, rio, urule, p)
+                rqs = [np.concatenate([h_qw[:, j], uw * s_q], 1) for j in range(h_qw.shape[1])]
+                extra = retrieved(RT, rqs, rv, rsig, rtau, reo)
+                out |= {"union_w_x": float(uf), "union_rule": urule, "union_tau": round(rtau, 3)}
+            report(out, [g | x for g, x in zip(gots, extra)], tau, gaps, use_reg)
 
 
 if __name__ == "__main__":
