@@ -263,16 +263,19 @@ def region_box(
     """Where the edit's object is, in pixels: with `source="named"` the region the first
     reasoning sentence naming one names (`in the top left`); otherwise (or when none
     does) the crop the patch search or a manual box gave its first sentence that got
-    one. None when neither exists.
+    one; `source="named-only"`: the named region or None (the object index of
+    `object_outcomes` keys only objects a reasoning names). None when neither exists.
 
     Why the named region first: on the scenes VLM the patch search picks the edited
     object's quadrant for 8 of 30 edits (chance: 7.5), its verification prompt was
     trained on whole scenes only; the reasoning's own words name it every time."""
-    if source == "named" and size is not None:
+    if source in ("named", "named-only") and size is not None:
         for sentence in reasoning:
             b = named_box(sentence)
             if b is not None:
                 return pixel_box(b, size)
+    if source == "named-only":
+        return None
     for s in specs:
         if s.edit_index == edit_index and s.kind == "patch" and s.box:
             return list(s.box)
@@ -495,7 +498,9 @@ def object_outcomes(
     (`reasonedit-regions`): an I-Gen probe asks the edit's own question, so its text half
     is the edit's and a heavy w leaves its distance alone while it pushes every other
     question away; the whole-image keys need a light w, or rephrasings are lost. One
-    codebook cannot have both w."""
+    codebook cannot have both w. Only objects a reasoning names get a key (no patch-crop
+    fallback), so a codebook whose reasoning names no region (easy-vqa, the sample edits)
+    gets exactly `reasonedit`'s retrieval."""
     from reasonedit_cli.evaluation import Outcome
     from reasonedit_cli.retrieval import retrieve
 
@@ -503,7 +508,7 @@ def object_outcomes(
     main = [retrieve(cb, v, k=ev.top_k, p=ev.percentile) for v in vecs]
     w = float(ev.embedder.w or 0.0) * w_factor
     ocb, rk = region_codebook(
-        ev, "reasonedit-regions", w=w, regions_only=True, name="reasonedit-objects"
+        ev, "reasonedit-regions", "named-only", w=w, regions_only=True, name="reasonedit-objects"
     )
     rs = main
     if ocb.n_keys:

@@ -57,6 +57,9 @@ def test_region_box_prefers_the_named_region_then_the_patch_crop():
     assert R.region_box(specs, 0, chain, (64, 64), source="patches") == [0, 43, 21, 64]
     assert R.region_box(specs, 1, ["Grass is green."], (64, 64)) == [43, 43, 64, 64]
     assert R.region_box(specs[:1], 0, ["Grass is green."], (64, 64)) is None
+    # the object index keys only named objects: no patch-crop fallback
+    assert R.region_box(specs, 1, ["Grass is green."], (64, 64), "named-only") is None
+    assert R.region_box(specs, 0, chain, (64, 64), "named-only") == [32, 0, 64, 32]
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +130,53 @@ def test_region_queries_and_best_retrieval(editor, images, tmp_path):
         editor.embedder.dim,
     )
     np.testing.assert_allclose(keys[0], q[0, 1], rtol=1e-5, atol=1e-5)  # window 0
+
+
+def test_object_index_unions_with_reasonedit_on_the_scenes_model(tmp_path):
+    """`reasonedit-objects` on the real scenes VLM: one region key per edit in a separate
+    index, a wider gate than its own tau, and every probe keeps `reasonedit`'s edits."""
+    from reasonedit_cli import evaluation as E
+    from reasonedit_cli.editor import Editor
+    from reasonedit_cli.retrieval import retrieve
+
+    ed = Editor(tmp_path / "cb", model="scenes", create=True)
+    gen = E.Generations(ed.vlm, 16)
+    edits, probes, _ = E.build_dataset("scenes", gen, n_edits=2, seed=1)
+    ev = E.Evaluation(ed, edits, probes, workdir=tmp_path / "w", gen=gen, patch_search=False)
+    plain = ev.run("reasonedit")
+    objs = R.object_outcomes(ev)
+    assert len(objs) == len(ev.probes)
+    for a, b in zip(plain, objs):
+        assert set(a.edit_ids) <= set(b.edit_ids)
+        assert b.rejected <= a.rejected  # the union rejects only what both reject
+
+    ocb, rk = R.region_codebook(
+        ev, "reasonedit-regions", "named-only", w=1.0, regions_only=True, name="o2"
+    )
+    kinds = ocb.keys_table().column("kind").to_pylist()
+    assert ocb.n_keys == len(edits) and set(kinds) == {"answer"}  # a named region each
+    gate = R.ScaledTau(ocb, 1.5)
+    assert gate.tau == pytest.approx(1.5 * ocb.tau) and gate.config == dict(ocb.config)
+    assert gate.tau_for(50) == pytest.approx(1.5 * ocb.tau_for(50))
+    # a query between tau and 1.5 tau from a key: the plain gate rejects, the wide admits
+    v = ocb.vectors()[0]
+    d = np.random.default_rng(0).normal(size=v.shape)
+    found = False
+    for s in np.geomspace(1e-3, 1e4, 3000):
+        x = (v + s * d / np.linalg.norm(d)).astype(np.float32)
+        c = ocb.search(x[None], k=1)[0][0][2]
+        if ocb.tau * 1.05 < c <= 1.4 * ocb.tau:
+            assert retrieve(ocb, x, k=5).rejected and not retrieve(gate, x, k=5).rejected
+            found = True
+            break
+    assert found
+
+
+def test_union_retrieval_keeps_the_main_facts_last():
+    from reasonedit_cli.retrieval import Retrieval
+
+    main = Retrieval(rejected=False, facts=["a", "b"])
+    extra = Retrieval(rejected=False, facts=["c", "b"])
+    assert R.union_retrieval(main, extra).facts == ["c", "a", "b"]
+    assert R.union_retrieval(main, Retrieval(rejected=True)) is main
+    assert R.union_retrieval(Retrieval(rejected=True), extra) is extra
