@@ -486,12 +486,11 @@ def union_retrieval(main: Retrieval, extra: Retrieval) -> Retrieval:
     return replace(main, hits=[*main.hits, *extra.hits], facts=[*new, *main.facts])
 
 
-def object_outcomes(
-    ev: Any, w_factor: float = OBJECT_W_FACTOR, tau_x: float = OBJECT_TAU_X
-) -> list[Any]:
+def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X) -> list[Any]:
     """`evaluate`'s `reasonedit-objects`: `reasonedit`'s codebook, and beside it a separate
     index of one region key per edit (the window of the object its reasoning names) with
-    a text-heavy w (`w_factor` x the dual key's) and a wider gate (`tau_x` x its tau);
+    a text-heavy `w` (default `OBJECT_W_FACTOR` x the dual key's) and a wider gate
+    (`tau_x` x its tau);
     queried over every window, a probe gets the union of the two retrievals.
 
     Why a second index and not region keys among the whole-image ones
@@ -506,7 +505,8 @@ def object_outcomes(
 
     cb, vecs = ev.build("reasonedit", ev.embedder)
     main = [retrieve(cb, v, k=ev.top_k, p=ev.percentile) for v in vecs]
-    w = float(ev.embedder.w or 0.0) * w_factor
+    if w is None:
+        w = float(ev.embedder.w or 0.0) * OBJECT_W_FACTOR
     ocb, rk = region_codebook(
         ev, "reasonedit-regions", "named-only", w=w, regions_only=True, name="reasonedit-objects"
     )

@@ -102,7 +102,8 @@ def calibrated(args: argparse.Namespace, tmp: Path, gen: E.Generations) -> tuple
     editor.attach_vlm(gen.vlm)
     edits, _, _ = E.build_dataset(args.dataset, gen, n_edits=args.n_edits, seed=args.tune_seed)
     editor.add_edits(edits, patches="none")
-    result, _ = editor.calibrate()
+    # its choice, even where its self-check would refuse to commit it (scored here)
+    result, _ = editor.calibrate(dry_run=True, force=True)
     print(f"calibrate on seed {args.tune_seed}: {result.layer} w={result.w:.4g}", flush=True)
     return result.layer, float(result.w)
 

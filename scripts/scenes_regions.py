@@ -107,6 +107,7 @@ def main() -> None:
             ev.workdir = tmp / f"auto{i}"
             ev._codebooks.clear()  # noqa: SLF001 (diagnostic script)
             ev.build("reasonedit", ev.embedder)  # sets the auto w on the first batch
+            auto = float(ev.embedder.w or 0.0)
             if wf == "sib":  # the candidate rule of scripts/scenes_keys.py, first 32 edits
                 from reasonedit_cli.editor import crop
                 from reasonedit_cli.embedding import sibling_w
@@ -130,11 +131,20 @@ def main() -> None:
             ev.workdir = tmp / f"s{i}"
             ev._codebooks.clear()  # noqa: SLF001
             ev.percentile = float(p)
-            report = summarize(ev.probes, {m: ev.run(m) for m in methods})
+            # the object index at OBJECT_W_FACTOR x the AUTO w, whatever this setting's w
+            ow = auto * R.OBJECT_W_FACTOR
+            report = summarize(
+                ev.probes,
+                {
+                    m: R.object_outcomes(ev, w=ow) if m == "reasonedit-objects" else ev.run(m)
+                    for m in methods
+                },
+            )
             report["settings"] = {
                 "text": text,
                 "w_factor": wf,
                 "w": ev.embedder.w,
+                "object_w": ow,
                 "percentile": float(p),
                 "seed": args.seed,
                 "dataset": args.dataset,
