@@ -472,6 +472,17 @@ class Editor:
         imgs = [crop(images[s.edit_index], s.box) if s.box else images[s.edit_index] for s in specs]
         texts = [s.key_text for s in specs]
         seeds = [_seed(edits[s.edit_index].id or "", s.kind, s.key_text, s.box) for s in specs]
+        fix_w = getattr(self.embedder, "fix_w", None)
+        if fix_w is not None and getattr(self.embedder, "w", 0.0) is None:
+            # a new codebook's w, from its first batch (embedding.first_batch_w)
+            codes = [edits[s.edit_index] for s in specs]
+            fix_w(
+                imgs,
+                texts,
+                [e.image_sha256 for e in codes],
+                [e.id or str(s.edit_index) for e, s in zip(codes, specs)],
+                self.preset.percentile,
+            )
         return self.embed_with_radii(imgs, texts, seeds)
 
     def embed_with_radii(

@@ -260,6 +260,21 @@ class CachedEmbedder:
     w: float | None = None
     mode: str = "dual"
 
+    def fix_w(
+        self,
+        images: Sequence[Any],
+        texts: Sequence[str],
+        image_codes: Sequence[Any],
+        edit_codes: Sequence[Any],
+        p: float = 25.0,
+    ) -> None:
+        """DualEmbedder.fix_w: the same first-batch w as add-edit (embedding.first_batch_w)."""
+        if self.w is None and self.mode == "dual" and texts:
+            from reasonedit_cli.embedding import first_batch_w
+
+            h = self.cache.vlm_half(images, texts, self.layer)
+            self.w = first_batch_w(h, self.cache.text_half(texts), image_codes, edit_codes, p)
+
     def embed(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
         from reasonedit_cli.calibration import dual_concat
 

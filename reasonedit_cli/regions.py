@@ -490,7 +490,8 @@ def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X
     """`evaluate`'s `reasonedit-objects`: `reasonedit`'s codebook, and beside it a separate
     index of one region key per edit (the window of the object its reasoning names) with
     a text-heavy `w` (default `OBJECT_W_FACTOR` x the dual key's) and a wider gate
-    (`tau_x` x its tau);
+    (`tau_x` x its own tau, at its preset's p whatever `--percentile` says: the constants
+    were chosen at p 25);
     queried over every window, a probe gets the union of the two retrievals.
 
     Why a second index and not region keys among the whole-image ones
@@ -515,10 +516,7 @@ def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X
         gate = ScaledTau(ocb, tau_x)
         images = ev.probe_images()
         qv = rk.query_vectors(images, [p.question for p in ev.probes])[:, 1:]  # windows
-        rs = [
-            union_retrieval(m, best_retrieval(gate, q, k=ev.top_k, p=ev.percentile))
-            for m, q in zip(main, qv)
-        ]
+        rs = [union_retrieval(m, best_retrieval(gate, q, k=ev.top_k)) for m, q in zip(main, qv)]
     prompts = ev.prompts_with_facts([r.facts for r in rs])
     answers = ev.gen.answer([p.image_bytes for p in ev.probes], prompts)
     return [Outcome(a, r.edit_ids, r.rejected, q) for a, r, q in zip(answers, rs, prompts)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +88,59 @@ def test_sibling_w_raises_w_only_where_an_image_holds_two_edits():
     assert np.percentile(np.where(sib, d, np.inf).min(1), 25) >= tau
     # one edit per image: the auto w stays
     assert sibling_w(h, s, np.arange(len(h)) // 2, np.arange(len(h)) // 2, w0) == w0
+
+
+def _scene_edits(n_scenes: int, per_scene: int):
+    """Edits on generated scenes: `per_scene` colour questions about distinct objects."""
+    import random
+
+    from reasonedit_cli import scenes as S
+    from reasonedit_cli.edits import Edit
+
+    out = []
+    for i in range(n_scenes):
+        sc = S.make_scene(random.Random(i), n_objects=max(per_scene, 2))
+        data = S.png_bytes(S.render(sc))
+        for o in sc.objects[:per_scene]:
+            e = Edit(
+                image_path=Path(f"s{i}.png"),
+                question=f"what color is the {o.shape}?",
+                answer=o.color,
+                reasoning=S.color_chain(o),
+                source="test",
+                image_bytes=data,
+                image_ext="png",
+            )
+            e.ensure_id()
+            out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("per_scene", [1, 2])
+def test_a_new_codebook_takes_the_first_batch_w(tmp_path, per_scene):
+    """add-edit's uncalibrated w is `first_batch_w`: the auto w where every image holds
+    one edit, raised by `sibling_w` where an image holds two (real scenes VLM, MiniLM)."""
+    from reasonedit_cli.editor import Editor, crop
+    from reasonedit_cli.embedding import auto_w, first_batch_w
+
+    ed = Editor(tmp_path / "cb", model="scenes", create=True)
+    edits = _scene_edits(4, per_scene)
+    import io
+
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(e.image_bytes)).convert("RGB") for e in edits]
+    ed.add_edits(edits, patches="none")
+    specs = ed.key_specs(edits, images, patches="none")
+    imgs = [crop(images[s.edit_index], s.box) if s.box else images[s.edit_index] for s in specs]
+    texts = [s.key_text for s in specs]
+    h = ed.embedder.vlm_half(imgs, texts)
+    s = ed.text.encode(texts)
+    codes_i = [edits[sp.edit_index].image_sha256 for sp in specs]
+    codes_e = [edits[sp.edit_index].id for sp in specs]
+    w = ed.config["w"]
+    assert w == pytest.approx(first_batch_w(h, s, codes_i, codes_e), rel=1e-5)
+    if per_scene == 1:
+        assert w == pytest.approx(auto_w(h, s), rel=1e-5)
+    else:
+        assert w >= auto_w(h, s) * (1 - 1e-6)
