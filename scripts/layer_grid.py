@@ -173,6 +173,7 @@ def main() -> None:
         embs = {f"{r['layer']}-{r['w_factor']:g}": r for r in rows if r["w_factor"] is not None}
         if args.tune_seed is not None:
             layer, w = calibrated(args, Path(tmp), gen)
+            ev.halves.add_layer(layer)  # its hook point may be one the grid left out
             emb = E.CachedEmbedder(ev.halves, layer, w)
             rows.append(
                 {
