@@ -797,7 +797,8 @@ def evaluate(
             "--methods",
             help="Comma list of unedited, reasonedit, reasonedit-reference, ike, "
             "ike-reference, grace (trained adaptor), answer-lookup, vision-only, text-only, "
-            "no-patches, reasonedit-regions, vision-regions (region keys), or all.",
+            "no-patches, reasonedit-regions, vision-regions (region keys), reasonedit-objects "
+            "(a separate index of region keys), or all.",
         ),
     ] = "all",
     sweep_p: Annotated[
