@@ -104,30 +104,30 @@ def main() -> None:
                 mean_half if text == "mean" else IdfText.fit(ed.text, first, text).encode
             )
             ev.embedder = CachedEmbedder(ev.halves, ev.embedder.layer, None)
-            ev.workdir = tmp / f"auto{i}"
-            ev._codebooks.clear()  # noqa: SLF001 (diagnostic script)
-            ev.build("reasonedit", ev.embedder)  # sets the auto w on the first batch
-            auto = float(ev.embedder.w or 0.0)
-            if wf == "sib":  # the candidate rule of scripts/scenes_keys.py, first 32 edits
-                from reasonedit_cli.editor import crop
-                from reasonedit_cli.embedding import sibling_w
+            # the plain auto w of the first batch (32 edits, as `build` inserts them), not
+            # the codebook's first-batch rule, so that W_FACTOR multiplies the auto w
+            from reasonedit_cli.editor import crop
+            from reasonedit_cli.embedding import auto_w, sibling_w
 
-                rows = [(e, sp) for e in edits[:32] for sp in ev.specs()[e.id]]
-                kimgs = [
-                    crop(gen.image(e.image_bytes), sp.box) if sp.box else gen.image(e.image_bytes)
-                    for e, sp in rows
-                ]
-                ktexts = [sp.key_text for _, sp in rows]
-                h = ev.halves.vlm_half(kimgs, ktexts, ev.embedder.layer)
+            rows = [(e, sp) for e in edits[:32] for sp in ev.specs()[e.id]]
+            kimgs = [
+                crop(gen.image(e.image_bytes), sp.box) if sp.box else gen.image(e.image_bytes)
+                for e, sp in rows
+            ]
+            ktexts = [sp.key_text for _, sp in rows]
+            h = ev.halves.vlm_half(kimgs, ktexts, ev.embedder.layer)
+            s_half = ev.halves.text_half(ktexts)
+            auto = auto_w(h, s_half)
+            if wf == "sib":  # the first-batch rule (embedding.first_batch_w), first 32 edits
                 ev.embedder.w = sibling_w(
                     h,
-                    ev.halves.text_half(ktexts),
-                    [hash(e.image_bytes) for e, _ in rows],
+                    s_half,
+                    [e.image_sha256 for e, _ in rows],
                     [e.id for e, _ in rows],
-                    float(ev.embedder.w or 0.0),
+                    auto,
                 )
             else:
-                ev.embedder.w = float(ev.embedder.w or 0.0) * float(wf)
+                ev.embedder.w = auto * float(wf)
             ev.workdir = tmp / f"s{i}"
             ev._codebooks.clear()  # noqa: SLF001
             ev.percentile = float(p)
