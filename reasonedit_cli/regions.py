@@ -438,7 +438,7 @@ def region_codebook(
 
 # ------------------------------------------------------------------ the object index
 #: `reasonedit-objects` (issue #18 item 4): the object index's w as a multiple of the
-#: whole-image keys' w, and its tau as a multiple of its own `images` tau. Chosen on
+#: whole-image keys' plain auto w, and its tau as a multiple of its own `images` tau. Chosen on
 #: scenes seeds 1 and 2 by retrieval (`scripts/scenes_keys.py --union 30:images*1.5`):
 #: I-Gen 0.48 / 0.72 at Loc 0.97 / 0.97, 8-15 % of same-attribute confusers let in.
 OBJECT_W_FACTOR = 30.0
@@ -486,10 +486,29 @@ def union_retrieval(main: Retrieval, extra: Retrieval) -> Retrieval:
     return replace(main, hits=[*main.hits, *extra.hits], facts=[*new, *main.facts])
 
 
+def first_batch_auto_w(ev: Any, n: int = 32) -> float:
+    """The plain `auto` w (embedding.auto_w) of the whole-image keys of an evaluation's
+    first `n` edits: the scale the object index's `OBJECT_W_FACTOR` was chosen against,
+    whatever rule (`first_batch_w`) set the dual key's own w."""
+    from reasonedit_cli.editor import crop
+    from reasonedit_cli.embedding import auto_w
+
+    specs = ev.specs()
+    rows = [(e, sp) for e in ev.edits[:n] for sp in specs[e.id]]
+    imgs = [
+        crop(ev.gen.image(e.image_bytes), sp.box) if sp.box else ev.gen.image(e.image_bytes)
+        for e, sp in rows
+    ]
+    texts = [sp.key_text for _, sp in rows]
+    h = ev.halves.vlm_half(imgs, texts, ev.embedder.layer)
+    return float(auto_w(h, ev.halves.text_half(texts)))
+
+
 def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X) -> list[Any]:
     """`evaluate`'s `reasonedit-objects`: `reasonedit`'s codebook, and beside it a separate
     index of one region key per edit (the window of the object its reasoning names) with
-    a text-heavy `w` (default `OBJECT_W_FACTOR` x the dual key's) and a wider gate
+    a text-heavy `w` (default `OBJECT_W_FACTOR` x the plain auto w, `first_batch_auto_w`)
+    and a wider gate
     (`tau_x` x its own tau, at its preset's p whatever `--percentile` says: the constants
     were chosen at p 25);
     queried over every window, a probe gets the union of the two retrievals.
@@ -507,7 +526,7 @@ def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X
     cb, vecs = ev.build("reasonedit", ev.embedder)
     main = [retrieve(cb, v, k=ev.top_k, p=ev.percentile) for v in vecs]
     if w is None:
-        w = float(ev.embedder.w or 0.0) * OBJECT_W_FACTOR
+        w = first_batch_auto_w(ev) * OBJECT_W_FACTOR
     ocb, rk = region_codebook(
         ev, "reasonedit-regions", "named-only", w=w, regions_only=True, name="reasonedit-objects"
     )
