@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--n-edits", type=int, default=60)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--cache", default="/tmp/i18r-cache")
+    ap.add_argument("--cache", default="/tmp/scenes-keys-cache")
     ap.add_argument("--w-factor", type=float, default=1.0)
     ap.add_argument("--text", default="mean")
     ap.add_argument("--p", type=float, default=25.0)

@@ -28,6 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KINDS = ("acc", "t_gen", "i_gen", "r_gen", "coe_gen", "loc", "hard_loc", "confuser")
 
 
+def cache_name(args, revision: str) -> str:
+    """The cached edit set of a dataset, seed, size and model revision (new weights, new
+    edits: the model's own mistakes)."""
+    return f"{args.dataset}-{str(revision)[:12]}-s{args.seed}-n{args.n_edits}.pkl"
+
+
 def load(args):
     import tempfile
 
@@ -41,7 +47,7 @@ def load(args):
     model = args.model or ("scenes" if args.dataset == "scenes" else None)
     ed = Editor(tmp / "cb", model=model, create=True)
     gen = Generations(ed.vlm, 16)
-    cache = Path(args.cache) / f"{args.dataset}-s{args.seed}-n{args.n_edits}.pkl"
+    cache = Path(args.cache) / cache_name(args, ed.vlm.revision)
     if cache.exists():
         edits, probes, specs = pickle.loads(cache.read_bytes())
     else:
@@ -94,7 +100,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--n-edits", type=int, default=40)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--cache", default="/tmp/i18t-cache")
+    ap.add_argument("--cache", default="/tmp/scenes-keys-cache")
     ap.add_argument("--texts", default="mean,idf")
     ap.add_argument("--w-factors", default="1")
     ap.add_argument("--rules", default="images,edits")

@@ -6,7 +6,7 @@
 Takes the first `--first` edits of the evaluation's edit set (built as `evaluate` builds
 it, cached by scripts/scenes_keys.py), adds them to a fresh codebook, and runs
 `calibrate` on it as a dry run (the self-check included). Prints the chosen layer and w,
-the equal-spread and auto w of that layer, and the self-check counts, as JSON; feed the
+the first-batch w of the projector (embedding.first_batch_w), and the self-check counts, as JSON; feed the
 layer and w to `scripts/scenes_keys.py --layer L --w-abs W` for their retrieval.
 """
 
@@ -29,18 +29,20 @@ def main() -> None:
     ap.add_argument("--n-edits", type=int, default=60)
     ap.add_argument("--first", type=int, default=24)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--cache", default="/tmp/i18t-cache")
+    ap.add_argument("--cache", default="/tmp/scenes-keys-cache")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
+    from scenes_keys import cache_name
+
     from reasonedit_cli.editor import Editor
 
-    cache = Path(args.cache) / f"{args.dataset}-s{args.seed}-n{args.n_edits}.pkl"
-    edits, _, _ = pickle.loads(cache.read_bytes())
     model = args.model or ("scenes" if args.dataset == "scenes" else None)
     tmp = Path(tempfile.mkdtemp(prefix="selfcal-"))
     ed = Editor(tmp / "cb", model=model, create=True)
+    cache = Path(args.cache) / cache_name(args, ed.vlm.revision)
+    edits, _, _ = pickle.loads(cache.read_bytes())
     first = list(edits[: args.first])
     ed.add_edits(first, patches="none")
     auto = ed.config.get("w")
@@ -50,7 +52,7 @@ def main() -> None:
             {
                 "seed": args.seed,
                 "first": args.first,
-                "auto_w_projector": auto,
+                "first_batch_w": auto,  # auto_w_projector before #18 changed the rule
                 "layer": result.layer,
                 "w": float(result.w),
                 "check": result.extra.get("check") if getattr(result, "extra", None) else None,
