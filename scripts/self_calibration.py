@@ -6,8 +6,9 @@
 Takes the first `--first` edits of the evaluation's edit set (built as `evaluate` builds
 it, cached by scripts/scenes_keys.py), adds them to a fresh codebook, and runs
 `calibrate` on it as a dry run (the self-check included). Prints the chosen layer and w,
-the first-batch w of the projector (embedding.first_batch_w), and the self-check counts, as JSON; feed the
-layer and w to `scripts/scenes_keys.py --layer L --w-abs W` for their retrieval.
+the first-batch w of the projector (embedding.first_batch_w) and the self-check counts,
+as JSON; feed the layer and w to `scripts/scenes_keys.py --layer L --w-abs W` for their
+retrieval.
 """
 
 from __future__ import annotations
