@@ -262,10 +262,12 @@ def hard_irrelevant_facts(scene: S.Scene, q: S.Question, rng: random.Random) -> 
     return facts
 
 
-def reword(q: S.Question, split: str, rng: random.Random) -> str:
-    """`q` in a random wording of `split`, with the same colour / shape / relation slots
-    (the model card pairs its held-out-wording row with its plain row this way)."""
-    t = rng.choice(S.QUESTIONS[q.family][split])
+def reword(q: S.Question, split: str, rng: random.Random, wording: int | None = None) -> str:
+    """`q` in a random wording of `split` (or wording number `wording`), with the same
+    colour / shape / relation slots (the model card pairs its held-out-wording row with
+    its plain row this way)."""
+    pool = S.QUESTIONS[q.family][split]
+    t = rng.choice(pool) if wording is None else pool[wording]
     if q.family == "color":
         return t.format(shape=q.target.shape)
     if q.family == "shape":
