@@ -12,8 +12,15 @@ Conditions (prompt = `<facts joined by spaces> <question>`, as reasonedit builds
   true            a relevant true fact or reasoning chain prepended
   contra          a relevant fact contradicting the image; correct = what the fact implies
   irrelevant      facts about other objects of the scene, world or image facts
+                  (`irrelevant_facts`, the training mixture's own distribution)
   heldout         like true, with fact wordings never trained on
   heldout_contra  like contra, with held-out fact wordings
+
+The `plain`, `irrelevant` and `heldout_q` rows are paired (`paired_rows`): each plain
+question is asked again, on the same scene, after irrelevant facts and in a held-out
+wording, so the two gaps the card targets (within 2 and 5 points of plain) are measured
+on the same questions. Unpaired, two 40-question cells differ by about 11 points by
+chance alone; `--unpaired` draws them independently, as the card did before 2026-12-02.
 
     python scripts/eval_scenes_vlm.py                 # 100 questions per family and condition
     python scripts/eval_scenes_vlm.py --n 40 --json   # quick
@@ -29,7 +36,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_scenes_vlm import CONDS, FAMILY_P, sample  # noqa: E402
+from train_scenes_vlm import CONDS, FAMILY_P, paired_rows, sample  # noqa: E402
 
 from reasonedit_cli import scenes as S  # noqa: E402
 from reasonedit_cli.evaluation import exact_match  # noqa: E402
@@ -52,6 +59,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="draw the irrelevant and held-out-question rows independently of the plain "
+        "rows (the card's design before 2026-12-02)",
+    )
     args = ap.parse_args()
     import torch
 
@@ -65,12 +78,17 @@ def main() -> None:
     images = {}
     rows = []
     for cond in CONDS:
+        if not args.unpaired and cond in ("irrelevant", "heldout_q"):
+            continue  # drawn with the plain rows
         for fam in FAMILY_P:
             for _ in range(args.n):
                 i = rng.randrange(len(scenes))
                 while fam == "spatial" and len(scenes[i].objects) < 2:
                     i = rng.randrange(len(scenes))
-                rows.append((i, *sample(scenes[i], i, cond, rng, family=fam)[1:]))
+                if not args.unpaired and cond == "plain":
+                    rows += [(i, *r[1:]) for r in paired_rows(scenes[i], i, fam, rng)]
+                else:
+                    rows.append((i, *sample(scenes[i], i, cond, rng, family=fam)[1:]))
     for i, *_ in rows:
         if i not in images:
             images[i] = S.render(scenes[i])
@@ -89,6 +107,7 @@ def main() -> None:
         "model": args.model,
         "seed": args.seed,
         "n": args.n,
+        "paired": not args.unpaired,
         "seconds": round(time.time() - t0),
         "table": table,
     }
@@ -97,7 +116,8 @@ def main() -> None:
         return
     fams = list(FAMILY_P) + ["all"]
     print(
-        f"model {args.model}; test seed {args.seed}; {args.n} questions per cell; {out['seconds']}s"
+        f"model {args.model}; test seed {args.seed}; {args.n} questions per cell; "
+        f"{'unpaired' if args.unpaired else 'paired'}; {out['seconds']}s"
     )
     print("| condition | " + " | ".join(fams) + " | target |")
     print("|---" * (len(fams) + 2) + "|")

@@ -239,6 +239,67 @@ def irrelevant_facts(scene: S.Scene, q: S.Question, rng: random.Random) -> list[
     ]
 
 
+def hard_irrelevant_facts(scene: S.Scene, q: S.Question, rng: random.Random) -> list[str]:
+    """Training-only hard negatives for colour/shape questions (the `irrelevant_hard`
+    mix condition; the model card's `irrelevant` row is unchanged): the answer sentence
+    of another object of the scene in the *same* wording as `q` (true or false of that
+    object), or a world fact naming a value of the asked kind. Measured on the committed
+    model: an irrelevant answer sentence cost 44 points and a lone world fact 17,
+    because the model copies the colour or shape a fact names."""
+    others = [o for o in scene.objects if o is not q.target]
+    if q.family not in ("color", "shape") or not others or rng.random() < 0.25:
+        worlds = [f for f in WORLD_FACTS if not set(q.text.split()) & set(f.lower().split())]
+        return [rng.choice(worlds or list(WORLD_FACTS))]
+    o = rng.choice(others)
+    oq = S.question(scene, q.family, rng, "train", target=o, wording=q.wording)
+    assert oq is not None
+    pool = S.COLORS if q.family == "color" else S.SHAPES
+    v = oq.answer if rng.random() < 0.6 else rng.choice([x for x in pool if x != oq.answer])
+    facts = [answer_sentence(oq.text, v, rng)]
+    if rng.random() < 0.4:
+        chain = S.color_chain(o, v) if q.family == "color" else S.shape_chain(o, v)
+        facts += chain
+    return facts
+
+
+def reword(q: S.Question, split: str, rng: random.Random, wording: int | None = None) -> str:
+    """`q` in a random wording of `split` (or wording number `wording`), with the same
+    colour / shape / relation slots (the model card pairs its held-out-wording row with
+    its plain row this way)."""
+    pool = S.QUESTIONS[q.family][split]
+    t = rng.choice(pool) if wording is None else pool[wording]
+    if q.family == "color":
+        return t.format(shape=q.target.shape)
+    if q.family == "shape":
+        return t.format(color=q.target.color)
+    if q.family == "exist":
+        c, s = _exist_parts(q)
+        return t.format(color=c, shape=s)
+    if q.family == "count":
+        return t
+    a, b, rel = _spatial_parts(q)
+    return t.format(a=a, b=b, rel=S.RELATIONS[rel])
+
+
+def paired_rows(scene: S.Scene, idx: int, fam: str, rng: random.Random) -> list[tuple]:
+    """One plain question with its `irrelevant` and `heldout_q` variants on the same
+    scene and question, so the two gaps the model card targets are measured on paired
+    samples (unpaired 40-question cells differ by about 11 points by chance alone)."""
+    q = None
+    while q is None:
+        q = S.question(scene, fam, rng, "train")
+        if q is None:
+            fam = rng.choice(["color", "shape", "exist", "count"])
+    facts = irrelevant_facts(scene, q, rng)
+    if rng.random() < 0.3:
+        facts += irrelevant_facts(scene, q, rng)
+    return [
+        (idx, q.text, q.answer, fam, "plain"),
+        (idx, " ".join(facts) + " " + q.text, q.answer, fam, "irrelevant"),
+        (idx, reword(q, "heldout", rng), q.answer, fam, "heldout_q"),
+    ]
+
+
 def probe_sample(scene: S.Scene, rng: random.Random) -> tuple[str, str]:
     """The patch search's verification prompt on a whole scene: a chain sentence, true or not."""
     o = rng.choice(scene.objects)
@@ -299,6 +360,13 @@ def sample(scene: S.Scene, idx: int, cond: str, rng: random.Random, family: str 
     fsplit = "heldout" if cond in ("heldout", "heldout_contra") else "train"
     if cond in ("plain", "heldout_q"):
         return idx, q.text, q.answer, fam, cond
+    if cond == "irrelevant_hard":
+        facts = hard_irrelevant_facts(scene, q, rng)
+        if rng.random() < 0.3:
+            facts += irrelevant_facts(scene, q, rng)
+        if rng.random() < 0.2:
+            rng.shuffle(facts)
+        return idx, " ".join(facts) + " " + q.text, q.answer, fam, "irrelevant"
     if cond == "irrelevant":
         facts = irrelevant_facts(scene, q, rng)
         if rng.random() < 0.3:
@@ -312,22 +380,21 @@ def sample(scene: S.Scene, idx: int, cond: str, rng: random.Random, family: str 
     return idx, " ".join(facts) + " " + q.text, value, fam, cond
 
 
-def tokenizer_corpus(scenes: list[S.Scene], rng: random.Random) -> list[str]:
+def tokenizer_corpus(scenes: list[S.Scene], rng: random.Random, heldout: bool = True) -> list[str]:
+    """The BPE tokenizer's training texts. `heldout=False` leaves out the held-out
+    question and fact wordings: with them in, every held-out word became one token that
+    the language model never saw (575 of the committed vocabulary's 730 tokens never
+    occur in a training prompt), so a held-out wording fed it untrained embeddings."""
     corpus = []
+    conds = ("plain", "true", "contra", "irrelevant", "probe")
+    if heldout:
+        conds = ("plain", "true", "contra", "irrelevant", "heldout", "heldout_contra")
+        conds += ("heldout_q", "probe")
     for sc in scenes:
-        for cond in (
-            "plain",
-            "true",
-            "contra",
-            "irrelevant",
-            "heldout",
-            "heldout_contra",
-            "heldout_q",
-            "probe",
-        ):
+        for cond in conds:
             corpus.append(sample(sc, 0, cond, rng)[1])
     for fam in S.QUESTIONS.values():
-        corpus += list(fam["train"]) + list(fam["heldout"])
+        corpus += list(fam["train"]) + (list(fam["heldout"]) if heldout else [])
     corpus += [prompt_string("x") + " yes</s>"] * 200
     corpus += [" " + w for w in S.ANSWER_WORDS] * 300
     return corpus
@@ -366,15 +433,67 @@ def first_token_eval(model, tok, feats_or_bank, rows, bs=100, cached=None):
     return {k: round(a / n, 4) for k, (a, n) in sorted(res.items())}
 
 
-def eval_rows(scenes, offset, seed, per=60):
+def eval_rows(scenes, offset, seed, per=60, paired=False):
+    """Validation rows, `per` per family and condition; `paired`: the plain, irrelevant
+    and held-out-question rows share their scenes and questions (`paired_rows`)."""
     rng = random.Random(seed)
     rows = []
     for cond in CONDS:
+        if paired and cond in ("irrelevant", "heldout_q"):
+            continue
         for fam in FAMILY_P:
             for _ in range(per):
                 i = rng.randrange(len(scenes))
-                rows.append(sample(scenes[i], offset + i, cond, rng, family=fam))
+                while fam == "spatial" and len(scenes[i].objects) < 2:
+                    i = rng.randrange(len(scenes))
+                if paired and cond == "plain":
+                    rows += paired_rows(scenes[i], offset + i, fam, rng)
+                else:
+                    rows.append(sample(scenes[i], offset + i, cond, rng, family=fam))
     return rows
+
+
+def split_encode(tok, prompt: str, p: float, rng: random.Random) -> list[int]:
+    """The prompt's token ids with each word, with probability `p`, cut at a random
+    character and its two pieces tokenized apart (a seeded, word-level BPE dropout).
+    With p = 0 this equals the canonical tokenization. An unseen word is tokenized into
+    pieces of trained words; the cuts are what show the language model those pieces."""
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    head, _, rest = prompt_string(prompt).partition("<image>\n")
+    body, _, _ = rest.rpartition(" ASSISTANT:")
+    ids = enc(head + "<image>" * N_IMAGE_TOKENS + "\n")
+    for k, w in enumerate(body.split(" ")):
+        w = w if k == 0 else " " + w
+        core = w.strip()
+        if len(core) > 2 and rng.random() < p:
+            cut = len(w) - len(core) + rng.randrange(1, len(core))
+            ids += enc(w[:cut]) + enc(w[cut:])
+        else:
+            ids += enc(w)
+    return ids + enc(" ASSISTANT:")
+
+
+def encode_batch_split(tok, batch, max_len: int, p: float, rng: random.Random):
+    """`encode_batch` with `split_encode` prompts (answers are never split)."""
+    import torch
+
+    seqs = []
+    for x in batch:
+        pi = split_encode(tok, x[1], p, rng)
+        ai = tok(" " + x[2] + "</s>", add_special_tokens=False)["input_ids"]
+        seqs.append(((pi + ai)[:max_len], len(pi)))
+    L = max(len(q) for q, _ in seqs)
+    ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+    for k, (sq, n_p) in enumerate(seqs):
+        ids[k, : len(sq)] = torch.tensor(sq)
+        att[k, : len(sq)] = 1
+        lab[k, n_p : len(sq)] = torch.tensor(sq[n_p:])
+    return ids, att, lab
 
 
 def selection_score(h: dict, lo: float, hi: float) -> float:
@@ -605,6 +724,40 @@ def main() -> None:
         help="render patch-search crops of the first N training scenes for the mix's "
         "crop_probe condition (verification prompts on crops)",
     )
+    ap.add_argument(
+        "--tok_train_only",
+        action="store_true",
+        help="train the BPE tokenizer on training texts only (no held-out question or fact "
+        "wordings); pass it to --export too",
+    )
+    ap.add_argument(
+        "--word_split",
+        type=float,
+        default=0.0,
+        help="probability that a prompt word is cut in two and its pieces tokenized apart "
+        "(split_encode: seeded word-level BPE dropout)",
+    )
+    ap.add_argument(
+        "--schedule",
+        choices=("time", "steps", "first"),
+        default="time",
+        help="cosine LR and curriculum over the --minutes wall budget (time), over "
+        "--steps (steps: the same run on a loaded machine; --minutes stays a hard stop), "
+        "or over whichever of the two runs out first (first: --steps on a quiet machine, "
+        "a finished schedule on a loaded one)",
+    )
+    ap.add_argument(
+        "--paired_val",
+        action="store_true",
+        help="validation's irrelevant and held-out-question rows reuse its plain rows' "
+        "scenes and questions (paired gaps for the checkpoint choice)",
+    )
+    ap.add_argument(
+        "--init_vision",
+        default=None,
+        help="load only the vision tower from a ckpt_*.pt (the tokenizer, hence the "
+        "language model's shape, may differ)",
+    )
     ap.add_argument("--export", default=None, help="only write --out from a ckpt_*.pt")
     ap.add_argument(
         "--init", default=None, help="start from a ckpt_*.pt (with --vision_steps 0: continue)"
@@ -626,7 +779,10 @@ def main() -> None:
     scene_rng = random.Random(args.seed)
     train = [S.make_scene(scene_rng) for _ in range(args.n_train)]
     val = [S.make_scene(random.Random(10_000 + args.seed + k)) for k in range(args.n_val)]
-    proc = build_processor(tokenizer_corpus(train[:3000], random.Random(args.seed)), args.vocab)
+    corpus = tokenizer_corpus(
+        train[:3000], random.Random(args.seed), heldout=not args.tok_train_only
+    )
+    proc = build_processor(corpus, args.vocab)
     tok = proc.tokenizer
     for w in S.ANSWER_WORDS:
         assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
@@ -672,6 +828,13 @@ def main() -> None:
     if args.init:
         model.load_state_dict(torch.load(args.init))
         print(f"initialised from {args.init}", flush=True)
+    if args.init_vision:
+        state = torch.load(args.init_vision)
+        vis = {k: v for k, v in state.items() if k.startswith("model.vision_tower.")}
+        assert vis, f"no vision tower in {args.init_vision}"
+        missing = set(model.load_state_dict(vis, strict=False).unexpected_keys)
+        assert not missing, missing
+        print(f"vision tower ({len(vis)} tensors) from {args.init_vision}", flush=True)
 
     # ---- stage 1: contrastive + per-quadrant perception pretraining of the vision tower
     vt = model.model.vision_tower
@@ -806,7 +969,8 @@ def main() -> None:
     if args.curriculum:
         frac, _, text = args.curriculum.partition(":")
         cur_frac, cur_mix = float(frac), parse_mix(text)
-    rows = eval_rows(val, len(train), args.seed + 7, per=24)
+    rows = eval_rows(val, len(train), args.seed + 7, per=24, paired=args.paired_val)
+    split_rng = random.Random(args.seed + 11)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -818,19 +982,27 @@ def main() -> None:
     )
     t0 = time.time()
 
+    def progress(step: int) -> float:
+        by_time = (time.time() - t0) / (60 * args.minutes)
+        if args.schedule == "steps":
+            return min(1.0, step / args.steps)
+        if args.schedule == "first":  # whichever budget runs out first
+            return min(1.0, max(step / args.steps, by_time))
+        return min(1.0, by_time)
+
     def lr_at(step):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        prog = min(1.0, (time.time() - t0) / (60 * args.minutes))
+        prog = progress(step)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog)))
 
     history, pool, ema = [], [], None
     model.train()
     for step in range(args.steps):
-        done = time.time() - t0 >= 60 * args.minutes
+        done = time.time() - t0 >= 60 * args.minutes or step == args.steps - 1
         if not pool:
             raw = []
-            early = time.time() - t0 < cur_frac * 60 * args.minutes
+            early = progress(step) < cur_frac
             cs, ws = cur_mix if early else (conds, weights)
             for _ in range(args.batch * 8):
                 cond = rng.choices(cs, ws)[0]
@@ -845,7 +1017,10 @@ def main() -> None:
             pool = [raw[k : k + args.batch] for k in range(0, len(raw), args.batch)]
             rng.shuffle(pool)
         batch = pool.pop()
-        ids, att, labels = encode_batch(tok, batch, max_len=220)
+        if args.word_split:
+            ids, att, labels = encode_batch_split(tok, batch, 220, args.word_split, split_rng)
+        else:
+            ids, att, labels = encode_batch(tok, batch, max_len=220)
         for gg in opt.param_groups:
             gg["lr"] = lr_at(step)
         hid = cached(model, ids, att, batch)

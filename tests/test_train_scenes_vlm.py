@@ -100,3 +100,70 @@ def test_crop_probes_say_no_for_a_crop_without_the_named_object(T):
                 if a == "yes":  # only for an object the crop holds
                     assert any(T._holds(b, o) for o in named)
     assert seen["yes"] > 20 and seen["no"] > 20
+
+
+def _tokenizer(T, heldout: bool):
+    from reasonedit_cli import scenes as S
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from train_demo_vlm import build_processor
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    rng = random.Random(0)
+    scenes = [S.make_scene(rng) for _ in range(300)]
+    return build_processor(T.tokenizer_corpus(scenes, random.Random(0), heldout), 1000).tokenizer
+
+
+def test_train_only_tokenizer_has_no_token_for_a_held_out_word(T):
+    """With held-out wordings in the BPE corpus, 'hue' (held-out only) is one token the
+    language model never trains on; without them it falls into pieces."""
+    with_ho, train_only = _tokenizer(T, True), _tokenizer(T, False)
+    assert "Ġhue" in with_ho.get_vocab()
+    assert "Ġhue" not in train_only.get_vocab()
+    assert len(train_only.tokenize("what hue is the star?")) > len(
+        with_ho.tokenize("what hue is the star?")
+    )
+
+
+def test_split_encode_is_canonical_at_p0_and_splits_words_only(T):
+    from reasonedit_cli import scenes as S
+
+    tok = _tokenizer(T, False)
+    rng = random.Random(1)
+    scenes = [S.make_scene(rng) for _ in range(40)]
+    batch = [T.sample(sc, k, "irrelevant", rng) for k, sc in enumerate(scenes)]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from train_demo_vlm import encode_batch
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    ref = encode_batch(tok, batch, max_len=220)
+    got = T.encode_batch_split(tok, batch, 220, 0.0, random.Random(2))
+    assert all(bool((a == b).all()) for a, b in zip(ref, got))
+    ids, att, lab = T.encode_batch_split(tok, batch, 220, 0.5, random.Random(2))
+    assert ids.shape[1] > ref[0].shape[1]  # words were cut
+    for k, x in enumerate(batch):  # same text, same answer label
+        row = ids[k][att[k].bool()].tolist()
+        assert tok.decode(row[-2:]) == " " + x[2] + "</s>"
+        assert tok.decode(row).replace("<image>", "") == tok.decode(
+            ref[0][k][ref[1][k].bool()].tolist()
+        ).replace("<image>", "")
+        assert (lab[k] != -100).sum() == 2
+
+
+def test_paired_rows_share_the_question_and_hard_negatives_name_another_object(T):
+    from reasonedit_cli import scenes as S
+
+    rng = random.Random(3)
+    for k in range(200):
+        sc = S.make_scene(rng)
+        fam = rng.choice(["color", "shape", "exist", "count"])
+        plain, irr, hq = T.paired_rows(sc, k, fam, rng)
+        assert irr[1].endswith(" " + plain[1]) and plain[2] == irr[2] == hq[2]
+        slots = {w for w in plain[1].rstrip("?.").split() if w in S.COLORS + S.SHAPES}
+        assert hq[4] == "heldout_q" and slots <= set(hq[1].rstrip("?.").split())
+        assert hq[1] != plain[1]
+        q = S.question(sc, "color", rng)
+        for f in T.hard_irrelevant_facts(sc, q, rng):
+            assert f"the {q.target.shape}?" not in f  # never the asked object's question
