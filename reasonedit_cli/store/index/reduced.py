@@ -320,6 +320,7 @@ class ReducedIndex:
         root: Path | None = None,
         tag: str | None = None,
         dtype: str = "float32",
+        balanced: bool = True,
     ) -> ReducedIndex:
         """Everything from the full vectors: fit, project, candidate index, lists,
         sigma, lifted graph (what a compaction does). Memory: the reduced vectors (n x
@@ -332,7 +333,8 @@ class ReducedIndex:
         the file, read sequentially, where `vectors` in row order would be read at
         random (a disk read a row once the file outgrows the page cache). Without
         them, `save` writes that file. `dtype` float16 rounds the keys before they are
-        projected, so that reduced distances bound the stored keys' distances."""
+        projected, so that reduced distances bound the stored keys' distances.
+        `balanced=False` keeps k-means' uneven lists (the benchmark's before/after)."""
         say = log or (lambda *_: None)
         n = len(vectors)
         # the vector files it reads are the index's own (save() writes no second copy)
@@ -350,7 +352,7 @@ class ReducedIndex:
         if ann == "hnsw":
             eng.parts = [HnswPart(build_graph(g), 0, n)]
         elif n >= MIN_IVF_KEYS:
-            cent, offsets, labels, order = IVFPart.build(g)
+            cent, offsets, labels, order = IVFPart.build(g, balanced=balanced)
             eng.parts = [IVFPart(cent, offsets, labels, g[order], 0, n)]
         else:
             eng.parts = [FlatPart(g, 0, n)]
