@@ -41,8 +41,13 @@ def main() -> None:
 
     try:
         out = build_synthetic_codebook(
-            args.dir, args.n, args.dim, config_from=args.config_from, seed=args.seed,
-            dtype=args.dtype, log=log,
+            args.dir,
+            args.n,
+            args.dim,
+            config_from=args.config_from,
+            seed=args.seed,
+            dtype=args.dtype,
+            log=log,
         )
     except CodebookError as e:
         sys.exit(f"Error: {e}")
