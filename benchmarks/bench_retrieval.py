@@ -159,6 +159,19 @@ def cmd_facts(args: argparse.Namespace) -> dict:
     return out
 
 
+def _list_stats(eng) -> dict:
+    """IVF list sizes: count, mean, max, and sum of squares (what the neighbour lists
+    cost: each list against its nearest lists at full width)."""
+    from reasonedit_cli.store.index.ivf import IVFPart
+
+    part = eng.parts[0]
+    if not isinstance(part, IVFPart):
+        return {}
+    s = np.diff(part.offsets).astype(np.int64)
+    return {"ivf_lists": int(len(s)), "ivf_list_mean": float(s.mean()),
+            "ivf_list_max": int(s.max()), "ivf_list_sum_sq": int((s**2).sum())}  # fmt: skip
+
+
 def cmd_build(args: argparse.Namespace) -> dict:
     from reasonedit_cli.store.index.mapped import open_parts, write_vectors
     from reasonedit_cli.store.index.reduced import ReducedIndex
@@ -205,7 +218,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
     vectors = open_parts(d, [ent])
     eng = ReducedIndex.build(
         vectors, rank=args.rank, ann=args.ann, lists=args.lists, log=log,
-        root=d, tag="000001", dtype=args.dtype,
+        root=d, tag="000001", dtype=args.dtype, balanced=not args.unbalanced,
     )  # fmt: skip
     t1 = time.perf_counter()
     entries = eng.save(d, "000001", dtype=args.dtype)
@@ -222,6 +235,8 @@ def cmd_build(args: argparse.Namespace) -> dict:
         "rank": eng.projection.rank,
         "ann": args.ann,
         "lists": args.lists,
+        "balanced": not args.unbalanced,
+        **_list_stats(eng),
         "build_s": total,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
@@ -565,6 +580,9 @@ def main() -> None:
         p.add_argument("--keep-input", action="store_true", help="build: keep the input keys")
         p.add_argument("--lists", default="full", choices=("full", "reduced"), help="build: sigma")
         p.add_argument("--truth-vectors", default=None, help="search: DIR of float32 keys")
+        p.add_argument(
+            "--unbalanced", action="store_true", help="build: k-means lists as they come"
+        )
         p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()
     {

@@ -523,3 +523,23 @@ def test_balanced_engine_search_matches_exact(tmp_path, monkeypatch):
         x == y for x, y in zip(got, truth, strict=True) if {a[0] for a in x} == {b[0] for b in y}
     ]
     assert len(same) >= 0.9 * len(q) and all(same)
+
+
+def test_float16_conversion_is_exact_with_torch():
+    """to_float32 (torch's conversion when torch is loaded, numpy's otherwise) gives the
+    same bits as numpy's for every float16 value but NaNs (subnormals and infinities
+    too; a signalling NaN's payload is quietened, still NaN), so a search returns the
+    same numbers whether or not the process imported torch."""
+    pytest.importorskip("torch")
+    from reasonedit_cli.store.index.mapped import to_float32
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = np.tile(every, 2).reshape(-1, 4096)
+    got = to_float32(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    want = x.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and nan.sum() == 2 * 2046
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert to_float32(x[:, ::2]).flags.c_contiguous  # a strided view converts too
+    assert np.array_equal(to_float32(x[:, ::2]), x[:, ::2].astype(np.float32), equal_nan=True)

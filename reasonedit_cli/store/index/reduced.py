@@ -80,10 +80,12 @@ _TOPK_BATCH = 16  # exact_topk: queries re-ranked together (one GEMM, BATCH x fe
 
 def sq_distances(q: np.ndarray, block: np.ndarray) -> np.ndarray:
     """Squared L2 from one query to each row of block: float32 differences (no
-    cancellation, unlike |q|^2 + |k|^2 - 2qk), float64 accumulation. The one distance
-    every re-rank uses, so the exact and the ANN paths return identical numbers."""
+    cancellation, unlike |q|^2 + |k|^2 - 2qk), float32 sums (relative error ~1e-6 at
+    4,480 dims; float64 sums cost 3x: 0.69 vs 0.23 ms for 224 x 4,480), float64 out.
+    The one distance every re-rank uses, so the exact and the ANN paths return identical
+    numbers; the store recomputes its hits' distances in float64 (`retrieval.direct_l2`)."""
     d = np.asarray(block, dtype=np.float32) - np.asarray(q, dtype=np.float32).reshape(1, -1)
-    return np.einsum("ij,ij->i", d, d, dtype=np.float64)
+    return np.einsum("ij,ij->i", d, d).astype(np.float64)
 
 
 def _rounded(x: np.ndarray, half: bool) -> np.ndarray:
