@@ -111,7 +111,33 @@ def _bytes(entry) -> int:
 
 
 def _engine_json(d: Path) -> dict:
-    return json.loads((d / ENGINE).read_text())
+    """{"entries", "facts", "build"} of a directory `build` made, or of a codebook (its
+    manifest's `derived.engine`: open / search / insert then measure the engine files of
+    e.g. a `scripts/make_synthetic_codebook.py` codebook; insert works on a hard-linked
+    scratch copy, the codebook is never written)."""
+    if (d / ENGINE).exists() or not (d / "manifest.json").exists():
+        return json.loads((d / ENGINE).read_text())
+    man = json.loads((d / "manifest.json").read_text())
+    eng = (man.get("derived") or {}).get("engine")
+    if not eng:
+        raise SystemExit(f"{d}: a codebook without engine files")
+    idx = eng["index"]
+    build = {"keys": int(idx["keys"]), "dim": int(idx["dim"]), "codebook": True,
+             "dtype": idx["vectors"][0].get("dtype", "float32")}  # fmt: skip
+    return {"entries": idx, "facts": eng["facts"][0], "build": build}
+
+
+def _perturbed(eng, count: int, seed: int, scale: float) -> np.ndarray:
+    """Stored keys plus Gaussian noise of `scale` x the keys' per-dimension spread: the
+    queries and new keys for a codebook (whose distribution the bench's Mixture is not);
+    at the bench Mixture's scale 0.05 is its near-duplicates, 0.5 a fresh draw from a
+    key's cluster (spreads 0.2-0.7)."""
+    rng = np.random.default_rng(seed)
+    spread = eng.vectors.take(np.sort(rng.choice(eng.n, min(eng.n, 2000), replace=False))).std(0)
+    rows = rng.choice(eng.n, count, replace=count > eng.n)
+    out = eng.vectors.take(np.sort(rows))
+    out += rng.standard_normal(out.shape, dtype=np.float32) * (scale * spread)
+    return out
 
 
 def _open(d: Path, lists: bool = False):
@@ -262,7 +288,9 @@ from reasonedit_cli.store.index.facts import open_facts, row_facts
 from pathlib import Path
 t1 = time.perf_counter()
 d = Path(sys.argv[1])
-meta = json.loads((d / "engine.json").read_text())
+sys.path.insert(0, sys.argv[2])
+from bench_retrieval import _engine_json  # engine.json, or a codebook's manifest
+meta = _engine_json(d)
 eng = ReducedIndex.open(d, meta["entries"])
 facts = open_facts(d / meta["facts"]["path"], meta["facts"]) if "facts" in meta else None
 t2 = time.perf_counter()
@@ -280,7 +308,7 @@ def cmd_open(args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     for _ in range(args.runs):
         p = subprocess.run(
-            [sys.executable, "-c", _OPEN_CHILD, str(args.dir)],
+            [sys.executable, "-c", _OPEN_CHILD, str(args.dir), str(Path(__file__).parent)],
             check=True, capture_output=True, text=True, env=env,
         )  # fmt: skip
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -308,6 +336,10 @@ def _queries(eng, n_q: int, build: dict, seed: int = 7) -> np.ndarray:
     """Half near-duplicates of stored keys (a paraphrased edit), half fresh draws."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(eng.n, n_q // 2, replace=False))
+    if build.get("codebook"):
+        near = _perturbed(eng, n_q // 2, seed, 0.05)
+        fresh = _perturbed(eng, n_q - n_q // 2, seed + 1000, 0.5)
+        return np.concatenate([near, fresh]).astype(np.float32)
     near = eng.vectors.take(rows)
     near += rng.normal(scale=0.05, size=near.shape).astype(np.float32)
     fresh = Mixture(build["keys"], build["dim"]).draw(n_q - n_q // 2, seed=seed + 1000)
@@ -405,12 +437,18 @@ def cmd_search(args: argparse.Namespace) -> dict:
     ref_vectors.release()
     ref_by_mode = {m: statistics.median(t) * 1e3 for m, t in ref_runs.items()}
     ref_ms = min(ref_by_mode.values())
-    specs = []  # fetch:nprobe:lift_fetch:scan (lift_fetch 0 = no lifted graph)
+    from reasonedit_cli.store.index import mapped as MP
+
+    convs = {"numpy": [False], "torch": [True], "both": [False, True]}[args.convert]
+    if True in convs:  # float16 rows converted by torch, as in `ask` (the model loads it)
+        import torch  # noqa: F401
+
+    specs = []  # fetch:nprobe:lift_fetch:scan (lift_fetch 0 = no lifted graph), conversion
     for s in args.fetch.split(","):
         parts = [int(x) for x in s.split(":")]
         parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
         parts += [SIGMA_SCAN][len(parts) - 3 :]
-        specs.append(tuple(parts[:4]))
+        specs += [(*parts[:4], c) for c in convs]
     times: dict = {sp: [] for sp in specs}
     cpu: dict = {sp: [] for sp in specs}  # this process's CPU time: what load cannot inflate
     by_round: dict = {sp: [] for sp in specs}  # round 1 meets a colder page cache
@@ -420,6 +458,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
             n_before = len(times[sp])
             kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
             kw["scan"] = sp[3]
+            MP.TORCH_CONVERSION = sp[4]
             eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
@@ -441,6 +480,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 "nprobe": sp[1],
                 "lift_fetch": sp[2] if eng.lift is not None else 0,
                 "sigma_scan": sp[3],
+                "conversion": "torch" if sp[4] else "numpy",
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "ms_median_by_round": by_round[sp],
@@ -479,11 +519,16 @@ def cmd_insert_child(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     eng = _open(d, lists=True)
     t_open = time.perf_counter() - t0
-    new = Mixture(build["keys"], build["dim"]).draw(int(args.keys), seed=100 + args.seed)
+    if build.get("codebook"):
+        new = _perturbed(eng, int(args.keys), 100 + args.seed, 0.5)
+    else:
+        new = Mixture(build["keys"], build["dim"]).draw(int(args.keys), seed=100 + args.seed)
     c0, t0 = time.process_time(), time.perf_counter()
     entries = eng.append_files(d, f"{args.seed:06d}", new, dtype=build.get("dtype", "float32"))
     t_ins, c_ins = time.perf_counter() - t0, time.process_time() - c0
-    (d / ENGINE).write_text(json.dumps({"entries": entries, "build": build}))
+    meta = _engine_json(d)
+    (d / ENGINE).write_text(json.dumps({"entries": entries, "facts": meta.get("facts"),
+                                        "build": build}))  # fmt: skip
     out = {
         "keys_before": build["keys"],
         "keys_added": int(args.keys),
@@ -507,8 +552,9 @@ def cmd_insert(args: argparse.Namespace) -> dict:
             if scratch.exists():
                 shutil.rmtree(scratch)
             subprocess.run(["cp", "-al", str(src), str(scratch)], check=True)
-            (scratch / ENGINE).unlink()  # rewritten by the child: not a shared inode
-            shutil.copy(src / ENGINE, scratch / ENGINE)
+            if (src / ENGINE).exists():  # rewritten by the child: not a shared inode
+                (scratch / ENGINE).unlink()
+                shutil.copy(src / ENGINE, scratch / ENGINE)
             cmd = [sys.executable, __file__, "insert-child", "--dir", str(scratch)]
             cmd += ["--keys", str(s), "--seed", str(r + 1)]
             p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -583,6 +629,10 @@ def main() -> None:
         p.add_argument(
             "--unbalanced", action="store_true", help="build: k-means lists as they come"
         )
+        p.add_argument(
+            "--convert", default="both", choices=("numpy", "torch", "both"),
+            help="search: float16 rows to float32 by numpy, torch, or both (each setting twice)",
+        )  # fmt: skip
         p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()
     {
