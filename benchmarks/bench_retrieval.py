@@ -412,7 +412,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
         truth = json.loads(cache.read_text())["truth"]
     else:
         truth = _truth(eng, q, vectors=other)
-        cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
+        if not build.get("codebook"):  # nothing is written into a codebook
+            cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
     t_truth = time.perf_counter() - t0
     eng.vectors.release()
     n_ref = args.ref_queries or max(3, min(30, int(3e9 // (eng.n * eng.dim))))
