@@ -511,6 +511,55 @@ def cmd_search(args: argparse.Namespace) -> dict:
     return out
 
 
+# -- sigma against exact -----------------------------------------------------------------
+
+
+def cmd_sigma(args: argparse.Namespace) -> dict:
+    """The engine's sigma (from its IVF neighbour lists) against exact sigma (each
+    sampled key's 30 nearest over every key, streamed) for `--queries` sampled keys."""
+    from reasonedit_cli import retrieval as R
+    from reasonedit_cli.store.index.reduced import sq_distances
+
+    d = Path(args.dir)
+    eng = _open(d)
+    rng = np.random.default_rng(args.seed)
+    rows = np.sort(rng.choice(eng.n, min(eng.n, args.queries), replace=False))
+    q = eng.vectors.take(rows)
+    t0 = time.perf_counter()
+    k, short = R.SIGMA_K, 96
+    q_sq = np.einsum("ij,ij->i", q, q)
+    best_d = np.full((len(q), 0), np.inf, np.float32)
+    best_r = np.zeros((len(q), 0), np.int64)
+    for r, block in eng.vectors.row_chunks(16_384):
+        sq = np.einsum("ij,ij->i", block, block)[None, :] - 2.0 * (q @ block.T) + q_sq[:, None]
+        sq[rows[:, None] == r[None, :]] = np.inf  # not itself
+        cd = np.concatenate([best_d, sq], axis=1)
+        cr = np.concatenate([best_r, np.broadcast_to(r, sq.shape)], 1)
+        m = min(short, cd.shape[1])
+        part = np.argpartition(cd, m - 1, axis=1)[:, :m]
+        best_d, best_r = np.take_along_axis(cd, part, 1), np.take_along_axis(cr, part, 1)
+    exact = np.empty((len(q), k))
+    for i in range(len(q)):  # the engine's distance on the shortlist
+        exact[i] = np.sort(np.sqrt(sq_distances(q[i], eng.vectors.take(best_r[i]))))[:k]
+    ex = R.sigma_raw_from_knn(exact)
+    rel = (eng.sigma_raw[rows] - ex) / ex
+    out = {
+        "keys": eng.n,
+        "dim": eng.dim,
+        "sampled": len(rows),
+        "sigma_rel_error_median": float(np.median(np.abs(rel))),
+        "sigma_rel_error_p95": float(np.percentile(np.abs(rel), 95)),
+        "sigma_rel_error_max": float(np.abs(rel).max()),
+        "share_within_1e-4": float(np.mean(np.abs(rel) < 1e-4)),
+        "share_within_1pct": float(np.mean(np.abs(rel) < 1e-2)),
+        "sigma_too_large_share": float(np.mean(rel > 1e-4)),
+        "exact_s": time.perf_counter() - t0,
+        "load_avg": _load(),
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
 # -- insert ------------------------------------------------------------------------------
 
 
@@ -599,7 +648,7 @@ def cmd_all(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "facts", "open", "search", "insert", "insert-child", "all"):
+    for name in ("build", "facts", "open", "search", "sigma", "insert", "insert-child", "all"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=None)
         p.add_argument("--n", type=int, default=10_000)
@@ -641,6 +690,7 @@ def main() -> None:
         "facts": cmd_facts,
         "open": cmd_open,
         "search": cmd_search,
+        "sigma": cmd_sigma,
         "insert": cmd_insert,
         "insert-child": cmd_insert_child,
         "all": cmd_all,
