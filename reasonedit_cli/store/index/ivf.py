@@ -107,7 +107,7 @@ def balance(
     equal runs along its first principal axis. A split list's centroid is replaced by
     its pieces' means, so a query probing the nearest centroids finds them as before.
     Deterministic (seeded). The sum of squared list sizes, which the neighbour lists
-    cost (each list against its nearest lists, full width), stays near n * cap.
+    cost (each list against its nearest lists, full width), is then at most n * cap.
     """
     n = len(a)
     a = np.asarray(a, dtype=np.int64).copy()
