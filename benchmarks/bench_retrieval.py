@@ -111,7 +111,33 @@ def _bytes(entry) -> int:
 
 
 def _engine_json(d: Path) -> dict:
-    return json.loads((d / ENGINE).read_text())
+    """{"entries", "facts", "build"} of a directory `build` made, or of a codebook (its
+    manifest's `derived.engine`: open / search / insert then measure the engine files of
+    e.g. a `scripts/make_synthetic_codebook.py` codebook; insert works on a hard-linked
+    scratch copy, the codebook is never written)."""
+    if (d / ENGINE).exists() or not (d / "manifest.json").exists():
+        return json.loads((d / ENGINE).read_text())
+    man = json.loads((d / "manifest.json").read_text())
+    eng = (man.get("derived") or {}).get("engine")
+    if not eng:
+        raise SystemExit(f"{d}: a codebook without engine files")
+    idx = eng["index"]
+    build = {"keys": int(idx["keys"]), "dim": int(idx["dim"]), "codebook": True,
+             "dtype": idx["vectors"][0].get("dtype", "float32")}  # fmt: skip
+    return {"entries": idx, "facts": eng["facts"][0], "build": build}
+
+
+def _perturbed(eng, count: int, seed: int, scale: float) -> np.ndarray:
+    """Stored keys plus Gaussian noise of `scale` x the keys' per-dimension spread: the
+    queries and new keys for a codebook (whose distribution the bench's Mixture is not);
+    at the bench Mixture's scale 0.05 is its near-duplicates, 0.5 a fresh draw from a
+    key's cluster (spreads 0.2-0.7)."""
+    rng = np.random.default_rng(seed)
+    spread = eng.vectors.take(np.sort(rng.choice(eng.n, min(eng.n, 2000), replace=False))).std(0)
+    rows = rng.choice(eng.n, count, replace=count > eng.n)
+    out = eng.vectors.take(np.sort(rows))
+    out += rng.standard_normal(out.shape, dtype=np.float32) * (scale * spread)
+    return out
 
 
 def _open(d: Path, lists: bool = False):
@@ -157,6 +183,19 @@ def cmd_facts(args: argparse.Namespace) -> dict:
     out = {"facts_s": time.perf_counter() - t0, "facts_bytes": meta["facts"]["bytes"]}
     print(json.dumps(out), flush=True)
     return out
+
+
+def _list_stats(eng) -> dict:
+    """IVF list sizes: count, mean, max, and sum of squares (what the neighbour lists
+    cost: each list against its nearest lists at full width)."""
+    from reasonedit_cli.store.index.ivf import IVFPart
+
+    part = eng.parts[0]
+    if not isinstance(part, IVFPart):
+        return {}
+    s = np.diff(part.offsets).astype(np.int64)
+    return {"ivf_lists": int(len(s)), "ivf_list_mean": float(s.mean()),
+            "ivf_list_max": int(s.max()), "ivf_list_sum_sq": int((s**2).sum())}  # fmt: skip
 
 
 def cmd_build(args: argparse.Namespace) -> dict:
@@ -205,7 +244,7 @@ def cmd_build(args: argparse.Namespace) -> dict:
     vectors = open_parts(d, [ent])
     eng = ReducedIndex.build(
         vectors, rank=args.rank, ann=args.ann, lists=args.lists, log=log,
-        root=d, tag="000001", dtype=args.dtype,
+        root=d, tag="000001", dtype=args.dtype, balanced=not args.unbalanced,
     )  # fmt: skip
     t1 = time.perf_counter()
     entries = eng.save(d, "000001", dtype=args.dtype)
@@ -222,6 +261,8 @@ def cmd_build(args: argparse.Namespace) -> dict:
         "rank": eng.projection.rank,
         "ann": args.ann,
         "lists": args.lists,
+        "balanced": not args.unbalanced,
+        **_list_stats(eng),
         "build_s": total,
         "phases": phases,
         "peak_rss_mb": _peak_rss_mb(),
@@ -247,7 +288,9 @@ from reasonedit_cli.store.index.facts import open_facts, row_facts
 from pathlib import Path
 t1 = time.perf_counter()
 d = Path(sys.argv[1])
-meta = json.loads((d / "engine.json").read_text())
+sys.path.insert(0, sys.argv[2])
+from bench_retrieval import _engine_json  # engine.json, or a codebook's manifest
+meta = _engine_json(d)
 eng = ReducedIndex.open(d, meta["entries"])
 facts = open_facts(d / meta["facts"]["path"], meta["facts"]) if "facts" in meta else None
 t2 = time.perf_counter()
@@ -265,7 +308,7 @@ def cmd_open(args: argparse.Namespace) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     for _ in range(args.runs):
         p = subprocess.run(
-            [sys.executable, "-c", _OPEN_CHILD, str(args.dir)],
+            [sys.executable, "-c", _OPEN_CHILD, str(args.dir), str(Path(__file__).parent)],
             check=True, capture_output=True, text=True, env=env,
         )  # fmt: skip
         runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -293,6 +336,10 @@ def _queries(eng, n_q: int, build: dict, seed: int = 7) -> np.ndarray:
     """Half near-duplicates of stored keys (a paraphrased edit), half fresh draws."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(eng.n, n_q // 2, replace=False))
+    if build.get("codebook"):
+        near = _perturbed(eng, n_q // 2, seed, 0.05)
+        fresh = _perturbed(eng, n_q - n_q // 2, seed + 1000, 0.5)
+        return np.concatenate([near, fresh]).astype(np.float32)
     near = eng.vectors.take(rows)
     near += rng.normal(scale=0.05, size=near.shape).astype(np.float32)
     fresh = Mixture(build["keys"], build["dim"]).draw(n_q - n_q // 2, seed=seed + 1000)
@@ -365,7 +412,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
         truth = json.loads(cache.read_text())["truth"]
     else:
         truth = _truth(eng, q, vectors=other)
-        cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
+        if not build.get("codebook"):  # nothing is written into a codebook
+            cache.write_text(json.dumps({"keys": eng.n, "truth": truth}))
     t_truth = time.perf_counter() - t0
     eng.vectors.release()
     n_ref = args.ref_queries or max(3, min(30, int(3e9 // (eng.n * eng.dim))))
@@ -390,12 +438,18 @@ def cmd_search(args: argparse.Namespace) -> dict:
     ref_vectors.release()
     ref_by_mode = {m: statistics.median(t) * 1e3 for m, t in ref_runs.items()}
     ref_ms = min(ref_by_mode.values())
-    specs = []  # fetch:nprobe:lift_fetch:scan (lift_fetch 0 = no lifted graph)
+    from reasonedit_cli.store.index import mapped as MP
+
+    convs = {"numpy": [False], "torch": [True], "both": [False, True]}[args.convert]
+    if True in convs:  # float16 rows converted by torch, as in `ask` (the model loads it)
+        import torch  # noqa: F401
+
+    specs = []  # fetch:nprobe:lift_fetch:scan (lift_fetch 0 = no lifted graph), conversion
     for s in args.fetch.split(","):
         parts = [int(x) for x in s.split(":")]
         parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
         parts += [SIGMA_SCAN][len(parts) - 3 :]
-        specs.append(tuple(parts[:4]))
+        specs += [(*parts[:4], c) for c in convs]
     times: dict = {sp: [] for sp in specs}
     cpu: dict = {sp: [] for sp in specs}  # this process's CPU time: what load cannot inflate
     by_round: dict = {sp: [] for sp in specs}  # round 1 meets a colder page cache
@@ -405,6 +459,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
             n_before = len(times[sp])
             kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
             kw["scan"] = sp[3]
+            MP.TORCH_CONVERSION = sp[4]
             eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
@@ -426,6 +481,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 "nprobe": sp[1],
                 "lift_fetch": sp[2] if eng.lift is not None else 0,
                 "sigma_scan": sp[3],
+                "conversion": "torch" if sp[4] else "numpy",
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "ms_median_by_round": by_round[sp],
@@ -455,6 +511,55 @@ def cmd_search(args: argparse.Namespace) -> dict:
     return out
 
 
+# -- sigma against exact -----------------------------------------------------------------
+
+
+def cmd_sigma(args: argparse.Namespace) -> dict:
+    """The engine's sigma (from its IVF neighbour lists) against exact sigma (each
+    sampled key's 30 nearest over every key, streamed) for `--queries` sampled keys."""
+    from reasonedit_cli import retrieval as R
+    from reasonedit_cli.store.index.reduced import sq_distances
+
+    d = Path(args.dir)
+    eng = _open(d)
+    rng = np.random.default_rng(args.seed)
+    rows = np.sort(rng.choice(eng.n, min(eng.n, args.queries), replace=False))
+    q = eng.vectors.take(rows)
+    t0 = time.perf_counter()
+    k, short = R.SIGMA_K, 96
+    q_sq = np.einsum("ij,ij->i", q, q)
+    best_d = np.full((len(q), 0), np.inf, np.float32)
+    best_r = np.zeros((len(q), 0), np.int64)
+    for r, block in eng.vectors.row_chunks(16_384):
+        sq = np.einsum("ij,ij->i", block, block)[None, :] - 2.0 * (q @ block.T) + q_sq[:, None]
+        sq[rows[:, None] == r[None, :]] = np.inf  # not itself
+        cd = np.concatenate([best_d, sq], axis=1)
+        cr = np.concatenate([best_r, np.broadcast_to(r, sq.shape)], 1)
+        m = min(short, cd.shape[1])
+        part = np.argpartition(cd, m - 1, axis=1)[:, :m]
+        best_d, best_r = np.take_along_axis(cd, part, 1), np.take_along_axis(cr, part, 1)
+    exact = np.empty((len(q), k))
+    for i in range(len(q)):  # the engine's distance on the shortlist
+        exact[i] = np.sort(np.sqrt(sq_distances(q[i], eng.vectors.take(best_r[i]))))[:k]
+    ex = R.sigma_raw_from_knn(exact)
+    rel = (eng.sigma_raw[rows] - ex) / ex
+    out = {
+        "keys": eng.n,
+        "dim": eng.dim,
+        "sampled": len(rows),
+        "sigma_rel_error_median": float(np.median(np.abs(rel))),
+        "sigma_rel_error_p95": float(np.percentile(np.abs(rel), 95)),
+        "sigma_rel_error_max": float(np.abs(rel).max()),
+        "share_within_1e-4": float(np.mean(np.abs(rel) < 1e-4)),
+        "share_within_1pct": float(np.mean(np.abs(rel) < 1e-2)),
+        "sigma_too_large_share": float(np.mean(rel > 1e-4)),
+        "exact_s": time.perf_counter() - t0,
+        "load_avg": _load(),
+    }
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
 # -- insert ------------------------------------------------------------------------------
 
 
@@ -464,11 +569,16 @@ def cmd_insert_child(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     eng = _open(d, lists=True)
     t_open = time.perf_counter() - t0
-    new = Mixture(build["keys"], build["dim"]).draw(int(args.keys), seed=100 + args.seed)
+    if build.get("codebook"):
+        new = _perturbed(eng, int(args.keys), 100 + args.seed, 0.5)
+    else:
+        new = Mixture(build["keys"], build["dim"]).draw(int(args.keys), seed=100 + args.seed)
     c0, t0 = time.process_time(), time.perf_counter()
     entries = eng.append_files(d, f"{args.seed:06d}", new, dtype=build.get("dtype", "float32"))
     t_ins, c_ins = time.perf_counter() - t0, time.process_time() - c0
-    (d / ENGINE).write_text(json.dumps({"entries": entries, "build": build}))
+    meta = _engine_json(d)
+    (d / ENGINE).write_text(json.dumps({"entries": entries, "facts": meta.get("facts"),
+                                        "build": build}))  # fmt: skip
     out = {
         "keys_before": build["keys"],
         "keys_added": int(args.keys),
@@ -492,8 +602,9 @@ def cmd_insert(args: argparse.Namespace) -> dict:
             if scratch.exists():
                 shutil.rmtree(scratch)
             subprocess.run(["cp", "-al", str(src), str(scratch)], check=True)
-            (scratch / ENGINE).unlink()  # rewritten by the child: not a shared inode
-            shutil.copy(src / ENGINE, scratch / ENGINE)
+            if (src / ENGINE).exists():  # rewritten by the child: not a shared inode
+                (scratch / ENGINE).unlink()
+                shutil.copy(src / ENGINE, scratch / ENGINE)
             cmd = [sys.executable, __file__, "insert-child", "--dir", str(scratch)]
             cmd += ["--keys", str(s), "--seed", str(r + 1)]
             p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
@@ -537,7 +648,7 @@ def cmd_all(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("build", "facts", "open", "search", "insert", "insert-child", "all"):
+    for name in ("build", "facts", "open", "search", "sigma", "insert", "insert-child", "all"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=None)
         p.add_argument("--n", type=int, default=10_000)
@@ -565,6 +676,13 @@ def main() -> None:
         p.add_argument("--keep-input", action="store_true", help="build: keep the input keys")
         p.add_argument("--lists", default="full", choices=("full", "reduced"), help="build: sigma")
         p.add_argument("--truth-vectors", default=None, help="search: DIR of float32 keys")
+        p.add_argument(
+            "--unbalanced", action="store_true", help="build: k-means lists as they come"
+        )
+        p.add_argument(
+            "--convert", default="both", choices=("numpy", "torch", "both"),
+            help="search: float16 rows to float32 by numpy, torch, or both (each setting twice)",
+        )  # fmt: skip
         p.add_argument("--ann", default="ivf", choices=("ivf", "hnsw"), help="build: candidates")
     args = ap.parse_args()
     {
@@ -572,6 +690,7 @@ def main() -> None:
         "facts": cmd_facts,
         "open": cmd_open,
         "search": cmd_search,
+        "sigma": cmd_sigma,
         "insert": cmd_insert,
         "insert-child": cmd_insert_child,
         "all": cmd_all,

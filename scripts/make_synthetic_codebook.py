@@ -1,7 +1,8 @@
 """Build a synthetic N x D codebook in the real store format (issue 22's scale checks).
 
     python scripts/make_synthetic_codebook.py --n 1000000 --dim 512 --dir /tmp/cb1m
-    python scripts/make_synthetic_codebook.py --n 1000000 --config-from CB --dir DIR
+    python scripts/make_synthetic_codebook.py --n 1000000 --config-from CB --dir DIR \
+        [--dtype float16]
 
 Synthetic keys and facts, real Parquet segments, real manifest, the engine's mapped
 files (reasonedit_cli/store/synthetic.py says what is written and what is not). With
@@ -25,6 +26,10 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="the new codebook (must not exist)")
     ap.add_argument("--config-from", help="a real codebook whose config and keys come first")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16"),
+        help="the engine's mapped vectors (float16: half the disk and page cache)",
+    )  # fmt: skip
     args = ap.parse_args()
     from reasonedit_cli.errors import CodebookError
     from reasonedit_cli.store.synthetic import build_synthetic_codebook
@@ -36,7 +41,13 @@ def main() -> None:
 
     try:
         out = build_synthetic_codebook(
-            args.dir, args.n, args.dim, config_from=args.config_from, seed=args.seed, log=log
+            args.dir,
+            args.n,
+            args.dim,
+            config_from=args.config_from,
+            seed=args.seed,
+            dtype=args.dtype,
+            log=log,
         )
     except CodebookError as e:
         sys.exit(f"Error: {e}")

@@ -462,3 +462,84 @@ def test_neighbour_lists_in_blocks(monkeypatch):
     assert np.allclose(dist, dist7, rtol=1e-5)
     same = np.mean([set(a) == set(b) for a, b in zip(idx, idx7, strict=True)])
     assert same > 0.99
+
+
+def _with_duplicates(seed=0, dim=24, dupes=900, noise=0.0, tight=0):
+    """2,000 keys over 40 clusters, `dupes` copies of one key (times `noise` jitter: k-means
+    cannot split them, so their list is far above the mean) and `tight` keys in one
+    tight cluster."""
+    rng = np.random.default_rng(seed)
+    cent = rng.normal(size=(40, dim)).astype(np.float32) * 3
+    v = cent[rng.integers(0, 40, 2000)] + rng.normal(size=(2000, dim)).astype(np.float32) * 0.5
+    same = cent[1] + 0.2 + rng.normal(size=(dupes, dim)).astype(np.float32) * noise
+    huge = cent[0] + rng.normal(size=(tight, dim)).astype(np.float32) * 0.01
+    out = np.concatenate([v, same, huge]).astype(np.float32)
+    return out[rng.permutation(len(out))]
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-5])
+def test_balanced_ivf_caps_list_sizes(noise):
+    """No list above balance_cap where k-means alone leaves one far above it (duplicates
+    and near-duplicates: cut along their first principal axis), the lists stay a valid
+    partition, the build is deterministic, and the IVF still finds the reduced nearest."""
+    g = _with_duplicates(noise=noise)
+    n = len(g)
+    cap = I.balance_cap(n, I.n_lists(n))
+    raw = np.diff(I.IVFPart.build(g, balanced=False)[1])
+    cent, offsets, labels, order = I.IVFPart.build(g)
+    sizes = np.diff(offsets)
+    assert raw.max() > 3 * cap  # the data is uneven: the test can fail
+    assert sizes.max() <= cap and sizes.sum() == n
+    assert (sizes.astype(np.int64) ** 2).sum() < 0.25 * (raw.astype(np.int64) ** 2).sum()
+    assert I.valid_ivf(offsets, labels, 0, n, len(cent)) and np.isfinite(cent).all()
+    again = I.IVFPart.build(g)
+    assert np.array_equal(again[2], labels) and np.array_equal(again[0], cent)
+    part = I.IVFPart(cent, offsets, labels, g[order], 0, n)
+    q = np.concatenate([g[:50] + 0.01, _with_duplicates(seed=5, dupes=0)[:50]])
+    lab, _ = part.knn_query(q, 10, 24)
+    truth = R.brute_force_knn(g, q, 10)[0]
+    # ties among the (near-)duplicates (equal to ~1e-3): compare distances, not labels
+    d_got = np.sort(((g[lab] - q[:, None]) ** 2).sum(-1), axis=1)
+    d_true = np.sort(((g[truth] - q[:, None]) ** 2).sum(-1), axis=1)
+    assert np.mean(np.isclose(d_got, d_true, rtol=2e-3, atol=1e-6)) > 0.95
+
+
+def test_balanced_engine_search_matches_exact(tmp_path, monkeypatch):
+    """With a tight cap (1.5x the mean: many lists split) the engine's sigma stays exact
+    for nearly every key and search returns exact search's rows and numbers."""
+    monkeypatch.setattr(I, "BALANCE_CAP", 1.5)
+    v = _mixture(4000, dim=DIM)
+    eng = ReducedIndex.build(open_parts(tmp_path, [_write(tmp_path, v)]), rank=24)
+    cap = I.balance_cap(len(v), I.n_lists(len(v)))
+    raw = np.diff(I.IVFPart.build(eng.graph_rows(np.arange(len(v))), balanced=False)[1])
+    sizes = np.diff(eng.parts[0].offsets)
+    assert raw.max() > cap >= sizes.max() and len(sizes) > len(raw)
+    exact = R.sigma_from_knn(R.knn_lists(v, R.SIGMA_K)[1])
+    assert np.mean(np.abs(eng.sigma - exact) / exact < 1e-4) > 0.97
+    q = _queries(v)
+    got, truth = eng.search(q, 5), eng.exact_search(q, 5)
+    assert _recall(got, truth) >= 0.97
+    same = [
+        x == y for x, y in zip(got, truth, strict=True) if {a[0] for a in x} == {b[0] for b in y}
+    ]
+    assert len(same) >= 0.9 * len(q) and all(same)
+
+
+def test_float16_conversion_is_exact_with_torch():
+    """to_float32 (torch's conversion when torch is loaded, numpy's otherwise) gives the
+    same bits as numpy's for every float16 value but NaNs (subnormals and infinities
+    too; a signalling NaN's payload is quietened, still NaN), so a search returns the
+    same numbers whether or not the process imported torch."""
+    pytest.importorskip("torch")
+    from reasonedit_cli.store.index.mapped import to_float32
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = np.tile(every, 2).reshape(-1, 4096)
+    got = to_float32(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    want = x.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan) and nan.sum() == 2 * 2046
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert to_float32(x[:, ::2]).flags.c_contiguous  # a strided view converts too
+    assert np.array_equal(to_float32(x[:, ::2]), x[:, ::2].astype(np.float32), equal_nan=True)

@@ -101,10 +101,16 @@ def build_synthetic_codebook(
     *,
     config_from: str | Path | None = None,
     seed: int = 0,
+    dtype: str = "float32",
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Write a codebook of n keys (the real ones of `config_from` first) at `path`,
-    which must not exist; returns a summary (keys, dim, engine, seconds per step)."""
+    which must not exist; returns a summary (keys, dim, engine, seconds per step).
+
+    `dtype` float16: the engine's mapped vectors are float16 (9 GB instead of 18 GB at
+    1M x 4,480), and so are the synthetic keys themselves (drawn, then rounded), so that
+    their Parquet rows (float32) and the engine hold the same numbers; the real keys
+    stay exact in Parquet and are rounded in the engine only."""
     import time
 
     from .reader import Codebook
@@ -167,7 +173,9 @@ def build_synthetic_codebook(
     use_engine = n >= min_keys() and config.get("tau_rule") != "reference"
     ordered = use_engine and n >= MIN_IVF_KEYS  # fewer keys: one flat part, row order
     rel = "index/synthetic-input-vectors.npy" if ordered else "index/vectors-000001.npy"
-    ent = dict(write_vectors(root / rel, (b for _, b in chunks()), n, dim), path=rel)
+    if dtype not in ("float32", "float16"):
+        raise CodebookError(f"dtype must be float32 or float16, not {dtype!r}")
+    ent = dict(write_vectors(root / rel, (b for _, b in chunks()), n, dim, dtype), path=rel)
     steps["vectors"] = time.perf_counter() - t0
     say(f"vectors written ({steps['vectors']:.0f} s)")
     m = open_vectors(root / rel, ent)
@@ -177,6 +185,7 @@ def build_synthetic_codebook(
         log=say,
         root=root if ordered else None,
         tag="000001" if ordered else None,
+        dtype=dtype,
     )
     steps["engine"] = time.perf_counter() - t0 - sum(steps.values())
     say(f"engine built ({steps['engine']:.0f} s)")
@@ -238,7 +247,7 @@ def build_synthetic_codebook(
         "knn_dist": derived_file("index/knn_dist-000001.npy", eng.knn_dist),
     }
     layout = {"files": files, "deltas": {"sigma": [], "knn": [], "hnsw": []}}
-    index = eng.save(root, "000001") if use_engine else {}
+    index = eng.save(root, "000001", dtype=dtype) if use_engine else {}
     frel = "index/facts-000001.arrow"
     fe = dict(write_facts(root / frel, facts_table), path=frel, start=0) if use_engine else {}
     manifest: dict[str, Any] = {
@@ -273,6 +282,7 @@ def build_synthetic_codebook(
     atomic_write(root / MANIFEST, data)
     steps["derived"] = time.perf_counter() - t0 - sum(steps.values())
     digest = hashlib.sha256(data).hexdigest()[:12]
-    return {"path": str(root), "keys": n, "real_keys": n_real, "dim": dim, "edits": len(edits),
+    return {"path": str(root), "keys": n, "real_keys": n_real, "dim": dim, "dtype": dtype,
+            "edits": len(edits),
             "engine": "engine" in derived, "tau": derived["tau"], "seconds": steps,
             "manifest": digest}  # fmt: skip

@@ -27,6 +27,11 @@ KMEANS_SEED = 0
 NPROBE = 12  # lists scanned per query (at least, until `k` keys are found)
 _ASSIGN_CHUNK = 16_384
 BATCH_QUERIES = 64  # from this many queries on, knn_query works list by list
+#: no list holds more than this many times the mean list size (`balance`): k-means lists
+#: were very uneven on the benchmark's mixture (1M x 4,480: mean 289 keys, max 17,422;
+#: the largest 1% of lists held 85% of the neighbour-list cost, ~ sum of squared sizes)
+BALANCE_CAP = 3.0
+BALANCE_MIN_CAP = 64  # ... but lists of up to this many keys are never split
 
 
 def n_lists(n: int) -> int:
@@ -73,6 +78,97 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = KMEANS_ITERS, seed: int = KMEA
     return cent
 
 
+def _split_sorted(x: np.ndarray, pieces: int) -> np.ndarray:
+    """Labels 0..pieces-1 cutting x into equal runs along its direction of largest
+    spread (its first principal axis, by a few power iterations): the fallback for a
+    list k-means cannot split (near-duplicate keys)."""
+    c = x - x.mean(0)
+    v = c[np.argmax(np.einsum("ij,ij->i", c, c))].astype(np.float64)
+    for _ in range(4):
+        v = c.T @ (c @ v)
+        nv = float(np.linalg.norm(v))
+        if nv == 0.0:
+            break
+        v /= nv
+    order = np.argsort(c @ v, kind="stable")
+    out = np.empty(len(x), dtype=np.int64)
+    out[order] = np.arange(len(x)) * pieces // len(x)
+    return out
+
+
+def balance(
+    g: np.ndarray, cent: np.ndarray, a: np.ndarray, *, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids and assignment with no list above `cap` keys.
+
+    Each list above the cap is split by k-means on its own members into
+    ceil(size / mean) lists (mean = the target mean list size, n / number of lists),
+    recursively; a piece k-means leaves above the cap (near-duplicate keys) is cut into
+    equal runs along its first principal axis. A split list's centroid is replaced by
+    its pieces' means, so a query probing the nearest centroids finds them as before.
+    Deterministic (seeded). The sum of squared list sizes, which the neighbour lists
+    cost (each list against its nearest lists, full width), is then at most n * cap.
+    """
+    n = len(a)
+    a = np.asarray(a, dtype=np.int64).copy()
+    cents = [np.asarray(cent, dtype=np.float32).copy()]  # the k-means ones, then new pieces
+    n_c = len(cent)
+    mean = max(1.0, n / max(1, n_c))
+    counts = np.bincount(a, minlength=n_c)
+    todo = [(int(j), 0) for j in np.flatnonzero(counts > cap)]
+    order = np.argsort(a, kind="stable")
+    off = np.concatenate([[0], np.cumsum(counts)])
+    members = {j: order[off[j] : off[j + 1]] for j, _ in todo}
+    while todo:
+        j, depth = todo.pop()
+        rows = members.pop(j)
+        x = np.asarray(g[rows], dtype=np.float32)
+        pieces = int(np.ceil(len(rows) / mean))
+        if depth < 2:
+            sub = kmeans(_sample(x, pieces), pieces, seed=KMEANS_SEED + 1 + depth)
+            lab = assign(x, sub)
+        else:
+            lab = _split_sorted(x, int(np.ceil(len(rows) / cap)))
+        used = np.unique(lab)
+        if len(used) <= 1:  # k-means found one cluster: cut along the axis instead
+            lab = _split_sorted(x, int(np.ceil(len(rows) / cap)))
+            used = np.unique(lab)
+        sub_counts = np.bincount(lab)
+        new_c = np.stack([x[lab == u].mean(0) for u in used]).astype(np.float32)
+        # piece 0 keeps list j (its centroid is replaced), the others become new lists
+        ids = np.concatenate([[j], n_c + np.arange(len(used) - 1)])
+        if j < len(cents[0]):
+            cents[0][j] = new_c[0]
+        else:  # a piece of an earlier split, split again
+            cents = [np.concatenate(cents)]
+            cents[0][j] = new_c[0]
+        if len(used) > 1:
+            cents.append(new_c[1:])
+        n_c += len(used) - 1
+        for u, new in zip(used, ids, strict=True):
+            r = rows[lab == u]
+            a[r] = new
+            if sub_counts[u] > cap:
+                members[int(new)] = r
+                todo.append((int(new), depth + 1))
+    return np.concatenate(cents), a
+
+
+def _sample(x: np.ndarray, k: int) -> np.ndarray:
+    """A seeded sample of KMEANS_SAMPLE_PER_LIST rows a list (all rows if fewer)."""
+    m = min(len(x), k * KMEANS_SAMPLE_PER_LIST)
+    if m >= len(x):
+        return x
+    rng = np.random.default_rng(KMEANS_SEED)
+    return x[np.sort(rng.choice(len(x), size=m, replace=False))]
+
+
+def balance_cap(n: int, lists: int) -> int:
+    """The largest list `IVFPart.build` leaves: BALANCE_CAP x the mean, at least
+    BALANCE_MIN_CAP keys."""
+    return max(BALANCE_MIN_CAP, int(np.ceil(BALANCE_CAP * n / max(1, lists))))
+
+
 @dataclass
 class IVFPart:
     """IVF over rows start..stop-1: lists of labels (codebook rows) with their vectors."""
@@ -116,9 +212,12 @@ class IVFPart:
         return self.stop - self.start
 
     @classmethod
-    def build(cls, g: np.ndarray, start: int = 0, *, lists: int | None = None) -> tuple:
+    def build(
+        cls, g: np.ndarray, start: int = 0, *, lists: int | None = None, balanced: bool = True
+    ) -> tuple:
         """(part arrays without vecs: centroids, offsets, labels) and the order to write
-        the vectors in (`vecs = g[order]`)."""
+        the vectors in (`vecs = g[order]`). `balanced`: no list above `balance_cap`
+        (splits the lists k-means leaves larger; more lists than `lists` then)."""
         n = len(g)
         k = lists or n_lists(n)
         rng = np.random.default_rng(KMEANS_SEED)
@@ -126,6 +225,8 @@ class IVFPart:
         sample = g[np.sort(rng.choice(n, size=m, replace=False))] if m < n else g
         cent = kmeans(np.asarray(sample, np.float32), k)
         a = assign(g, cent)
+        if balanced:
+            cent, a = balance(g, cent, a, cap=balance_cap(n, len(cent)))
         order = np.argsort(a, kind="stable")
         offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=len(cent)))])
         return cent, offsets.astype(np.int64), (order + start).astype(np.int64), order

@@ -71,8 +71,10 @@ class Projection:
         if not np.isfinite(a).all():
             raise ValueError("projection array is not finite")
         basis = np.ascontiguousarray(a[1:])
-        gram = basis.astype(np.float64) @ basis.T.astype(np.float64)
-        if np.abs(gram - np.eye(len(basis))).max() > 1e-3:
+        # float32 (rounding ~1e-6, far below the 1e-3 tolerance): the float64 Gram of a
+        # 256 x 4,480 basis took 0.24 s of a 0.9 s open at 1M x 4,480 on a loaded machine
+        gram = basis @ basis.T
+        if np.abs(gram - np.eye(len(basis), dtype=np.float32)).max() > 1e-3:
             raise ValueError("projection basis is not orthonormal")
         return cls(np.ascontiguousarray(a[0]), basis)
 
