@@ -71,7 +71,7 @@ def test_insert_reads_no_old_key_and_shares_the_lists(tmp_path, monkeypatch):
     """An insert into an engine codebook decodes no keys segment; the store lists the
     engine's sigma and list files as its own, keeps no full-width graph, and answers
     (search, tau) with the numbers of a codebook that never had an engine."""
-    eng_cb = grow(tmp_path / "e", 50)
+    grow(tmp_path / "e", 50)
     old_cb = grow(tmp_path / "o", 10**9)
     real = RD.read_segment
     with monkeypatch.context() as m:
@@ -82,10 +82,9 @@ def test_insert_reads_no_old_key_and_shares_the_lists(tmp_path, monkeypatch):
             w.add(*make_edits(100, 4))
         with cb.writer() as w:
             w.add(*make_edits(110, 2))
-    for c in (old_cb,):
-        for start, count in ((100, 4), (110, 2)):
-            with c.writer() as w:
-                w.add(*make_edits(start, count))
+    for start, count in ((100, 4), (110, 2)):
+        with old_cb.writer() as w:
+            w.add(*make_edits(start, count))
     d = cb.manifest["derived"]
     idx = d["engine"]["index"]
     assert d["files"]["knn_idx"]["path"] == idx["knn_idx"]["path"]
