@@ -276,20 +276,25 @@ def other_edit_threshold(
 
 
 def nearest_other_distances(
-    knn_idx: np.ndarray, knn_dist: np.ndarray, codes: np.ndarray
+    knn_idx: np.ndarray,
+    knn_dist: np.ndarray,
+    codes: np.ndarray,
+    own: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per key the raw distance to the first key of its neighbour list whose code (edit,
     image) differs from its own; NaN where the list holds none. What the rules "edits"
     and "images" measure, kept per key by the store (store/taucache.py) so that tau for
-    another percentile does not rescan a million lists."""
+    another percentile does not rescan a million lists. `codes` are every key's; the
+    lists may be of some keys only, whose codes `own` then gives (default: all keys)."""
     idx = np.asarray(knn_idx)
     d = np.asarray(knn_dist, dtype=np.float64)
     codes = np.asarray(codes)
+    mine = codes if own is None else np.asarray(own)
     out = np.full(len(idx), np.nan)
     if idx.ndim != 2 or idx.shape[1] == 0 or len(idx) == 0:
         return out
     valid = idx >= 0
-    other = valid & (codes[np.where(valid, idx, 0)] != codes[:, None])
+    other = valid & (codes[np.where(valid, idx, 0)] != mine[:, None])
     has = other.any(axis=1)
     rows = np.flatnonzero(has)
     out[rows] = d[rows, np.argmax(other[rows], axis=1)]

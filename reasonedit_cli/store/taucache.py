@@ -88,6 +88,31 @@ def compute(
     return TauCache(other, n_images, n_edits)
 
 
+def updated(
+    old: TauCache,
+    knn_idx: np.ndarray,
+    knn_dist: np.ndarray,
+    rows: np.ndarray,
+    image_column: pa.ChunkedArray | pa.Array,
+    edit_column: pa.ChunkedArray | pa.Array,
+) -> TauCache:
+    """The cache after an insert: `old` (of the first rows) with the rows whose list
+    changed and the appended rows (`rows`) measured again; the same numbers as
+    `compute` on the new lists, at the cost of the changed rows (the codes are Arrow's
+    hash of every id: ~0.1 s at a million keys)."""
+    images, n_images = codes(image_column)
+    edits, n_edits = codes(edit_column)
+    n = len(knn_idx)
+    other = np.full((n, len(COLUMNS)), np.nan)
+    other[: len(old.other)] = old.other
+    rows = np.asarray(rows, dtype=np.int64)
+    li, ld = knn_idx[rows], knn_dist[rows]
+    other[rows, 0] = R.nearest_other_distances(li, ld, images, own=images[rows])
+    other[rows, 1] = R.nearest_other_distances(li, ld, edits, own=edits[rows])
+    other[rows, 2] = np.asarray(ld, dtype=np.float64)[:, 0] if len(rows) else 0.0
+    return TauCache(other, n_images, n_edits)
+
+
 def write(root: Path, rel: str, cache: TauCache) -> dict:
     """Write the cache atomically as `rel`; returns its manifest entry."""
     buf = io.BytesIO()

@@ -592,6 +592,7 @@ class CodebookWriter:
         )
         new.use_index(index)
         if new.tau_rule in TC.RULES:
+            old_files = (cb.manifest.get("derived") or {}).get("files") or {}
             cache = TC.load(self.path, layout["files"].get("tau_other"), n) if eng is None else None
             if cache is None:
                 d_lists = index.lists(need_knn=True)
@@ -600,9 +601,14 @@ class CodebookWriter:
                 def column(name: str) -> pa.ChunkedArray:
                     return pa.chunked_array([c for t in tables for c in t.column(name).chunks])
 
-                cache = TC.compute(
-                    d_lists.idx, d_lists.dist, column("image_sha256"), column("edit_id")
-                )
+                images, edits = column("image_sha256"), column("edit_id")
+                rows = eng.changed_rows if eng is not None and kind == "append" else None
+                before = TC.load(self.path, old_files.get("tau_other"), cb.n_keys)
+                if rows is not None and before is not None and len(before.other) < n:
+                    # an insert: the rows whose list changed, and the new ones
+                    cache = TC.updated(before, d_lists.idx, d_lists.dist, rows, images, edits)
+                else:
+                    cache = TC.compute(d_lists.idx, d_lists.dist, images, edits)
                 rel = f"index/tau-other-{new.version:06d}.npy"
                 layout["files"]["tau_other"] = TC.write(self.path, rel, cache)
             new.use_tau_cache(cache)

@@ -291,6 +291,8 @@ class ReducedIndex:
     knn_dist: np.ndarray | None = None
     lift: LF.Lift | None = None
     entries: dict = field(default_factory=dict)  # manifest entries of the files
+    #: after `append`: the rows whose neighbour list it changed and the appended rows
+    changed_rows: np.ndarray | None = None
     _scan: tuple | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -597,6 +599,7 @@ class ReducedIndex:
         self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
         raw = np.concatenate([self.sigma_raw, np.ones(len(new))])
         changed = np.concatenate([app.rows, np.arange(n_old, len(vectors))])
+        self.changed_rows = changed  # the lists this insert changed (the store's tau cache)
         raw[changed] = R.sigma_raw_from_knn(self.knn_dist[changed])
         self.set_sigma(raw)
         return app
