@@ -77,7 +77,10 @@ def run_one(code: Path, cb: Path, keys: int, seed: int, timeout: float) -> dict:
     subprocess.run(["cp", "-al", str(cb), str(scratch)], check=True)
     env = dict(os.environ, PYTHONPATH=str(code))
     cmd = [sys.executable, "-c", _CHILD, str(scratch), str(keys), str(seed)]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: `python -c` puts it first on sys.path, before PYTHONPATH
+    p = subprocess.Popen(
+        cmd, env=env, cwd=str(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     t0, peak = time.perf_counter(), 0
     while p.poll() is None:
         peak = max(peak, _status_kb(p.pid, "VmHWM"))
