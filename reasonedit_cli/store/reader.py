@@ -390,7 +390,12 @@ class Codebook:
         if self.tau_rule in TC.RULES and self.n_keys >= 2:
             cache = self.tau_cache()
             if cache is not None:
-                return cache.threshold(self.sigma(), self.tau_rule, p, len(self.edit_ids()))
+                # the live edits' count as the writer recorded it (no edits segment read)
+                d = self.manifest.get("derived") or {}
+                n_edits = d.get("edits") if self._edits is None else None
+                if not isinstance(n_edits, int):
+                    n_edits = len(self.edit_ids())
+                return cache.threshold(self.sigma(), self.tau_rule, p, n_edits)
         if self.tau_rule == "reference":
             if self.n_keys < 2:
                 return None
