@@ -168,7 +168,6 @@ class VLM:
             raise UsageError(f"model directory {model} does not exist")
         # a hub id: its cached snapshot, or one line at once when it cannot be had
         requested, model = model, resolve_model(model)
-        import torch
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         self.device = resolve_device(device)
@@ -208,7 +207,9 @@ class VLM:
         except Exception as exc:  # any other load failure: one line, never a traceback
             raise ReasonEditError(_load_failure(model, self.family, exc)) from None
         self.model.to(self.device).eval()
-        torch.set_grad_enabled(False)
+        # Frozen, not grad mode off: no forward builds a graph over the weights, and the
+        # caller's own autograd (a training script, GRACE's value) keeps working.
+        self.model.requires_grad_(False)
         self.revision = model_revision(requested)
         self.tokenizer = self.processor.tokenizer
         if self.tokenizer.pad_token_id is None:

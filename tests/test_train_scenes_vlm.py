@@ -64,11 +64,9 @@ def test_object_loss_prefers_features_that_separate_shapes_within_a_colour(T):
     l_colour = T.object_loss(colour_only, lab, cap, 0.1, 1.0).item()
     l_both = T.object_loss(both, lab, cap, 0.1, 1.0).item()
     assert l_both < l_colour
-    # and it trains the features: the gradient reaches them (enable_grad: loading a VLM
-    # earlier in the same pytest process turns grad mode off, see vlm.py)
-    with torch.enable_grad():
-        x = colour_only.clone().requires_grad_(True)
-        T.object_loss(x, lab, cap, 0.1, 1.0).backward()
+    # and it trains the features: the gradient reaches them
+    x = colour_only.clone().requires_grad_(True)
+    T.object_loss(x, lab, cap, 0.1, 1.0).backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
 
 

@@ -19,6 +19,19 @@ def _imgs():
     return [Image.new("RGB", (48, 40), c) for c in ("red", "blue", "green")]
 
 
+def test_loading_freezes_the_model_and_leaves_grad_mode_alone(vlm):
+    """A VLM is frozen on its own weights; the process's grad mode is the caller's (a
+    training script or GRACE's value optimisation runs autograd in the same process)."""
+    import torch
+
+    assert torch.is_grad_enabled()
+    assert not any(p.requires_grad for p in vlm.model.parameters())
+    vlm.pooled_inputs(_imgs()[:1], ["a"], ["language.1"])  # a forward builds no graph
+    x = torch.ones(2, requires_grad=True)
+    (x * 3).sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [3.0, 3.0]
+
+
 def test_candidate_layers_cover_all_roles(vlm):
     layers = vlm.candidate_layers()
     labels = [li.label for li in layers]
@@ -155,7 +168,8 @@ def test_normed_points_are_the_norm_outputs_and_share_the_forward(vlm):
     single = [vlm.pooled_inputs([i], [t], names) for i, t in zip(imgs, texts)]
     for name in names:
         np.testing.assert_allclose(out[name], np.concatenate([s[name] for s in single]), atol=1e-5)
-    assert torch.is_grad_enabled() is False
+    # frozen weights: the forward recorded no graph although grad mode is on
+    assert torch.is_grad_enabled() and not seen["language.1.normed"].requires_grad
 
 
 def test_pool_reads_the_text_mask_for_language_layers_only():
