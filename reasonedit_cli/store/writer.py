@@ -532,11 +532,10 @@ class CodebookWriter:
     ) -> tuple[DerivedIndex, dict]:
         """The new version's derived index and its manifest `derived` section.
 
-        The index files are written by store/index/update.py (deltas where that is exact,
-        base files otherwise); tau is measured on the new index by the codebook's rule.
-        From `engine_min_keys` keys on, the engine's mapped files follow
-        (store/engine.py: appended to on an insert, rebuilt otherwise), searching by
-        the sigma just computed.
+        Below `engine_min_keys` keys the index files are written by
+        store/index/update.py (deltas where that is exact, base files otherwise); tau is
+        measured on the new index by the codebook's rule. From `engine_min_keys` keys on
+        (and any rule but `reference`) the engine is the index (`_derive_engine`).
         """
         cb = self.cb
         if new.n_keys >= cb.engine_min_keys and new.tau_rule != "reference" and new.dim:
