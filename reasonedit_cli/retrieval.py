@@ -269,22 +269,48 @@ def other_edit_threshold(
     all belong to their own edit give no measurement and are left out.
     """
     idx = np.asarray(knn_idx)
-    d = np.asarray(knn_dist, dtype=np.float64)
-    codes = np.asarray(edit_codes)
     if idx.ndim != 2 or idx.shape[1] == 0 or len(idx) < 2:
         return None
+    other = nearest_other_distances(idx, knn_dist, edit_codes)
+    return halfway_threshold(other, sigma, p, n_edits)
+
+
+def nearest_other_distances(
+    knn_idx: np.ndarray,
+    knn_dist: np.ndarray,
+    codes: np.ndarray,
+    own: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per key the raw distance to the first key of its neighbour list whose code (edit,
+    image) differs from its own; NaN where the list holds none. What the rules "edits"
+    and "images" measure, kept per key by the store (store/taucache.py) so that tau for
+    another percentile does not rescan a million lists. `codes` are every key's; the
+    lists may be of some keys only, whose codes `own` then gives (default: all keys)."""
+    idx = np.asarray(knn_idx)
+    d = np.asarray(knn_dist, dtype=np.float64)
+    codes = np.asarray(codes)
+    mine = codes if own is None else np.asarray(own)
+    out = np.full(len(idx), np.nan)
+    if idx.ndim != 2 or idx.shape[1] == 0 or len(idx) == 0:
+        return out
     valid = idx >= 0
-    other = valid & (codes[np.where(valid, idx, 0)] != codes[:, None])
+    other = valid & (codes[np.where(valid, idx, 0)] != mine[:, None])
     has = other.any(axis=1)
-    if not has.any():
-        return None
-    first = np.argmax(other, axis=1)
     rows = np.flatnonzero(has)
-    nn = d[rows, first[rows]] / np.asarray(sigma, dtype=np.float64)[rows]
+    out[rows] = d[rows, np.argmax(other[rows], axis=1)]
+    return out
+
+
+def halfway_threshold(
+    other: np.ndarray, sigma: np.ndarray, p: float, n_groups: int
+) -> float | None:
+    """HALFWAY x the max(p, 100/n_groups)-th percentile of other / sigma over the keys
+    with a measurement (`nearest_other_distances`); None without any."""
+    nn = np.asarray(other, dtype=np.float64) / np.asarray(sigma, dtype=np.float64)
     nn = nn[np.isfinite(nn)]
     if len(nn) == 0:
         return None
-    return HALFWAY * float(np.percentile(nn, effective_percentile(p, n_edits)))
+    return HALFWAY * float(np.percentile(nn, effective_percentile(p, n_groups)))
 
 
 def other_image_threshold(

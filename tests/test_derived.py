@@ -114,9 +114,13 @@ def test_only_the_batch_is_written(tmp_path, keep_deltas):
     new = {n: st.st_size for n, st in after.items() if n not in before}
     assert all(after[n].st_mtime_ns == t for n, t in before.items())  # untouched
     kinds = sorted(n.split("-0")[0] for n in new)
-    # the index's deltas, and (from ENGINE_MIN_KEYS keys on) the wide-key engine's
-    assert {"hnsw-delta", "knn-delta", "sigma-delta"} <= set(kinds)
-    assert all("delta" in k for k in kinds), kinds
+    # from ENGINE_MIN_KEYS keys on the wide-key engine's deltas, whose sigma and list
+    # patches are the store's own (no second copy, no full-width graph part), and the
+    # per-key tau measurements (n x 3 floats: store/taucache.py)
+    assert {"rknn-delta", "rsigma-delta", "vectors-delta", "facts-delta"} <= set(kinds)
+    assert all("delta" in k or k == "tau-other" for k in kinds), kinds
+    files = cb.manifest["derived"]["files"]
+    assert files["knn_idx"]["path"] == cb.manifest["derived"]["engine"]["index"]["knn_idx"]["path"]
     base_bytes = sum(after[n].st_size for n in before)
     assert sum(new.values()) < 0.1 * base_bytes
 
@@ -158,9 +162,12 @@ def test_compaction_keeps_results_and_reopens_in_a_new_process(tmp_path, keep_de
     assert not (old_files - listed_files(cb)) & on_disk
 
 
-def test_inserts_compact_on_their_own(tmp_path):
+def test_inserts_compact_on_their_own(tmp_path, monkeypatch):
     """Default thresholds: deltas while small against the base, folded in once they are
-    not, so what readers load and a search visits stays bounded."""
+    not, so what readers load and a search visits stays bounded. (The store's own
+    index: with the engine, from ENGINE_MIN_KEYS keys, its lists are the store's and
+    it keeps no graph parts.)"""
+    monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", str(10**9))
     cb = grow(tmp_path / "cb", [300])  # 900 keys
     seen = []
     for i in range(12):

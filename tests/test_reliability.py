@@ -458,15 +458,23 @@ def test_damage_fuzz_subset(base, tmp_path, monkeypatch):
     """Truncations and bit flips of every kind of file: a clear error, a report by
     doctor or a recovery (derived files) -- never a traceback or a signal. The synthetic
     codebook has the wide-key engine's files too (issue 22: threshold lowered to 100)."""
+    # the store's own index (a full-width hnsw graph, its parts and patches) is what a
+    # codebook below the engine's threshold has; above it the engine's lists are the
+    # store's and there is no such graph: one synthetic codebook of each
+    monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", str(10**9))
+    store = build_synthetic_codebook(
+        tmp_path / "store", n_edits=40, keys_per_edit=4, hnsw_min_keys=100, keep_deltas=True
+    )
     monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", "100")  # the workers inherit it
     syn = build_synthetic_codebook(
         tmp_path / "syn", n_edits=40, keys_per_edit=4, hnsw_min_keys=100, keep_deltas=True
     )
     cases = []
-    for src, n, hmk in ((syn, 60, 100), (base["cb"], 30, None)):
+    for src, n, hmk in ((syn, 36, 100), (store, 30, 100), (base["cb"], 30, None)):
         for c in damage_cases(src, n, seed=8):
             c.update(id=len(cases), src=str(src), work=str(tmp_path / "work"), hnsw_min_keys=hmk)
-            c["repair_sources"] = src == syn  # doctor --repair on source damage (issue 23)
+            # doctor --repair on source damage (issue 23)
+            c["repair_sources"] = src in (syn, store)
             cases.append(c)
     results = run_fuzz(cases)
     summary = summarize(results)

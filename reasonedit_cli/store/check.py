@@ -17,6 +17,7 @@ from .format import LOCK, MANIFEST, CheckReport, canonical
 from .index.derived import NO_GRAPH
 from .lock import lock_owner
 from .staging import check_staging
+from .taucache import verify as verify_tau_cache
 
 if TYPE_CHECKING:
     from .reader import Codebook
@@ -55,6 +56,9 @@ def check_codebook(
         derived_bad = [b for b in derived_bad if b != NO_GRAPH]
         rep.notes.append("the full-width hnsw graph is not persisted (the engine searches)")
     derived_bad = derived_bad + engine_bad
+    d = cb.manifest.get("derived") or {}
+    if d.get("keys") == cb.n_keys:  # the per-key tau measurements (store/taucache.py)
+        derived_bad += verify_tau_cache(cb.path, (d.get("files") or {}).get("tau_other"), cb.n_keys)
     if lift_missing and not repair:
         rep.notes.append(
             "the lifted graph of large-sigma keys is not persisted (a codebook written "

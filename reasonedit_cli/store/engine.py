@@ -40,7 +40,7 @@ from .. import retrieval as R
 from .index import DerivedIndex
 from .index.facts import open_facts, write_facts
 from .index.ivf import NPROBE, IVFPart
-from .index.mapped import MappedError, VectorParts
+from .index.mapped import MappedArray, MappedError, VectorParts, open_vectors, write_vectors
 from .index.reduced import ReducedIndex
 from .manifest import engine_entries
 
@@ -117,7 +117,17 @@ class Engine:
         per_list = [p.size / max(1, len(p.centroids)) for p in self.index.parts
                     if isinstance(p, IVFPart)]  # fmt: skip
         self.nprobe = max([NPROBE] + [math.ceil(SEARCH_ROWS / max(1.0, m)) for m in per_list])
-        self.facts: list[tuple[int, pa.Table]] = []
+        self.facts = self.facts_tables(root, section, full_check=full_check)
+        if sum(t.num_rows for _, t in self.facts) != self.index.n:
+            raise MappedError("facts files do not cover every key")
+
+    @staticmethod
+    def facts_tables(
+        root: Path, section: dict, *, full_check: bool = False
+    ) -> list[tuple[int, pa.Table]]:
+        """(first row, mapped table) of each facts file of an engine section, checked to
+        follow each other and to hold FACT_COLUMNS. Raises MappedError."""
+        out: list[tuple[int, pa.Table]] = []
         start = 0
         for fe in section["facts"]:
             if int(fe["start"]) != start:
@@ -126,10 +136,9 @@ class Engine:
             missing = [c for c in FACT_COLUMNS if c not in table.column_names]
             if missing:
                 raise MappedError(f"{fe['path']} lacks {', '.join(missing)}")
-            self.facts.append((start, table))
+            out.append((start, table))
             start += table.num_rows
-        if start != self.index.n:
-            raise MappedError("facts files do not cover every key")
+        return out
 
     @property
     def n(self) -> int:
@@ -198,39 +207,44 @@ def derive_engine(
     old_manifest: dict,
     kind: str | None,
     new: Any,
-    derived: dict,
-    sigma_raw: np.ndarray,
-    *,
-    min_keys: int = ENGINE_MIN_KEYS,
-) -> dict | None:
-    """The engine section of a commit (None: no engine files), its files written.
+    n: int,
+) -> tuple[ReducedIndex | None, dict]:
+    """The engine of a commit of `n` keys, its files written: (the index with its
+    neighbour lists, or None when the previous section is kept as it is; the section).
 
-    `new` is the new version's Codebook view (keys table, vectors), `derived` the new
-    manifest's derived section (the store's sigma files), `sigma_raw` the store's sigma
-    before the floor. kind "append" appends when the previous version has an engine of
-    its first rows; "same" keeps the previous section; everything else rebuilds.
+    The engine is the store's source of sigma and neighbour lists (`store_layout`): the
+    writer derives no full-width index beside it. `new` is the new version's Codebook
+    view; only the appended rows (`vectors_from`, `keys_from`) are read on an insert that
+    appends, and a rebuild streams the vectors (`_build`). kind "append" appends when the
+    previous version has an engine of its first rows; "same" keeps the previous section;
+    everything else rebuilds (refitting the projection).
     """
-    n = int(new.n_keys)
-    if n < min_keys or new.tau_rule == "reference" or not new.dim:
-        return None
-    if not isinstance((derived.get("files") or {}).get("sigma"), dict):
-        return None  # the store persisted no sigma to search by
     tag = f"{version:06d}"
     old = engine_section(old_manifest)
-    section: dict | None = None
     if kind == "same" and old is not None and int(old["keys"]) == n:
-        section = copy.deepcopy(old)
-    else:
-        if kind == "append" and old is not None and _append_fits(old, n):
-            try:
-                section = _append(root, tag, old, new)
-            except (MappedError, KeyError, TypeError, ValueError, IndexError):
-                section = None  # the previous engine is damaged: rebuild it from the keys
-        if section is None:
-            section = _build(root, tag, new, sigma_raw)
+        return None, copy.deepcopy(old)
+    eng: ReducedIndex | None = None
+    section: dict | None = None
+    if kind == "append" and old is not None and int(old["keys"]) < n:
+        try:
+            previous = ReducedIndex.open(root, copy.deepcopy(old["index"]), lists=True)
+        except (MappedError, KeyError, TypeError, ValueError, IndexError):
+            previous = None  # the previous engine is damaged: rebuild it from the keys
+        if previous is not None and previous.dim == new.dim:
+            n_old = previous.n
+            if _append_fits(old, n):
+                eng, section = _append(root, tag, old, previous, new)
+            else:  # appended parts outgrew the base: refit over the mapped rows + new
+                delta = _delta_vectors(root, tag, new.vectors_from(n_old))
+                eng = _build_from(root, tag, previous.vectors.with_part(delta.array, delta))
+                facts = [t for _, t in Engine.facts_tables(root, old)]
+                facts.append(new.keys_from(n_old))
+                section = {"index": eng.entries, "facts": [_write_all_facts(root, tag, facts)]}
+    if eng is None or section is None:
+        eng, section = _build(root, tag, new)
     section["keys"] = n
-    section["sigma"] = "store"  # search divides by the derived section's sigma files
-    return section
+    section["sigma"] = "own"  # its own sigma files, which are the store's (store_layout)
+    return eng, section
 
 
 def _append_fits(old: dict, n: int) -> bool:
@@ -249,30 +263,89 @@ def _append_fits(old: dict, n: int) -> bool:
         return False
 
 
-def _build(root: Path, tag: str, new: Any, sigma_raw: np.ndarray) -> dict:
-    """Every engine file from the new version's keys: fit, index, lifted graph over the
-    store's sigma; the facts file of every row."""
-    vectors = np.ascontiguousarray(new.vectors(), dtype=np.float32)
-    eng = ReducedIndex.build(VectorParts([vectors]), lift=False)
-    eng.set_sigma(sigma_raw)  # the store's: the lifted graph holds its largest sigmas
+def _delta_vectors(root: Path, tag: str, vectors: np.ndarray) -> MappedArray:
+    rel = f"index/vectors-input-{tag}.npy"
+    v = np.asarray(vectors, dtype=np.float32)
+    ent = dict(write_vectors(root / rel, [v], len(v), v.shape[1]), path=rel)
+    return open_vectors(root / rel, ent)
+
+
+def _build_from(root: Path, tag: str, vectors: VectorParts) -> ReducedIndex:
+    """fit, index, lists, sigma and lifted graph of these (mapped) vectors, saved; the
+    full vectors are read in passes (IVF-ordered copy `index/vectors-<tag>.npy`)."""
+    eng = ReducedIndex.build(vectors, lift=False, root=root, tag=tag)
     if eng.n > SEARCH_FETCH:  # fewer keys are all candidates of every search anyway
-        eng.lift = eng.build_lift()  # (and a lift of 3 keys failed to reopen: lift rows)
-    index = eng.save(root, tag)
+        eng.lift = eng.build_lift()
+    eng.save(root, tag)
+    return eng
+
+
+def _build(root: Path, tag: str, new: Any) -> tuple[ReducedIndex, dict]:
+    """Every engine file from the new version's keys, the vectors streamed in chunks
+    into a row-order input file (never one float32 array of all keys: 18 GB at a
+    million 4,480-wide keys) that the build reads in passes; the facts file of every row."""
+    n, dim = int(new.n_keys), int(new.dim)
+    rel = f"index/vectors-input-{tag}.npy"
+    ent = dict(write_vectors(root / rel, new.vector_chunks(), n, dim), path=rel)
+    m = open_vectors(root / rel, ent)
+    eng = _build_from(root, tag, VectorParts([m.array], [m]))
+    fe = dict(write_facts(root / f"index/facts-{tag}.arrow", new.facts_table()), start=0)
+    return eng, {"index": eng.entries, "facts": [dict(fe, path=f"index/facts-{tag}.arrow")]}
+
+
+def _write_all_facts(root: Path, tag: str, tables: list[pa.Table]) -> dict:
     rel = f"index/facts-{tag}.arrow"
-    fe = dict(write_facts(root / rel, new.keys_table()), path=rel, start=0)
-    return {"index": index, "facts": [fe]}
+    cols = list(FACT_COLUMNS) + [c for c in tables[0].column_names if c not in FACT_COLUMNS]
+    parts = [t.drop([c for c in t.column_names if c == "vector"]) for t in tables]
+    parts = [t.select([c for c in cols if c in t.column_names]) for t in parts]
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in parts])
+    return dict(write_facts(root / rel, table), path=rel, start=0)
 
 
-def _append(root: Path, tag: str, old: dict, new: Any) -> dict:
-    """The previous engine plus the new rows: a delta vector file, a flat part, list
-    patches (ReducedIndex.append_files) and a facts file of the new rows."""
-    n_old = int(old["keys"])
-    eng = ReducedIndex.open(root, copy.deepcopy(old["index"]), lists=True)
+def _append(
+    root: Path, tag: str, old: dict, eng: ReducedIndex, new: Any
+) -> tuple[ReducedIndex, dict]:
+    """The previous engine (opened with its lists) plus the new rows: a delta vector
+    file, a flat part, list patches (ReducedIndex.append_files) and a facts file of the
+    new rows. Reads only the new rows of `new`."""
+    n_old = eng.n
     index = eng.append_files(root, tag, new.vectors_from(n_old))
     rel = f"index/facts-delta-{tag}.arrow"
-    table = new.keys_table().slice(n_old)
-    fe = dict(write_facts(root / rel, table), path=rel, start=n_old)
-    return {"index": index, "facts": [*copy.deepcopy(old["facts"]), fe]}
+    fe = dict(write_facts(root / rel, new.keys_from(n_old)), path=rel, start=n_old)
+    return eng, {"index": index, "facts": [*copy.deepcopy(old["facts"]), fe]}
+
+
+def store_layout(root: Path, section: dict) -> dict:
+    """The store's `files` / `deltas` for sigma and the neighbour lists, from the engine
+    section: the same files (one copy at a million keys, not two), listed with the
+    fields `DerivedIndex` reads (`rows`, `entries`, `keys`)."""
+    e = section["index"]
+    rows = int(e["sigma"]["rows"])
+    deltas = e.get("deltas") or {}
+    sig = [
+        dict(d, rows=d["rows"] if "rows" in d else _npy_len(root, d))
+        for d in deltas.get("sigma") or []
+    ]
+    knn = [
+        dict(d, entries=d["entries"] if "entries" in d else _npy_len(root, d))
+        for d in deltas.get("knn") or []
+    ]
+    files = {
+        "sigma": dict(e["sigma"], rows=rows),
+        "knn_idx": dict(e["knn_idx"], rows=rows),
+        "knn_dist": dict(e["knn_dist"], rows=rows),
+    }
+    return {"files": files, "deltas": {"sigma": sig, "knn": knn, "hnsw": []}}
+
+
+def _npy_len(root: Path, entry: dict) -> int:
+    """Rows of a patch file an older engine section lists without a count (`DerivedIndex`
+    verifies the file itself before it uses it; an unreadable one counts 0, which fails
+    that check)."""
+    try:
+        return int(np.load(root / entry["path"], mmap_mode="r", allow_pickle=False).shape[0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0
 
 
 # -- doctor -------------------------------------------------------------------------------

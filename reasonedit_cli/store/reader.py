@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from .. import retrieval as R
 from ..errors import CodebookError
 from . import compat
+from . import taucache as TC
 from .check import check_codebook
 from .engine import FACT_COLUMNS, Engine, engine_section, min_keys
 from .files import (
@@ -61,9 +62,11 @@ from .manifest import (
     version_files,
 )
 from .merged import compute, drop_entries, without_edits
+from .taucache import TauCache
 from .writer import CodebookWriter, open_writer
 
 HNSW_MIN_KEYS = 2000  # below this, exact numpy search is as fast and simpler
+VECTOR_CHUNK = 20_000  # rows per chunk a streaming rebuild converts at once (vector_chunks)
 TAU_SEED = 0
 
 
@@ -160,6 +163,8 @@ class Codebook:
         engine_min_keys: int | None = None,
         keys: pa.Table | None = None,
         edits: pa.Table | None = None,
+        n_keys: int | None = None,
+        tail: tuple[int, pa.Table] | None = None,
     ):
         self.path = path
         self.hnsw_min_keys = hnsw_min_keys
@@ -168,6 +173,9 @@ class Codebook:
         self.hnsw_lock = threading.Lock()  # hnswlib: no concurrent add and query (index, writer)
         self._set_manifest(manifest)
         self._keys, self._edits = keys, edits
+        # a writer's view of content it is about to commit: the live key count and the
+        # rows it appends, so that an insert reads no older key (store/engine.py)
+        self._n_hint, self._tail = n_keys, tail
 
     # -- opening ----------------------------------------------------------
 
@@ -243,11 +251,19 @@ class Codebook:
         )
 
     def view(
-        self, manifest: dict, *, keys: pa.Table | None = None, edits: pa.Table | None = None
+        self,
+        manifest: dict,
+        *,
+        keys: pa.Table | None = None,
+        edits: pa.Table | None = None,
+        n_keys: int | None = None,
+        tail: tuple[int, pa.Table] | None = None,
     ) -> Codebook:
         """A snapshot of another manifest of this codebook (a versions/ copy, the content a
         writer is about to commit, a staging job's segments); `keys`/`edits` are its live
-        tables when the caller already has them."""
+        tables when the caller already has them. A writer that has not decoded the keys
+        gives their count (`n_keys`) and the rows it appends (`tail`: first row, table),
+        which `vectors_from` / `keys_from` then read instead of every segment."""
         return type(self)(
             self.path,
             manifest,
@@ -255,13 +271,16 @@ class Codebook:
             engine_min_keys=self.engine_min_keys,
             keys=keys,
             edits=edits,
+            n_keys=n_keys,
+            tail=tail,
         )
 
     def adopt(
-        self, manifest: dict, *, keys: pa.Table, edits: pa.Table, index: DerivedIndex
+        self, manifest: dict, *, keys: pa.Table | None, edits: pa.Table, index: DerivedIndex
     ) -> None:
         """Move this snapshot to a version just committed: its manifest, live tables and
-        derived index as the writer computed them (instead of reading them back)."""
+        derived index as the writer computed them (instead of reading them back); keys
+        None: not decoded (an insert through the engine), read on first need."""
         self._set_manifest(manifest)
         self._keys, self._edits = keys, edits
         self._index = index.committed(manifest.get("derived"), vectors=self.vectors)
@@ -312,6 +331,10 @@ class Codebook:
         self._pair_sample = None
         self._engine = None
         self._engine_tried = False
+        self._tau_cache: TauCache | None = None
+        self._tau_cache_tried = False
+        self._n_hint = None
+        self._tail = None
 
     # -- manifest views ---------------------------------------------------
 
@@ -334,6 +357,8 @@ class Codebook:
         """Live keys: the manifest's count when it lists engine files of this version
         (no segment decoded), else the decoded keys table's."""
         if self._keys is None:
+            if self._n_hint is not None:
+                return self._n_hint
             e = engine_section(self.manifest)
             if e is not None:
                 return int(e["keys"])
@@ -359,7 +384,18 @@ class Codebook:
         return compat.tau_rule(self.config, R.TAU_RULES)
 
     def tau_for(self, p: float) -> float | None:
-        """tau for another percentile p (sweeps), by the codebook's `tau_rule`."""
+        """tau for another percentile p (sweeps), by the codebook's `tau_rule`: from the
+        per-key measurements the writer kept (store/taucache.py) when this version lists
+        them, else from the neighbour lists."""
+        if self.tau_rule in TC.RULES and self.n_keys >= 2:
+            cache = self.tau_cache()
+            if cache is not None:
+                # the live edits' count as the writer recorded it (no edits segment read)
+                d = self.manifest.get("derived") or {}
+                n_edits = d.get("edits") if self._edits is None else None
+                if not isinstance(n_edits, int):
+                    n_edits = len(self.edit_ids())
+                return cache.threshold(self.sigma(), self.tau_rule, p, n_edits)
         if self.tau_rule == "reference":
             if self.n_keys < 2:
                 return None
@@ -382,6 +418,21 @@ class Codebook:
         if self._pair_sample is None:
             self._pair_sample = R.corrected_pair_sample(self.vectors(), self.sigma(), seed=TAU_SEED)
         return R.rejection_threshold(None, None, p, len(self.edit_ids()), sample=self._pair_sample)
+
+    def tau_cache(self) -> TauCache | None:
+        """The per-key tau measurements this version lists (`files.tau_other`), verified,
+        or None (none listed, damaged, or of other keys)."""
+        if not self._tau_cache_tried:
+            self._tau_cache_tried = True
+            d = self.manifest.get("derived") or {}
+            entry = (d.get("files") or {}).get("tau_other")
+            if entry is not None and d.get("keys") == self.n_keys:
+                self._tau_cache = TC.load(self.path, entry, self.n_keys)
+        return self._tau_cache
+
+    def use_tau_cache(self, cache: TauCache) -> None:
+        """Measure tau from these per-key measurements (a writer's, before its commit)."""
+        self._tau_cache, self._tau_cache_tried = cache, True
 
     def derived_section(self, layout: dict) -> dict:
         """The manifest's `derived` section of this content: counts, tau by the
@@ -412,9 +463,9 @@ class Codebook:
         """One segment this manifest lists, verified (see `read_segment`)."""
         return read_segment(self.path, entry, self.dim)
 
-    def _live_table(self, kind: str) -> pa.Table:
+    def _live_parts(self, kind: str) -> Iterable[pa.Table]:
+        """The live rows of each listed segment of `kind`, one segment decoded at a time."""
         tomb = {t["edit_id"]: int(t["version"]) for t in self.manifest["removed_edits"]}
-        parts = []
         for entry in self.manifest["segments"]:
             if entry["kind"] != kind:
                 continue
@@ -425,7 +476,10 @@ class Codebook:
                     t = drop_entries(t, hidden)[0]  # a merged key loses just their values
                 else:
                     t = without_edits(t, hidden)
-            parts.append(t.replace_schema_metadata(None))
+            yield t.replace_schema_metadata(None)
+
+    def _live_table(self, kind: str) -> pa.Table:
+        parts = list(self._live_parts(kind))
         schema = keys_schema(self.dim or 1) if kind == "keys" else EDITS_SCHEMA
         if not parts:
             return schema.remove_metadata().empty_table()
@@ -459,7 +513,39 @@ class Codebook:
     def vectors_from(self, start: int) -> np.ndarray:
         """The vectors of rows start.. only (a writer's appended keys), without building
         the whole array."""
-        return vectors_of(self.keys_table().slice(start), self.dim or 0)
+        return vectors_of(self.keys_from(start), self.dim or 0)
+
+    def keys_from(self, start: int) -> pa.Table:
+        """The live keys of rows start.. (a writer's appended keys): the rows the writer
+        gave (`view(tail=)`) when they are these, else a slice of the keys table."""
+        if self._keys is None and self._tail is not None and self._tail[0] == start:
+            return self._tail[1]
+        return self.keys_table().slice(start)
+
+    def keys_if_loaded(self) -> pa.Table | None:
+        """The live keys table when this snapshot holds it, else None (nothing decoded)."""
+        return self._keys
+
+    def vector_chunks(self) -> Iterable[np.ndarray]:
+        """Every key vector in row order, float32, one segment (or slice) at a time: what
+        a streaming rebuild reads (store/engine.py), never one array of every key."""
+        if self._keys is not None:
+            for start in range(0, self._keys.num_rows, VECTOR_CHUNK):
+                yield vectors_of(self._keys.slice(start, VECTOR_CHUNK), self.dim or 0)
+            return
+        for table in self._live_parts("keys"):
+            for start in range(0, table.num_rows, VECTOR_CHUNK):
+                yield vectors_of(table.slice(start, VECTOR_CHUNK), self.dim or 0)
+
+    def facts_table(self) -> pa.Table:
+        """The live keys without their vectors (what the engine's facts file holds),
+        decoding one segment at a time when the keys table is not loaded."""
+        if self._keys is not None:
+            return self._keys.drop(["vector"])
+        parts = [t.drop(["vector"]) for t in self._live_parts("keys")]
+        if not parts:
+            return keys_schema(self.dim or 1).remove_metadata().empty_table().drop(["vector"])
+        return pa.concat_tables(parts)
 
     def edit_ids(self) -> set[str]:
         return set(self.edits_table().column("edit_id").to_pylist())
@@ -480,6 +566,9 @@ class Codebook:
 
     def n_images(self) -> int:
         """Distinct images the live keys are on (the groups of `tau_rule: images`)."""
+        cache = self.tau_cache() if self.tau_rule in TC.RULES else None
+        if cache is not None:
+            return cache.n_images
         return len(set(self.key_column("image_sha256").to_pylist()))
 
     def edits(self, ids: Iterable[str] | None = None) -> list[EditRecord]:

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CodebookError
-from .engine import derive_engine
+from . import taucache as TC
+from .engine import Engine, derive_engine, engine_section, store_layout
 from .files import MAX_MANIFEST_BYTES, atomic_write, read_regular, tmp_files, unlink
 from .format import (
     EXT_RE,
@@ -41,6 +42,7 @@ from .format import (
     vectors_of,
 )
 from .index import DerivedIndex, IndexUpdate
+from .index.neighbours import Lists
 from .lock import WriterLock
 from .manifest import derived_paths, manifest_bytes
 from .merged import drop_entries, live_record, without_edits
@@ -203,14 +205,20 @@ class CodebookWriter:
         if keys_table.num_rows:
             segs.append(self._write_segment("keys", keys_table, version))
         # The live tables after this commit, so the derived data updates incrementally.
-        old_keys = cb.keys_table()
         kt = keys_table.replace_schema_metadata(None)
-        # chunked, not combined: copying every old key per insert is O(codebook)
-        live_keys = pa.concat_tables([old_keys, kt]) if old_keys.num_rows else kt
         live_edits = pa.concat_tables(
             [cb.edits_table(), edits_table.replace_schema_metadata(None)]
         ).combine_chunks()
-        state = ("append", live_keys, live_edits)
+        n_old = cb.n_keys
+        if engine_section(cb.manifest) is not None and cb.keys_if_loaded() is None:
+            # the engine holds the old keys (store/engine.py): read none of them, only
+            # the new rows (a million 4,480-wide keys are 18 GB of Parquet to decode)
+            state: tuple = ("append", None, live_edits, (n_old, kt), n_old + kt.num_rows)
+        else:
+            old_keys = cb.keys_table()
+            # chunked, not combined: copying every old key per insert is O(codebook)
+            live_keys = pa.concat_tables([old_keys, kt]) if old_keys.num_rows else kt
+            state = ("append", live_keys, live_edits)
         res.version = self._commit(segs, cb.manifest["removed_edits"], state=state)
         res.added_edits = list(new_edits)
         res.added_keys = len(new_keys)
@@ -493,8 +501,15 @@ class CodebookWriter:
         tables: dict[str, Any] = {}
         if state is not None and kind in ("append", "remove", "full"):
             tables = {"keys": state[1], "edits": state[2]}
+        if kind == "append" and state is not None and state[1] is None:
+            tables.update(tail=state[3], n_keys=state[4])  # the engine holds the old keys
         if kind in ("same", "compact"):
-            tables = {"keys": cb.keys_table(), "edits": cb.edits_table()}
+            # the same keys: decoded only if this snapshot already holds them or the
+            # derived data needs them (the engine's need not: store/engine.py)
+            keys = cb.keys_if_loaded()
+            tables = {"keys": keys, "edits": cb.edits_table()}
+            if keys is None:
+                tables["n_keys"] = cb.n_keys
         new = cb.view(manifest, **tables)
         try:
             index, derived = self._derive(new, kind, state)
@@ -508,7 +523,7 @@ class CodebookWriter:
             ) from e
         self._pending_config = {}
         # Hand the computed state to the caller's Codebook instead of rereading it.
-        cb.adopt(json.loads(data), keys=new.keys_table(), edits=new.edits_table(), index=index)
+        cb.adopt(json.loads(data), keys=new.keys_if_loaded(), edits=new.edits_table(), index=index)
         self._gc_derived(old)
         return version
 
@@ -517,13 +532,14 @@ class CodebookWriter:
     ) -> tuple[DerivedIndex, dict]:
         """The new version's derived index and its manifest `derived` section.
 
-        The index files are written by store/index/update.py (deltas where that is exact,
-        base files otherwise); tau is measured on the new index by the codebook's rule.
-        From `engine_min_keys` keys on, the engine's mapped files follow
-        (store/engine.py: appended to on an insert, rebuilt otherwise), searching by
-        the sigma just computed.
+        Below `engine_min_keys` keys the index files are written by
+        store/index/update.py (deltas where that is exact, base files otherwise); tau is
+        measured on the new index by the codebook's rule. From `engine_min_keys` keys on
+        (and any rule but `reference`) the engine is the index (`_derive_engine`).
         """
         cb = self.cb
+        if new.n_keys >= cb.engine_min_keys and new.tau_rule != "reference" and new.dim:
+            return self._derive_engine(new, kind)
         needs_old = kind in ("append", "same", "compact") or (kind == "remove" and new.n_keys)
         update = IndexUpdate(
             self.path,
@@ -535,20 +551,68 @@ class CodebookWriter:
         keep = state[3] if kind == "remove" and state else None
         index, layout = update.derive(new, kind, keep, reference=new.tau_rule == "reference")
         new.use_index(index)
+        return index, new.derived_section(layout)
+
+    def _derive_engine(self, new: Codebook, kind: str | None) -> tuple[DerivedIndex, dict]:
+        """The derived data of a codebook of engine_min_keys keys or more: the engine
+        (store/engine.py: appended to on an insert, rebuilt by streaming otherwise) is
+        the source of sigma and the neighbour lists, whose files the store lists as its
+        own (`store_layout`), and of the per-key tau measurements (store/taucache.py).
+        No full-width index is built or updated, and an insert reads none of the old
+        keys: memory and time follow the batch, not the codebook."""
+        cb = self.cb
+        n = new.n_keys
+        eng, section = derive_engine(self.path, new.version, cb.manifest, kind, new, n)
+        lists = None
+        if eng is None:  # "same": the previous files as they are
+            old = cb.manifest["derived"]
+            layout = {
+                "files": dict(old.get("files") or {}),
+                "deltas": dict(old.get("deltas") or {}),
+            }
+        else:
+            layout = store_layout(self.path, section)
+            f, d = layout["files"], layout["deltas"]
+            lists = Lists(
+                eng.sigma_raw, eng.knn_idx, eng.knn_dist,
+                sigma_files={"base": f["sigma"], "deltas": d["sigma"]},
+                knn_files={"base": {"knn_idx": f["knn_idx"], "knn_dist": f["knn_dist"]},
+                           "deltas": d["knn"]},
+            )  # fmt: skip
+        index = DerivedIndex(
+            self.path,
+            {"keys": n, **layout},
+            n,
+            new.dim or 0,
+            new.vectors,
+            lock=cb.hnsw_lock,
+            lists=lists,
+            lift_known=lists is not None,
+        )
+        new.use_index(index)
+        if new.tau_rule in TC.RULES:
+            old_files = (cb.manifest.get("derived") or {}).get("files") or {}
+            cache = TC.load(self.path, layout["files"].get("tau_other"), n) if eng is None else None
+            if cache is None:
+                d_lists = index.lists(need_knn=True)
+                tables = [t for _, t in Engine.facts_tables(self.path, section)]
+
+                def column(name: str) -> pa.ChunkedArray:
+                    return pa.chunked_array([c for t in tables for c in t.column(name).chunks])
+
+                images, edits = column("image_sha256"), column("edit_id")
+                rows = eng.changed_rows if eng is not None and kind == "append" else None
+                before = TC.load(self.path, old_files.get("tau_other"), cb.n_keys)
+                if rows is not None and before is not None and len(before.other) < n:
+                    # an insert: the rows whose list changed, and the new ones
+                    cache = TC.updated(before, d_lists.idx, d_lists.dist, rows, images, edits)
+                else:
+                    cache = TC.compute(d_lists.idx, d_lists.dist, images, edits)
+                rel = f"index/tau-other-{new.version:06d}.npy"
+                layout["files"]["tau_other"] = TC.write(self.path, rel, cache)
+            new.use_tau_cache(cache)
         derived = new.derived_section(layout)
-        if new.n_keys >= cb.engine_min_keys and new.tau_rule != "reference":
-            engine = derive_engine(
-                self.path,
-                new.version,
-                cb.manifest,
-                kind,
-                new,
-                derived,
-                index.lists().sigma_raw,
-                min_keys=cb.engine_min_keys,
-            )
-            if engine is not None:
-                derived["engine"] = engine
+        derived["engine"] = section
         return index, derived
 
     def _gc_derived(self, previous: dict) -> None:

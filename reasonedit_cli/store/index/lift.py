@@ -99,6 +99,10 @@ def lift_params(
     means = float(a.mean()), b.mean(axis=0), float(c.mean())
     x = _lift_x((a, b, c), scales, means)
     radius = float(np.sqrt(np.einsum("ij,ij->i", x, x).max())) * (1.0 + 1e-6) if len(x) else 1.0
+    # one key (a codebook of 2-20 keys) is its own centre: radius 0, which `valid_lift`
+    # rightly refuses (the engine's lift then failed to reopen); any positive radius
+    # only adds the same constant to every lifted distance
+    radius = radius if radius > 0 and np.isfinite(radius) else 1.0
     return np.concatenate([[*scales, radius, means[0], means[2]], mu, means[1]])
 
 

@@ -293,6 +293,8 @@ class ReducedIndex:
     knn_dist: np.ndarray | None = None
     lift: LF.Lift | None = None
     entries: dict = field(default_factory=dict)  # manifest entries of the files
+    #: after `append`: the rows whose neighbour list it changed and the appended rows
+    changed_rows: np.ndarray | None = None
     _scan: tuple | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -586,14 +588,22 @@ class ReducedIndex:
         self.vectors = vectors
         with self._lock:
             self.parts.append(FlatPart(g, n_old, len(vectors)))
-        with one_thread():  # threaded BLAS stalled this 4x on the shared 2-core machine
-            app = NB.append_knn_ann(
-                RerankedParts(self, known=(new, g)), new, self.knn_idx, self.knn_dist,
-                reverse_fetch=REVERSE_FETCH,
-            )  # fmt: skip
+        if not any(isinstance(p, IVFPart) for p in self.parts) and len(vectors) <= 2 * MIN_IVF_KEYS:
+            # a flat engine's lists are exact (as `build` makes them): keep them exact,
+            # as the store's own lists are (so both give the same sigma, tau, answers)
+            old = vectors.take(np.arange(n_old))
+            idx, dist = NB.update_knn_lists(old, self.knn_idx, self.knn_dist, new, R.SIGMA_K)
+            app = DL.knn_append_from_full(self.knn_idx, self.knn_dist, idx, dist)
+        else:
+            with one_thread():  # threaded BLAS stalled this 4x on the shared 2-core machine
+                app = NB.append_knn_ann(
+                    RerankedParts(self, known=(new, g)), new, self.knn_idx, self.knn_dist,
+                    reverse_fetch=REVERSE_FETCH,
+                )  # fmt: skip
         self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
         raw = np.concatenate([self.sigma_raw, np.ones(len(new))])
         changed = np.concatenate([app.rows, np.arange(n_old, len(vectors))])
+        self.changed_rows = changed  # the lists this insert changed (the store's tau cache)
         raw[changed] = R.sigma_raw_from_knn(self.knn_dist[changed])
         self.set_sigma(raw)
         return app
@@ -623,13 +633,17 @@ class ReducedIndex:
         e = self.entries
         e["vectors"] = [*e["vectors"], ent]
         e["parts"] = [*e["parts"], {"kind": "flat", "start": n_old, "stop": self.n, "vecs": gent}]
+        # rows / entries: what the store's DerivedIndex reads these same files by
+        # (store/engine.py store_layout: the engine's lists are the store's)
+        sig = DL.sigma_patch(self.sigma_raw, changed)
         e["deltas"]["sigma"].append(
-            dict(_write_npy(root, f"index/rsigma-delta-{tag}.npy",
-                            DL.sigma_patch(self.sigma_raw, changed)), keys=self.n)
+            dict(_write_npy(root, f"index/rsigma-delta-{tag}.npy", sig), keys=self.n,
+                 rows=len(sig))
         )  # fmt: skip
         e["deltas"]["knn"].append(
-            dict(_write_npy(root, f"index/rknn-delta-{tag}.npy", patch), keys=self.n)
-        )
+            dict(_write_npy(root, f"index/rknn-delta-{tag}.npy", patch), keys=self.n,
+                 entries=len(patch))
+        )  # fmt: skip
         e["keys"] = self.n
         return e
 
