@@ -191,18 +191,24 @@ def test_crash_safety_sigkill_during_add_edit(tmp_path, tiny_llava):
     )
 
 
-def test_full_damage_fuzz(tmp_path, tiny_llava):
+def test_full_damage_fuzz(tmp_path, tiny_llava, monkeypatch):
     from conftest import shape_image
 
     from reasonedit_cli.store import Codebook
 
     img = shape_image(tmp_path / "q.png", "circle", "red")
     t0 = time.monotonic()
+    # the store's own index (a full-width hnsw graph) is what a codebook below the
+    # engine's threshold has; above it the engine's files replace it: one of each
+    monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", str(10**9))
     big = build_synthetic_codebook(tmp_path / "big", n_edits=250, keys_per_edit=9, dim=16)
+    monkeypatch.delenv("REASONEDIT_ENGINE_MIN_KEYS")
+    eng = build_synthetic_codebook(tmp_path / "eng", n_edits=250, keys_per_edit=9, dim=16)
     small = build_synthetic_codebook(  # with derived-index deltas (sigma, lists, graph)
         tmp_path / "small", n_edits=40, keys_per_edit=4, hnsw_min_keys=100, keep_deltas=True
     )
     assert Codebook.open(big).manifest["derived"]["files"].get("hnsw")
+    assert Codebook.open(eng).manifest["derived"].get("engine")
     cli_cb = tmp_path / "cli"
     f = tmp_path / "e.jsonl"
     f.write_text("".join(edit_line(f"c{i}", img.name) + "\n" for i in range(4)))
@@ -211,7 +217,8 @@ def test_full_damage_fuzz(tmp_path, tiny_llava):
     assert res.exit_code == 0, res.output
     cases = []
     ask = {"image": str(img), "model_args": model}
-    for src, n, hmk in ((big, 220, None), (small, 200, 100), (cli_cb, 180, None)):
+    sources = ((big, 160, None), (eng, 120, None), (small, 200, 100), (cli_cb, 180, None))
+    for src, n, hmk in sources:
         for j, c in enumerate(damage_cases(src, n, seed=5)):
             c.update(id=len(cases), src=str(src), work=str(tmp_path / "work"), hnsw_min_keys=hmk)
             if src == cli_cb and j % 4 == 0:
