@@ -145,3 +145,28 @@ def test_rebuild_streams_the_vectors(tmp_path, monkeypatch):
     listed = derived_paths(fresh.manifest) | derived_paths(previous)
     left = {f"index/{p.name}" for p in (tmp_path / "cb" / "index").glob("vectors-input-*")}
     assert left <= listed  # an input file no version keeps is gone
+
+
+def test_damaged_engine_sigma_recovers_the_engine_numbers(tmp_path, monkeypatch):
+    """Above the IVF threshold the engine's lists are approximate, so sigma recomputed
+    from the vectors would differ from the stored one: a damaged sigma file is recomputed
+    from the stored lists instead, and search gives the undamaged numbers (the full damage
+    fuzz found the silent change)."""
+    from helpers_reliability import build_synthetic_codebook
+
+    from reasonedit_cli.store.index.reduced import MIN_IVF_KEYS
+
+    monkeypatch.delenv("REASONEDIT_ENGINE_MIN_KEYS", raising=False)
+    n_edits = MIN_IVF_KEYS // 9 + 20
+    path = build_synthetic_codebook(tmp_path / "cb", n_edits=n_edits, keys_per_edit=9, dim=16)
+    cb = Codebook.open(path)
+    q = np.random.default_rng(3).normal(size=(6, 16)).astype(np.float32)
+    before = cb.search(q, k=5, method="exact")
+    sigma_entry = cb.manifest["derived"]["files"]["sigma"]
+    assert sigma_entry["path"].startswith("index/rsigma"), sigma_entry  # the engine's file
+    lists = Codebook.open(path).index.lists(need_knn=True)
+    exact = R.sigma_raw_from_knn(R.knn_lists(cb.vectors(), R.SIGMA_K)[1])
+    assert not np.allclose(lists.sigma, exact), "the engine's lists should be approximate"
+    flip_byte(path / sigma_entry["path"], 200)
+    after = Codebook.open(path).search(q, k=5, method="exact")
+    assert after == before

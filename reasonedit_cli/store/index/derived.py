@@ -281,11 +281,15 @@ class DerivedIndex:
     # -- what a query needs -----------------------------------------------
 
     def lists(self, need_knn: bool = False) -> Lists:
-        """sigma (and with need_knn the neighbour lists): from index/ if valid, else rebuilt."""
+        """sigma (and with need_knn the neighbour lists): from index/ if valid, else rebuilt.
+
+        Damaged sigma files are recomputed from the stored lists when those verify: the
+        same numbers, whichever search made the lists (an engine's IVF lists are not the
+        exact ones that a rebuild from the vectors would give)."""
         if self._lists is not None and (self._lists.knn_idx is not None or not need_knn):
             return self._lists
         raw, sigma_files, _ = self.load_sigma_files()
-        if need_knn:
+        if need_knn or raw is None:
             idx, dist, knn_files, _ = self.load_knn_files()
             if idx is not None and dist is not None:
                 if raw is None:  # sigma files damaged: recompute it from the lists
