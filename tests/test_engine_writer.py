@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 from test_codebook import DIM, flip_byte, make_edits
+from test_store_engine import grow as grow_in_batches
 
 from reasonedit_cli import retrieval as R
 from reasonedit_cli.store import Codebook
@@ -25,14 +26,9 @@ from reasonedit_cli.store.manifest import derived_paths
 QUERIES = np.random.default_rng(5).normal(size=(12, DIM)).astype(np.float32)
 
 
-def grow(path, engine_min_keys: int, batches=(40, 5, 7)) -> Codebook:
-    cb = Codebook.open(path, create=True, hnsw_min_keys=10**6, engine_min_keys=engine_min_keys)
-    start = 0
-    for count in batches:
-        with cb.writer() as w:
-            w.add(*make_edits(start, count))
-        start += count
-    return cb
+def grow(path, engine_min_keys: int) -> Codebook:
+    """A codebook of 52 keys in three commits (test_store_engine.grow)."""
+    return grow_in_batches(path, engine_min_keys, batches=(40, 5, 7))
 
 
 def lists_tau(cb: Codebook, p: float) -> float | None:
