@@ -219,13 +219,14 @@ class HalfCache:
             self.h.clear()
 
     @staticmethod
-    def _img_key(img: Any) -> str:
+    def image_key(img: Any) -> str:
+        """The cache key of an image: its pixels, so a re-decoded image hits the cache."""
         import hashlib
 
         return hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
 
     def vlm_half(self, images: Sequence[Any], texts: Sequence[str], layer: str) -> np.ndarray:
-        keys = [(self._img_key(i), t) for i, t in zip(images, texts)]
+        keys = [(self.image_key(i), t) for i, t in zip(images, texts)]
         todo: dict[tuple[str, str], int] = {}
         for j, k in enumerate(keys):
             if (k[0], k[1], layer) not in self.h:
@@ -362,6 +363,16 @@ class Evaluation:
                     out.setdefault(chunk[spec.edit_index].id, []).append(spec)
             self._specs[rule] = out
         return self._specs[rule]
+
+    def use_specs(self, specs: dict[str, list[Any]], question_rule: str | None = None) -> None:
+        """Take key specs computed before (a diagnostic script's cache) instead of running the
+        patch search again: `specs(question_rule)` returns them from now on."""
+        self._specs[question_rule or self.editor.preset.question_rule] = dict(specs)
+
+    def forget_codebooks(self) -> None:
+        """Drop the codebooks `build` made, so the next `build` uses the embedder as it is
+        now (a sweep that changes `embedder.w` or `workdir` between settings)."""
+        self._codebooks.clear()
 
     def editor_for(
         self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
@@ -696,7 +707,7 @@ class Evaluation:
         self, images: Sequence[Any], prompts: Sequence[str], answers: Sequence[str]
     ) -> np.ndarray:
         """Answer-token losses, cached by (image, prompt, answer) across methods."""
-        keys = [(self.halves._img_key(i), p, a) for i, p, a in zip(images, prompts, answers)]
+        keys = [(self.halves.image_key(i), p, a) for i, p, a in zip(images, prompts, answers)]
         todo = {k: j for j, k in enumerate(keys) if k not in self._loss_cache}
         if todo:
             idx = list(todo.values())

@@ -480,7 +480,7 @@ def contact_sheet(scenes: list[Scene], cols: int = 8, scale: int = 2):
 
 
 # ---------------------------------------------------------------- evaluation set
-def _scene_rng(seed: int, *parts: int) -> random.Random:
+def scene_rng(seed: int, *parts: int) -> random.Random:
     """A scene's own rng: the scene depends on (seed, parts) only, not on call order."""
     return random.Random(hash_parts(seed, *parts))
 
@@ -529,7 +529,7 @@ def build_scenes(
 
     def scene_at(*parts: int, fixed: tuple[tuple[str, str], ...] = ()) -> tuple[Scene, bytes]:
         if parts not in cache:
-            sc = make_scene(_scene_rng(seed, *parts), fixed=fixed)
+            sc = make_scene(scene_rng(seed, *parts), fixed=fixed)
             cache[parts] = (sc, png_bytes(render(sc)))
         return cache[parts]
 
@@ -544,7 +544,7 @@ def build_scenes(
         pending = []
         for i in chunk:
             sc, data = scene_at(0, i)
-            qrng = _scene_rng(seed, 2, i)
+            qrng = scene_rng(seed, 2, i)
             for o in sc.objects:
                 fam = qrng.choice(("color", "shape"))
                 pending.append((i, data, asked(sc, fam, qrng, "train", o)))
@@ -585,7 +585,7 @@ def build_scenes(
         target = q.target
         assert target is not None
         o = target
-        prng = _scene_rng(seed, 3, n)
+        prng = scene_rng(seed, 3, n)
         tq = asked(sc, q.family, prng, "heldout", o)
         add(data, tq.text, tq.answer, "t_gen", e, f"scene {i} t_gen")
         other, odata = scene_at(1, n, fixed=((o.shape, o.color),))
@@ -623,7 +623,7 @@ def build_scenes(
             k += 1
             if any((o.shape, o.color) in edited_objects for o in sc.objects):
                 continue
-            qrng = _scene_rng(seed, 4, k)
+            qrng = scene_rng(seed, 4, k)
             lq = None
             while lq is None:
                 lq = question(sc, qrng.choice(FAMILIES), qrng, "train")

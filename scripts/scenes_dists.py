@@ -58,7 +58,7 @@ def confusers(edits, seed: int) -> list[bytes]:
         else:  # shape question: same colour, another shape
             assert color is not None, e.question
             fixed = ((rng.choice([s for s in S.SHAPES if s != e.answer]), color),)
-        sc = S.make_scene(S._scene_rng(seed, 9, n), fixed=fixed)  # noqa: SLF001
+        sc = S.make_scene(S.scene_rng(seed, 9, n), fixed=fixed)
         out.append(S.png_bytes(S.render(sc)))
     return out
 

@@ -57,7 +57,7 @@ def load(args):
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_bytes(pickle.dumps((edits, probes, specs)))
     ev = Evaluation(ed, edits, probes, workdir=tmp / "w", gen=gen)
-    ev._specs[ed.preset.question_rule] = specs  # noqa: SLF001 (diagnostic script)
+    ev.use_specs(specs)
     return ed, ev, specs
 
 

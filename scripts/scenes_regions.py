@@ -129,7 +129,7 @@ def main() -> None:
             else:
                 ev.embedder.w = auto * float(wf)
             ev.workdir = tmp / f"s{i}"
-            ev._codebooks.clear()  # noqa: SLF001
+            ev.forget_codebooks()
             ev.percentile = float(p)
             # the object index at OBJECT_W_FACTOR x the AUTO w, whatever this setting's w
             ow = auto * R.OBJECT_W_FACTOR
