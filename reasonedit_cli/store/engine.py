@@ -227,7 +227,10 @@ def derive_engine(
     section: dict | None = None
     if kind == "append" and old is not None and int(old["keys"]) < n:
         try:
-            previous = ReducedIndex.open(root, copy.deepcopy(old["index"]), lists=True)
+            # the writer never searches: the lifted graph is verified, not loaded
+            previous = ReducedIndex.open(
+                root, copy.deepcopy(old["index"]), lists=True, lift="verify"
+            )
         except (MappedError, KeyError, TypeError, ValueError, IndexError):
             previous = None  # the previous engine is damaged: rebuild it from the keys
         if previous is not None and previous.dim == new.dim:
