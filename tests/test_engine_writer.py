@@ -232,9 +232,12 @@ def test_insert_reads_the_lists_by_size_and_mtime(tmp_path, monkeypatch):
     v = _insert_one(cb)
     monkeypatch.undo()
     assert hashed == [False, False]
-    assert _index(cb)["lift_hnsw"] == json.loads(
-        (tmp_path / "cb" / "versions" / "v000003.json").read_text()
-    )["derived"]["engine"]["index"]["lift_hnsw"]  # kept as it was
+    assert (
+        _index(cb)["lift_hnsw"]
+        == json.loads((tmp_path / "cb" / "versions" / "v000003.json").read_text())["derived"][
+            "engine"
+        ]["index"]["lift_hnsw"]
+    )  # kept as it was
     assert _finds(tmp_path / "cb", v, "e300") and cb.check(images=False).ok
 
 
