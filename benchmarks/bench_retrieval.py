@@ -420,7 +420,7 @@ def cmd_search(args: argparse.Namespace) -> dict:
     # the reference scans the mapped array itself in file order (one base part, a fresh
     # build), with squared norms and sigma in that order
     ref_vectors = other or eng.vectors
-    v = ref_vectors.mapped[0] if ref_vectors.mapped else ref_vectors.parts[0]
+    v = ref_vectors.mapped[0] if ref_vectors.mapped[0] is not None else ref_vectors.parts[0]
     chunks = [(r, np.einsum("ij,ij->i", b, b)) for r, b in ref_vectors.row_chunks()]
     v_sq = np.concatenate([c[1] for c in chunks])
     sigma32 = eng.sigma[np.concatenate([c[0] for c in chunks])].astype(np.float32)

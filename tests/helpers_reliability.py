@@ -329,6 +329,10 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
                 out["problems"].append("ask succeeded on a codebook the reader refused")
             else:
                 out["ask_unaffected"] = True
+    # 5. derived damage, then an insert (issue 22: the writer checks the engine's large
+    # files by size and mtime, not by hash): it must not keep what it can see is damaged
+    if case.get("insert") and kind in ("index-npy", "hnsw", "engine"):
+        out["problems"] += insert_after_damage(case, hmk)
     # classify
     if reader == "error" and out.get("source_repair") == 0:
         out["outcome"] = "repaired by doctor --repair"
@@ -341,6 +345,46 @@ def run_case(case: dict, baselines: dict, runner, app) -> dict:
     else:
         out["outcome"] = "detected by doctor"
     return out
+
+
+def insert_after_damage(case: dict, hnsw_min_keys: int) -> list[str]:
+    """Damage a fresh copy, insert one edit through the writer, then: the insert
+    succeeded or failed with one line; after it `check` finds nothing (the damage
+    changed the file's mtime, as every case here does, so the writer rehashed it and
+    rebuilt what it could not trust) and both searches find the new key first.
+    Returns the problems."""
+    import numpy as np
+
+    from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
+    from reasonedit_cli.store.format import EditRecord, KeyRecord
+
+    work = Path(case["work"] + "-insert")
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(case["src"], work)
+    apply_damage(work, case)
+    try:
+        cb = Codebook.open(work, hnsw_min_keys=hnsw_min_keys)
+        v = np.random.default_rng(3).normal(size=cb.dim).astype(np.float32) * 10
+        with cb.writer() as w:
+            sha = w.store_image(png_bytes(999), "png")
+            edit = EditRecord("fuzz-insert", sha, "q?", "a", ["A fact."], [None], "fuzz")
+            w.add([edit], [KeyRecord("fuzz-insert", "answer", "a", "q?", sha, None, v, 0.5)])
+    except CodebookError as e:
+        return [f"multi-line insert error: {e!r}"] if "\n" in str(e) or not str(e) else []
+    except Exception as e:  # noqa: BLE001 - the point is to classify everything
+        return [f"insert raised {type(e).__name__}: {e}"]
+    problems = []
+    fresh = Codebook.open(work, hnsw_min_keys=hnsw_min_keys)
+    report = fresh.check()
+    if report.problems:
+        problems.append(f"the insert kept damage: {report.problems[:2]}")
+    for method in ("exact", "auto"):
+        hits = fresh.search(v[None], k=1, method=method)[0]
+        if not hits or fresh.key_facts([hits[0][0]])[0]["edit_id"] != "fuzz-insert":
+            problems.append(f"{method} search after the insert misses the new key")
+    return problems
 
 
 def fuzz_worker() -> None:

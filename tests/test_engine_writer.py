@@ -10,6 +10,7 @@ Real Parquet, real engine files, real hnswlib.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -19,9 +20,10 @@ from test_store_engine import grow as grow_in_batches
 from reasonedit_cli import retrieval as R
 from reasonedit_cli.store import Codebook
 from reasonedit_cli.store import reader as RD
+from reasonedit_cli.store.index import reduced as RX
 from reasonedit_cli.store.index.mapped import VectorParts
 from reasonedit_cli.store.index.reduced import ReducedIndex
-from reasonedit_cli.store.manifest import derived_paths
+from reasonedit_cli.store.manifest import derived_paths, manifest_bytes
 
 QUERIES = np.random.default_rng(5).normal(size=(12, DIM)).astype(np.float32)
 
@@ -166,3 +168,147 @@ def test_damaged_engine_sigma_recovers_the_engine_numbers(tmp_path, monkeypatch)
     flip_byte(path / sigma_entry["path"], 200)
     after = Codebook.open(path).search(q, k=5, method="exact")
     assert after == before
+
+
+# -- what the writer checks by size and mtime (issue 22: an insert into 1M keys) --------
+
+
+def grow_lifted(path) -> Codebook:
+    """150 keys at the first commit (an engine with a lifted graph: above 128 keys),
+    then two appends."""
+    return grow_in_batches(path, 50, batches=(50, 5, 7))
+
+
+def _index(cb: Codebook) -> dict:
+    return cb.manifest["derived"]["engine"]["index"]
+
+
+def _change_in_place(path, row: int, value, dtype, *, restore_mtime: bool) -> None:
+    """Overwrite one (row, 0) entry of a (rows, 30) .npy file in place: the same inode
+    and size (a well-formed file); the mtime put back when asked (what a size-and-mtime
+    check cannot see)."""
+    st = os.stat(path)
+    arr = np.load(path, mmap_mode="r")
+    offset = arr.offset if hasattr(arr, "offset") else 128
+    with open(path, "r+b") as f:
+        f.seek(offset + (row * arr.shape[1]) * arr.itemsize)
+        f.write(np.array([value], dtype=dtype).tobytes())
+    del arr
+    if restore_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _insert_one(cb: Codebook, start: int = 300) -> np.ndarray:
+    edits, keys = make_edits(start, 1)
+    with cb.writer() as w:
+        w.add(edits, keys)
+    return np.asarray(keys[0].vector, dtype=np.float32)
+
+
+def _finds(path, v: np.ndarray, edit_id: str) -> bool:
+    fresh = Codebook.open(path)
+    hits = [fresh.search(v[None], 1, method=m)[0][0][0] for m in ("exact", "auto")]
+    return all(fresh.key_facts([h])[0]["edit_id"] == edit_id for h in hits)
+
+
+def test_insert_reads_the_lists_by_size_and_mtime(tmp_path, monkeypatch):
+    """The list base files (the writer's largest read: 2 x 240 MB at a million keys) are
+    read without hashing while their size and mtime are the recorded ones, and the
+    lifted graph is verified but never loaded (the writer does not search)."""
+    cb = grow_lifted(tmp_path / "cb")
+    assert all("mtime_ns" in _index(cb)[f] for f in ("knn_idx", "knn_dist"))
+    hashed: list[bool] = []
+    real = RX.read_stamped
+
+    def spy(*a, **k):
+        hashed.append(real(*a, **k))
+        return hashed[-1]
+
+    def no_load(*a, **k):
+        raise AssertionError("the writer loaded the lifted graph")
+
+    monkeypatch.setattr(RX, "read_stamped", spy)
+    monkeypatch.setattr(RX, "load_graph", no_load)
+    v = _insert_one(cb)
+    monkeypatch.undo()
+    assert hashed == [False, False]
+    assert (
+        _index(cb)["lift_hnsw"]
+        == json.loads((tmp_path / "cb" / "versions" / "v000003.json").read_text())["derived"][
+            "engine"
+        ]["index"]["lift_hnsw"]
+    )  # kept as it was
+    assert _finds(tmp_path / "cb", v, "e300") and cb.check(images=False).ok
+
+
+@pytest.mark.parametrize("name", ["knn_idx", "knn_dist", "lift_hnsw", "facts"])
+def test_insert_after_a_change_with_a_new_mtime_rebuilds(tmp_path, name):
+    """A list file (or the lifted graph, or a facts file) changed in place, same size,
+    new mtime: the writer rehashes it, finds the change and rebuilds the engine instead
+    of appending to it; the codebook is then clean and answers with the new key."""
+    cb = grow_lifted(tmp_path / "cb")
+    before = _index(cb)
+    if name == "facts":
+        path = tmp_path / "cb" / cb.manifest["derived"]["engine"]["facts"][0]["path"]
+        flip_byte(path, path.stat().st_size // 2)
+    elif name == "lift_hnsw":
+        flip_byte(tmp_path / "cb" / before[name]["path"], 100)
+    else:
+        dtype = np.int64 if name == "knn_idx" else np.float64
+        _change_in_place(tmp_path / "cb" / before[name]["path"], 3, 7, dtype, restore_mtime=False)
+    v = _insert_one(cb)
+    after = _index(cb)
+    assert after["knn_idx"]["path"] != before["knn_idx"]["path"]  # new base files
+    assert len(after["parts"]) == 1 and not after["deltas"]["knn"]
+    assert cb.check(images=False).ok and _finds(tmp_path / "cb", v, "e300")
+
+
+def test_a_list_changed_with_its_mtime_put_back(tmp_path):
+    """What a size-and-mtime check cannot see: a list entry changed in place, its mtime
+    restored. The insert uses the changed value (the rows it touches may get another
+    sigma; `ask` never reads the lists) and answers; `doctor` finds the file and
+    `doctor --repair` rebuilds it. A value no writer writes (a neighbour out of range)
+    is refused by the range check instead: the insert rebuilds."""
+    cb = grow_lifted(tmp_path / "cb")
+    base = _index(cb)["knn_dist"]
+    _change_in_place(tmp_path / "cb" / base["path"], 3, 0.123, np.float64, restore_mtime=True)
+    v = _insert_one(cb)
+    assert _index(cb)["knn_dist"]["path"] == base["path"]  # appended: not seen
+    assert _finds(tmp_path / "cb", v, "e300")
+    report = Codebook.open(tmp_path / "cb").check(images=False)
+    assert any(base["path"] in p for p in report.problems), report.problems
+    cb = Codebook.open(tmp_path / "cb", engine_min_keys=50)
+    assert cb.check(repair=True, images=False).repaired
+    assert Codebook.open(tmp_path / "cb").check(images=False).ok
+    # out of range, mtime put back: refused before use
+    idx = _index(cb)["knn_idx"]
+    _change_in_place(tmp_path / "cb" / idx["path"], 2, 10**9, np.int64, restore_mtime=True)
+    v = _insert_one(cb, 310)
+    assert _index(cb)["knn_idx"]["path"] != idx["path"]
+    assert cb.check(images=False).ok and _finds(tmp_path / "cb", v, "e310")
+
+
+def test_lists_without_a_recorded_mtime_are_hashed_then_stamped(tmp_path, monkeypatch):
+    """Codebooks written before the stamp record no mtime for the list files: the first
+    insert hashes them and records their mtime in the new manifest, so the next insert
+    reads them by size and mtime."""
+    cb = grow_lifted(tmp_path / "cb")
+    m = json.loads((tmp_path / "cb" / "manifest.json").read_text())
+    for name in ("knn_idx", "knn_dist"):
+        del m["derived"]["engine"]["index"][name]["mtime_ns"]
+    data = manifest_bytes(m)
+    for rel in ("manifest.json", f"versions/v{m['version']:06d}.json"):
+        (tmp_path / "cb" / rel).write_bytes(data)
+    hashed: list[bool] = []
+    real = RX.read_stamped
+
+    def spy(*a, **k):
+        hashed.append(real(*a, **k))
+        return hashed[-1]
+
+    monkeypatch.setattr(RX, "read_stamped", spy)
+    cb = Codebook.open(tmp_path / "cb", engine_min_keys=50)
+    _insert_one(cb)
+    assert all("mtime_ns" in _index(cb)[f] for f in ("knn_idx", "knn_dist"))
+    _insert_one(cb, 310)
+    assert hashed == [True, True, False, False]

@@ -475,10 +475,13 @@ def test_damage_fuzz_subset(base, tmp_path, monkeypatch):
             c.update(id=len(cases), src=str(src), work=str(tmp_path / "work"), hnsw_min_keys=hmk)
             # doctor --repair on source damage (issue 23)
             c["repair_sources"] = src in (syn, store)
+            c["insert"] = src == syn  # an insert after derived damage (issue 22)
             cases.append(c)
     results = run_fuzz(cases)
     summary = summarize(results)
     assert summary["cases"] >= 90
+    inserted = [r for r in results if r["case"].get("insert") and r["kind"] == "engine"]
+    assert len(inserted) >= 10, len(inserted)
     assert not summary["failures"], json.dumps(summary["failures"][:3], indent=1)[:3000]
     kinds = summary["by_kind"]
     assert {"manifest", "versions", "segments", "images", "index-npy", "hnsw", "engine"} <= set(

@@ -227,7 +227,12 @@ def derive_engine(
     section: dict | None = None
     if kind == "append" and old is not None and int(old["keys"]) < n:
         try:
-            previous = ReducedIndex.open(root, copy.deepcopy(old["index"]), lists=True)
+            # the writer never searches: the lifted graph is verified, not loaded; the
+            # facts files it keeps are checked like a reader's (size, mtime)
+            previous = ReducedIndex.open(
+                root, copy.deepcopy(old["index"]), lists=True, lift="verify"
+            )
+            Engine.facts_tables(root, old)
         except (MappedError, KeyError, TypeError, ValueError, IndexError):
             previous = None  # the previous engine is damaged: rebuild it from the keys
         if previous is not None and previous.dim == new.dim:

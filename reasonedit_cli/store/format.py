@@ -346,8 +346,19 @@ def table_bytes(table: pa.Table) -> bytes:
     # uncompressed) and decompressing them was two thirds of the time to open a codebook
     # (Parquet wants leaf column paths: a nested column's name alone is silently ignored)
     comp = {path: "zstd" for f in table.schema if f.name != "vector" for path in _leaf_paths(f)}
+    # and no dictionary or min/max statistics for them either: a dictionary of floats
+    # is tried, then abandoned, and no reader filters on a vector's components; both
+    # were 0.26 of 0.74 s writing the segment of 5,000 keys at 4,480 dims
+    plain = [path for f in table.schema if f.name != "vector" for path in _leaf_paths(f)]
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=comp, row_group_size=max(1, table.num_rows))
+    pq.write_table(
+        table,
+        sink,
+        compression=comp,
+        row_group_size=max(1, table.num_rows),
+        use_dictionary=plain,
+        write_statistics=plain,
+    )
     return sink.getvalue().to_pybytes()
 
 

@@ -41,7 +41,7 @@ import mmap
 import os
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,11 @@ _PERMUTE_CHUNK = 8192  # rows read at a time by write_permuted
 TORCH_CONVERSION = True
 
 
-def to_float32(x: np.ndarray) -> np.ndarray:
-    """x as a new float32 array (the same values: float16 -> float32 is exact).
+def to_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x as float32 (the same values: float16 -> float32 is exact), written into `out`
+    when given (a C-contiguous float32 array of x's shape), else a new array; float32
+    input without `out` is returned as it is (callers pass fresh reads: the copy cost
+    a third of an insert's re-rank, benchmarks/README.md).
 
     float16 rows are what a search re-ranks at 4,480 dims, and numpy converts them at
     0.2-0.8 G values/s (no F16C path): most of a search's CPU. torch's conversion (F16C /
@@ -71,10 +74,16 @@ def to_float32(x: np.ndarray) -> np.ndarray:
     calling thread: one call on the whole block went to torch's thread pool and took
     14 ms there (threads contending with the load). torch takes 2-3 s to import, so it
     is used only when the process has already imported it (`ask` has: the model)."""
+    if out is None and x.dtype == np.float32:
+        return x
     torch = sys.modules.get("torch") if TORCH_CONVERSION else None
     if torch is None or x.dtype != np.float16 or x.size < 4096:
-        return x.astype(np.float32)
-    out = np.empty(x.shape, dtype=np.float32)
+        if out is None:
+            return x.astype(np.float32)
+        np.copyto(out, x, casting="unsafe")
+        return out
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
     src = torch.from_numpy(np.ascontiguousarray(x).reshape(-1))
     dst = torch.from_numpy(out.reshape(-1))
     for s in range(0, x.size, _TORCH_SLICE):
@@ -213,10 +222,10 @@ class MappedArray:
                 os.close(self._fd)
             self._fd = None
 
-    def read(self, positions: np.ndarray) -> np.ndarray:
+    def read(self, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows at `positions` (sorted ascending for speed; repeats allowed) as a new
-        array of the file's dtype, read by `preadv`: one system call per run of
-        consecutive positions.
+        array of the file's dtype (or into `out`: C-contiguous, that dtype and shape),
+        read by `preadv`: one system call per run of consecutive positions.
 
         Why not index the mapping: each 4 KB page a mapping touches first is a page
         fault, and with MADV_RANDOM (no fault-around) a 9 KB row is 2-3 of them, while
@@ -226,7 +235,11 @@ class MappedArray:
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         rows, dim = self.array.shape
-        out = np.empty((len(pos), dim), dtype=self.array.dtype)
+        if out is None:
+            out = np.empty((len(pos), dim), dtype=self.array.dtype)
+        elif (out.shape != (len(pos), dim) or out.dtype != self.array.dtype
+                or not out.flags.c_contiguous):  # fmt: skip
+            raise ValueError("read: `out` must be a C-contiguous block of the file's rows")
         if not len(pos):
             return out
         if pos.min() < 0 or pos.max() >= rows:
@@ -340,7 +353,7 @@ class VectorParts:
     def __init__(
         self,
         parts: list[np.ndarray],
-        mapped: list[MappedArray] | None = None,
+        mapped: Sequence[MappedArray | None] | None = None,
         orders: list[np.ndarray | None] | None = None,
     ):
         if not parts:
@@ -349,7 +362,12 @@ class VectorParts:
         if len(dims) != 1:
             raise ValueError("vector parts of different widths")
         self.parts = parts
-        self.mapped = mapped or []
+        # one entry per part: the mapped file it is read from, or None (an array in
+        # memory, read by indexing it)
+        self.mapped: list[MappedArray | None] = list(mapped or [])
+        if len(self.mapped) > len(parts):
+            raise ValueError("more mapped files than vector parts")
+        self.mapped += [None] * (len(parts) - len(self.mapped))
         self.dim = dims.pop()
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -373,9 +391,16 @@ class VectorParts:
         return self.n
 
     def with_part(self, array: np.ndarray, mapped: MappedArray | None = None) -> VectorParts:
-        """These parts plus one more (an insert's delta, stored in row order)."""
-        maps = [*self.mapped, mapped] if mapped is not None else list(self.mapped)
-        return VectorParts([*self.parts, array], maps, [*self.orders, None])
+        """These parts plus one more (an insert's delta, stored in row order): read from
+        `mapped` when given, else from `array` in memory (the rows an insert has just
+        written and still holds: its re-rank gathers them many times, and a read of a
+        row from memory is one copy where preadv is a system call and a copy)."""
+        return VectorParts([*self.parts, array], [*self.mapped, mapped], [*self.orders, None])
+
+    @property
+    def files(self) -> list[MappedArray]:
+        """The mapped files of the parts that have one."""
+        return [m for m in self.mapped if m is not None]
 
     def _local(self, i: int, local: np.ndarray) -> np.ndarray:
         pos = self.positions[i]
@@ -401,20 +426,45 @@ class VectorParts:
         return out
 
     def take_stored(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the rows reordered as they are stored, their float32 vectors): `take`
-        without putting them back in the order given (a caller that ranks them all
-        saves that copy)."""
+        """(the rows reordered as they are stored: by part, then position in it; their
+        float32 vectors): `take` without putting them back in the order given. Each
+        row is read (or converted) straight into its place, so a caller that ranks
+        them all saves the scatter copy (an insert's re-rank gathers ~45 rows of
+        18 KB per new key: three copies of them were a third of its time)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(self.parts) != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= self.n)):
-            return rows, self.take(rows)
-        at = self._local(0, rows)
-        order = np.argsort(at, kind="stable")
-        return rows[order], to_float32(self._rows(0, at[order]))
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError("vector rows out of range")
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        at = np.empty(len(rows), dtype=np.int64)
+        for i in np.unique(which):
+            sel = which == i
+            at[sel] = self._local(int(i), rows[sel] - self.starts[i])
+        order = np.lexsort((at, which))
+        which, at = which[order], at[order]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        bounds = np.searchsorted(which, np.arange(len(self.parts) + 1))
+        for i in range(len(self.parts)):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            if b > a:
+                self._rows_into(i, at[a:b], out[a:b])
+        return rows[order], out
 
     def _rows(self, i: int, positions: np.ndarray) -> np.ndarray:
         """Part i's rows at sorted positions, in its stored dtype (mapped: `read`)."""
-        m = self.mapped[i] if i < len(self.mapped) else None
+        m = self.mapped[i]
         return m.read(positions) if m is not None else self.parts[i][positions]
+
+    def _rows_into(self, i: int, positions: np.ndarray, out: np.ndarray) -> None:
+        """Part i's rows at sorted positions as float32 into `out` (C-contiguous): a
+        float32 file is read straight into it, float16 through one buffer."""
+        m = self.mapped[i]
+        src = m.array if m is not None else self.parts[i]
+        if src.dtype == np.float32 and m is not None:
+            m.read(positions, out=out)
+        elif src.dtype == np.float32:
+            np.take(src, positions, axis=0, out=out, mode="clip")  # "raise" buffers `out`
+        else:
+            to_float32(self._rows(i, positions), out=out)
 
     def file_order(self, rows: np.ndarray) -> np.ndarray:
         """A sort key of rows by where they are stored (part, then position in it)."""
@@ -433,23 +483,24 @@ class VectorParts:
         (contiguous in an IVF-ordered file): one sequential read each instead of a page
         fault per row."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if not len(rows) or not self.mapped:
+        if not len(rows) or not self.files:
             return
         which = np.searchsorted(self.starts, rows, side="right") - 1
         for i in np.unique(which):
-            if i >= len(self.mapped):
+            m = self.mapped[int(i)]
+            if m is None:
                 continue
             at = np.sort(self._local(int(i), rows[which == i] - self.starts[i]))
             cut = np.flatnonzero(np.diff(at) > gap) + 1
             for a, b in zip(np.r_[0, cut], np.r_[cut, len(at)], strict=True):
-                self.mapped[i].advise(int(at[a]), int(at[b - 1]) + 1, "willneed")
+                m.advise(int(at[a]), int(at[b - 1]) + 1, "willneed")
 
     def row_chunks(self, size: int = 20_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows, float32 block) over every row in file order (sequential reads whatever
         the parts' order), `size` rows at a time; resident pages of mapped parts are
         dropped after each block."""
         for i, p in enumerate(self.parts):
-            m = self.mapped[i] if i < len(self.mapped) else None
+            m = self.mapped[i]
             o = self.orders[i]
             for s in range(0, len(p), size):
                 e = min(len(p), s + size)
@@ -464,7 +515,7 @@ class VectorParts:
         """(first row, float32 block) over every row in row order, `size` rows at a time
         (parts in another order are gathered: prefer `row_chunks` for a full scan)."""
         for i, p in enumerate(self.parts):
-            m = self.mapped[i] if i < len(self.mapped) else None
+            m = self.mapped[i]
             ordered = self.orders[i] is None
             for s in range(0, len(p), size):
                 if m is not None and ordered:
@@ -478,7 +529,7 @@ class VectorParts:
                     m.release()
 
     def release(self) -> None:
-        for m in self.mapped:
+        for m in self.files:
             m.release()
 
 
@@ -513,7 +564,7 @@ def write_permuted(
             b = min(n, a + per)
             buf = np.empty((b - a, source.dim), dtype=MAPPED_DTYPES[dtype])
             for i, part in enumerate(source.parts):
-                m = source.mapped[i] if i < len(source.mapped) else None
+                m = source.mapped[i]
                 o = source.orders[i]
                 for s in range(0, len(part), _PERMUTE_CHUNK):
                     e = min(len(part), s + _PERMUTE_CHUNK)

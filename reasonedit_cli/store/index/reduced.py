@@ -343,7 +343,8 @@ class ReducedIndex:
         n = len(vectors)
         # the vector files it reads are the index's own (save() writes no second copy)
         # unless the index wants them in IVF order (below)
-        entries = {"vectors": [m.entry for m in vectors.mapped]} if vectors.mapped else {}
+        files = vectors.files
+        entries = {"vectors": [m.entry for m in files]} if len(files) == len(vectors.parts) else {}
         half = dtype == "float16"
         proj = Projection.fit(_rounded(vectors.take(fit_sample_rows(n)), half), rank)
         vectors.release()
@@ -457,7 +458,7 @@ class ReducedIndex:
             kk = min(k, len(u))
             if kk <= 0:
                 continue
-            v = self.vectors.take(u)
+            u, v = self.vectors.take_stored(u)  # any order: ranked, then sorted by (d, row)
             v_sq = np.einsum("ij,ij->i", v, v)
             q_sq = np.einsum("ij,ij->i", qb, qb)
             d32 = (qb @ v.T) * -2.0
@@ -470,9 +471,10 @@ class ReducedIndex:
                 short = np.broadcast_to(np.arange(len(u)), (len(qb), len(u)))
             d = np.take_along_axis(d32, short, 1).astype(np.float64)
             ci = u[short]
-            close = np.argwhere(d < NEAR_DUPLICATE * (q_sq[:, None] + v_sq[short]))
-            for a, b in close:  # rare: recompute without cancellation
-                d[a, b] = _finite(sq_distances(qb[a], v[short[a, b] : short[a, b] + 1]))[0]
+            a, b = np.nonzero(d < NEAR_DUPLICATE * (q_sq[:, None] + v_sq[short]))
+            if len(a):  # recompute without cancellation (an insert: each key and itself)
+                diff = v[short[a, b]] - qb[a]
+                d[a, b] = _finite(np.einsum("ij,ij->i", diff, diff).astype(np.float64))
             order = np.lexsort((ci, d), axis=1)
             lab[s : s + len(qb), :kk] = np.take_along_axis(ci, order, 1)
             sq[s : s + len(qb), :kk] = np.take_along_axis(d, order, 1)
@@ -576,14 +578,22 @@ class ReducedIndex:
 
     # -- insert -------------------------------------------------------------------------
 
-    def append(self, vectors: VectorParts, graph_vecs: np.ndarray | None = None) -> NB.KnnAppend:
+    def append(
+        self,
+        vectors: VectorParts,
+        graph_vecs: np.ndarray | None = None,
+        new_vectors: np.ndarray | None = None,
+    ) -> NB.KnnAppend:
         """Rows n_old.. of `vectors` (the old parts plus a delta part) were appended:
         add their flat part and update neighbour lists and sigma. Returns the list change
-        (`deltas.knn_patch` turns it into the delta file). Needs `knn_idx` / `knn_dist`."""
+        (`deltas.knn_patch` turns it into the delta file). Needs `knn_idx` / `knn_dist`.
+        `new_vectors`: those rows as float32, when the caller holds them (not read back)."""
         if self.knn_idx is None or self.knn_dist is None:
             raise ValueError("append needs the neighbour lists (a writer's index)")
         n_old = self.n
-        new = vectors.take(np.arange(n_old, len(vectors)))
+        if new_vectors is None or len(new_vectors) != len(vectors) - n_old:
+            new_vectors = vectors.take(np.arange(n_old, len(vectors)))
+        new = new_vectors
         g = self.projection.graph_vectors(new) if graph_vecs is None else graph_vecs
         self.vectors = vectors
         with self._lock:
@@ -619,12 +629,16 @@ class ReducedIndex:
         new = np.asarray(new_vectors, dtype=np.float32)
         rel = f"index/vectors-delta-{tag}.npy"
         ent = dict(write_vectors(root / rel, [new], len(new), self.dim, dtype), path=rel)
-        m = open_vectors(root / rel, ent)
+        open_vectors(root / rel, ent)  # what was written opens (header, size)
         g = self.projection.graph_vectors(new)
         grel = f"index/reduced-delta-{tag}.npy"
         gent = dict(write_vectors(root / grel, [g], len(g), g.shape[1]), path=grel)
-        parts = self.vectors.with_part(m.array, m)
-        app = self.append(parts, g)
+        # the new rows are read from memory (the values the file holds), not from the
+        # file: the re-rank gathers each new key ~40 times (5,000 keys into 100k x 4,480:
+        # 194,000 of its 228,000 row reads)
+        held = _rounded(new, dtype == "float16")
+        parts = self.vectors.with_part(held)
+        app = self.append(parts, g, held)
         assert old_idx is not None and old_dist is not None
         patch = DL.knn_patch(app, old_idx, old_dist)
         if patch is None:
@@ -716,12 +730,26 @@ class ReducedIndex:
         }
 
     @classmethod
-    def open(cls, root: Path, entries: dict, *, lists: bool = False, full_check: bool = False):
+    def open(
+        cls,
+        root: Path,
+        entries: dict,
+        *,
+        lists: bool = False,
+        full_check: bool = False,
+        lift: str = "load",
+    ):
         """Map and load what a search needs (lists too for a writer), each file verified:
-        small files by sha256, the mapped files and large graphs by size and mtime
-        (rehashed in full with full_check, i.e. `doctor`). Raises MappedError."""
+        small files by sha256, the mapped files, the neighbour lists and large graphs by
+        size and mtime (rehashed in full with full_check, i.e. `doctor`, or when the
+        mtime is not the recorded one). Raises MappedError.
+
+        lift "verify" (a writer, which never searches): the lifted graph's file is
+        checked against its sha256 but not loaded into hnswlib (`lift` stays None;
+        its entries are kept as they are). At a million keys loading it is a 72 MB
+        private copy and an hnswlib load on every insert."""
         try:
-            return cls._open(root, entries, lists=lists, full_check=full_check)
+            return cls._open(root, entries, lists=lists, full_check=full_check, lift=lift)
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             if isinstance(e, MappedError):
                 raise
@@ -738,7 +766,7 @@ class ReducedIndex:
         return []
 
     @classmethod
-    def _open(cls, root: Path, entries: dict, *, lists: bool, full_check: bool):
+    def _open(cls, root: Path, entries: dict, *, lists: bool, full_check: bool, lift: str):
         n, dim = int(entries["keys"]), int(entries["dim"])
         try:
             proj = Projection.from_array(_read_npy(root, entries["projection"]))
@@ -782,12 +810,15 @@ class ReducedIndex:
             params = _read_npy(root, entries["lift_params"], None, np.float64)
             if rows.ndim != 1 or not LF.valid_lift(rows, params, n, proj.rank + 2):
                 raise MappedError("lift rows or params")
-            eng.lift = LF.Lift(
-                load_graph(root, entries["lift_hnsw"], proj.rank + 5, len(rows),
-                           full_check=full_check), rows, params,
-            )  # fmt: skip
+            if lift == "verify" and not full_check:
+                verify_graph_file(root, entries["lift_hnsw"])
+            else:
+                eng.lift = LF.Lift(
+                    load_graph(root, entries["lift_hnsw"], proj.rank + 5, len(rows),
+                               full_check=full_check), rows, params,
+                )  # fmt: skip
         if lists:
-            eng.knn_idx, eng.knn_dist = _open_lists(root, entries, base_rows, n)
+            eng.knn_idx, eng.knn_dist = _open_lists(root, entries, base_rows, n, full_check)
         return eng
 
 
@@ -813,12 +844,20 @@ def _open_part(root: Path, pe: dict, gdim: int, n: int, full_check: bool) -> Any
     return IVFPart(cent, offsets, labels, vecs, a, b)
 
 
-def _open_lists(root: Path, entries: dict, base_rows: int, n: int):
+def _open_lists(root: Path, entries: dict, base_rows: int, n: int, full_check: bool):
+    """The neighbour lists (n, SIGMA_K) after every patch: the base files read straight
+    into the arrays, checked by size and mtime (`read_stamped`), then the patches
+    (small: sha256) replayed."""
     k = R.SIGMA_K
-    bi = _read_npy(root, entries["knn_idx"], (base_rows, k), np.int64)
-    bd = _read_npy(root, entries["knn_dist"], (base_rows, k), np.float64)
     idx, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.inf)
-    idx[:base_rows], dist[:base_rows] = bi, bd
+    read_stamped(root, entries["knn_idx"], idx[:base_rows], full_check=full_check)
+    read_stamped(root, entries["knn_dist"], dist[:base_rows], full_check=full_check)
+    # what a check by size and mtime cannot exclude (bytes changed in place, the mtime
+    # put back) must not reach an index: neighbours in range, distances >= 0 (no NaN)
+    if base_rows and (idx[:base_rows].min() < -1 or idx[:base_rows].max() >= n):
+        raise MappedError(f"{entries['knn_idx']['path']}: neighbours out of range")
+    if base_rows and not (dist[:base_rows] >= 0).all():
+        raise MappedError(f"{entries['knn_dist']['path']}: distances are not >= 0")
     cur = base_rows
     try:
         for de in (entries.get("deltas") or {}).get("knn") or []:
@@ -836,12 +875,79 @@ def _open_lists(root: Path, entries: dict, base_rows: int, n: int):
 
 
 def _write_npy(root: Path, rel: str, arr: np.ndarray) -> dict:
+    """Write arr as `.npy` atomically; the entry records size, sha256 and the mtime
+    after the rename (which `read_stamped` compares; other readers rehash)."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(arr), allow_pickle=False)
     data = buf.getvalue()
     with replaced(root / rel) as tmp, open(tmp, "xb") as f:
         f.write(data)
-    return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    st = os.stat(root / rel)
+    return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "mtime_ns": st.st_mtime_ns}  # fmt: skip
+
+
+def read_stamped(root: Path, entry: dict, out: np.ndarray, *, full_check: bool = False) -> bool:
+    """Read a `.npy` file (header: out's dtype and shape, C order) straight into `out`,
+    verified before use: a regular file (no symlink) of the recorded size and header.
+    Its bytes are hashed only with full_check (`doctor`), when the entry records no
+    `mtime_ns` (files written before this check) or when the file's mtime is not the
+    recorded one; a file that then matches its sha256 gets its mtime recorded in
+    `entry` (a writer's entries are the next manifest's: later opens are cheap).
+    Returns whether it hashed. Raises MappedError.
+
+    Why: the neighbour lists are the writer's largest read (1M keys: 2 x 240 MB), and
+    hashing them on every insert was ~0.5 s of CPU plus two copies. What the size and
+    mtime cannot catch (bytes changed in place with the mtime put back) the callers
+    range-check (`_open_lists`); docs/codebook-format.md says what it can do.
+    """
+    rel = entry["path"]
+    if not out.flags.c_contiguous:
+        raise ValueError("read_stamped needs a C-contiguous array")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(root / rel, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MappedError(f"{rel}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MappedError(f"{rel} is not a regular file")
+        if st.st_size != int(entry["bytes"]):
+            raise MappedError(f"{rel} has {st.st_size} bytes, the manifest says {entry['bytes']}")
+        head = os.pread(fd, min(4096, st.st_size), 0)
+        f = io.BytesIO(head)
+        try:
+            if np.lib.format.read_magic(f) != (1, 0):
+                raise ValueError("npy version")
+            shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
+        except (ValueError, EOFError, SyntaxError) as e:
+            raise MappedError(f"{rel} has no valid .npy header") from e
+        offset = f.tell()
+        if fortran or dt != out.dtype or tuple(shape) != out.shape:
+            raise MappedError(f"{rel} has the wrong dtype or shape")
+        if offset + out.nbytes != st.st_size:
+            raise MappedError(f"{rel}: header and size disagree")
+        buf = out.reshape(-1).view(np.uint8).data
+        at = 0
+        while at < out.nbytes:
+            got = os.preadv(fd, [buf[at:]], offset + at)
+            if got <= 0:
+                raise MappedError(f"{rel} is truncated")
+            at += got
+        stamp = entry.get("mtime_ns")
+        hashed = full_check or stamp is None or st.st_mtime_ns != int(stamp)
+        if hashed:
+            h = hashlib.sha256(head[:offset])
+            h.update(buf)
+            if h.hexdigest() != entry["sha256"]:
+                raise MappedError(f"{rel} is damaged (checksum mismatch)")
+            entry["mtime_ns"] = st.st_mtime_ns
+        return hashed
+    except OSError as e:
+        raise MappedError(f"{rel}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def _read_npy(root: Path, entry: dict, shape: tuple | None = None, dtype: Any = None) -> np.ndarray:
@@ -882,6 +988,28 @@ def save_graph(index: Any, root: Path, rel: str) -> dict:
         "mtime_ns": st.st_mtime_ns,
         "count": int(index.get_current_count()),
     }
+
+
+def verify_graph_file(root: Path, entry: dict) -> None:
+    """A graph file matches its entry (regular file, size, sha256), without loading it
+    (a writer keeps the lifted graph as it is). Raises MappedError."""
+    rel = entry["path"]
+    path = root / rel
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != int(entry["bytes"]):
+            raise MappedError(f"{rel} is missing, not a file or the wrong size")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            h = hashlib.sha256()
+            while block := os.read(fd, 1 << 24):
+                h.update(block)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise MappedError(f"{rel}: {e.strerror or e}") from e
+    if h.hexdigest() != entry["sha256"]:
+        raise MappedError(f"{rel} is damaged (checksum mismatch)")
 
 
 def load_graph(root: Path, entry: dict, dim: int, count: int, *, full_check: bool = False) -> Any:
