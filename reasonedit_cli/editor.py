@@ -1367,13 +1367,29 @@ def check_codebook(
     A function, not an `Editor` method: repair must work on a codebook whose manifest is
     too damaged to open.
     """
+    from reasonedit_cli import objects as O
+    from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
+
     if repair:
         from reasonedit_cli.repair import repair_codebook
 
-        return repair_codebook(path, lock_timeout=lock_timeout)
-    from reasonedit_cli.store import Codebook
-
-    return Codebook.open(path).check(lock_timeout=lock_timeout)
+        report = repair_codebook(path, lock_timeout=lock_timeout)
+    else:
+        report = Codebook.open(path).check(lock_timeout=lock_timeout)
+    # the object index (reasonedit_cli.objects): derived, rebuilt from the edits
+    try:
+        main = Codebook.open(path)
+    except CodebookError:
+        return report
+    problems, notes = O.check(main)
+    if problems and repair:
+        report.repaired += [f"damaged: {p}" for p in problems]
+        report.repaired += O.rebuild(main.path, lock_timeout=lock_timeout)
+        problems, notes = O.check(Codebook.open(path))
+    report.problems += problems
+    report.notes += notes
+    return report
 
 
 def _box4(box: Sequence[int] | None) -> tuple[int, int, int, int] | None:

@@ -127,21 +127,21 @@ def object_keys(
             continue
         wins = rk.grid_windows([img])
         win = wins[window_for(box, img.size, wins)]
-        rows.append((e, img, pixel_box(win.box, img.size)))
+        rows.append((e, _edit_id(e), img, pixel_box(win.box, img.size)))
     if not rows:
         return []
-    imgs = [img for _, img, _ in rows]
-    texts = [e.question for e, _, _ in rows]
-    boxes = [b for _, _, b in rows]
+    imgs = [img for _, _, img, _ in rows]
+    texts = [e.question for e, _, _, _ in rows]
+    boxes = [b for _, _, _, b in rows]
     vecs, _ = rk.key_vectors(imgs, texts, boxes)
     aug = [
-        augment_image(img, np.random.default_rng(_region_seed(e.id or "", b))) for e, img, b in rows
+        augment_image(img, np.random.default_rng(_region_seed(eid, b))) for _, eid, img, b in rows
     ]
     avecs, _ = rk.key_vectors(aug, texts, boxes)
     radii = np.linalg.norm(vecs - avecs, axis=1)
     return [
         KeyRecord(
-            edit_id=e.id or "",
+            edit_id=eid,
             kind="answer",
             value=answer_value(e.question, e.answer),
             key_text=e.question,
@@ -150,8 +150,13 @@ def object_keys(
             vector=v,
             radius=float(r),
         )
-        for (e, _, b), v, r in zip(rows, vecs, radii)
+        for (e, eid, _, b), v, r in zip(rows, vecs, radii)
     ]
+
+
+def _edit_id(e: Any) -> str:
+    """An `Edit`'s `id` or an `EditRecord`'s `edit_id`."""
+    return str(getattr(e, "id", None) or getattr(e, "edit_id", "") or "")
 
 
 # ------------------------------------------------------------------ reading
@@ -451,3 +456,62 @@ def check(main: Codebook) -> tuple[list[str], list[str]]:
                 f"{index.codebook.version} (an interrupted write); the next writer restores it"
             )
     return problems, notes
+
+
+def rebuild(path: Path, *, lock_timeout: float = 10.0, editor: Any = None) -> list[str]:
+    """`doctor --repair`'s object-index step: a new object index from the codebook's live
+    edits (those whose reasoning names a region) and stored images, embedded with the
+    codebook's model at the old link's w and layer (else as on creation), committed and
+    linked as a new main version. The old folder is moved to `damaged/`, not deleted.
+    Returns the repaired lines."""
+    import os
+
+    from reasonedit_cli.editor import Editor
+    from reasonedit_cli.edits import decode_image
+    from reasonedit_cli.store import Codebook
+
+    ed = editor or Editor(path, lock_timeout=lock_timeout)
+    main = ed.require_codebook()
+    link = link_of(main) or {}
+    records = [r for r in main.edits() if names_a_region(r.reasoning)]
+    layer = link.get("layer") or ed.object_layer()
+    if layer is None:
+        return ["object index: the key layer has no token grid; nothing rebuilt"]
+    w = float(link["w"]) if link.get("w") else ed.object_w()
+    rk = region_embedder(ed.vlm, ed.text.encode, layer, w)
+    data = {r.image_sha256: main.read_image_bytes(r.image_sha256) for r in records}
+    imgs = [decode_image(data[r.image_sha256], "image") for r in records]
+    keys = object_keys(rk, records, imgs)
+    steps: list[str] = []
+    with main.writer(lock_timeout=lock_timeout) as mw:
+        old = main.path / OBJECTS_DIR
+        if os.path.lexists(old):
+            aside = main.path / "damaged" / f"{OBJECTS_DIR}.{_stamp()}"
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(old, aside)
+            steps.append(f"object index: moved the old one to damaged/{aside.name}")
+        nested = Codebook.open(old, create=True)
+        config = nested_config(
+            ed.config_for_manifest(), w=w, layer=layer, main_version=main.version + 1
+        )
+        with nested.writer(lock_timeout=lock_timeout) as nw:
+            for r in records:
+                nw.store_image(data[r.image_sha256], main.image_path(r.image_sha256).suffix)
+            nw.set_config(**config)
+            if keys:
+                nw.set_config(dim=int(keys[0].vector.shape[0]))
+                keyed = {k.edit_id for k in keys}
+                nw.add([edit_record_copy(r) for r in records if r.edit_id in keyed], keys)
+        mw.set_config(objects=make_link(nested))
+        version = mw.commit()
+    steps.append(
+        f"object index: rebuilt {len(keys)} key(s) from {len(records)} edit(s) naming a "
+        f"region (w {w:.4g}, layer {layer}); linked by version {version}"
+    )
+    return steps
+
+
+def _stamp() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
