@@ -1038,13 +1038,13 @@ class Editor:
         index, problem = self.object_index()
         if index is None and problem is None:
             return found
-        if index is not None and not index.codebook.n_keys:
-            return found
         if index is None:
             return [replace(r, objects_problem=problem) for r in found]
         rk = O.region_embedder(self.vlm, self.text.encode, index.layer, index.w)
         extra: dict[int, Retrieval] = {}
         try:
+            if not index.codebook.n_keys:
+                return found
             for start in range(0, len(questions), batch_size):
                 stop = min(start + batch_size, len(questions))
                 for k in sorted(set(ks[start:stop])):

@@ -450,10 +450,10 @@ def check(main: Codebook) -> tuple[list[str], list[str]]:
         problems.append(f"object index: {e}")
     with contextlib.suppress(CodebookError, OSError):
         head = Codebook.open(path)
-        if head.version != index.codebook.version:
+        if head.version != int(link["version"]):
             notes.append(
                 f"object index head is version {head.version}, the codebook links "
-                f"{index.codebook.version} (an interrupted write); the next writer restores it"
+                f"{link['version']} (an interrupted write); the next writer restores it"
             )
     return problems, notes
 
