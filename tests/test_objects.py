@@ -201,3 +201,33 @@ def test_damaged_object_index_is_skipped_reported_and_rebuilt(built, scene_files
     after = _ask(cb, scene_files / "ask.jsonl")
     assert [a["facts"] for a in after] == [b["facts"] for b in before]
     assert after[0]["object_index"]["used"]
+
+
+def test_damage_to_any_object_index_file_never_breaks_ask(built, scene_files, tmp_path):
+    """The damage fuzz's rule for the object index (tests/test_reliability.py has the
+    main codebook's): a bit flip in any kind of its files leaves `ask` answering (exit 0,
+    no traceback); `doctor` exits 0 or 1, and after `doctor --repair` it is clean."""
+    from helpers_reliability import apply_damage, file_kind
+
+    src = built[0]
+    nested = src / "objects"
+    picked: dict[str, str] = {}
+    for p in sorted(nested.rglob("*")):
+        if p.is_file():
+            picked.setdefault(file_kind(p.relative_to(nested)), str(p.relative_to(src)))
+    assert {"manifest", "versions", "segments", "images", "index-npy"} <= set(picked)
+    for n, (kind, rel) in enumerate(sorted(picked.items())):
+        cb = tmp_path / f"cb{n}"
+        shutil.copytree(src, cb)
+        size = (cb / rel).stat().st_size
+        apply_damage(cb, {"file": rel, "op": "flip", "arg": [size // 2, n % 8]})
+        r = invoke(
+            "ask", "--from", str(scene_files / "ask.jsonl"), "-c", str(cb), *SCENES, "--json"
+        )
+        assert r.exit_code == 0 and "Traceback" not in r.output, (kind, r.output)
+        doc = invoke("doctor", "-c", str(cb))
+        assert doc.exit_code in (0, 1) and "Traceback" not in doc.output, (kind, doc.output)
+        if doc.exit_code == 1:
+            rep = invoke("doctor", "-c", str(cb), "--repair")
+            assert rep.exit_code == 0, (kind, rep.output)
+            assert invoke("doctor", "-c", str(cb)).exit_code == 0, kind
