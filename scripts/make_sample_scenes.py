@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Build `sample_edits/scenes/`: scenes edits and probes for the README demo's I-Gen case.
 
-    python scripts/make_sample_scenes.py [--seed 3] [--n-edits 8] [--n-loc 4]
+    python scripts/make_sample_scenes.py [--seed 3] [--n-edits 8] [--n-loc 4] [--out DIR]
+
+(`--n-edits 40 --n-loc 40 --out DIR` measures the CLI path at evaluate's size.)
 
 Everything comes from the scenes generator (`reasonedit_cli.scenes.build_scenes`, the
 protocol of `evaluate --dataset scenes`) on `--seed` (3: never used to train or tune
@@ -46,20 +48,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--n-edits", type=int, default=8)
     ap.add_argument("--n-loc", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=OUT, help="default: sample_edits/scenes")
     args = ap.parse_args()
+    out = args.out
 
     probe_ed = Editor(None, model="scenes")
     gen = E.Generations(probe_ed.vlm, 16)
     edits, probes, _ = build_scenes(E.bytes_asker(gen), n_edits=args.n_edits, seed=args.seed)
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    (OUT / "images").mkdir(parents=True)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
     names: dict[bytes, str] = {}
 
     def image(data: bytes, name: str) -> str:
         if data not in names:
             names[data] = f"images/{name}.png"
-            (OUT / names[data]).write_bytes(data)
+            (out / names[data]).write_bytes(data)
         return names[data]
 
     old_ids = [e.ensure_id() for e in edits]  # what the probes name
@@ -86,15 +90,15 @@ def main() -> None:
         row = {"image": image(p.image_bytes, f"loc{n}"), "question": p.question}
         probe_rows.append({**row, "answer": p.answer, "kind": "loc"})
     for name, rows in (("edits.jsonl", edit_rows), ("probes.jsonl", probe_rows)):
-        with open(OUT / name, "w") as f:
+        with open(out / name, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
 
     # measure what the demo runs: add-edit's and ask's defaults
     with tempfile.TemporaryDirectory() as tmp:
         ed = Editor(Path(tmp) / "cb", model="scenes", create=True)
-        report = ed.add_edits(read_edits_jsonl(str(OUT / "edits.jsonl"))[0], batch_size=16)
-        imgs = [decode_image((OUT / r["image"]).read_bytes(), r["image"]) for r in probe_rows]
+        report = ed.add_edits(read_edits_jsonl(str(out / "edits.jsonl"))[0], batch_size=16)
+        imgs = [decode_image((out / r["image"]).read_bytes(), r["image"]) for r in probe_rows]
         qs = [r["question"] for r in probe_rows]
         plain = ed.ask(imgs, qs, no_edit=True)
         edited = ed.ask(imgs, qs)
@@ -158,7 +162,7 @@ def main() -> None:
         "unrelated: the first loc probe that retrieves nothing and keeps its answer",
         "probes": rows,
     }
-    (OUT / "case.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "case.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "probes"}, indent=2))
 
 
