@@ -219,6 +219,8 @@ def open_index(main: Codebook) -> tuple[ObjectIndex | None, str | None]:
     try:
         if link.get("path") != OBJECTS_DIR:
             raise CodebookError(f"object index path {link.get('path')!r} is not {OBJECTS_DIR!r}")
+        if path.is_symlink():  # never followed out of the codebook (hostile codebooks)
+            raise CodebookError(f"object index {path} is a symlink; refused")
         m = read_version(path, int(link["version"]))
         if m.get("checksum") != link.get("checksum"):
             raise CodebookError(
@@ -280,6 +282,8 @@ def _open_nested(main: Codebook, lock_timeout: float) -> Codebook:
         raise ObjectIndexUnusable(str(link.get("problem") or "the object index needs a rebuild"))
     path = main.path / OBJECTS_DIR
     try:
+        if path.is_symlink():
+            raise CodebookError("a symlink; refused")
         nested = Codebook.open(path, create=True)
         target = int(link["version"]) if link else 0
         want = link.get("checksum") if link else None
