@@ -263,6 +263,15 @@ def add_edit(
             "version; undo with restore). Without it that is an error.",
         ),
     ] = False,
+    no_objects: Annotated[
+        bool,
+        typer.Option(
+            "--no-objects",
+            help="Write no object-index keys for these edits (by default an edit whose "
+            "reasoning names a region, e.g. 'in the top left', gets one: the same object "
+            "in other images).",
+        ),
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
     verbose: VerboseOpt = False,
@@ -322,7 +331,9 @@ def add_edit(
         if errors:
             raise InputError(f"no valid edits ({len(errors)} invalid); first: {errors[0]}")
         raise InputError(f"{from_file}: no edits found")
-    editor = models.editor(codebook, create=True, lock_timeout=lock_timeout, preset=preset)
+    editor = models.editor(
+        codebook, create=True, lock_timeout=lock_timeout, preset=preset, objects=not no_objects
+    )
     if merge is None:
         merge = editor.preset.merge_on_insert
     add: Callable[..., AddReport] = editor.add_edits
@@ -354,6 +365,8 @@ def add_edit(
                 "codebook": str(codebook),
                 "boxes": report.boxes,
                 "merged": merged,
+                "object_keys": report.object_keys,
+                "objects_problem": report.objects_problem,
             }
         )
     else:
@@ -373,6 +386,13 @@ def add_edit(
                 f"Merged keys: {merged['before']} -> {merged['after']} "
                 f"({merged['values_collected']} value(s) collected)."
             )
+        if report.object_keys:
+            out.print(
+                f"Object index: {report.object_keys} key(s) for edits whose reasoning "
+                "names a region."
+            )
+        if report.objects_problem:
+            _stderr().print(f"warning: object index not written: {report.objects_problem}")
         for err in errors:
             _stderr().print(f"skipped invalid record: {err}", markup=False)
     if errors:
@@ -413,6 +433,13 @@ def ask(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
     batch_size: Annotated[int, cs.option("batch_size")] = 16,
+    no_objects: Annotated[
+        bool,
+        typer.Option(
+            "--no-objects",
+            help="Query only the whole-image keys, not the codebook's object index.",
+        ),
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
     server: Annotated[
@@ -439,7 +466,7 @@ def ask(
         from reasonedit_cli.client import check_url
 
         check_url(server)
-        local = models.given()
+        local = models.given() + (["--no-objects"] if no_objects else [])
         if local:
             verb = "applies" if len(local) == 1 else "apply"
             raise UsageError(f"{', '.join(local)} {verb} to the server, not to ask --server")
@@ -472,7 +499,7 @@ def ask(
     images = [it["image"] for it in items]
     # --no-edit needs no codebook; one that exists still names the model
     use_codebook = None if no_edit and not Path(codebook).exists() else codebook
-    editor = models.editor(use_codebook)
+    editor = models.editor(use_codebook, objects=not no_objects)
     questions = [it["question"] for it in items]
     answers = []
     # one batch at a time, so that a long --from run shows its progress (on a terminal)
@@ -522,6 +549,15 @@ def _render_answer(record: dict[str, Any], explain: bool) -> None:
         detail = f" (nearest {near:.3f} > threshold {tau:.3f})" if near is not None and tau else ""
         out.print(f"[dim]no edit applies{detail}; the model ran unedited[/dim]")
         return
+    objects = record.get("object_index")
+    if objects is not None:
+        if objects["problem"]:
+            out.print(f"[dim]object index skipped: {_esc(objects['problem'])}[/dim]")
+        elif objects["facts"]:
+            out.print(
+                f"[dim]object index: {len(objects['facts'])} fact(s) only it found "
+                f"(edits {_esc(', '.join(objects['edit_ids']))})[/dim]"
+            )
     table = Table(title="Retrieved keys", show_lines=False)
     for col in ("distance", "kind", "edit", "box", "fact"):
         table.add_column(col)
@@ -1208,6 +1244,13 @@ def serve(
             "--poll-interval", min=0.01, help="Seconds between codebook checks when idle."
         ),
     ] = 1.0,
+    no_objects: Annotated[
+        bool,
+        typer.Option(
+            "--no-objects",
+            help="Query only the whole-image keys, not the codebook's object index.",
+        ),
+    ] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
     as_json: Annotated[
@@ -1245,7 +1288,7 @@ def serve(
     )
     options.check()  # usage errors before any model loads
     check_installed()
-    editor = models.editor(codebook)
+    editor = models.editor(codebook, objects=not no_objects)
     run_server(editor, options, on_ready=_print_json if as_json else None)
 
 

@@ -301,6 +301,7 @@ class ModelOptions:
         preset: str | None = None,
         vlm: VLMBackend | None = None,
         text: TextBackend | None = None,
+        objects: bool = True,
     ) -> Editor:
         """The `Editor` on `codebook` with these models: how every command builds one.
 
@@ -320,6 +321,7 @@ class ModelOptions:
             preset=preset,
             vlm=vlm,
             text=text,
+            objects=objects,
         )
 
 

@@ -83,6 +83,8 @@ class AddReport:
         default_factory=dict
     )  # edit -> sentence -> boxes
     merge: Any = None  # the MergePlan of merge on insert (add_edits(merge=True))
+    object_keys: int = 0  # keys written to the object index (reasonedit_cli.objects)
+    objects_problem: str | None = None  # the object index could not be written
 
 
 @dataclass
@@ -109,6 +111,22 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         r = self.retrieval
+        out = self._record(r)
+        if r is not None and (r.objects is not None or r.objects_problem):
+            # only for a codebook with an object index: others answer byte for byte as before
+            o = r.objects
+            out["object_index"] = {
+                "used": o is not None,
+                "problem": r.objects_problem,
+                "rejected": o.rejected if o is not None else True,
+                "facts": r.object_facts,  # facts in the prompt that only it found
+                "edit_ids": o.edit_ids if o is not None else [],
+                "nearest_distance": o.nearest if o is not None else None,
+                "threshold": o.tau if o is not None else None,
+            }
+        return out
+
+    def _record(self, r: Retrieval | None) -> dict[str, Any]:
         return {
             "question": self.question,
             "answer": self.answer,
@@ -241,6 +259,7 @@ class Editor:
         text: TextBackend | None = None,
         embedder: KeyEmbedder | None = None,
         key_specs: KeySpecSource | None = None,
+        objects: bool = True,
     ) -> None:
         # codebook=None: no codebook at all (`ask --no-edit` without one)
         self.codebook_path = Path(codebook) if codebook is not None else None
@@ -281,6 +300,11 @@ class Editor:
         self._text: TextBackend | None = text
         self._embedder: KeyEmbedder | None = embedder
         self._key_specs = key_specs
+        self.objects = objects
+        # evaluation overrides of the object index's w and gate (None: the defaults)
+        self.object_settings: dict[str, float | None] = {}
+        # the object index the open version links, opened on first use (objects.open_index)
+        self._object_index: tuple[Any, Any, str | None] | None = None
         if vlm is not None:
             self.attach_vlm(vlm)
 
@@ -543,7 +567,83 @@ class Editor:
                 progress(len(chunk))
         # how keys were made, so `doctor --repair` can make lost keys again the same way
         config = {**self.config_for_manifest(), "patches": patches, "top_k_patches": top_k_patches}
-        return self.commit_records(todo, edit_records, key_records, config, report, merge=merge)
+        objs = self.object_records(todo, key_records, batch_size) if self.objects else None
+        return self.commit_records(
+            todo, edit_records, key_records, config, report, merge=merge, objects=objs
+        )
+
+    # ---------------------------------------------------------- object index
+    def object_w(self, key_records: Sequence[KeyRecord] = ()) -> float:
+        """The object index's w: the one its link records, else `OBJECT_W_FACTOR` x the
+        plain auto w of the keys of the codebook's first `OBJECT_W_EDITS` edits (stored
+        ones first, then `key_records`: on a new codebook its first batch)."""
+        import numpy as np
+
+        from reasonedit_cli import objects as O
+
+        link = O.link_of(self.codebook) if self.codebook is not None else None
+        if link is not None and link.get("w"):
+            return float(link["w"])
+        if self.object_settings.get("w"):
+            return float(self.object_settings["w"] or 0.0)
+        vecs: list[Any] = []
+        texts: list[str] = []
+        seen: list[str] = []
+        if self.codebook_has_keys:
+            cb = self.require_codebook()
+            t = cb.keys_table()
+            ids = t.column("edit_id").to_pylist()
+            kt = t.column("key_text").to_pylist()
+            v = cb.vectors()
+            for j, (e, text) in enumerate(zip(ids, kt)):
+                if e not in seen:
+                    if len(seen) == O.OBJECT_W_EDITS:
+                        break
+                    seen.append(e)
+                vecs.append(v[j])
+                texts.append(text)
+        for k in key_records:
+            if k.edit_id not in seen:
+                if len(seen) >= O.OBJECT_W_EDITS:
+                    continue
+                seen.append(k.edit_id)
+            vecs.append(k.vector)
+            texts.append(k.key_text)
+        s = self.text.encode(texts)
+        return O.OBJECT_W_FACTOR * O.plain_auto_w(np.stack(vecs), s)
+
+    def object_layer(self) -> str | None:
+        """The layer the object index cuts its windows from: its link's, else the key
+        layer when that is vision-side (None: no object index for this codebook)."""
+        from reasonedit_cli import objects as O
+
+        link = O.link_of(self.codebook) if self.codebook is not None else None
+        if link is not None and link.get("layer"):
+            return str(link["layer"])
+        layer = self.embedder.layer
+        return layer if O.object_layer_ok(self.vlm, layer) else None
+
+    def object_records(
+        self, edits: Sequence[Edit], key_records: Sequence[KeyRecord], batch_size: int = 32
+    ) -> tuple[list[KeyRecord], float, str] | None:
+        """The object keys of `edits` (`objects.object_keys`), the object index's w and
+        layer; None when no edit's reasoning names a region (nothing is written then) or
+        the key layer has no token grid."""
+        from reasonedit_cli import objects as O
+
+        named = [e for e in edits if O.names_a_region(e.reasoning)]
+        if not named:
+            return None
+        layer = self.object_layer()
+        if layer is None:
+            return None
+        w = self.object_w(key_records)
+        rk = O.region_embedder(self.vlm, self.text.encode, layer, w)
+        keys: list[KeyRecord] = []
+        for start in range(0, len(named), batch_size):
+            chunk = named[start : start + batch_size]
+            keys += O.object_keys(rk, chunk, [e.load_image() for e in chunk])
+        return keys, w, layer
 
     def plan_add(
         self, edits: Sequence[Edit], progress: Progress | None = None, *, replace: bool = False
@@ -651,6 +751,7 @@ class Editor:
         report: AddReport,
         *,
         merge: bool = False,
+        objects: tuple[list[KeyRecord], float, str] | None = None,
     ) -> AddReport:
         """Store the images of `todo` and the computed records as ONE new version.
 
@@ -660,11 +761,17 @@ class Editor:
         insert) as a second version under the same lock, reported in `report.merge`.
         Only the new keys are merge candidates, so this costs O(new keys x all keys),
         not the O(n^2) of a full `merge_keys`.
+
+        `objects` (`object_records`): the object keys, w and layer of the object index;
+        it is committed first, and this version's manifest links it (`objects.change`).
+        Replaced edits leave the object index too, with or without new object keys.
         """
         codebook = self.require_codebook()
         with codebook.writer(lock_timeout=self.lock_timeout) as w:
             for e in todo:
                 w.store_image(e.image_bytes, e.image_ext)
+            if objects is not None or report.replaced:
+                self._commit_objects(codebook, w, todo, edit_records, objects, report)
             w.set_config(**config, dim=int(key_records[0].vector.shape[0]))
             if report.replaced:
                 w.replace_edits(edit_records, key_records)
@@ -679,6 +786,42 @@ class Editor:
         report.keys = len(key_records)
         report.boxes.update(patch_boxes(todo, key_records))
         return report
+
+    def _commit_objects(
+        self,
+        codebook: Codebook,
+        w: Any,
+        todo: Sequence[Edit],
+        edit_records: Sequence[EditRecord],
+        objects: tuple[list[KeyRecord], float, str] | None,
+        report: AddReport,
+    ) -> None:
+        """The object index's part of an add, before the main commit (which links it)."""
+        from reasonedit_cli import objects as O
+
+        keys, ow, layer = objects if objects is not None else ([], 0.0, "")
+        tau_x = self.object_settings.get("tau_x") or O.OBJECT_TAU_X
+        config = (
+            O.nested_config(
+                self.config_for_manifest(), w=ow, layer=layer, main_version=0, tau_x=tau_x
+            )
+            if objects is not None
+            else {}
+        )
+        if config:
+            config["main_version"] = codebook.version + 1
+        images = {e.image_sha256: (e.image_bytes, e.image_ext) for e in todo}
+        step = O.add_step(edit_records, keys, images, config, report.replaced)
+        try:
+            link = O.change(
+                codebook, w, step, lock_timeout=self.lock_timeout, create=objects is not None
+            )
+        except O.ObjectIndexUnusable as e:
+            O.mark_unusable(w, str(e))
+            report.objects_problem = f"{e}; `reasonedit doctor --repair` rebuilds it"
+            return
+        if link is not None:
+            report.object_keys = len(keys)
 
     def use_embedding(self, layer: str, w: float | None) -> None:
         """Embed with this layer and w (None = auto: fixed by the first batch embedded).
@@ -787,9 +930,21 @@ class Editor:
         if unknown:
             raise InputError(f"no such edit in {cb.path}: {', '.join(unknown)}")
         previous = cb.version
+        from reasonedit_cli import objects as O
+
+        problem = None
         with cb.writer(lock_timeout=self.lock_timeout) as w:
+            # the object index first; this version's manifest links its new version
+            try:
+                O.change(cb, w, O.remove_step(edit_ids), lock_timeout=self.lock_timeout)
+            except O.ObjectIndexUnusable as e:
+                O.mark_unusable(w, str(e))
+                problem = f"{e}; `reasonedit doctor --repair` rebuilds it"
             version = w.remove_edits(edit_ids)
-        return {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+        out = {"removed": sorted(set(edit_ids)), "version": version, "previous": previous}
+        if problem:
+            out["objects_problem"] = problem
+        return out
 
     def restore(self, version: int) -> dict[str, Any]:
         """Make kept version `version` current again, as a new version: {restored,
@@ -832,7 +987,78 @@ class Editor:
             )
             for i, vec in enumerate(q, start):
                 out.append(retrieve(self.codebook, vec, k=ks[i] or default_k, p=percentiles[i]))
+        if self.objects:
+            out = self._with_objects(
+                out, images, questions, [k or default_k for k in ks], batch_size
+            )
         return out
+
+    def retrievals(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        *,
+        k: int | None = None,
+        percentile: float | None = None,
+        batch_size: int = 16,
+    ) -> list[Retrieval]:
+        """What `ask` retrieves for each (image, question), without answering: the main
+        index's retrieval united with the object index's (when the codebook has one)."""
+        n = len(questions)
+        return self._retrievals(images, questions, [k] * n, [percentile] * n, batch_size)
+
+    def object_index(self) -> tuple[Any, str | None]:
+        """The object index this snapshot links (`objects.open_index`) and its problem;
+        opened once per codebook version."""
+        from reasonedit_cli import objects as O
+
+        cb = self.require_codebook()
+        stamp = f"{cb.version}:{cb.manifest.get('checksum')}"
+        if self._object_index is None or self._object_index[0] != stamp:
+            index, problem = O.open_index(cb)
+            self._object_index = (stamp, index, problem)
+        return self._object_index[1], self._object_index[2]
+
+    def _with_objects(
+        self,
+        found: list[Retrieval],
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        ks: Sequence[int],
+        batch_size: int,
+    ) -> list[Retrieval]:
+        """Each retrieval united with the object index's (`regions.union_retrieval`), the
+        object index's part recorded in `Retrieval.objects`. A damaged object index is
+        skipped with the problem recorded (`objects_problem`): the main index answers."""
+        from dataclasses import replace
+
+        from reasonedit_cli import objects as O
+        from reasonedit_cli.errors import CodebookError
+
+        index, problem = self.object_index()
+        if index is None and problem is None:
+            return found
+        if index is None:
+            return [replace(r, objects_problem=problem) for r in found]
+        rk = O.region_embedder(self.vlm, self.text.encode, index.layer, index.w)
+        extra: dict[int, Retrieval] = {}
+        try:
+            if not index.codebook.n_keys:
+                return found
+            for start in range(0, len(questions), batch_size):
+                stop = min(start + batch_size, len(questions))
+                for k in sorted(set(ks[start:stop])):
+                    rows = [i for i in range(start, stop) if ks[i] == k]
+                    got = O.lookup(
+                        index, rk, [images[i] for i in rows], [questions[i] for i in rows], k
+                    )
+                    extra.update(zip(rows, got))
+        except CodebookError as e:
+            # a damaged object segment: answer from the main index, say why
+            stamp = self._object_index[0] if self._object_index else ""
+            self._object_index = (stamp, None, str(e))
+            return [replace(r, objects_problem=str(e)) for r in found]
+        return [O.combine(r, extra[i]) for i, r in enumerate(found)]
 
     def ask_each(
         self,
@@ -1141,13 +1367,29 @@ def check_codebook(
     A function, not an `Editor` method: repair must work on a codebook whose manifest is
     too damaged to open.
     """
+    from reasonedit_cli import objects as O
+    from reasonedit_cli.errors import CodebookError
+    from reasonedit_cli.store import Codebook
+
     if repair:
         from reasonedit_cli.repair import repair_codebook
 
-        return repair_codebook(path, lock_timeout=lock_timeout)
-    from reasonedit_cli.store import Codebook
-
-    return Codebook.open(path).check(lock_timeout=lock_timeout)
+        report = repair_codebook(path, lock_timeout=lock_timeout)
+    else:
+        report = Codebook.open(path).check(lock_timeout=lock_timeout)
+    # the object index (reasonedit_cli.objects): derived, rebuilt from the edits
+    try:
+        main = Codebook.open(path)
+    except CodebookError:
+        return report
+    problems, notes = O.check(main)
+    if problems and repair:
+        report.repaired += [f"damaged: {p}" for p in problems]
+        report.repaired += O.rebuild(main.path, lock_timeout=lock_timeout)
+        problems, notes = O.check(Codebook.open(path))
+    report.problems += problems
+    report.notes += notes
+    return report
 
 
 def _box4(box: Sequence[int] | None) -> tuple[int, int, int, int] | None:

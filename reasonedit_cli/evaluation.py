@@ -375,12 +375,20 @@ class Evaluation:
         self._codebooks.clear()
 
     def editor_for(
-        self, name: str, embedder: Any, *, patches: bool = True, preset: Any = None
+        self,
+        name: str,
+        embedder: Any,
+        *,
+        patches: bool = True,
+        preset: Any = None,
+        objects: bool = False,
     ) -> Any:
         """An Editor on a fresh codebook that shares the models and the cached key specs.
 
         `preset` (a presets.Preset; default the editor's) sets the sub-codebook's
-        retrieval settings and the verification prompt of its patch search.
+        retrieval settings and the verification prompt of its patch search. `objects`:
+        the codebook gets an object index (`reasonedit-objects`); every other method's
+        has none.
         """
         from dataclasses import replace
 
@@ -409,6 +417,7 @@ class Evaluation:
             text=self.editor.text,
             embedder=embedder,
             key_specs=key_specs,
+            objects=objects,
         )
 
     def build(

@@ -505,13 +505,15 @@ def first_batch_auto_w(ev: Any, n: int = 32) -> float:
 
 
 def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X) -> list[Any]:
-    """`evaluate`'s `reasonedit-objects`: `reasonedit`'s codebook, and beside it a separate
-    index of one region key per edit (the window of the object its reasoning names) with
-    a text-heavy `w` (default `OBJECT_W_FACTOR` x the plain auto w, `first_batch_auto_w`)
-    and a wider gate
-    (`tau_x` x its own tau, at its preset's p whatever `--percentile` says: the constants
-    were chosen at p 25);
-    queried over every window, a probe gets the union of the two retrievals.
+    """`evaluate`'s `reasonedit-objects`: `reasonedit`'s keys plus the object index, built
+    and queried by the product's own code (`Editor.add_edits` / `Editor.retrievals` with
+    `objects=True`, `reasonedit_cli.objects`), so the numbers are what `add-edit` and
+    `ask` give. Beside the whole-image keys sits a separate index of one region key per
+    edit (the window of the object its reasoning names) with a text-heavy w (default
+    `OBJECT_W_FACTOR` x the plain auto w of the first 32 edits' keys,
+    `first_batch_auto_w`) and a wider gate (`tau_x` x its own `images` tau at p 25,
+    whatever `--percentile` says: the constants were chosen there); a query is asked
+    over every window, and a probe gets the union of the two retrievals.
 
     Why a second index and not region keys among the whole-image ones
     (`reasonedit-regions`): an I-Gen probe asks the edit's own question, so its text half
@@ -521,21 +523,17 @@ def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X
     fallback), so a codebook whose reasoning names no region (easy-vqa, the sample edits)
     gets exactly `reasonedit`'s retrieval."""
     from reasonedit_cli.evaluation import Outcome
-    from reasonedit_cli.retrieval import retrieve
 
-    cb, vecs = ev.build("reasonedit", ev.embedder)
-    main = [retrieve(cb, v, k=ev.top_k, p=ev.percentile) for v in vecs]
-    if w is None:
-        w = first_batch_auto_w(ev) * OBJECT_W_FACTOR
-    ocb, rk = region_codebook(
-        ev, "reasonedit-regions", "named-only", w=w, regions_only=True, name="reasonedit-objects"
+    ed = ev.editor_for("reasonedit-objects", ev.embedder, objects=True)
+    ed.object_settings = {"w": w, "tau_x": tau_x}
+    ed.add_edits(ev.edits, batch_size=max(ev.batch_size, 32), patches="none")
+    rs = ed.retrievals(
+        ev.probe_images(),
+        [p.question for p in ev.probes],
+        k=ev.top_k,
+        percentile=ev.percentile,
+        batch_size=ev.batch_size,
     )
-    rs = main
-    if ocb.n_keys:
-        gate = ScaledTau(ocb, tau_x)
-        images = ev.probe_images()
-        qv = rk.query_vectors(images, [p.question for p in ev.probes])[:, 1:]  # windows
-        rs = [union_retrieval(m, best_retrieval(gate, q, k=ev.top_k)) for m, q in zip(main, qv)]
     prompts = ev.prompts_with_facts([r.facts for r in rs])
     answers = ev.gen.answer([p.image_bytes for p in ev.probes], prompts)
     return [Outcome(a, r.edit_ids, r.rejected, q) for a, r, q in zip(answers, rs, prompts)]

@@ -534,6 +534,11 @@ class Retrieval:
     facts: list[str] = field(default_factory=list)
     tau: float | None = None
     nearest: float | None = None  # best corrected distance, also when rejected
+    # the object index's own retrieval when the codebook has one (reasonedit_cli.objects;
+    # its hits are in `hits` too), the facts only it found, or why it was skipped
+    objects: Retrieval | None = None
+    object_facts: list[str] = field(default_factory=list)
+    objects_problem: str | None = None
 
     @property
     def edit_ids(self) -> list[str]:

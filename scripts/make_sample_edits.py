@@ -79,8 +79,10 @@ def main() -> None:
         ans = shape_ans if field == "shape" else color_ans
         return not exact_match(ans[i], truth[i][field])
 
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    # only this script's files: sample_edits/scenes/ is make_sample_scenes.py's
+    shutil.rmtree(OUT / "images", ignore_errors=True)
+    for name in ("edits.jsonl", "probes.jsonl"):
+        (OUT / name).unlink(missing_ok=True)
     (OUT / "images").mkdir(parents=True)
     edits, probes, used = [], [], set()
 

@@ -13,6 +13,8 @@ for probe, ans in zip(probes, answers):
     right += ok
     mark = "ok " if ok else "BAD"
     facts = f"  <- {len(ans['facts'])} fact(s)" if ans.get("facts") else ""
+    if (ans.get("object_index") or {}).get("facts"):
+        facts += " (from the object index)"
     print(
         f"{mark} [{probe.get('kind', 'edit'):7}] {probe['question']!r:45} -> {ans['answer']!r}"
         f" (expected {probe['answer']!r}){facts}"

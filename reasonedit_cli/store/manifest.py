@@ -22,7 +22,17 @@ from .files import MAX_MANIFEST_BYTES, read_regular
 from .format import FORMAT, FORMAT_VERSION, LOCK, MANIFEST, SHA_RE, canonical, sha256_hex
 
 #: Names a codebook directory may hold besides temp files.
-KNOWN_NAMES = {MANIFEST, LOCK, "segments", "images", "index", "versions", "staging", "damaged"}
+KNOWN_NAMES = {
+    MANIFEST,
+    LOCK,
+    "segments",
+    "images",
+    "index",
+    "versions",
+    "staging",
+    "damaged",
+    "objects",  # the object index (reasonedit_cli/objects.py)
+}
 REPAIR_HINT = "`reasonedit doctor --repair` rebuilds it from the rest of the codebook"
 MANIFEST_HINT = "`reasonedit doctor --repair` restores it from versions/"
 #: Anything a hand-made or damaged manifest entry can raise while being read.
