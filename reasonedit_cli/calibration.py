@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,8 +52,12 @@ __all__ = [
     "DEFAULT_KNN",
     "DEFAULT_W_GRID",
     "RULES",
+    "CHECK_LADDER",
+    "DEFAULT_MAX_CHECKS",
+    "SELECTIONS",
     "CalibrationPair",
     "CalibrationResult",
+    "CheckFn",
     "Modularities",
     "Partitions",
     "add_balance",
@@ -60,6 +65,7 @@ __all__ = [
     "build_pairs",
     "calibrate",
     "calibration_steps",
+    "checked_w",
     "dual_concat",
     "layer_scores",
     "modularity",
@@ -79,10 +85,23 @@ DEFAULT_W_GRID: tuple[float, ...] = tuple(float(w) for w in np.logspace(-1.0, 2.
 # Share of anchor groups drawn (without replacement) in each bootstrap resample.
 DEFAULT_SUBSAMPLE = 0.8
 RELATIVE_MARGIN = 0.1  # margin of the "relative" shift, as a share of the larger range
+#: how `calibrate` chooses: "checked" (the best-balanced candidate whose retrieval self-check
+#: passes) or "balance" (the balance score alone, as the paper; module docstring)
+SELECTIONS = ("checked", "balance")
+#: grid points per rung of the checked search (1.189^4 ~ a factor 2 in w on the default grid)
+CHECK_LADDER = 4
+#: candidates the checked search may ask the self-check about, over all layers
+DEFAULT_MAX_CHECKS = 40
+#: a lost probe kind that says the text half weighs too much (lower w); any other lost kind
+#: (the perturbed image, the edit itself) says it weighs too little (higher w)
+TEXT_HEAVY_KINDS = ("rephrased",)
 
 ProgressFn = Callable[[str, int], None]
 FeatureFn = Callable[[list[Image.Image], list[str], list[str]], Mapping[str, np.ndarray]]
 TextFn = Callable[[list[str]], np.ndarray]
+#: `check(layer, w)`: the probe kinds the candidate retrieves fewer of than the codebook's
+#: current settings (empty: it passes); `Editor.calibrate` asks its own edits back
+CheckFn = Callable[[str, float], Sequence[str]]
 
 
 # --------------------------------------------------------------------------- embedding
@@ -501,6 +520,91 @@ def w_scores(
     return table
 
 
+class _Budget:
+    """Checks left to the checked search, shared by every layer it tries."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+
+def checked_w(
+    w_table: Sequence[Mapping[str, Any]],
+    check: Callable[[float], Sequence[str]],
+    *,
+    ladder: int = CHECK_LADDER,
+    budget: _Budget | None = None,
+    trail: list[dict[str, Any]] | None = None,
+) -> int | None:
+    """Index of the best-balanced w of `w_table` whose retrieval check passes, or None.
+
+    The balance score alone can end where retrieval fails (issue #18: on the scenes VLM
+    it chose a w at which no rephrased question found its edit). So the search starts at
+    the w of the highest balance, the paper's choice, and moves away from it only as far
+    as the check demands. A lost rephrased question means the text half weighs too much,
+    so it steps down the grid, `ladder` points at a time (about x0.5 in w). Any other lost
+    kind (a perturbed image, the edit itself) means it weighs too little, so it steps up.
+    At the first rung that passes, or that fails the other way, it checks the points
+    in between from the one nearest the peak, so the first that passes is the one with
+    the highest balance on that side. A layer can fail both ways at every w; then
+    there is no w, and the result is None. Every check is appended to `trail` as
+    {w, w_rel, harmonic, lost}.
+    Assumes rephrased retrieval falls and perturbed retrieval rises with w, which held
+    on every layer measured (docs/evaluation.md).
+    """
+    budget = budget if budget is not None else _Budget(len(w_table))
+    n = len(w_table)
+    seen: dict[int, list[str]] = {}
+
+    def lost(i: int) -> list[str] | None:
+        if i not in seen:
+            if budget.left <= 0:
+                return None
+            budget.left -= 1
+            seen[i] = list(check(float(w_table[i]["w"])))
+            if trail is not None:
+                row = w_table[i]
+                trail.append(
+                    {
+                        "w": float(row["w"]),
+                        "w_rel": row.get("w_rel"),
+                        "harmonic": float(row["harmonic"]),
+                        "lost": seen[i],
+                    }
+                )
+        return seen[i]
+
+    def heavy(kinds: Sequence[str]) -> bool:
+        return any(k in TEXT_HEAVY_KINDS for k in kinds)
+
+    if n == 0:
+        return None
+    start = int(np.argmax([row["harmonic"] for row in w_table]))
+    first = lost(start)
+    if first is None:
+        return None
+    if not first:
+        return start
+    step = -1 if heavy(first) else 1
+    prev = start
+    while True:
+        j = min(n - 1, max(0, prev + step * ladder))
+        if j == prev:
+            return None
+        at_j = lost(j)
+        if at_j is None:
+            return None
+        flipped = bool(at_j) and heavy(at_j) != (step == -1)
+        if not at_j or flipped:
+            for k in range(prev + step, j, step):
+                at_k = lost(k)
+                if at_k is None:
+                    return None
+                if not at_k:
+                    return k
+            return None if at_j else j
+        prev = j
+
+
 @dataclass
 class CalibrationResult:
     """The chosen layer and w, with the tables that justify them."""
@@ -593,6 +697,8 @@ def calibrate(
     seed: int = 0,
     shift: float | str = "relative",
     progress: ProgressFn | None = None,
+    check: CheckFn | None = None,
+    max_checks: int = DEFAULT_MAX_CHECKS,
 ) -> CalibrationResult:
     """Choose the layer and w for the dual embedding from calibration pairs
     (docs/method.md#calibration).
@@ -603,7 +709,15 @@ def calibrate(
     The layer is chosen at each layer's `reference_w` by `rule`, then w over `w_grid` by
     the balance score; everything is averaged over `bootstrap` resamples of anchor groups
     (seeded by `seed`). `shift` is the balance score's shift (module docstring).
-    `progress(description, advance)` is called `calibration_steps` times in total.
+    `progress(description, advance)` is called `calibration_steps` times in total
+    (checks report an advance of 0).
+
+    With `check` (selection "checked"), the balance score ranks the candidates and the
+    check decides among them: the layers in the order of `rule`, and on each the
+    best-balanced w that passes `check(layer, w)` (`checked_w`); the first layer that has
+    one gives the choice. At most `max_checks` candidates are checked. The paper's choice
+    and every check are in `extra["selection"]`; when nothing passes, the result is the
+    paper's choice (the caller's self-check then refuses it).
     """
     if rule not in RULES:
         raise UsageError(f"unknown calibration rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -653,24 +767,63 @@ def calibrate(
         progress=progress,
     )
     layer = pick_layer(layer_table, rule)
-    # The grid is relative to the layer's reference w (equal spread of both halves):
-    # activation scales differ by orders of magnitude across layers and models, so an
-    # absolute 0.1..100 would cover only "all vision" on one model and "all text" on another.
-    w_ref = next(float(r["w_ref"]) for r in layer_table if r["layer"] == layer)
-    w_table = w_scores(
-        feats[layer],
-        s,
-        parts,
-        [g * w_ref for g in grid],
-        bootstrap=bootstrap,
-        knn=knn,
-        seed=seed,
-        shift=shift,
-        progress=progress,
-    )
-    for g, row in zip(grid, w_table):
-        row["w_rel"] = float(g)
+
+    def sweep(name: str, report: ProgressFn | None) -> list[dict[str, Any]]:
+        # The grid is relative to the layer's reference w (equal spread of both halves):
+        # activation scales differ by orders of magnitude across layers and models, so an
+        # absolute 0.1..100 would cover only "all vision" on one model and "all text" on
+        # another.
+        w_ref = next(float(r["w_ref"]) for r in layer_table if r["layer"] == name)
+        table = w_scores(
+            feats[name],
+            s,
+            parts,
+            [g * w_ref for g in grid],
+            bootstrap=bootstrap,
+            knn=knn,
+            seed=seed,
+            shift=shift,
+            progress=report,
+        )
+        for g, row in zip(grid, table):
+            row["w_rel"] = float(g)
+        return table
+
+    w_table = sweep(layer, progress)
     best = int(np.argmax([row["harmonic"] for row in w_table]))
+    extra: dict[str, Any] = {}
+    if check is not None:
+        if max_checks < 1:
+            raise UsageError(f"max_checks must be >= 1, got {max_checks}")
+        paper = {"layer": layer, "w": float(w_table[best]["w"])}
+        budget = _Budget(max_checks)
+        key = "q_bi" if rule == "bimodal" else "harmonic"
+        # stable: ties keep the caller's layer order, as pick_layer breaks them
+        order = sorted(layer_table, key=lambda row: -float(row[key]))
+        tried: list[dict[str, Any]] = []
+        chosen: tuple[str, list[dict[str, Any]], int] | None = None
+        for row in order:
+            name = str(row["layer"])
+            table = w_table if name == layer else sweep(name, None)
+            trail: list[dict[str, Any]] = []
+            at = checked_w(table, partial(check, name), budget=budget, trail=trail)
+            tried.append({"layer": name, "checks": trail, "passed": at is not None})
+            step(f"checked layer {name}", 0)
+            if at is not None:
+                chosen = (name, table, at)
+                break
+            if budget.left <= 0:
+                break
+        if chosen is not None:
+            layer, w_table, best = chosen
+        extra["selection"] = {
+            "select": "checked",
+            "paper": paper,
+            "passed": chosen is not None,
+            "n_checks": max_checks - budget.left,
+            "max_checks": max_checks,
+            "tried": tried,
+        }
     return CalibrationResult(
         layer=layer,
         w=float(w_table[best]["w"]),
@@ -684,6 +837,7 @@ def calibrate(
         seed=seed,
         shift=shift,
         w_at_grid_edge=len(grid) > 1 and best in (0, len(grid) - 1),
+        extra=extra,
     )
 
 

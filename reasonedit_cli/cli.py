@@ -624,6 +624,18 @@ def calibrate(
             "--force", help="Commit even when the new settings retrieve fewer of the own edits."
         ),
     ] = False,
+    select: Annotated[
+        str,
+        typer.Option(
+            "--select",
+            help="checked: the best-balanced (layer, w) that retrieves the own edits as well "
+            "as now | balance: the balance score alone (the paper).",
+        ),
+    ] = "checked",
+    max_checks: Annotated[
+        int,
+        typer.Option("--max-checks", min=1, help="Candidates --select checked may try."),
+    ] = 40,
     preset: PresetOpt = None,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
@@ -635,17 +647,26 @@ def calibrate(
     """Choose the layer and w by topology-balanced calibration; re-embed every key.
 
     Before committing, the codebook's own edits are asked back (as is, rephrased, on a
-    perturbed image) under the old and the new settings; a choice that retrieves fewer
-    is refused (exit 1, codebook unchanged) unless --force.
+    perturbed image) under the old and the new settings. With --select checked (the
+    default) that check is part of the choice: the layers in the order of the rule, and
+    on each the best-balanced w that retrieves as many as now. A choice that retrieves
+    fewer is refused (exit 1, codebook unchanged) unless --force.
 
     Example: reasonedit calibrate --max-pairs 200 --plot calibration.png
     """
-    from reasonedit_cli.calibration import RULES, calibration_steps, plot_calibration
+    from reasonedit_cli.calibration import (
+        RULES,
+        SELECTIONS,
+        calibration_steps,
+        plot_calibration,
+    )
 
     pairs = cs.one_of_aliases(pairs, pairs_alias, "--from", "--pairs")
 
     if layer_rule not in RULES:
         raise UsageError(f"--layer-rule must be one of {', '.join(RULES)}")
+    if select not in SELECTIONS:
+        raise UsageError(f"--select must be one of {', '.join(SELECTIONS)}")
     _check_preset(preset)
     editor = models.editor(codebook, create=True, lock_timeout=lock_timeout, preset=preset)
     reference = editor.preset.calibration == "reference"
@@ -671,6 +692,8 @@ def calibrate(
                 progress=lambda _desc, n: advance(n),
                 dry_run=dry_run,
                 force=force,
+                select=select,
+                max_checks=max_checks,
             )
         except CalibrationRefused as exc:
             refused, result, version = exc, exc.result, editor.require_codebook().version
@@ -734,6 +757,20 @@ def _render_calibration(
             mark = " (lost)" if kind in check["lost"] else ""
             ct.add_row(kind, f"{c['old']}/{c['total']}", f"{c['new']}/{c['total']}{mark}")
         out.print(ct)
+    sel = summary.get("selection")
+    if sel:
+        paper = sel["paper"]
+        if (paper["layer"], paper["w"]) != (result.layer, result.w):
+            lost: list[str] = next(
+                (c["lost"] for t in sel["tried"] for c in t["checks"] if c["w"] == paper["w"]),
+                [],
+            )
+            out.print(
+                f"The balance score alone chose {paper['layer']}, w = {paper['w']:.4g}, which "
+                f"loses {', '.join(lost) or 'retrieval'}; checked {sel['n_checks']} candidates."
+            )
+        elif not sel["passed"]:
+            out.print(f"No candidate of {sel['n_checks']} checked retrieves the own edits as now.")
     verb = "would choose" if dry_run or refused else "chose"
     out.print(
         f"Calibration {verb} layer [bold]{result.layer}[/bold], w = {result.w:.4g}"

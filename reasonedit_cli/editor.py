@@ -510,21 +510,27 @@ class Editor:
         return self.embed_with_radii(imgs, texts, seeds)
 
     def embed_with_radii(
-        self, images: Sequence[Any], texts: Sequence[str], seeds: Sequence[int]
+        self,
+        images: Sequence[Any],
+        texts: Sequence[str],
+        seeds: Sequence[int],
+        embedder: KeyEmbedder | None = None,
     ) -> tuple[Any, Any]:
         """Embed keys and one augmented copy of each; the radius is their distance.
 
         The augmentation (small rotation, colour jitter, crop/pad; a light rewording) is
         seeded by the key's content, so the same key always gets the same radius.
+        `embedder` defaults to the codebook's own.
         """
         import numpy as np
 
         from reasonedit_cli.augment import augment_image, perturb_text
 
-        vectors = self.embedder.embed(images, texts)
+        emb = embedder if embedder is not None else self.embedder
+        vectors = emb.embed(images, texts)
         aug_imgs = [augment_image(img, np.random.default_rng(sd)) for img, sd in zip(images, seeds)]
         aug_texts = [perturb_text(t, np.random.default_rng(sd)) for t, sd in zip(texts, seeds)]
-        augmented = self.embedder.embed(aug_imgs, aug_texts)
+        augmented = emb.embed(aug_imgs, aug_texts)
         radii = np.linalg.norm(vectors - augmented, axis=1)
         return vectors, radii
 
@@ -1215,6 +1221,8 @@ class Editor:
         progress: Callable[[str, int], None] | None = None,
         dry_run: bool = False,
         force: bool = False,
+        select: str = "checked",
+        max_checks: int | None = None,
     ) -> tuple[Any, int]:
         """Choose layer and w (docs/method.md#calibration), check them, store them, and re-embed
         every key.
@@ -1227,8 +1235,22 @@ class Editor:
         on a perturbed image; `selfcheck`) under the old and the new settings; the counts
         are in `result.extra["check"]`. A choice that retrieves fewer of any kind raises
         `CalibrationRefused` and writes nothing, unless `force`.
+
+        `select` "checked" (the default, for a codebook with keys and the default preset)
+        makes that check part of the choice: of the candidates the balance score ranks,
+        the first whose check passes (`calibration.calibrate`, at most `max_checks`
+        candidates); "balance" takes the balance score's choice alone, as the paper does,
+        and only refuses it. The reference preset always selects as "balance".
         """
-        from reasonedit_cli.calibration import build_pairs, calibrate
+        from reasonedit_cli.calibration import (
+            DEFAULT_MAX_CHECKS,
+            SELECTIONS,
+            build_pairs,
+            calibrate,
+        )
+
+        if select not in SELECTIONS:
+            raise UsageError(f"select must be one of {', '.join(SELECTIONS)}, got {select!r}")
 
         cb = self.require_codebook()
         reference = self.preset.calibration == "reference"
@@ -1252,6 +1274,7 @@ class Editor:
                 progress=progress,
             )
         else:
+            checked = select == "checked" and self.codebook_has_keys
             result = calibrate(
                 build_pairs(items, max_pairs=max_pairs, seed=seed),
                 features,
@@ -1262,6 +1285,8 @@ class Editor:
                 knn=knn,
                 seed=seed,
                 progress=progress,
+                check=self.candidate_check(self.embedder, names) if checked else None,
+                max_checks=DEFAULT_MAX_CHECKS if max_checks is None else max_checks,
             )
         from reasonedit_cli.embedding import DualEmbedder
 
@@ -1302,23 +1327,28 @@ class Editor:
         return result, version
 
     def check_settings(
-        self, old: KeyEmbedder, new: KeyEmbedder, new_keys: Sequence[KeyRecord]
+        self,
+        old: KeyEmbedder,
+        new: KeyEmbedder,
+        new_keys: Sequence[KeyRecord],
+        baseline: tuple[Sequence[Any], dict[str, int]] | None = None,
     ) -> Any:
         """Retrieval of the codebook's own edits under its current keys (embedded by
         `old`) and under `new_keys` (embedded by `new`): a `selfcheck.RetrievalCheck`.
 
         The new keys go into a scratch codebook with this one's edits and tau rule, so
         sigma, tau and search are exactly those the committed version would have.
+        `baseline`: the probes and their counts under `old` (`check_baseline`), when
+        several settings are checked against the same old ones.
         """
         import tempfile
 
-        from reasonedit_cli.selfcheck import RetrievalCheck, check_probes, count_retrieved, totals
+        from reasonedit_cli.selfcheck import RetrievalCheck, count_retrieved, totals
         from reasonedit_cli.store import Codebook
 
         cb = self.require_codebook()
         k = int(self.config.get("top_k", DEFAULT_TOP_K))
-        probes = check_probes(cb)
-        before = count_retrieved(cb, old.embed, probes, k=k)
+        probes, before = baseline if baseline is not None else self.check_baseline(old)
         with tempfile.TemporaryDirectory(prefix="reasonedit-check-") as tmp:
             scratch = Codebook.open(Path(tmp) / "cb", create=True)
             with scratch.writer() as w:
@@ -1327,15 +1357,47 @@ class Editor:
                 w.add(cb.edits(), list(new_keys))
             after = count_retrieved(scratch, new.embed, probes, k=k)
         return RetrievalCheck(
-            total=totals(probes),
+            total=totals(list(probes)),
             old=before,
             new=after,
             old_settings={"layer": old.layer, "w": _fixed_w(old)},
             new_settings={"layer": new.layer, "w": _fixed_w(new)},
         )
 
-    def reembed_keys(self, batch_size: int = 64) -> list[KeyRecord]:
-        """Every live key embedded again from its stored image and text (same ids/values)."""
+    def check_baseline(self, old: KeyEmbedder) -> tuple[list[Any], dict[str, int]]:
+        """The self-check's probes of this codebook and their counts under `old`."""
+        from reasonedit_cli.selfcheck import check_probes, count_retrieved
+
+        cb = self.require_codebook()
+        probes = check_probes(cb)
+        k = int(self.config.get("top_k", DEFAULT_TOP_K))
+        return probes, count_retrieved(cb, old.embed, probes, k=k)
+
+    def candidate_check(self, old: KeyEmbedder, layers: Sequence[str]) -> Callable[..., Any]:
+        """`check(layer, w)` for calibrate's checked selection: the kinds of own-edit probes
+        that keys at (layer, w) retrieve fewer of than `old` (`check_settings`).
+
+        The VLM halves of every key, its augmented copy and every probe are taken once
+        for all `layers` (`evaluation.HalfCache`), so each candidate costs a scratch
+        codebook and the probes' searches, not another pass of the model.
+        """
+        from reasonedit_cli.evaluation import CachedEmbedder, HalfCache
+
+        halves = HalfCache(self.vlm, self.text, layers)
+        baseline = self.check_baseline(old)
+
+        def check(layer: str, w: float) -> list[str]:
+            emb = CachedEmbedder(halves, layer, float(w))
+            keys = self.reembed_keys(embedder=emb)
+            return list(self.check_settings(old, emb, keys, baseline=baseline).lost)
+
+        return check
+
+    def reembed_keys(
+        self, batch_size: int = 64, embedder: KeyEmbedder | None = None
+    ) -> list[KeyRecord]:
+        """Every live key embedded again from its stored image and text (same ids/values),
+        by `embedder` (default: the codebook's own)."""
         from reasonedit_cli.edits import decode_image
 
         cb = self.require_codebook()
@@ -1351,7 +1413,9 @@ class Editor:
                     cache[sha] = decode_image(cb.read_image_bytes(sha), f"image {sha[:12]}")
                 imgs.append(crop(cache[sha], r["box"]) if r["box"] else cache[sha])
             seeds = [_seed(r["edit_id"], r["kind"], r["key_text"], r["box"]) for r in chunk]
-            vectors, radii = self.embed_with_radii(imgs, [r["key_text"] for r in chunk], seeds)
+            vectors, radii = self.embed_with_radii(
+                imgs, [r["key_text"] for r in chunk], seeds, embedder
+            )
             for r, radius in zip(chunk, radii):
                 r["radius"] = float(radius)
             out.extend(_records_from_rows(chunk, vectors))

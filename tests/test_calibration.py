@@ -24,6 +24,7 @@ from reasonedit_cli.calibration import (
     build_pairs,
     calibrate,
     calibration_steps,
+    checked_w,
     dual_concat,
     layer_scores,
     modularity,
@@ -333,6 +334,114 @@ def test_calibrate_end_to_end(data, tmp_path) -> None:
 
     png = plot_calibration(res, tmp_path / "sub" / "calibration.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- checked selection
+
+
+def _w_table(n: int = 41, peak: int = 30) -> list[dict]:
+    """A w sweep whose balance rises to a peak at index `peak` and falls after it."""
+    return [
+        {"w": float(w), "w_rel": float(w), "harmonic": 1.0 - abs(i - peak) / n}
+        for i, w in enumerate(np.logspace(-1, 2, n))
+    ]
+
+
+def _retrieval(lo: int, hi: int, table: list[dict], asked: list[int]):
+    """A self-check that passes for indices lo..hi: above hi the text half weighs too much
+    (rephrased questions are lost), below lo too little (perturbed images are lost)."""
+    index = {row["w"]: i for i, row in enumerate(table)}
+
+    def check(w: float) -> list[str]:
+        i = index[w]
+        asked.append(i)
+        return (["rephrased"] if i > hi else []) + (["perturbed"] if i < lo else [])
+
+    return check
+
+
+@pytest.mark.parametrize(
+    "lo, hi, want",
+    [
+        (0, 40, 30),  # the balance's own choice passes: kept, one check
+        (3, 8, 8),  # a window below the peak: its top, the best balance that passes
+        (5, 5, 5),  # a single passing point between two rungs
+        (34, 38, 34),  # a window above the peak (perturbed lost): its bottom
+        (12, 11, None),  # no w passes: lost both ways
+    ],
+)
+def test_checked_w_finds_the_best_balanced_passing_w(lo, hi, want) -> None:
+    table, asked, trail = _w_table(), [], []
+    got = checked_w(table, _retrieval(lo, hi, table, asked), trail=trail)
+    assert got == want
+    assert asked[0] == 30  # the paper's choice is asked first
+    assert len(asked) == len(set(asked)) <= 12  # rungs of ~x2, then at most 3 between
+    assert [t["w"] for t in trail] == [table[i]["w"] for i in asked]
+    if want is not None:
+        assert [t["lost"] for t in trail if t["w"] == table[want]["w"]] == [[]]
+
+
+def test_checked_w_stops_when_the_budget_is_spent() -> None:
+    from reasonedit_cli.calibration import _Budget
+
+    table, asked = _w_table(), []
+    budget = _Budget(3)
+    assert checked_w(table, _retrieval(3, 8, table, asked), budget=budget) is None
+    assert len(asked) == 3 and budget.left == 0
+
+
+def test_calibrate_with_a_check_skips_layers_that_lose_retrieval(data) -> None:
+    """Checked selection: the paper's layer ("balanced", by Q_bi) loses rephrased questions
+    at every w, so the choice moves to the next layer by the rule, at its best-balanced
+    w that passes; the paper's choice and every check are reported."""
+    pairs, feature_fn, text_fn, _ = _fake_model(data)
+    grid = list(np.logspace(-1, 2, 13))
+    plain = calibrate(
+        pairs, feature_fn, text_fn, ["vision", "language", "balanced"], w_grid=grid, bootstrap=2
+    )
+    asked: list[tuple[str, float]] = []
+
+    def check(layer: str, w: float) -> list[str]:
+        asked.append((layer, w))
+        return ["rephrased"] if layer == "balanced" or w > 3.0 else []
+
+    res = calibrate(
+        pairs,
+        feature_fn,
+        text_fn,
+        ["vision", "language", "balanced"],
+        w_grid=grid,
+        bootstrap=2,
+        check=check,
+    )
+    sel = res.extra["selection"]
+    assert sel["paper"] == {"layer": plain.layer, "w": plain.w} and plain.layer == "balanced"
+    assert res.layer != "balanced" and res.w <= 3.0 and sel["passed"]
+    assert [t["layer"] for t in sel["tried"]][0] == "balanced"
+    assert sel["n_checks"] == len(asked) == sum(len(t["checks"]) for t in sel["tried"])
+    assert res.w_table[0]["w"] == pytest.approx(
+        grid[0] * next(r["w_ref"] for r in res.layer_table if r["layer"] == res.layer)
+    )
+    # the top of the passing window, or the layer's own balance peak when that passes
+    ws = [r["w"] for r in res.w_table]
+    peak = ws[int(np.argmax([r["harmonic"] for r in res.w_table]))]
+    assert res.w == (peak if peak <= 3.0 else max(w for w in ws if w <= 3.0))
+    json.dumps(res.to_dict())
+    # nothing passes: the paper's choice stands, marked as not passed
+    none = calibrate(
+        pairs,
+        feature_fn,
+        text_fn,
+        ["vision", "balanced"],
+        w_grid=grid,
+        bootstrap=2,
+        check=lambda la, w: ["rephrased", "perturbed"],
+        max_checks=5,
+    )
+    assert (none.layer, none.w) == (plain.layer, plain.w)
+    assert not none.extra["selection"]["passed"] and none.extra["selection"]["n_checks"] <= 5
+    with pytest.raises(UsageError):
+        calibrate(pairs, feature_fn, text_fn, ["vision"], check=check, max_checks=0)
 
 
 def test_calibrate_errors(data) -> None:

@@ -255,7 +255,7 @@ def test_refused_calibration_writes_nothing_and_force_commits(fake_codebook, mon
     codebook, model_args = fake_codebook, []
     from reasonedit_cli.selfcheck import RetrievalCheck
 
-    def losing(self, old, new, keys):
+    def losing(self, old, new, keys, baseline=None):
         return RetrievalCheck(
             total=dict.fromkeys(("edit", "rephrased", "perturbed"), 3),
             old={"edit": 3, "rephrased": 3, "perturbed": 1},

@@ -303,12 +303,32 @@ def test_calibrate_writes_layer_and_w_and_reembeds(codebook, model_args, tmp_pat
         assert first.stderr.count("Error:") == 1 and lost[0] in first.stderr
         assert "--force" in first.stderr
         assert Codebook.open(codebook).version == before.version
-    else:
+    else:  # checked selection (the default) found a choice that loses nothing: committed
         assert first.exit_code == 0, first.output
+        assert json.loads(first.stdout)["committed"] is True
+        before = Codebook.open(codebook)
+    selection = json.loads(first.stdout)["selection"]
+    assert selection["select"] == "checked" and selection["n_checks"] >= 1
+    assert selection["passed"] is not bool(lost)
+    # the paper's choice is the first candidate checked
+    assert selection["tried"][0]["layer"] == selection["paper"]["layer"]
+    assert selection["tried"][0]["checks"][0]["w"] == selection["paper"]["w"]
+    # --select balance: the balance score's choice alone, as the paper makes it
+    paper = invoke(*args, "--select", "balance", "--dry-run")
+    assert paper.exit_code == 0, paper.output
+    summary = json.loads(paper.stdout)
+    assert "selection" not in summary
+    assert (summary["layer"], summary["w"]) == (
+        selection["paper"]["layer"],
+        selection["paper"]["w"],
+    )
+    assert invoke(*args, "--select", "best").exit_code == 2
     result = invoke(*args, "--force")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["check"] == check and summary["committed"] is True
+    assert summary["committed"] is True
+    if lost:
+        assert summary["check"] == check
     raw = ["vision.0", "vision.1", "projector", "language.0", "language.1"]
     # both hook points of every layer are candidates (#17 item 3)
     assert [r["layer"] for r in summary["layer_table"]] == [
