@@ -34,7 +34,6 @@ as before.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from reasonedit_cli.regions import (
     best_retrieval,
     named_box,
     pixel_box,
+    region_seed,
     window_for,
 )
 
@@ -101,12 +101,6 @@ def plain_auto_w(vectors: np.ndarray, text_half: np.ndarray) -> float:
     return float(auto_w(v[:, : v.shape[1] - s.shape[1]], s))
 
 
-def _region_seed(edit_id: str, box: Sequence[int]) -> int:
-    return int.from_bytes(
-        hashlib.sha256(f"{edit_id}|region|{list(box)}".encode()).digest()[:4], "big"
-    )
-
-
 def object_keys(
     rk: RegionEmbedder, edits: Sequence[Any], images: Sequence[Image.Image]
 ) -> list[KeyRecord]:
@@ -135,7 +129,7 @@ def object_keys(
     boxes = [b for _, _, _, b in rows]
     vecs, _ = rk.key_vectors(imgs, texts, boxes)
     aug = [
-        augment_image(img, np.random.default_rng(_region_seed(eid, b))) for _, eid, img, b in rows
+        augment_image(img, np.random.default_rng(region_seed(eid, b))) for _, eid, img, b in rows
     ]
     avecs, _ = rk.key_vectors(aug, texts, boxes)
     radii = np.linalg.norm(vecs - avecs, axis=1)
@@ -483,8 +477,15 @@ def rebuild(path: Path, *, lock_timeout: float = 10.0, editor: Any = None) -> li
         return ["object index: the key layer has no token grid; nothing rebuilt"]
     w = float(link["w"]) if link.get("w") else ed.object_w()
     rk = region_embedder(ed.vlm, ed.text.encode, layer, w)
-    data = {r.image_sha256: main.read_image_bytes(r.image_sha256) for r in records}
-    imgs = [decode_image(data[r.image_sha256], "image") for r in records]
+    # sha -> (bytes, extension): what the object index stores beside its keys (`add_step`)
+    images = {
+        r.image_sha256: (
+            main.read_image_bytes(r.image_sha256),
+            main.image_path(r.image_sha256).suffix,
+        )
+        for r in records
+    }
+    imgs = [decode_image(images[r.image_sha256][0], "image") for r in records]
     keys = object_keys(rk, records, imgs)
     steps: list[str] = []
     with main.writer(lock_timeout=lock_timeout) as mw:
@@ -499,13 +500,7 @@ def rebuild(path: Path, *, lock_timeout: float = 10.0, editor: Any = None) -> li
             ed.config_for_manifest(), w=w, layer=layer, main_version=main.version + 1
         )
         with nested.writer(lock_timeout=lock_timeout) as nw:
-            for r in records:
-                nw.store_image(data[r.image_sha256], main.image_path(r.image_sha256).suffix)
-            nw.set_config(**config)
-            if keys:
-                nw.set_config(dim=int(keys[0].vector.shape[0]))
-                keyed = {k.edit_id for k in keys}
-                nw.add([edit_record_copy(r) for r in records if r.edit_id in keyed], keys)
+            add_step(records, keys, images, config)(nw, nested)
         mw.set_config(objects=make_link(nested))
         version = mw.commit()
     steps.append(

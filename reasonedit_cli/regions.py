@@ -306,7 +306,9 @@ def best_retrieval(
 REGION_METHODS = {"reasonedit-regions": "dual", "vision-regions": "vision"}
 
 
-def _region_seed(edit_id: str, box: Sequence[int]) -> int:
+def region_seed(edit_id: str, box: Sequence[int]) -> int:
+    """The augmentation seed of a region key's radius: by the edit and the box, so the same
+    key always gets the same radius (docs/method.md#radii)."""
     return int.from_bytes(
         hashlib.sha256(f"{edit_id}|region|{list(box)}".encode()).digest()[:4], "big"
     )
@@ -332,15 +334,11 @@ def region_codebook(
     source: str = "named",
     normalize: bool = False,
     w: float | None = None,
-    regions_only: bool = False,
-    name: str | None = None,
 ) -> tuple[Any, RegionEmbedder]:
     """The codebook of `region_outcomes` (every edit's keys plus its region key) and the
     region embedder that made it (for the queries). `w` overrides the dual key's weight
     (default: the evaluation's, `auto` on the first keys); `normalize` gives every image
-    half unit length (times sqrt(d)) and its own `auto` w. `regions_only`: the region
-    keys alone (the object index of `object_outcomes`), for the edits that have one;
-    `name`: the sub-codebook's name (default: `method`)."""
+    half unit length (times sqrt(d)) and its own `auto` w."""
     from reasonedit_cli.augment import augment_image
     from reasonedit_cli.editor import KeySpec, answer_value
 
@@ -351,7 +349,7 @@ def region_codebook(
 
         w_half = 0.0 if mode == "vision" else w
         embedder = CachedEmbedder(ev.halves, ev.embedder.layer, w_half, "dual")
-    ed = ev.editor_for(name or method, embedder)
+    ed = ev.editor_for(method, embedder)
     rk = RegionEmbedder(
         ev.editor.vlm, embedder.layer, ev.halves.text_half, 0.0, ev.batch_size, normalize
     )
@@ -359,7 +357,6 @@ def region_codebook(
 
     def key_specs(chunk: Sequence[Any], images: Any = None, **kw: Any) -> list[Any]:
         specs = list(base_specs(chunk, images, **kw))
-        n_base = len(specs)
         for i, e in enumerate(chunk):
             img = ev.gen.image(e.image_bytes)
             box = region_box(specs, i, e.reasoning, img.size, source)
@@ -368,7 +365,7 @@ def region_codebook(
                 win = wins[window_for(box, img.size, wins)]
                 value = answer_value(e.question, e.answer)
                 specs.append(KeySpec(i, "answer", e.question, value, pixel_box(win.box, img.size)))
-        return specs[n_base:] if regions_only else specs
+        return specs
 
     def embed_specs(edits: Sequence[Any], specs: Sequence[Any], images: Sequence[Any]):
         reg = [j for j, s in enumerate(specs) if is_region_key(s.kind, s.box)]
@@ -394,45 +391,28 @@ def region_codebook(
                 rk.w = auto_w(h, ev.halves.text_half(ptexts))
             v = rk.whole_vectors(plain, ptexts)
             r = np.zeros(len(rest))
-        elif rest:
+        else:
             v, r = base_embed(edits, [specs[j] for j in rest], images)
             rk.w = float(embedder.w or 0.0)
-        else:  # regions_only
-            rk.w = float(embedder.w or 0.0)
-            v, r = None, np.zeros(0)
         imgs = [images[specs[j].edit_index] for j in reg]
         texts = [specs[j].key_text for j in reg]
         boxes = [specs[j].box for j in reg]
         rv, _ = rk.key_vectors(imgs, texts, boxes)
         aug = [
-            augment_image(
-                img, np.random.default_rng(_region_seed(edits[specs[j].edit_index].id, b))
-            )
+            augment_image(img, np.random.default_rng(region_seed(edits[specs[j].edit_index].id, b)))
             for img, j, b in zip(imgs, reg, boxes)
         ]
         av, _ = rk.key_vectors(aug, texts, boxes)
-        dim = rv.shape[1] if v is None else v.shape[1]
-        vectors = np.zeros((len(specs), dim), dtype=np.float32)
+        vectors = np.zeros((len(specs), v.shape[1]), dtype=np.float32)
         radii = np.zeros(len(specs), dtype=np.float64)
-        if v is not None:
-            vectors[rest], radii[rest] = v, r
+        vectors[rest], radii[rest] = v, r
         if reg:
             vectors[reg], radii[reg] = rv, np.linalg.norm(rv - av, axis=1)
         return vectors, radii
 
     ed.key_specs = key_specs  # the same override `Evaluation.editor_for` makes
     ed.embed_specs = embed_specs
-    edits = ev.edits
-    if regions_only:  # an edit whose reasoning names no region has no key here
-        specs = ev.specs()
-        edits = [
-            e
-            for e in ev.edits
-            if region_box(specs[e.id], 0, e.reasoning, ev.gen.image(e.image_bytes).size, source)
-            is not None
-        ]
-    if edits:
-        ed.add_edits(edits, batch_size=max(ev.batch_size, 32), patches="none")
+    ed.add_edits(ev.edits, batch_size=max(ev.batch_size, 32), patches="none")
     return ed.codebook, rk
 
 
@@ -486,24 +466,6 @@ def union_retrieval(main: Retrieval, extra: Retrieval) -> Retrieval:
     return replace(main, hits=[*main.hits, *extra.hits], facts=[*new, *main.facts])
 
 
-def first_batch_auto_w(ev: Any, n: int = 32) -> float:
-    """The plain `auto` w (embedding.auto_w) of the whole-image keys of an evaluation's
-    first `n` edits: the scale the object index's `OBJECT_W_FACTOR` was chosen against,
-    whatever rule (`first_batch_w`) set the dual key's own w."""
-    from reasonedit_cli.editor import crop
-    from reasonedit_cli.embedding import auto_w
-
-    specs = ev.specs()
-    rows = [(e, sp) for e in ev.edits[:n] for sp in specs[e.id]]
-    imgs = [
-        crop(ev.gen.image(e.image_bytes), sp.box) if sp.box else ev.gen.image(e.image_bytes)
-        for e, sp in rows
-    ]
-    texts = [sp.key_text for _, sp in rows]
-    h = ev.halves.vlm_half(imgs, texts, ev.embedder.layer)
-    return float(auto_w(h, ev.halves.text_half(texts)))
-
-
 def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X) -> list[Any]:
     """`evaluate`'s `reasonedit-objects`: `reasonedit`'s keys plus the object index, built
     and queried by the product's own code (`Editor.add_edits` / `Editor.retrievals` with
@@ -511,7 +473,7 @@ def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X
     `ask` give. Beside the whole-image keys sits a separate index of one region key per
     edit (the window of the object its reasoning names) with a text-heavy w (default
     `OBJECT_W_FACTOR` x the plain auto w of the first 32 edits' keys,
-    `first_batch_auto_w`) and a wider gate (`tau_x` x its own `images` tau at p 25,
+    `Editor.object_w`) and a wider gate (`tau_x` x its own `images` tau at p 25,
     whatever `--percentile` says: the constants were chosen there); a query is asked
     over every window, and a probe gets the union of the two retrievals.
 

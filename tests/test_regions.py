@@ -136,8 +136,10 @@ def test_object_index_unions_with_reasonedit_on_the_scenes_model(tmp_path):
     """`reasonedit-objects` on the real scenes VLM: one region key per edit in a separate
     index, a wider gate than its own tau, and every probe keeps `reasonedit`'s edits."""
     from reasonedit_cli import evaluation as E
+    from reasonedit_cli import objects as O
     from reasonedit_cli.editor import Editor
     from reasonedit_cli.retrieval import retrieve
+    from reasonedit_cli.store import Codebook
 
     ed = Editor(tmp_path / "cb", model="scenes", create=True)
     gen = E.Generations(ed.vlm, 16)
@@ -150,9 +152,10 @@ def test_object_index_unions_with_reasonedit_on_the_scenes_model(tmp_path):
         assert set(a.edit_ids) <= set(b.edit_ids)
         assert b.rejected <= a.rejected  # the union rejects only what both reject
 
-    ocb, rk = R.region_codebook(
-        ev, "reasonedit-regions", "named-only", w=1.0, regions_only=True, name="o2"
-    )
+    # the object index that run wrote (reasonedit_cli.objects), as `ask` opens it
+    index, problem = O.open_index(Codebook.open(tmp_path / "w" / "reasonedit-objects"))
+    assert problem is None and index is not None
+    ocb = index.codebook
     kinds = ocb.keys_table().column("kind").to_pylist()
     assert ocb.n_keys == len(edits) and set(kinds) == {"answer"}  # a named region each
     gate = R.ScaledTau(ocb, 1.5)
