@@ -94,6 +94,8 @@ PresetOpt = Annotated[
     ),
 ]
 DEFAULT_CODEBOOK = Path("codebook")
+#: --no-objects of the commands that retrieve (ask, serve)
+NO_OBJECTS_QUERY_HELP = "Query only the whole-image keys, not the codebook's object index."
 
 
 def _check_preset(preset: str | None) -> None:
@@ -265,9 +267,9 @@ def add_edit(
     ] = False,
     no_objects: Annotated[
         bool,
-        typer.Option(
-            "--no-objects",
-            help="Write no object-index keys for these edits (by default an edit whose "
+        cs.option(
+            "no_objects",
+            "Write no object-index keys for these edits (by default an edit whose "
             "reasoning names a region, e.g. 'in the top left', gets one: the same object "
             "in other images).",
         ),
@@ -433,13 +435,7 @@ def ask(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
     batch_size: Annotated[int, cs.option("batch_size")] = 16,
-    no_objects: Annotated[
-        bool,
-        typer.Option(
-            "--no-objects",
-            help="Query only the whole-image keys, not the codebook's object index.",
-        ),
-    ] = False,
+    no_objects: Annotated[bool, cs.option("no_objects", NO_OBJECTS_QUERY_HELP)] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
     server: Annotated[
@@ -1281,13 +1277,7 @@ def serve(
             "--poll-interval", min=0.01, help="Seconds between codebook checks when idle."
         ),
     ] = 1.0,
-    no_objects: Annotated[
-        bool,
-        typer.Option(
-            "--no-objects",
-            help="Query only the whole-image keys, not the codebook's object index.",
-        ),
-    ] = False,
+    no_objects: Annotated[bool, cs.option("no_objects", NO_OBJECTS_QUERY_HELP)] = False,
     codebook: CodebookOpt = DEFAULT_CODEBOOK,
     models: cs.ModelOptions = cs.ModelOptions(),
     as_json: Annotated[

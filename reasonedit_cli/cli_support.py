@@ -197,6 +197,7 @@ _SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "percentile": (("--percentile",), {"min": 0, "max": 100}),
     "seed": (("--seed",), {}),
     "dry_run": (("--dry-run",), {}),
+    "no_objects": (("--no-objects",), {}),
 }
 
 
