@@ -174,16 +174,32 @@ def write_vectors(
     }
 
 
-def _open_fd(path: Path) -> int:
+def open_regular(path: Path, label: str | None = None) -> int:
+    """A read-only fd of `path` when it is a regular file (no symlink, FIFO or device:
+    hostile codebooks); MappedError names it `label` (default: the file's name)."""
+    name = label or path.name
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
-        raise MappedError(f"{path.name} is not a regular file")
+        raise MappedError(f"{name} is not a regular file")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise MappedError(f"{path.name} is not a regular file")
+        raise MappedError(f"{name} is not a regular file")
     return fd
+
+
+def parse_npy_header(head: bytes, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of a version-1.0 `.npy` header at the
+    start of `head`; MappedError when there is none (a damaged or foreign file)."""
+    f = io.BytesIO(head)
+    try:
+        if np.lib.format.read_magic(f) != (1, 0):
+            raise ValueError("npy version")
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    except (ValueError, EOFError, SyntaxError) as e:
+        raise MappedError(f"{name} has no valid .npy header") from e
+    return tuple(shape), bool(fortran), dtype, f.tell()
 
 
 def hash_fd(fd: int) -> str:
@@ -303,7 +319,7 @@ def open_vectors(path: Path, entry: dict, *, full_check: bool = False) -> Mapped
     except (KeyError, TypeError, ValueError) as e:
         raise MappedError(f"{path.name}: bad manifest entry") from e
     try:
-        fd = _open_fd(path)
+        fd = open_regular(path)
     except FileNotFoundError:
         raise MappedError(f"{path.name} is missing") from None
     except OSError as e:
@@ -313,14 +329,7 @@ def open_vectors(path: Path, entry: dict, *, full_check: bool = False) -> Mapped
         if st.st_size != size:
             raise MappedError(f"{path.name} has {st.st_size} bytes, the manifest says {size}")
         head = os.pread(fd, min(_MAX_HEADER, size), 0)
-        try:
-            f = io.BytesIO(head)
-            if np.lib.format.read_magic(f) != (1, 0):
-                raise ValueError("npy version")
-            shape, fortran, got = np.lib.format.read_array_header_1_0(f)
-        except (ValueError, EOFError, SyntaxError) as e:
-            raise MappedError(f"{path.name} has no valid .npy header") from e
-        offset = f.tell()
+        shape, fortran, got, offset = parse_npy_header(head, path.name)
         if fortran or got != dtype or shape != (rows, dim):
             raise MappedError(f"{path.name} holds {got} {shape}, the manifest says {rows}x{dim}")
         if offset + rows * dim * dtype.itemsize != size:

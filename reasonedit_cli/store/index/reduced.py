@@ -52,7 +52,9 @@ from .mapped import (
     MappedError,
     VectorParts,
     open_parts,
+    open_regular,
     open_vectors,
+    parse_npy_header,
     write_permuted,
     write_vectors,
 )
@@ -904,27 +906,17 @@ def read_stamped(root: Path, entry: dict, out: np.ndarray, *, full_check: bool =
     rel = entry["path"]
     if not out.flags.c_contiguous:
         raise ValueError("read_stamped needs a C-contiguous array")
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(root / rel, flags | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular(root / rel, rel)
     except OSError as e:
         raise MappedError(f"{rel}: {e.strerror or e}") from e
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MappedError(f"{rel} is not a regular file")
         if st.st_size != int(entry["bytes"]):
             raise MappedError(f"{rel} has {st.st_size} bytes, the manifest says {entry['bytes']}")
         head = os.pread(fd, min(4096, st.st_size), 0)
-        f = io.BytesIO(head)
-        try:
-            if np.lib.format.read_magic(f) != (1, 0):
-                raise ValueError("npy version")
-            shape, fortran, dt = np.lib.format.read_array_header_1_0(f)
-        except (ValueError, EOFError, SyntaxError) as e:
-            raise MappedError(f"{rel} has no valid .npy header") from e
-        offset = f.tell()
-        if fortran or dt != out.dtype or tuple(shape) != out.shape:
+        shape, fortran, dt, offset = parse_npy_header(head, rel)
+        if fortran or dt != out.dtype or shape != out.shape:
             raise MappedError(f"{rel} has the wrong dtype or shape")
         if offset + out.nbytes != st.st_size:
             raise MappedError(f"{rel}: header and size disagree")
