@@ -168,6 +168,8 @@ def test_synthetic_codebook_in_the_real_format(tmp_path, monkeypatch):
     """scripts/make_synthetic_codebook.py's builder: a real codebook's keys first, then
     synthetic ones; it opens through the engine, doctor finds it clean, its search has
     the exact path's numbers and the real keys are still found."""
+    from test_engine_writer import lists_tau  # (it imports this module)
+
     from reasonedit_cli.store.synthetic import build_synthetic_codebook
 
     monkeypatch.setenv("REASONEDIT_ENGINE_MIN_KEYS", "300")
@@ -181,6 +183,22 @@ def test_synthetic_codebook_in_the_real_format(tmp_path, monkeypatch):
     assert cb.search(q, 5) == cb.search(q, 5, method="exact")
     assert [h[0][0] for h in cb.search(q, 1)] == list(range(10))
     assert R.retrieve(cb, q[0]).tau == cb.tau == cb.manifest["derived"]["tau"]
+    # the layout a writer leaves: the engine's sigma and lists listed as the store's own
+    # (no second copy), and the per-key tau measurements, so the first insert is like
+    # any later one; tau from them equals tau from the lists, before and after an insert
+    d = cb.manifest["derived"]
+    eng = d["engine"]["index"]
+    assert [d["files"][k]["path"] for k in ("sigma", "knn_idx", "knn_dist")] == [
+        eng[k]["path"] for k in ("sigma", "knn_idx", "knn_dist")
+    ]
+    assert "tau_other" in d["files"] and cb.tau_cache() is not None
+    assert not list((tmp_path / "syn" / "index").glob("knn_idx-*"))
+    assert cb.tau == pytest.approx(lists_tau(cb, cb.percentile))
+    with cb.writer() as w:
+        w.add(*make_edits(9000, 3))
+    after = Codebook.open(tmp_path / "syn")
+    assert after.n_keys == 600 + 9 and after.check(images=False).ok
+    assert after.tau == pytest.approx(lists_tau(after, after.percentile))
     with pytest.raises(Exception, match="exists"):
         build_synthetic_codebook(tmp_path / "syn", 600, 16)
     # from MIN_IVF_KEYS on the engine stores its vectors in IVF order, and the

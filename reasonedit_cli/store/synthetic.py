@@ -31,8 +31,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .. import retrieval as R
 from ..errors import CodebookError
-from .engine import SEARCH_FETCH, min_keys
+from . import compat
+from . import taucache as TC
+from .engine import SEARCH_FETCH, min_keys, store_layout
 from .files import atomic_write, mkdirs, unlink
 from .format import (
     FORMAT,
@@ -233,23 +236,40 @@ def build_synthetic_codebook(
     facts_table = pa.concat_tables([f.replace_schema_metadata(None) for f in facts])
     steps["segments"] = time.perf_counter() - t0 - sum(steps.values())
     say(f"segments written ({steps['segments']:.0f} s)")
-    # 3. the DerivedIndex's sigma and lists (from the engine's), the engine, the facts
+    # 3. the engine and its facts, and the store's view of them as a writer leaves it
+    # (store/writer.py `_derive_engine`): the engine's sigma and neighbour lists listed
+    # as the store's own (one copy), and the per-key tau measurements, so that the first
+    # insert costs what any later one does. Below the engine's threshold the
+    # DerivedIndex gets its own sigma and list files, as a small codebook has.
     assert eng.knn_idx is not None and eng.knn_dist is not None
+    tau_cache = None
+    if use_engine:
+        index = eng.save(root, "000001", dtype=dtype)
+        frel = "index/facts-000001.arrow"
+        fe = dict(write_facts(root / frel, facts_table), path=frel, start=0)
+        section = {"index": index, "facts": [fe], "keys": n, "sigma": "store"}
+        layout = store_layout(root, section)
+        if compat.tau_rule(config, R.TAU_RULES) in TC.RULES:
+            tau_cache = TC.compute(
+                eng.knn_idx,
+                eng.knn_dist,
+                facts_table.column("image_sha256"),
+                facts_table.column("edit_id"),
+            )
+            layout["files"]["tau_other"] = TC.write(root, "index/tau-other-000001.npy", tau_cache)
+    else:
 
-    def derived_file(rel: str, arr: np.ndarray) -> dict:
-        data = DL.npy_bytes(arr)
-        atomic_write(root / rel, data)
-        return {"path": rel, "sha256": sha256_hex(data), "bytes": len(data), "rows": n}
+        def derived_file(rel: str, arr: np.ndarray) -> dict:
+            data = DL.npy_bytes(arr)
+            atomic_write(root / rel, data)
+            return {"path": rel, "sha256": sha256_hex(data), "bytes": len(data), "rows": n}
 
-    files = {
-        "sigma": derived_file("index/sigma-000001.npy", eng.sigma_raw),
-        "knn_idx": derived_file("index/knn_idx-000001.npy", eng.knn_idx),
-        "knn_dist": derived_file("index/knn_dist-000001.npy", eng.knn_dist),
-    }
-    layout = {"files": files, "deltas": {"sigma": [], "knn": [], "hnsw": []}}
-    index = eng.save(root, "000001", dtype=dtype) if use_engine else {}
-    frel = "index/facts-000001.arrow"
-    fe = dict(write_facts(root / frel, facts_table), path=frel, start=0) if use_engine else {}
+        files = {
+            "sigma": derived_file("index/sigma-000001.npy", eng.sigma_raw),
+            "knn_idx": derived_file("index/knn_idx-000001.npy", eng.knn_idx),
+            "knn_dist": derived_file("index/knn_dist-000001.npy", eng.knn_dist),
+        }
+        layout = {"files": files, "deltas": {"sigma": [], "knn": [], "hnsw": []}}
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -266,9 +286,11 @@ def build_synthetic_codebook(
     view = Codebook(root, manifest, keys=facts_table, edits=edits_to_table(edits, now))
     lists = Lists(eng.sigma_raw, eng.knn_idx, eng.knn_dist)
     view.use_index(DerivedIndex(root, None, n, dim, view.vectors, lists=lists, lift_known=True))
+    if tau_cache is not None:
+        view.use_tau_cache(tau_cache)
     derived = view.derived_section(layout)
     if use_engine:
-        derived["engine"] = {"index": index, "facts": [fe], "keys": n, "sigma": "store"}
+        derived["engine"] = section
     if ordered or not use_engine:
         # the row-order input is no file of the codebook: the engine has its IVF-order
         # copy, or (below the threshold) a reader takes the Parquet path, as for a
