@@ -186,6 +186,12 @@ def test_structural_damage_is_refused(tmp_path):
     with pytest.raises(MappedError, match="max level"):
         RX.load_graph(tmp_path, entry, DIM, n)
     path.write_bytes(data)
+    # a label twice
+    at = HEADER.size + links0 + DIM * 4
+    _put(path, at + 5 * per, "<Q", struct.unpack_from("<Q", data, at + 6 * per)[0])
+    with pytest.raises(MappedError, match="one per key"):
+        RX.load_graph(tmp_path, entry, DIM, n)
+    path.write_bytes(data)
     # and the labels the caller asked for (an hnsw part over rows a..b)
     with pytest.raises(MappedError, match="labels"):
         RX.load_graph(tmp_path, entry, DIM, n, first_label=5)

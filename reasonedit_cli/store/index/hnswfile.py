@@ -114,7 +114,7 @@ def _check_level0(
     words = per_elem // 4  # every field is 4-byte aligned (links0, 4 * dim, 8)
     rows = max(1, _BLOCK // per_elem)
     slots = np.arange(max_m0, dtype=np.uint32)
-    seen = np.zeros(count, dtype=np.int64)
+    seen = np.zeros(count, dtype=bool)
     lo = label_off // 4
     for r0 in range(0, count, rows):
         r = min(rows, count - r0)
@@ -137,8 +137,8 @@ def _check_level0(
         lab = rec[:, lo].astype(np.int64) - first
         if int(lab.min()) < 0 or int(lab.max()) >= count:
             raise MappedError(f"{name}: labels out of range")
-        seen += np.bincount(lab, minlength=count)
-    if (seen != 1).any():
+        seen[lab] = True
+    if not seen.all():  # count labels in range, every one seen: each once
         raise MappedError(f"{name}: labels are not one per key")
 
 
