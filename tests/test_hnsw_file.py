@@ -208,6 +208,29 @@ def _levels(data: bytes, n: int, m: int) -> np.ndarray:
     return levels
 
 
+def test_a_search_the_graph_cannot_answer_falls_back(tmp_path, monkeypatch):
+    """Damage that passes the check but leaves the lifted graph unable to answer (fewer
+    than its candidates reachable) raises MappedError in the engine's search; the store
+    then answers from the decoded path, as for damage found on open."""
+    from test_codebook import make_edits
+
+    from reasonedit_cli.store import Codebook
+
+    cb = Codebook.open(tmp_path / "cb", create=True, engine_min_keys=1)
+    with cb.writer() as w:
+        w.add(*make_edits(0, 50))  # 150 keys: a lifted graph from 129
+    fresh = Codebook.open(tmp_path / "cb")
+    assert fresh.engine() is not None and fresh.engine().index.lift is not None
+    q = np.random.default_rng(3).normal(size=(4, fresh.dim)).astype(np.float32)
+    want = fresh.search(q, 3, method="exact")
+
+    def cannot(*a, **k):
+        raise MappedError("lifted graph: Cannot return the results in a contiguous 2D array")
+
+    monkeypatch.setattr(RX, "lift_candidates", cannot)
+    assert fresh.search(q, 3) == want and fresh.engine() is None
+
+
 # -- the fuzz: open + search in subprocesses ---------------------------------------------
 
 
