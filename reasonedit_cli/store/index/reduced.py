@@ -1037,8 +1037,8 @@ def verify_graph_file(
     or another mtime, and a file that then matches its sha256 gets its mtime recorded
     in `entry` (the next manifest's). Returns whether it hashed. Raises MappedError.
 
-    Why: at a million keys the lifted graph is 72 MB, and hashing it on every insert
-    cost ~0.2 s of CPU; the structural check reads it once without hashing."""
+    Why: at a million keys the lifted graph is 72 MB; hashing it on every insert took
+    0.10 s, the structural check 0.03 s (benchmarks/bench_graph_open.py)."""
     rel = entry["path"]
     try:
         fd = open_regular(root / rel, rel)
@@ -1070,7 +1070,8 @@ def load_graph(
     into a private copy, which is loaded if its sha256 is the recorded one.
 
     Why: the hash and the copy were 0.63-0.73 s of a ~1 s million-key open (the 72 MB
-    lifted graph); the structural check reads the file once, vectorised. Bytes changed in
+    lifted graph, under load); the structural check reads the file once, vectorised
+    (0.03 s; benchmarks/bench_graph_open.py). Bytes changed in
     place with the mtime put back that pass it can only change what the graph returns
     (docs/codebook-format.md); `doctor` finds them by hash.
     """
