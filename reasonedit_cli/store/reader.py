@@ -754,7 +754,13 @@ class Codebook:
         if method == "auto":
             eng = self.engine()
             if eng is not None:
-                return eng.search(q, k)
+                try:
+                    return eng.search(q, k)
+                except MappedError:
+                    # damage the open's checks let through (a graph file changed in
+                    # place, its mtime put back, that can no longer answer): as for
+                    # damage found on open, the decoded path answers from now on
+                    self._engine = None
         use_hnsw = method == "hnsw" or (method == "auto" and n >= self.hnsw_min_keys)
         return self.index.search(q, k, use_hnsw=use_hnsw)
 

@@ -47,10 +47,12 @@ from . import deltas as DL
 from . import graphs as GR
 from . import lift as LF
 from . import neighbours as NB
+from .hnswfile import check_hnsw
 from .ivf import NPROBE, FlatPart, IVFPart, valid_ivf
 from .mapped import (
     MappedError,
     VectorParts,
+    hash_fd,
     open_parts,
     open_regular,
     open_vectors,
@@ -75,8 +77,6 @@ REVERSE_FETCH = 48  # insert: neighbours queried per new key (reverse-neighbour 
 MIN_IVF_KEYS = 2048  # below this a base part is flat (scanned in full)
 NEAR_DUPLICATE = 1e-3  # ivf_lists: squared distances below this x the norms are recomputed
 LIST_BLOCK = 2048  # ivf_lists: members x candidates compared per GEMM block (32 MB float64)
-#: graph files above this size are checked by size and mtime on open, not rehashed
-GRAPH_HASH_MAX = 256 << 20
 _TOPK_BATCH = 16  # exact_topk: queries re-ranked together (one GEMM, BATCH x fetch rows)
 
 
@@ -132,11 +132,33 @@ class HnswPart:
     def knn_query(self, q: np.ndarray, k: int, nprobe: int = 0):
         k = min(k, self.size)
         self.index.set_ef(max(k, SEARCH_FETCH))
-        lab, sq = self.index.knn_query(q, k=k)
-        return lab.astype(np.int64), sq
+        try:
+            lab, sq = self.index.knn_query(q, k=k)
+        except RuntimeError as e:  # fewer than k reachable: a damaged graph
+            raise MappedError(f"hnsw part: {e}") from e
+        lab = lab.astype(np.int64)
+        if lab.size and (lab.min() < self.start or lab.max() >= self.stop):
+            raise MappedError("hnsw part labels out of range")  # load_graph checks them
+        return lab, sq
 
 
 Part = IVFPart | FlatPart | HnswPart
+
+
+def lift_candidates(lift: LF.Lift, lifted_queries: np.ndarray, f: int) -> np.ndarray:
+    """The rows of the lifted graph's f nearest per lifted query, (m, f) int64. A graph
+    that cannot answer (fewer than f keys reachable: only a damaged file that passed
+    `load_graph`'s structural check) raises MappedError, as does a label outside its
+    rows (which that check refuses: here so that no label indexes `rows` unchecked)."""
+    lift.index.set_ef(max(LF.LIFT_EF, f))
+    try:
+        lab, _ = lift.index.knn_query(lifted_queries, k=f)
+    except RuntimeError as e:
+        raise MappedError(f"lifted graph: {e}") from e
+    lab = lab.astype(np.int64)
+    if lab.size and (lab.min() < 0 or lab.max() >= len(lift.rows)):
+        raise MappedError("lifted graph labels out of range")
+    return lift.rows[lab]
 
 
 def candidates(
@@ -514,10 +536,8 @@ class ReducedIndex:
             lift = self.lift if use_lift else None
             if lift is not None:
                 f = min(len(lift.rows), max(lift_fetch, k))
-                lift.index.set_ef(max(LF.LIFT_EF, f))
                 lq = LF.lift_queries(Projection.lift_query_vectors(g), lift.params)
-                lab, _ = lift.index.knn_query(lq, k=f)
-                cand = np.concatenate([cand, lift.rows[lab.astype(np.int64)]], axis=1)
+                cand = np.concatenate([cand, lift_candidates(lift, lq, f)], axis=1)
         if cand.size and (cand.min() < 0 or cand.max() >= n):
             raise MappedError("index labels out of range")
         if bound is not None:
@@ -742,14 +762,15 @@ class ReducedIndex:
         lift: str = "load",
     ):
         """Map and load what a search needs (lists too for a writer), each file verified:
-        small files by sha256, the mapped files, the neighbour lists and large graphs by
-        size and mtime (rehashed in full with full_check, i.e. `doctor`, or when the
-        mtime is not the recorded one). Raises MappedError.
+        small files by sha256, the mapped files and the neighbour lists by size, header
+        and mtime, hnsw graphs by size, mtime and hnswlib's structure (`load_graph`);
+        rehashed in full with full_check (`doctor`) or when the mtime is not the
+        recorded one. Raises MappedError.
 
         lift "verify" (a writer, which never searches): the lifted graph's file is
-        checked against its sha256 but not loaded into hnswlib (`lift` stays None;
+        checked (`verify_graph_file`) but not loaded into hnswlib (`lift` stays None;
         its entries are kept as they are). At a million keys loading it is a 72 MB
-        private copy and an hnswlib load on every insert."""
+        hnswlib load on every insert."""
         try:
             return cls._open(root, entries, lists=lists, full_check=full_check, lift=lift)
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
@@ -813,7 +834,7 @@ class ReducedIndex:
             if rows.ndim != 1 or not LF.valid_lift(rows, params, n, proj.rank + 2):
                 raise MappedError("lift rows or params")
             if lift == "verify" and not full_check:
-                verify_graph_file(root, entries["lift_hnsw"])
+                verify_graph_file(root, entries["lift_hnsw"], proj.rank + 5, len(rows))
             else:
                 eng.lift = LF.Lift(
                     load_graph(root, entries["lift_hnsw"], proj.rank + 5, len(rows),
@@ -829,7 +850,8 @@ def _open_part(root: Path, pe: dict, gdim: int, n: int, full_check: bool) -> Any
     if not 0 <= a <= b <= n:
         raise MappedError("index part rows out of range")
     if pe["kind"] == "hnsw":
-        return HnswPart(load_graph(root, pe["graph"], gdim, b - a, full_check=full_check), a, b)
+        graph = load_graph(root, pe["graph"], gdim, b - a, full_check=full_check, first_label=a)
+        return HnswPart(graph, a, b)
     vecs = open_vectors(root / pe["vecs"]["path"], pe["vecs"], full_check=full_check).array
     if vecs.shape != (b - a, gdim) or vecs.dtype != np.float32:
         raise MappedError("reduced vectors have the wrong shape")
@@ -982,57 +1004,90 @@ def save_graph(index: Any, root: Path, rel: str) -> dict:
     }
 
 
-def verify_graph_file(root: Path, entry: dict) -> None:
-    """A graph file matches its entry (regular file, size, sha256), without loading it
-    (a writer keeps the lifted graph as it is). Raises MappedError."""
+def _check_graph(fd: int, entry: dict, dim: int, count: int, first_label: int) -> os.stat_result:
+    """The graph file open on fd has the entry's size and hnswlib's structure for `count`
+    keys of `dim` (`hnswfile.check_hnsw`); returns its stat."""
     rel = entry["path"]
-    path = root / rel
+    st = os.fstat(fd)
+    if st.st_size != int(entry["bytes"]):
+        raise MappedError(f"{rel} has {st.st_size} bytes, the manifest says {entry['bytes']}")
+    check_hnsw(fd, rel, dim=dim, count=count, first_label=first_label)
+    return st
+
+
+def _stale(entry: dict, st: os.stat_result, full_check: bool) -> bool:
+    stamp = entry.get("mtime_ns")
+    return full_check or stamp is None or st.st_mtime_ns != int(stamp)
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    """A name that opens the file fd has open (Linux: /proc/self/fd), so that hnswlib
+    loads the file that was checked, not one renamed over it since; else path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
+
+
+def verify_graph_file(
+    root: Path, entry: dict, dim: int, count: int, *, first_label: int = 0
+) -> bool:
+    """A graph file the writer keeps without loading it (the lifted graph), checked as
+    `read_stamped` checks the neighbour lists: a regular file of the recorded size and
+    of hnswlib's structure for these keys (`hnswfile.check_hnsw`: what a later `ask`
+    loads in place cannot crash it); hashed only when the entry records no `mtime_ns`
+    or another mtime, and a file that then matches its sha256 gets its mtime recorded
+    in `entry` (the next manifest's). Returns whether it hashed. Raises MappedError.
+
+    Why: at a million keys the lifted graph is 72 MB; hashing it on every insert took
+    0.10 s, the structural check 0.03 s (benchmarks/bench_graph_open.py)."""
+    rel = entry["path"]
     try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != int(entry["bytes"]):
-            raise MappedError(f"{rel} is missing, not a file or the wrong size")
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = open_regular(root / rel, rel)
         try:
-            h = hashlib.sha256()
-            while block := os.read(fd, 1 << 24):
-                h.update(block)
+            st = _check_graph(fd, entry, dim, count, first_label)
+            hashed = _stale(entry, st, False)
+            if hashed:
+                if hash_fd(fd) != entry["sha256"]:
+                    raise MappedError(f"{rel} is damaged (checksum mismatch)")
+                entry["mtime_ns"] = st.st_mtime_ns
+            return hashed
         finally:
             os.close(fd)
     except OSError as e:
         raise MappedError(f"{rel}: {e.strerror or e}") from e
-    if h.hexdigest() != entry["sha256"]:
-        raise MappedError(f"{rel} is damaged (checksum mismatch)")
 
 
-def load_graph(root: Path, entry: dict, dim: int, count: int, *, full_check: bool = False) -> Any:
+def load_graph(
+    root: Path, entry: dict, dim: int, count: int, *, full_check: bool = False,
+    first_label: int = 0,
+) -> Any:  # fmt: skip
     """An hnswlib graph file, verified before hnswlib reads it (hnswlib trusts its input).
 
-    Up to GRAPH_HASH_MAX bytes (and always with full_check, or when the mtime changed):
-    hashed into a private copy, which is loaded, as the store does for every graph.
-    Larger: its size and mtime must be the recorded ones, then it is loaded in place.
+    Always: a regular file (no symlink) of the recorded size and of hnswlib's structure
+    for `count` keys of `dim` labelled first_label.. (`hnswfile.check_hnsw`: everything
+    whose damage could make hnswlib read out of bounds). Then, when the mtime is the
+    recorded one, it is loaded in place (the file descriptor that was checked); with
+    full_check (`doctor`), without a recorded mtime or with another one, it is hashed
+    into a private copy, which is loaded if its sha256 is the recorded one.
+
+    Why: the hash and the copy were 0.63-0.73 s of a ~1 s million-key open (the 72 MB
+    lifted graph, under load); the structural check reads the file once, vectorised
+    (0.03 s; benchmarks/bench_graph_open.py). Bytes changed in
+    place with the mtime put back that pass it can only change what the graph returns
+    (docs/codebook-format.md); `doctor` finds them by hash.
     """
-    path = root / entry["path"]
+    rel = entry["path"]
+    path = root / rel
     try:
-        st = os.lstat(path)
-        if not os.path.isfile(path) or os.path.islink(path) or st.st_size != int(entry["bytes"]):
-            raise MappedError(f"{entry['path']} is missing, not a file or the wrong size")
-        index = hnswlib.Index(space="l2", dim=dim)
-        if full_check or st.st_size <= GRAPH_HASH_MAX or st.st_mtime_ns != entry.get("mtime_ns"):
-            fd, tmp = tempfile.mkstemp(prefix="reasonedit-graph-")
-            try:
-                h = hashlib.sha256()
-                with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                    while block := src.read(1 << 24):
-                        h.update(block)
-                        out.write(block)
-                if h.hexdigest() != entry["sha256"]:
-                    raise MappedError(f"{entry['path']} is damaged (checksum mismatch)")
-                index.load_index(tmp, max_elements=max(count, 1))
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-        else:
-            index.load_index(str(path), max_elements=max(count, 1))
+        fd = open_regular(path, rel)
+        try:
+            st = _check_graph(fd, entry, dim, count, first_label)
+            index = hnswlib.Index(space="l2", dim=dim)
+            if _stale(entry, st, full_check):
+                _load_hashed(index, fd, entry, count)
+            else:
+                index.load_index(_fd_path(fd, path), max_elements=max(count, 1))
+        finally:
+            os.close(fd)
     except MappedError:
         raise
     except (RuntimeError, OSError, ValueError, KeyError, TypeError) as e:
@@ -1040,3 +1095,23 @@ def load_graph(root: Path, entry: dict, dim: int, count: int, *, full_check: boo
     if index.get_current_count() != count:
         raise MappedError(f"{entry['path']} holds {index.get_current_count()} keys, not {count}")
     return index
+
+
+def _load_hashed(index: Any, fd: int, entry: dict, count: int) -> None:
+    """Hash the file on fd into a private copy and load the copy when the hash is the
+    recorded one (the copy cannot change between the check and the load)."""
+    out_fd, tmp = tempfile.mkstemp(prefix="reasonedit-graph-")
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(out_fd, "wb") as out:
+            at = 0
+            while block := os.pread(fd, 1 << 24, at):
+                h.update(block)
+                out.write(block)
+                at += len(block)
+        if h.hexdigest() != entry["sha256"]:
+            raise MappedError(f"{entry['path']} is damaged (checksum mismatch)")
+        index.load_index(tmp, max_elements=max(count, 1))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
