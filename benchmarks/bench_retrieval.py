@@ -392,7 +392,7 @@ def _reference(v: np.ndarray, v_sq: np.ndarray, sigma32: np.ndarray, q1: np.ndar
 
 def cmd_search(args: argparse.Namespace) -> dict:
     from reasonedit_cli.store.index.ivf import NPROBE
-    from reasonedit_cli.store.index.reduced import LIFT_FETCH, SIGMA_SCAN
+    from reasonedit_cli.store.index.reduced import CORRECTED_FETCH, LIFT_FETCH, SIGMA_SCAN
 
     d = Path(args.dir)
     build = _engine_json(d)["build"]
@@ -444,12 +444,14 @@ def cmd_search(args: argparse.Namespace) -> dict:
     if True in convs:  # float16 rows converted by torch, as in `ask` (the model loads it)
         import torch  # noqa: F401
 
-    specs = []  # fetch:nprobe:lift_fetch:scan (lift_fetch 0 = no lifted graph), conversion
+    # fetch:nprobe:lift_fetch:scan:corrected (lift_fetch 0 = no lifted graph), conversion
+    specs = []
     for s in args.fetch.split(","):
         parts = [int(x) for x in s.split(":")]
         parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
         parts += [SIGMA_SCAN][len(parts) - 3 :]
-        specs += [(*parts[:4], c) for c in convs]
+        parts += [CORRECTED_FETCH][len(parts) - 4 :]
+        specs += [(*parts[:5], c) for c in convs]
     times: dict = {sp: [] for sp in specs}
     cpu: dict = {sp: [] for sp in specs}  # this process's CPU time: what load cannot inflate
     by_round: dict = {sp: [] for sp in specs}  # round 1 meets a colder page cache
@@ -458,8 +460,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
         for sp in specs:
             n_before = len(times[sp])
             kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
-            kw["scan"] = sp[3]
-            MP.TORCH_CONVERSION = sp[4]
+            kw["scan"], kw["corrected"] = sp[3], sp[4]
+            MP.TORCH_CONVERSION = sp[5]
             eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
@@ -481,7 +483,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 "nprobe": sp[1],
                 "lift_fetch": sp[2] if eng.lift is not None else 0,
                 "sigma_scan": sp[3],
-                "conversion": "torch" if sp[4] else "numpy",
+                "corrected_fetch": sp[4],
+                "conversion": "torch" if sp[5] else "numpy",
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "ms_median_by_round": by_round[sp],
@@ -662,7 +665,8 @@ def main() -> None:
         p.add_argument(
             "--fetch",
             default="64,128,256,128:24,128:12:64,128:12:0",
-            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN]]]; LIFT_FETCH 0: no lift",
+            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN[:CORRECTED]]]]; "
+            "LIFT_FETCH 0: no lift; CORRECTED: extra candidates by reduced distance / sigma",
         )
         p.add_argument("--rounds", type=int, default=2)
         p.add_argument("--keys", default="1000,5000", help="insert: keys per batch")

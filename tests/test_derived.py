@@ -344,7 +344,7 @@ def test_knn_patch_round_trip():
         oi, od = R.knn_lists(v[:n_old])
         ni, nd = NB.update_knn_lists(v[:n_old], oi, od, v[n_old:])
         app = D.knn_append_from_full(oi, od, ni, nd)
-        patch = D.knn_patch(app, oi, od)
+        patch = D.knn_patch(app, len(oi), oi[app.rows], od[app.rows])
         assert patch is not None
         idx = np.full((90, R.SIGMA_K), -1, np.int64)
         dist = np.full((90, R.SIGMA_K), np.inf)

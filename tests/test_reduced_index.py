@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -543,3 +544,28 @@ def test_float16_conversion_is_exact_with_torch():
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
     assert to_float32(x[:, ::2]).flags.c_contiguous  # a strided view converts too
     assert np.array_equal(to_float32(x[:, ::2]), x[:, ::2].astype(np.float32), equal_nan=True)
+
+
+def test_insert_writes_lists_in_place_when_opened_with_room(tmp_path):
+    """A writer that opens the lists with room for the rows it appends (`spare_rows`:
+    what store/engine.py does) updates them in place, with the same lists, sigma and
+    patch files as the copying path; without room, or with too little, it copies."""
+    v = _mixture(3000, dim=DIM)
+    ent = _write(tmp_path, v, "vectors-000001.npy")
+    entries = ReducedIndex.build(open_parts(tmp_path, [ent]), rank=24).save(tmp_path, "000001")
+    new = _mixture(200, seed=7, dim=DIM)
+    out = {}
+    for spare in (0, 200, 50):
+        root = tmp_path / f"s{spare}"
+        shutil.copytree(tmp_path / "index", root / "index")
+        w = ReducedIndex.open(root, json.loads(json.dumps(entries)), lists=True, spare_rows=spare)
+        room = w.list_room
+        assert (room is not None) == (spare > 0) and len(w.knn_idx) == 3000
+        e2 = w.append_files(root, "000002", new)
+        assert len(w.knn_idx) == 3200
+        assert (room is not None and w.knn_idx.base is room[0]) == (spare == 200)
+        r = ReducedIndex.open(root, e2, lists=True)  # the patch files replay to the same
+        assert np.array_equal(r.knn_idx, w.knn_idx) and np.array_equal(r.knn_dist, w.knn_dist)
+        out[spare] = (w.knn_idx, w.knn_dist, w.sigma)
+    for spare in (200, 50):
+        assert all(np.array_equal(a, b) for a, b in zip(out[0], out[spare], strict=True))

@@ -230,8 +230,9 @@ def derive_engine(
             # the writer never searches: the lifted graph is verified, not loaded; the
             # facts files it keeps are checked like a reader's (size, mtime)
             previous = ReducedIndex.open(
-                root, copy.deepcopy(old["index"]), lists=True, lift="verify"
-            )
+                root, copy.deepcopy(old["index"]), lists=True, lift="verify",
+                spare_rows=n - int(old["keys"]),
+            )  # fmt: skip
             Engine.facts_tables(root, old)
         except (MappedError, KeyError, TypeError, ValueError, IndexError):
             previous = None  # the previous engine is damaged: rebuild it from the keys

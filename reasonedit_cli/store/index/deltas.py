@@ -100,15 +100,19 @@ def knn_append_from_full(
     return KnnAppend(idx[n_old:], dist[n_old:], rows, idx[rows], dist[rows])
 
 
-def knn_patch(app: KnnAppend, old_idx: np.ndarray, old_dist: np.ndarray) -> np.ndarray | None:
-    """The patch that replays `app` on the old lists, or None if replay would differ.
+def knn_patch(
+    app: KnnAppend, n_old: int, old_rows_idx: np.ndarray, old_rows_dist: np.ndarray
+) -> np.ndarray | None:
+    """The patch that replays `app` on the old lists of n_old keys, or None if replay
+    would differ. `old_rows_idx` / `old_rows_dist`: the old lists of `app.rows` (all the
+    patch reads of the old lists, so a writer may update the lists in place first).
 
     A changed existing row stores the entries of its new list that point at appended
     keys; an appended row stores its whole list. The None case never happened in tests;
     it is there so that a file never claims a state it does not reproduce (the caller
     then writes a new base instead).
     """
-    n_old, k = len(old_idx), app.new_idx.shape[1]
+    k = app.new_idx.shape[1]
     n_new = len(app.new_idx)
     rows = np.concatenate([app.rows, np.arange(n_old, n_old + n_new)])
     li = np.concatenate([app.rows_idx, app.new_idx])
@@ -122,8 +126,8 @@ def knn_patch(app: KnnAppend, old_idx: np.ndarray, old_dist: np.ndarray) -> np.n
     out["dist"] = ld[take]
     base_idx = np.full((len(rows), k), -1, dtype=np.int64)
     base_dist = np.full((len(rows), k), np.inf)
-    base_idx[: len(app.rows)] = old_idx[app.rows]
-    base_dist[: len(app.rows)] = old_dist[app.rows]
+    base_idx[: len(app.rows)] = old_rows_idx
+    base_dist[: len(app.rows)] = old_rows_dist
     try:
         ri, rd = _merge_patch(base_idx, base_dist, rows, out, k)
     except ValueError:

@@ -255,8 +255,23 @@ class IVFPart:
         k = min(k, self.size)
         if len(q) >= BATCH_QUERIES:
             return self._knn_batch(q, k, nprobe)
+        lab, sq, _ = self.knn_query_corrected(q, k, nprobe, None, 0)
+        return lab, sq
+
+    def knn_query_corrected(
+        self, q: np.ndarray, k: int, nprobe: int, sigma: np.ndarray | None, extra: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`knn_query` one query at a time, plus (m, extra) labels: the keys of the same
+        probed lists with the smallest reduced distance / sigma (`sigma` by codebook
+        row) that are not among the k (rows repeated where the lists hold fewer). What
+        `search` finally ranks by is the corrected distance, so a key of a large radius
+        a little further away wins over nearer ones; the reduced distances are computed
+        for every key of the probed lists anyway."""
+        q = np.asarray(q, dtype=np.float32).reshape(-1, self.centroids.shape[1])
+        k = min(k, self.size)
         lab = np.empty((len(q), k), dtype=np.int64)
         sq = np.empty((len(q), k), dtype=np.float32)
+        xl = np.empty((len(q), extra if sigma is not None else 0), dtype=np.int64)
         for i in range(len(q)):
             near = self.lists_near(q[i], nprobe, k)
             near = near[self.offsets[near + 1] > self.offsets[near]]
@@ -272,7 +287,10 @@ class IVFPart:
             part = np.argpartition(dd, k - 1)[:k] if k < len(dd) else np.arange(len(dd))
             part = part[np.argsort(dd[part], kind="stable")]
             lab[i], sq[i] = self.labels[idx[part]], dd[part]
-        return lab, sq
+            if xl.shape[1]:
+                assert sigma is not None
+                xl[i] = corrected_extra(dd, self.labels[idx], part, sigma, xl.shape[1])
+        return lab, sq, xl
 
     def _knn_batch(self, q: np.ndarray, k: int, nprobe: int):
         """knn_query for many queries (an insert's keys): list by list, one GEMM per
@@ -338,6 +356,38 @@ class FlatPart:
         pd = np.take_along_axis(sq, part, 1)
         order = np.argsort(pd, axis=1, kind="stable")
         return np.take_along_axis(part, order, 1) + self.start, np.take_along_axis(pd, order, 1)
+
+    def knn_query_corrected(
+        self, q: np.ndarray, k: int, nprobe: int, sigma: np.ndarray | None, extra: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`knn_query` plus the `extra` keys by reduced distance / sigma (IVFPart's)."""
+        q = np.asarray(q, dtype=np.float32).reshape(-1, self.vecs.shape[1])
+        lab, sq = self.knn_query(q, k, nprobe)
+        xl = np.empty((len(q), extra if sigma is not None else 0), dtype=np.int64)
+        if xl.shape[1]:
+            assert sigma is not None
+            v_sq = np.einsum("ij,ij->i", self.vecs, self.vecs)
+            rows = np.arange(self.start, self.stop)
+            for i, d in enumerate(_sq_to(q, self.vecs, v_sq)):
+                xl[i] = corrected_extra(d, rows, lab[i] - self.start, sigma, xl.shape[1])
+        return lab, sq, xl
+
+
+def corrected_extra(
+    dd: np.ndarray, rows: np.ndarray, taken: np.ndarray, sigma: np.ndarray, extra: int
+) -> np.ndarray:
+    """`extra` rows with the smallest dd / sigma^2 (squared reduced distance over the
+    squared radius: the corrected distance's order) among `rows` not at the positions
+    `taken`; padded with rows[taken[0]] (the caller drops repeats) when too few remain."""
+    score = dd / np.square(np.maximum(sigma[rows], 1e-12))
+    score[taken] = np.inf
+    m = min(extra, len(score) - len(taken))
+    out = np.full(extra, rows[taken[0]] if len(taken) else rows[0], dtype=np.int64)
+    if m > 0:
+        part = np.argpartition(score, m - 1)[:m] if m < len(score) else np.arange(len(score))
+        part = part[np.isfinite(score[part])]
+        out[: len(part)] = rows[part]
+    return out
 
 
 def valid_ivf(offsets: np.ndarray, labels: np.ndarray, start: int, stop: int, lists: int) -> bool:

@@ -66,6 +66,8 @@ GRAPH_M = 16  # hnsw parts (ann="hnsw"): rank + 1 dims
 GRAPH_EF_CONSTRUCTION = 100
 GRAPH_SEED = 100
 SEARCH_FETCH = 128  # candidates per part, re-ranked on the full vectors
+#: ... plus this many per IVF / flat part by reduced distance / sigma (`candidates`)
+CORRECTED_FETCH = 0
 LIFT_FETCH = 32  # lifted-graph candidates per query (its reduced-space ranking is approximate)
 #: largest sigmas outside the lifted graph screened per query: 128 and 512 gave the same
 #: recall@5 at 100k x 4,480 (0.944 / 0.980 at fetch 128 / 256), 512 cost ~4 ms more CPU
@@ -162,7 +164,13 @@ def lift_candidates(lift: LF.Lift, lifted_queries: np.ndarray, f: int) -> np.nda
 
 
 def candidates(
-    parts: list, g: np.ndarray, fetch: int, nprobe: int = NPROBE
+    parts: list,
+    g: np.ndarray,
+    fetch: int,
+    nprobe: int = NPROBE,
+    *,
+    sigma: np.ndarray | None = None,
+    corrected: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reduced-space candidates from every part and a bound per query.
 
@@ -170,13 +178,20 @@ def candidates(
     keys if it has fewer); the smallest last distance over the parts that held more keys
     bounds every key outside the candidates (up to the ANN's misses), and since the
     reduced distance never exceeds the full one, it bounds their full distance too.
+    With `sigma` and `corrected` > 0, IVF and flat parts add that many keys of the lists
+    they scanned by reduced distance / sigma (`ivf.corrected_extra`): more candidates,
+    so the bound still holds.
     """
     labels, bound = [], None
     for p in parts:
         f = min(p.size, fetch)
         if f <= 0:
             continue
-        lab, sq = p.knn_query(g, f, nprobe)
+        if corrected > 0 and sigma is not None and not isinstance(p, HnswPart):
+            lab, sq, extra = p.knn_query_corrected(g, f, nprobe, sigma, corrected)
+            labels.append(extra)
+        else:
+            lab, sq = p.knn_query(g, f, nprobe)
         labels.append(lab)
         if f < p.size:
             b = np.sqrt(np.asarray(sq[:, -1], dtype=np.float64))
@@ -319,6 +334,11 @@ class ReducedIndex:
     entries: dict = field(default_factory=dict)  # manifest entries of the files
     #: after `append`: the rows whose neighbour list it changed and the appended rows
     changed_rows: np.ndarray | None = None
+    #: buffers that knn_idx / knn_dist are the first rows of (`open(spare_rows=...)`):
+    #: an append writes its rows there instead of copying every list (480 MB at 1M)
+    list_room: tuple[np.ndarray, np.ndarray] | None = None
+    #: after `append`: the changed rows' lists before it (what the list patch replays on)
+    replaced_lists: tuple[np.ndarray, np.ndarray] | None = None
     _scan: tuple | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -516,11 +536,13 @@ class ReducedIndex:
         scan: int = SIGMA_SCAN,
         use_lift: bool = True,
         lift_fetch: int = LIFT_FETCH,
+        corrected: int = CORRECTED_FETCH,
     ) -> list[list[tuple[int, float, float]]]:
         """k nearest keys per query by corrected distance: (row, raw L2, corrected).
 
         Candidates: each part's `fetch` nearest in the reduced space (IVF: among its
-        `nprobe` nearest lists), the lifted graph's `lift_fetch`, and every key among the
+        `nprobe` nearest lists) and `corrected` more of those lists by reduced distance /
+        sigma, the lifted graph's `lift_fetch`, and every key among the
         `scan` largest sigmas outside the lifted graph that the reduced-space bound cannot
         exclude; all re-ranked exactly on the full vectors (`sq_distances`).
         """
@@ -532,7 +554,9 @@ class ReducedIndex:
         g = self.projection.graph_vectors(q)
         fetch = min(n, max(fetch, 2 * k))
         with self._lock:  # hnswlib: no concurrent add and query
-            cand, bound = candidates(self.parts, g, fetch, nprobe)
+            cand, bound = candidates(
+                self.parts, g, fetch, nprobe, sigma=self.sigma, corrected=corrected
+            )
             lift = self.lift if use_lift else None
             if lift is not None:
                 f = min(len(lift.rows), max(lift_fetch, k))
@@ -632,13 +656,28 @@ class ReducedIndex:
                     RerankedParts(self, known=(new, g)), new, self.knn_idx, self.knn_dist,
                     reverse_fetch=REVERSE_FETCH,
                 )  # fmt: skip
-        self.knn_idx, self.knn_dist = app.apply(self.knn_idx, self.knn_dist)
+        # what the list patch needs of the old lists, before they change in place
+        self.replaced_lists = (self.knn_idx[app.rows].copy(), self.knn_dist[app.rows].copy())
+        self.knn_idx, self.knn_dist = self._apply_lists(app)
         raw = np.concatenate([self.sigma_raw, np.ones(len(new))])
         changed = np.concatenate([app.rows, np.arange(n_old, len(vectors))])
         self.changed_rows = changed  # the lists this insert changed (the store's tau cache)
         raw[changed] = R.sigma_raw_from_knn(self.knn_dist[changed])
         self.set_sigma(raw)
         return app
+
+    def _apply_lists(self, app: NB.KnnAppend) -> tuple[np.ndarray, np.ndarray]:
+        """The lists after `app`: written into `list_room` when it has the rows (no
+        copy of the old lists), else new arrays (`KnnAppend.apply`)."""
+        assert self.knn_idx is not None and self.knn_dist is not None
+        n_old, n_new = len(self.knn_idx), len(self.knn_idx) + len(app.new_idx)
+        room = self.list_room
+        if room is None or len(room[0]) < n_new or self.knn_idx.base is not room[0]:
+            return app.apply(self.knn_idx, self.knn_dist)
+        idx, dist = room[0][:n_new], room[1][:n_new]
+        idx[n_old:], dist[n_old:] = app.new_idx, app.new_dist
+        idx[app.rows], dist[app.rows] = app.rows_idx, app.rows_dist
+        return idx, dist
 
     def append_files(
         self, root: Path, tag: str, new_vectors: np.ndarray, *, dtype: str = "float32",
@@ -647,7 +686,6 @@ class ReducedIndex:
         the reduced vectors of the new flat part, and the sigma and list patches
         (`deltas.py` formats). Existing files stay as they are. Returns the entries."""
         n_old = self.n
-        old_idx, old_dist = self.knn_idx, self.knn_dist
         new = np.asarray(new_vectors, dtype=np.float32)
         rel = f"index/vectors-delta-{tag}.npy"
         ent = dict(write_vectors(root / rel, [new], len(new), self.dim, dtype), path=rel)
@@ -661,8 +699,8 @@ class ReducedIndex:
         held = _rounded(new, dtype == "float16")
         parts = self.vectors.with_part(held)
         app = self.append(parts, g, held)
-        assert old_idx is not None and old_dist is not None
-        patch = DL.knn_patch(app, old_idx, old_dist)
+        assert self.replaced_lists is not None
+        patch = DL.knn_patch(app, n_old, *self.replaced_lists)
         if patch is None:
             raise ValueError("neighbour-list patch does not replay (write a new base)")
         changed = np.concatenate([app.rows, np.arange(n_old, self.n)])
@@ -760,6 +798,7 @@ class ReducedIndex:
         lists: bool = False,
         full_check: bool = False,
         lift: str = "load",
+        spare_rows: int = 0,
     ):
         """Map and load what a search needs (lists too for a writer), each file verified:
         small files by sha256, the mapped files and the neighbour lists by size, header
@@ -770,9 +809,14 @@ class ReducedIndex:
         lift "verify" (a writer, which never searches): the lifted graph's file is
         checked (`verify_graph_file`) but not loaded into hnswlib (`lift` stays None;
         its entries are kept as they are). At a million keys loading it is a 72 MB
-        hnswlib load on every insert."""
+        hnswlib load on every insert.
+
+        spare_rows (a writer that will append that many keys): the lists are read into
+        buffers with room for them (`list_room`), so the append writes in place."""
         try:
-            return cls._open(root, entries, lists=lists, full_check=full_check, lift=lift)
+            return cls._open(
+                root, entries, lists=lists, full_check=full_check, lift=lift, spare=spare_rows
+            )
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as e:
             if isinstance(e, MappedError):
                 raise
@@ -789,7 +833,9 @@ class ReducedIndex:
         return []
 
     @classmethod
-    def _open(cls, root: Path, entries: dict, *, lists: bool, full_check: bool, lift: str):
+    def _open(
+        cls, root: Path, entries: dict, *, lists: bool, full_check: bool, lift: str, spare: int = 0
+    ):
         n, dim = int(entries["keys"]), int(entries["dim"])
         try:
             proj = Projection.from_array(_read_npy(root, entries["projection"]))
@@ -841,7 +887,9 @@ class ReducedIndex:
                                full_check=full_check), rows, params,
                 )  # fmt: skip
         if lists:
-            eng.knn_idx, eng.knn_dist = _open_lists(root, entries, base_rows, n, full_check)
+            room = _open_lists(root, entries, base_rows, n, full_check, spare)
+            eng.knn_idx, eng.knn_dist = room[0][:n], room[1][:n]
+            eng.list_room = room if spare > 0 else None
         return eng
 
 
@@ -868,12 +916,16 @@ def _open_part(root: Path, pe: dict, gdim: int, n: int, full_check: bool) -> Any
     return IVFPart(cent, offsets, labels, vecs, a, b)
 
 
-def _open_lists(root: Path, entries: dict, base_rows: int, n: int, full_check: bool):
-    """The neighbour lists (n, SIGMA_K) after every patch: the base files read straight
-    into the arrays, checked by size and mtime (`read_stamped`), then the patches
-    (small: sha256) replayed."""
+def _open_lists(
+    root: Path, entries: dict, base_rows: int, n: int, full_check: bool, spare: int = 0
+):
+    """The neighbour lists (n + spare, SIGMA_K) after every patch (the spare rows
+    empty): the base files read straight into the arrays, checked by size and mtime
+    (`read_stamped`), then the patches (small: sha256) replayed. Only rows the files do
+    not fill are initialised (at a million keys np.full cost 0.56 s of an insert)."""
     k = R.SIGMA_K
-    idx, dist = np.full((n, k), -1, np.int64), np.full((n, k), np.inf)
+    idx, dist = np.empty((n + spare, k), np.int64), np.empty((n + spare, k))
+    idx[base_rows:], dist[base_rows:] = -1, np.inf
     read_stamped(root, entries["knn_idx"], idx[:base_rows], full_check=full_check)
     read_stamped(root, entries["knn_dist"], dist[:base_rows], full_check=full_check)
     # what a check by size and mtime cannot exclude (bytes changed in place, the mtime

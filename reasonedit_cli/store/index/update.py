@@ -196,7 +196,11 @@ class IndexUpdate:
             d.sigma_files = {"base": sf["base"], "deltas": [*sf["deltas"], entry]}
         # neighbour lists: the entries that point at the new keys
         kf = od.knn_files
-        knn = DL.knn_patch(app, od.idx, od.dist) if kf is not None else None
+        knn = (
+            DL.knn_patch(app, len(od.idx), od.idx[app.rows], od.dist[app.rows])
+            if kf is not None
+            else None
+        )
         if kf is None or knn is None:
             rewrite.append("knn")
         elif DL.should_compact_knn(
