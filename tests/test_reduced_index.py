@@ -239,9 +239,12 @@ def test_lifted_graph_finds_isolated_keys(tmp_path):
             ]
         )
 
-    without = rec(eng.search(q, 5, fetch=16, scan=0, use_lift=False))
-    with_lift = rec(eng.search(q, 5, fetch=16, scan=0, lift_fetch=64))
+    without = rec(eng.search(q, 5, fetch=16, scan=0, use_lift=False, corrected=0))
+    with_lift = rec(eng.search(q, 5, fetch=16, scan=0, lift_fetch=64, corrected=0))
     assert without < 0.4 and with_lift > 0.8
+    # candidates by reduced distance / sigma find some of them in the probed lists too
+    corrected = rec(eng.search(q, 5, fetch=16, scan=0, use_lift=False, corrected=64))
+    assert corrected > without
 
 
 def test_engine_files_reopen_and_refuse_damage(engine, tmp_path):
