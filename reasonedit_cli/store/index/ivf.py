@@ -344,6 +344,14 @@ class FlatPart:
         return self.stop - self.start
 
     def knn_query(self, q: np.ndarray, k: int, nprobe: int = 0):
+        lab, sq, _ = self.knn_query_corrected(q, k, nprobe, None, 0)
+        return lab, sq
+
+    def knn_query_corrected(
+        self, q: np.ndarray, k: int, nprobe: int, sigma: np.ndarray | None, extra: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`knn_query` plus the `extra` keys by reduced distance / sigma (IVFPart's),
+        from the same distances to every row of the part."""
         q = np.asarray(q, dtype=np.float32).reshape(-1, self.vecs.shape[1])
         k = min(k, self.size)
         v_sq = np.einsum("ij,ij->i", self.vecs, self.vecs)
@@ -355,22 +363,14 @@ class FlatPart:
         )
         pd = np.take_along_axis(sq, part, 1)
         order = np.argsort(pd, axis=1, kind="stable")
-        return np.take_along_axis(part, order, 1) + self.start, np.take_along_axis(pd, order, 1)
-
-    def knn_query_corrected(
-        self, q: np.ndarray, k: int, nprobe: int, sigma: np.ndarray | None, extra: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`knn_query` plus the `extra` keys by reduced distance / sigma (IVFPart's)."""
-        q = np.asarray(q, dtype=np.float32).reshape(-1, self.vecs.shape[1])
-        lab, sq = self.knn_query(q, k, nprobe)
+        local = np.take_along_axis(part, order, 1)
         xl = np.empty((len(q), extra if sigma is not None else 0), dtype=np.int64)
         if xl.shape[1]:
             assert sigma is not None
-            v_sq = np.einsum("ij,ij->i", self.vecs, self.vecs)
             rows = np.arange(self.start, self.stop)
-            for i, d in enumerate(_sq_to(q, self.vecs, v_sq)):
-                xl[i] = corrected_extra(d, rows, lab[i] - self.start, sigma, xl.shape[1])
-        return lab, sq, xl
+            for i, d in enumerate(sq):
+                xl[i] = corrected_extra(d, rows, local[i], sigma, xl.shape[1])
+        return local + self.start, np.take_along_axis(pd, order, 1), xl
 
 
 def corrected_extra(

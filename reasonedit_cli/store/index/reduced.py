@@ -133,6 +133,13 @@ class HnswPart:
     def size(self) -> int:
         return self.stop - self.start
 
+    def knn_query_corrected(
+        self, q: np.ndarray, k: int, nprobe: int, sigma: np.ndarray | None, extra: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`knn_query` and no extra keys: a graph scans no lists to rank by sigma."""
+        lab, sq = self.knn_query(q, k, nprobe)
+        return lab, sq, np.empty((len(lab), 0), dtype=np.int64)
+
     def knn_query(self, q: np.ndarray, k: int, nprobe: int = 0):
         k = min(k, self.size)
         self.index.set_ef(max(k, SEARCH_FETCH))
@@ -189,10 +196,10 @@ def candidates(
         f = min(p.size, fetch)
         if f <= 0:
             continue
-        if corrected > 0 and sigma is not None and not isinstance(p, HnswPart):
+        if corrected > 0 and sigma is not None:  # (an hnsw part adds none)
             lab, sq, extra = p.knn_query_corrected(g, f, nprobe, sigma, corrected)
             labels.append(extra)
-        else:
+        else:  # plain knn_query: IVF batches many queries (an insert's)
             lab, sq = p.knn_query(g, f, nprobe)
         labels.append(lab)
         if f < p.size:
@@ -1003,8 +1010,7 @@ def read_stamped(root: Path, entry: dict, out: np.ndarray, *, full_check: bool =
             if got <= 0:
                 raise MappedError(f"{rel} is truncated")
             at += got
-        stamp = entry.get("mtime_ns")
-        hashed = full_check or stamp is None or st.st_mtime_ns != int(stamp)
+        hashed = _stale(entry, st, full_check)
         if hashed:
             h = hashlib.sha256(head[:offset])
             h.update(buf)
@@ -1070,6 +1076,8 @@ def _check_graph(fd: int, entry: dict, dim: int, count: int, first_label: int) -
 
 
 def _stale(entry: dict, st: os.stat_result, full_check: bool) -> bool:
+    """Whether a file checked by size and mtime is hashed: with full_check, or when the
+    entry records no mtime or another one (`read_stamped`, the graph files)."""
     stamp = entry.get("mtime_ns")
     return full_check or stamp is None or st.st_mtime_ns != int(stamp)
 
