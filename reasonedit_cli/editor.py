@@ -301,8 +301,8 @@ class Editor:
         self._embedder: KeyEmbedder | None = embedder
         self._key_specs = key_specs
         self.objects = objects
-        # evaluation overrides of the object index's w and gate (None: the defaults)
-        self.object_settings: dict[str, float | None] = {}
+        # evaluation overrides of the object index's w, gate and layer (None: defaults)
+        self.object_settings: dict[str, float | str | None] = {}
         # the object index the open version links, opened on first use (objects.open_index)
         self._object_index: tuple[Any, Any, str | None] | None = None
         if vlm is not None:
@@ -590,8 +590,9 @@ class Editor:
         link = O.link_of(self.codebook) if self.codebook is not None else None
         if link is not None and link.get("w"):
             return float(link["w"])
-        if self.object_settings.get("w"):
-            return float(self.object_settings["w"] or 0.0)
+        w = self.object_settings.get("w")
+        if w:
+            return float(w)
         vecs: list[Any] = []
         texts: list[str] = []
         seen: list[str] = []
@@ -626,6 +627,8 @@ class Editor:
         link = O.link_of(self.codebook) if self.codebook is not None else None
         if link is not None and link.get("layer"):
             return str(link["layer"])
+        if self.object_settings.get("layer"):
+            return str(self.object_settings["layer"])
         layer = self.embedder.layer
         return layer if O.object_layer_ok(self.vlm, layer) else None
 
@@ -806,7 +809,7 @@ class Editor:
         from reasonedit_cli import objects as O
 
         keys, ow, layer = objects if objects is not None else ([], 0.0, "")
-        tau_x = self.object_settings.get("tau_x") or O.OBJECT_TAU_X
+        tau_x = float(self.object_settings.get("tau_x") or O.OBJECT_TAU_X)
         config = (
             O.nested_config(
                 self.config_for_manifest(), w=ow, layer=layer, main_version=0, tau_x=tau_x

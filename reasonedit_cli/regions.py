@@ -466,7 +466,9 @@ def union_retrieval(main: Retrieval, extra: Retrieval) -> Retrieval:
     return replace(main, hits=[*main.hits, *extra.hits], facts=[*new, *main.facts])
 
 
-def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X) -> list[Any]:
+def object_outcomes(
+    ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X, layer: str | None = None
+) -> list[Any]:
     """`evaluate`'s `reasonedit-objects`: `reasonedit`'s keys plus the object index, built
     and queried by the product's own code (`Editor.add_edits` / `Editor.retrievals` with
     `objects=True`, `reasonedit_cli.objects`), so the numbers are what `add-edit` and
@@ -483,11 +485,14 @@ def object_outcomes(ev: Any, w: float | None = None, tau_x: float = OBJECT_TAU_X
     question away; the whole-image keys need a light w, or rephrasings are lost. One
     codebook cannot have both w. Only objects a reasoning names get a key (no patch-crop
     fallback), so a codebook whose reasoning names no region (easy-vqa, the sample edits)
-    gets exactly `reasonedit`'s retrieval."""
+    gets exactly `reasonedit`'s retrieval.
+
+    `w`, `tau_x`, `layer`: the object index's settings instead of the defaults (a
+    diagnostic that asks what a calibrated codebook's own object index would give)."""
     from reasonedit_cli.evaluation import Outcome
 
     ed = ev.editor_for("reasonedit-objects", ev.embedder, objects=True)
-    ed.object_settings = {"w": w, "tau_x": tau_x}
+    ed.object_settings = {"w": w, "tau_x": tau_x, "layer": layer}
     ed.add_edits(ev.edits, batch_size=max(ev.batch_size, 32), patches="none")
     rs = ed.retrievals(
         ev.probe_images(),

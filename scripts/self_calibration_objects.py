@@ -9,8 +9,9 @@ first `add-edit` gave it (the link in the codebook's config). `evaluate -c CB` i
 builds the object index of `reasonedit-objects` at CB's (calibrated) key layer. This
 builds the same evaluation (`EvaluationRun` inputs, `Evaluation.editor_for`, the
 product's `Editor.add_edits` / `Editor.retrievals`) with the main keys at CB's layer and
-w and the object index at the layer and w CB's link records, and prints the summary as
-JSON. A diagnostic: it replaces the editor's `object_layer` for this one run.
+w and the object index at the layer and w CB's link records (`regions.object_outcomes`
+with those settings: `evaluate`'s own `reasonedit-objects` code), and prints the
+summary as JSON.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def main() -> None:
         Evaluation,
         EvaluationInputs,
         EvaluationRun,
-        Outcome,
         summarize,
     )
+    from reasonedit_cli.regions import object_outcomes
 
     model = args.model or ("scenes" if args.dataset == "scenes" else None)
     cb = Editor(args.codebook, model=model).require_codebook()
@@ -63,21 +64,10 @@ def main() -> None:
         ev = Evaluation(
             run.editor, run.edits, run.probes, workdir=Path(tmp), gen=run.gen, choices=run.choices
         )
-        ed = ev.editor_for("objects-as-product", ev.embedder, objects=True)
-        ed.object_settings = {"w": float(link["w"]), "tau_x": float(link.get("tau_x") or 0) or None}
         layer = str(link["layer"])
-        ed.object_layer = lambda: layer  # type: ignore[method-assign]
-        ed.add_edits(ev.edits, batch_size=32, patches="none")
-        rs = ed.retrievals(
-            ev.probe_images(),
-            [p.question for p in ev.probes],
-            k=ev.top_k,
-            percentile=ev.percentile,
-            batch_size=ev.batch_size,
+        outs = object_outcomes(
+            ev, w=float(link["w"]), tau_x=float(link.get("tau_x") or O.OBJECT_TAU_X), layer=layer
         )
-        prompts = ev.prompts_with_facts([r.facts for r in rs])
-        answers = ev.gen.answer([p.image_bytes for p in ev.probes], prompts)
-        outs = [Outcome(a, r.edit_ids, r.rejected, q) for a, r, q in zip(answers, rs, prompts)]
         report = summarize(ev.probes, {"objects-as-product": outs})
         report["settings"] = {
             "layer": ev.embedder.layer,
