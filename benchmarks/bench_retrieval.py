@@ -392,7 +392,12 @@ def _reference(v: np.ndarray, v_sq: np.ndarray, sigma32: np.ndarray, q1: np.ndar
 
 def cmd_search(args: argparse.Namespace) -> dict:
     from reasonedit_cli.store.index.ivf import NPROBE
-    from reasonedit_cli.store.index.reduced import CORRECTED_FETCH, LIFT_FETCH, SIGMA_SCAN
+    from reasonedit_cli.store.index.reduced import (
+        CORRECTED_FETCH,
+        LIFT_FETCH,
+        RERANK_BLOCK,
+        SIGMA_SCAN,
+    )
 
     d = Path(args.dir)
     build = _engine_json(d)["build"]
@@ -444,14 +449,15 @@ def cmd_search(args: argparse.Namespace) -> dict:
     if True in convs:  # float16 rows converted by torch, as in `ask` (the model loads it)
         import torch  # noqa: F401
 
-    # fetch:nprobe:lift_fetch:scan:corrected (lift_fetch 0 = no lifted graph), conversion
+    # fetch:nprobe:lift_fetch:scan:corrected:block (lift_fetch 0 = no lifted graph), conversion
     specs = []
     for s in args.fetch.split(","):
         parts = [int(x) for x in s.split(":")]
         parts += [NPROBE, LIFT_FETCH][len(parts) - 1 :]
         parts += [SIGMA_SCAN][len(parts) - 3 :]
         parts += [CORRECTED_FETCH][len(parts) - 4 :]
-        specs += [(*parts[:5], c) for c in convs]
+        parts += [RERANK_BLOCK][len(parts) - 5 :]
+        specs += [(*parts[:6], c) for c in convs]
     times: dict = {sp: [] for sp in specs}
     cpu: dict = {sp: [] for sp in specs}  # this process's CPU time: what load cannot inflate
     by_round: dict = {sp: [] for sp in specs}  # round 1 meets a colder page cache
@@ -460,8 +466,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
         for sp in specs:
             n_before = len(times[sp])
             kw = {"fetch": sp[0], "nprobe": sp[1], "lift_fetch": sp[2], "use_lift": sp[2] > 0}
-            kw["scan"], kw["corrected"] = sp[3], sp[4]
-            MP.TORCH_CONVERSION = sp[5]
+            kw["scan"], kw["corrected"], kw["block"] = sp[3], sp[4], sp[5]
+            MP.TORCH_CONVERSION = sp[6]
             eng.search(q[:3], 5, **kw)  # warm
             hits = []
             for i in range(len(q)):
@@ -484,7 +490,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
                 "lift_fetch": sp[2] if eng.lift is not None else 0,
                 "sigma_scan": sp[3],
                 "corrected_fetch": sp[4],
-                "conversion": "torch" if sp[5] else "numpy",
+                "rerank_block": sp[5],
+                "conversion": "torch" if sp[6] else "numpy",
                 "ms_median": ms,
                 "ms_p95": float(np.percentile(times[sp], 95)) * 1e3,
                 "ms_median_by_round": by_round[sp],
@@ -665,8 +672,9 @@ def main() -> None:
         p.add_argument(
             "--fetch",
             default="64,128,256,128:24,128:12:64,128:12:0",
-            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN[:CORRECTED]]]]; "
-            "LIFT_FETCH 0: no lift; CORRECTED: extra candidates by reduced distance / sigma",
+            help="search settings FETCH[:NPROBE[:LIFT_FETCH[:SCAN[:CORRECTED[:BLOCK]]]]]; "
+            "LIFT_FETCH 0: no lift; CORRECTED: extra candidates by reduced distance / sigma; "
+            "BLOCK: candidates re-ranked at a time, lowest bound first (0: all at once)",
         )
         p.add_argument("--rounds", type=int, default=2)
         p.add_argument("--keys", default="1000,5000", help="insert: keys per batch")

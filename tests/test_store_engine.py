@@ -98,7 +98,16 @@ def test_old_codebooks_open_as_before_and_get_the_files_on_write(tmp_path):
     with cb2.writer() as w:
         w.compact()
     assert "engine" in cb2.manifest["derived"]
-    assert Codebook.open(tmp_path / "cb").search(QUERIES, 5) == before
+    assert same_hits(Codebook.open(tmp_path / "cb").search(QUERIES, 5), before)
+
+
+def same_hits(got, want) -> bool:
+    """The same rows in the same order with the same distances, to float64 rounding:
+    compaction recomputes the neighbour lists (sigma) in other GEMM blocks, which on
+    some CPUs changes the last bit (seen: 0.9002240595191506 against ...505)."""
+    rows = [[h[0] for h in x] for x in got] == [[h[0] for h in y] for y in want]
+    nums = np.array([h[1:] for x in got for h in x]), np.array([h[1:] for y in want for h in y])
+    return rows and nums[0].shape == nums[1].shape and np.allclose(*nums, rtol=1e-12, atol=0)
 
 
 def test_damaged_engine_file_falls_back_and_doctor_repairs(tmp_path, monkeypatch):

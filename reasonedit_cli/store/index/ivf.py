@@ -211,6 +211,10 @@ class IVFPart:
     def size(self) -> int:
         return self.stop - self.start
 
+    def graph_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored reduced vectors of codebook rows start..stop-1 (a copy)."""
+        return self.vecs[self.positions[np.asarray(rows, dtype=np.int64) - self.start]]
+
     @classmethod
     def build(
         cls, g: np.ndarray, start: int = 0, *, lists: int | None = None, balanced: bool = True
@@ -342,6 +346,10 @@ class FlatPart:
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    def graph_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored reduced vectors of codebook rows start..stop-1 (a copy)."""
+        return self.vecs[np.asarray(rows, dtype=np.int64) - self.start]
 
     def knn_query(self, q: np.ndarray, k: int, nprobe: int = 0):
         lab, sq, _ = self.knn_query_corrected(q, k, nprobe, None, 0)

@@ -74,6 +74,9 @@ LIFT_FETCH = 32  # lifted-graph candidates per query (its reduced-space ranking 
 #: largest sigmas outside the lifted graph screened per query: 128 and 512 gave the same
 #: recall@5 at 100k x 4,480 (0.944 / 0.980 at fetch 128 / 256), 512 cost ~4 ms more CPU
 SIGMA_SCAN = 128
+#: search: candidates of the lowest bounds re-ranked first (`_rerank`); 0: all in one block.
+#: Off by default: on the benchmark mixture it cost more than it saved (benchmarks/README.md)
+RERANK_BLOCK = 0
 LIST_PROBE = 3  # neighbour lists: a list's keys against the keys of its 3 nearest lists
 LIST_CANDIDATES = 768  # ... and more lists until they hold this many keys
 LIST_FETCH = 48  # insert: candidates per new key re-ranked for its 30 nearest
@@ -84,13 +87,19 @@ LIST_BLOCK = 2048  # ivf_lists: members x candidates compared per GEMM block (32
 _TOPK_BATCH = 16  # exact_topk: queries re-ranked together (one GEMM, BATCH x fetch rows)
 
 
-def sq_distances(q: np.ndarray, block: np.ndarray) -> np.ndarray:
+def sq_distances(q: np.ndarray, block: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """Squared L2 from one query to each row of block: float32 differences (no
     cancellation, unlike |q|^2 + |k|^2 - 2qk), float32 sums (relative error ~1e-6 at
     4,480 dims; float64 sums cost 3x: 0.69 vs 0.23 ms for 224 x 4,480), float64 out.
     The one distance every re-rank uses, so the exact and the ANN paths return identical
-    numbers; the store recomputes its hits' distances in float64 (`retrieval.direct_l2`)."""
-    d = np.asarray(block, dtype=np.float32) - np.asarray(q, dtype=np.float32).reshape(1, -1)
+    numbers; the store recomputes its hits' distances in float64 (`retrieval.direct_l2`).
+    `overwrite`: block is a float32 scratch buffer the differences may replace (no
+    temporary array: the same numbers)."""
+    qv = np.asarray(q, dtype=np.float32).reshape(1, -1)
+    if overwrite and isinstance(block, np.ndarray) and block.dtype == np.float32:
+        d = np.subtract(block, qv, out=block)
+    else:
+        d = np.asarray(block, dtype=np.float32) - qv
     return np.einsum("ij,ij->i", d, d).astype(np.float64)
 
 
@@ -132,6 +141,16 @@ class HnswPart:
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+    def graph_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The graph's own copies of codebook rows start..stop-1 (its labels)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if not len(rows):
+            return np.empty((0, self.index.dim), dtype=np.float32)
+        try:
+            return np.asarray(self.index.get_items(rows), dtype=np.float32)
+        except RuntimeError as e:  # a label the graph lacks: a damaged graph
+            raise MappedError(f"hnsw part: {e}") from e
 
     def knn_query_corrected(
         self, q: np.ndarray, k: int, nprobe: int, sigma: np.ndarray | None, extra: int
@@ -472,20 +491,17 @@ class ReducedIndex:
         return LF.Lift(index, rows, params)
 
     def graph_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The reduced (graph) vectors of `rows`, read from the parts that store them
-        (an IVF or flat part: one small row each) or projected from the full vectors."""
+        """The reduced (graph) vectors of `rows`, as the parts store them (an IVF or
+        flat part: one small row each; an hnsw part: its graph's copy), projected from
+        the full vectors for rows no part holds."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         out = np.empty((len(rows), self.projection.rank + 1), dtype=np.float32)
         done = np.zeros(len(rows), dtype=bool)
         for p in self.parts:
             sel = np.flatnonzero((rows >= p.start) & (rows < p.stop))
-            if not len(sel) or isinstance(p, HnswPart):
-                continue
-            local = rows[sel] - p.start
-            if isinstance(p, IVFPart):
-                local = p.positions[local]
-            out[sel] = p.vecs[local]
-            done[sel] = True
+            if len(sel):
+                out[sel] = p.graph_vectors(rows[sel])
+                done[sel] = True
         if not done.all():
             out[~done] = self.projection.graph_vectors(self.vectors.take(rows[~done]))
         return out
@@ -546,6 +562,7 @@ class ReducedIndex:
         use_lift: bool = True,
         lift_fetch: int = LIFT_FETCH,
         corrected: int = CORRECTED_FETCH,
+        block: int = RERANK_BLOCK,
     ) -> list[list[tuple[int, float, float]]]:
         """k nearest keys per query by corrected distance: (row, raw L2, corrected).
 
@@ -553,7 +570,8 @@ class ReducedIndex:
         `nprobe` nearest lists) and `corrected` more of those lists by reduced distance /
         sigma, the lifted graph's `lift_fetch`, and every key among the
         `scan` largest sigmas outside the lifted graph that the reduced-space bound cannot
-        exclude; all re-ranked exactly on the full vectors (`sq_distances`).
+        exclude; re-ranked exactly on the full vectors (`sq_distances`), `block` at a
+        time while their lower bounds can still win (`_rerank`; 0: all at once).
         """
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         n = self.n
@@ -577,22 +595,68 @@ class ReducedIndex:
             bound = bound * (1.0 - 1e-5)
         out = []
         for i in range(len(q)):
-            rows, block = self.vectors.take_stored(np.unique(cand[i]))
-            raw = np.sqrt(_finite(sq_distances(q[i], block)))
-            corr = raw / self.sigma[rows]
+            rows, raw, corr = self._rerank(q[i], g[i], np.unique(cand[i]), k, block)
             if bound is not None and scan > 0:
                 kth = float(np.partition(corr, k - 1)[k - 1])
                 extra = self._scan_rows(g[i], bound[i] / kth if kth > 0 else np.inf, kth, scan)
                 extra = extra[~np.isin(extra, rows)]
                 if len(extra):
-                    extra, xblock = self.vectors.take_stored(extra)
-                    xraw = np.sqrt(_finite(sq_distances(q[i], xblock)))
+                    extra, xraw = self._exact(q[i], extra, RERANK_BLOCK)
                     rows = np.concatenate([rows, extra])
                     raw = np.concatenate([raw, xraw])
                     corr = np.concatenate([corr, xraw / self.sigma[extra]])
             order = np.lexsort((rows, corr))[:k]
             out.append([(int(rows[j]), float(raw[j]), float(corr[j])) for j in order])
         return out
+
+    def _rerank(
+        self, q: np.ndarray, g: np.ndarray, rows: np.ndarray, k: int, block: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, raw L2, corrected) of the candidate `rows` that can be among the k
+        nearest by corrected distance, exactly on the full vectors.
+
+        A candidate's reduced distance / sigma bounds its corrected distance from below
+        (the graph space is a contraction of full-width L2, projection.py), so the
+        `block` candidates of the lowest bounds are re-ranked first, then, as one more
+        block, those of the rest whose bound does not exceed the k-th corrected
+        distance found: the same k nearest as re-ranking every candidate, from fewer
+        row reads where the bounds spread (benchmarks/README.md, "Search at 1M x 4,480,
+        session 31"). The slack covers float32 rounding of the bound (as `_scan_rows`)."""
+        if block <= 0 or len(rows) <= block:  # one block of every candidate
+            rows, raw = self._exact(q, rows, max(len(rows), 1))
+            return rows, raw, raw / self.sigma[rows]
+        d = self.graph_rows(rows) - g
+        lower = np.sqrt(np.einsum("ij,ij->i", d, d)) / self.sigma[rows]
+        lower = np.where(np.isnan(lower), -np.inf, lower)  # a damaged value prunes nothing
+        order = np.argsort(lower, kind="stable")
+        first, rest = order[:block], order[block:]
+        r1, raw1 = self._exact(q, rows[first], block)
+        corr1 = raw1 / self.sigma[r1]
+        # the k-th after the first block only falls with more rows: what it excludes
+        # now stays excluded, so the rest that can still win is read as one block
+        kth = float(np.partition(corr1, k - 1)[k - 1]) if len(corr1) >= k else np.inf
+        rest = rest[lower[rest] <= kth * (1.0 + 1e-3) + 1e-6]
+        if not len(rest):
+            return r1, raw1, corr1
+        r2, raw2 = self._exact(q, rows[rest], len(rest))
+        return (
+            np.concatenate([r1, r2]),
+            np.concatenate([raw1, raw2]),
+            np.concatenate([corr1, raw2 / self.sigma[r2]]),
+        )
+
+    def _exact(self, q: np.ndarray, rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows as stored, their exact L2 to q), read `block` rows at a time into one
+        buffer (`VectorParts.stored_blocks`: it stays in the CPU's cache)."""
+        got = [
+            (r, sq_distances(q, vecs, overwrite=True))
+            for r, vecs in self.vectors.stored_blocks(rows, block)
+        ]
+        if not got:
+            return np.asarray(rows, dtype=np.int64)[:0], np.empty(0)
+        return np.concatenate([g[0] for g in got]), np.sqrt(
+            _finite(np.concatenate([g[1] for g in got]))
+        )
 
     def _scan_rows(self, g: np.ndarray, limit: float, kth: float, cap: int) -> np.ndarray:
         """Rows among the `cap` largest sigmas outside the lifted graph with sigma >
