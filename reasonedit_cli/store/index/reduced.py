@@ -601,7 +601,7 @@ class ReducedIndex:
                 extra = self._scan_rows(g[i], bound[i] / kth if kth > 0 else np.inf, kth, scan)
                 extra = extra[~np.isin(extra, rows)]
                 if len(extra):
-                    extra, xraw = self._exact(q[i], extra, RERANK_BLOCK)
+                    extra, xraw = self._exact(q[i], extra, 0)
                     rows = np.concatenate([rows, extra])
                     raw = np.concatenate([raw, xraw])
                     corr = np.concatenate([corr, xraw / self.sigma[extra]])
@@ -623,7 +623,7 @@ class ReducedIndex:
         row reads where the bounds spread (benchmarks/README.md, "Search at 1M x 4,480,
         session 31"). The slack covers float32 rounding of the bound (as `_scan_rows`)."""
         if block <= 0 or len(rows) <= block:  # one block of every candidate
-            rows, raw = self._exact(q, rows, max(len(rows), 1))
+            rows, raw = self._exact(q, rows, 0)
             return rows, raw, raw / self.sigma[rows]
         d = self.graph_rows(rows) - g
         lower = np.sqrt(np.einsum("ij,ij->i", d, d)) / self.sigma[rows]
@@ -638,7 +638,7 @@ class ReducedIndex:
         rest = rest[lower[rest] <= kth * (1.0 + 1e-3) + 1e-6]
         if not len(rest):
             return r1, raw1, corr1
-        r2, raw2 = self._exact(q, rows[rest], len(rest))
+        r2, raw2 = self._exact(q, rows[rest], 0)
         return (
             np.concatenate([r1, r2]),
             np.concatenate([raw1, raw2]),
@@ -647,10 +647,11 @@ class ReducedIndex:
 
     def _exact(self, q: np.ndarray, rows: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows as stored, their exact L2 to q), read `block` rows at a time into one
-        buffer (`VectorParts.stored_blocks`: it stays in the CPU's cache)."""
+        buffer (`VectorParts.stored_blocks`; 0: all in one)."""
+        size = block if block > 0 else max(len(rows), 1)
         got = [
             (r, sq_distances(q, vecs, overwrite=True))
-            for r, vecs in self.vectors.stored_blocks(rows, block)
+            for r, vecs in self.vectors.stored_blocks(rows, size)
         ]
         if not got:
             return np.asarray(rows, dtype=np.int64)[:0], np.empty(0)
