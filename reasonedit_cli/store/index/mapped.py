@@ -449,7 +449,7 @@ class VectorParts:
         row is read (or converted) straight into its place, so a caller that ranks
         them all saves the scatter copy (an insert's re-rank gathers ~45 rows of
         18 KB per new key: three copies of them were a third of its time)."""
-        rows, which, at, bounds = self._stored_order(rows)
+        rows, at, bounds = self._stored_order(rows)
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for i in range(len(self.parts)):
             a, b = int(bounds[i]), int(bounds[i + 1])
@@ -466,10 +466,11 @@ class VectorParts:
         Small blocks stay in the CPU's cache: 224 float16 rows of 4,480 dims read,
         converted and compared took 1.76 ms as one block and 1.08 ms in blocks of 32 in
         a micro-benchmark (benchmarks/README.md, "Search at 1M x 4,480, session 31")."""
-        rows, which, at, bounds = self._stored_order(rows)
+        rows, at, bounds = self._stored_order(rows)
         m = min(size, len(rows))
         buf = np.empty((m, self.dim), dtype=np.float32)
-        half = np.empty((m, self.dim), dtype=np.float16)  # float16 files' reads
+        # float16 files are read into a buffer of their own, then converted into `buf`
+        half = np.empty((m, self.dim), np.float16) if self.has_float16 else None
         for i in range(len(self.parts)):
             for a in range(int(bounds[i]), int(bounds[i + 1]), size):
                 b = min(a + size, int(bounds[i + 1]))
@@ -477,7 +478,7 @@ class VectorParts:
                 yield rows[a:b], buf[: b - a]
 
     def _stored_order(self, rows: np.ndarray):
-        """(rows sorted as stored, their parts, positions in them, part bounds)."""
+        """(rows sorted as stored, their positions in their parts, part bounds)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError("vector rows out of range")
@@ -489,7 +490,12 @@ class VectorParts:
         order = np.lexsort((at, which))
         which, at = which[order], at[order]
         bounds = np.searchsorted(which, np.arange(len(self.parts) + 1))
-        return rows[order], which, at, bounds
+        return rows[order], at, bounds
+
+    @property
+    def has_float16(self) -> bool:
+        """Whether any part is stored in float16."""
+        return any(p.dtype == np.float16 for p in self.parts)
 
     def _rows(self, i: int, positions: np.ndarray) -> np.ndarray:
         """Part i's rows at sorted positions, in its stored dtype (mapped: `read`)."""
